@@ -1,0 +1,122 @@
+"""`kcd-ray`: prepare data, train teachers, distil with KCD, run the demo, sweep with Ray Tune, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kcd_ray.config import ConfigError, describe, dump_yaml, load_config
+
+OVERRIDES_HELP = "dotted config overrides, e.g. kcd.rho=0.7 optim.epochs=10 scaling.num_workers=2"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file (see experiments/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+
+
+def _cfg(args):
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args) -> int:
+    from kcd_ray.data.prepare import main_prepare
+
+    main_prepare(_cfg(args))
+    return 0
+
+
+def cmd_train_teacher(args) -> int:
+    from kcd_ray.train.run import fit
+
+    fit(_cfg(args), kind="teacher")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from kcd_ray.train.run import fit
+
+    fit(_cfg(args), kind="distill")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kcd_ray.demo import run_demo
+
+    run_demo(args)
+    return 0
+
+
+def cmd_config(args) -> int:
+    if args.list:
+        for key, tp, default, help_ in describe():
+            print(f"{key:38s} {tp:10s} {default!r:>16}  {help_}")
+    else:
+        print(dump_yaml(_cfg(args)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kcd-ray", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("prepare-data", help="convert a data set to Parquet (idempotent)",
+                       description="Convert digits, synthetic, CIFAR-10/100 pickles or an image folder to kcd_ray's Parquet format.")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train-teacher", help="train a network with cross-entropy on Ray Train",
+                       description="Teacher (or plain student) training: DDP on Ray Train, resumable by run.name.")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_train_teacher)
+
+    s = sub.add_parser("distill", help="distil a student from a teacher, with KCD unless kcd.enabled=false",
+                       description="Knowledge distillation on Ray Train with the KCD E-step/M-step; resumable by run.name.")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_distill)
+
+    s = sub.add_parser("demo", help="offline end-to-end demo on the digits data: teacher, KD and KCD, table and plot",
+                       description="Trains (or reuses) a teacher on scikit-learn's digits, distils a student with plain KD and "
+                                   "with KCD, prints a comparison table and writes a PNG.")
+    s.add_argument("--out", default="./runs/demo", help="output folder (default ./runs/demo)")
+    s.add_argument("--epochs", type=int, default=None, help="student epochs (default from the demo config)")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (applied to both student runs)")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("config", help="print the resolved config, or list every key with --list")
+    _add_config_args(s)
+    s.add_argument("--list", action="store_true", help="list every config key, its type, default and meaning")
+    s.set_defaults(func=cmd_config)
+
+    try:
+        from kcd_ray.tune import report as _report
+        from kcd_ray.tune import sweep as _sweep
+    except ImportError:  # pragma: no cover - tune extras are part of the base install
+        _report = _sweep = None
+    if _sweep is not None:
+        s = sub.add_parser("sweep", help="Ray Tune sweep over config fields from a sweep YAML",
+                           description="Run a Ray Tune sweep (grid/random/optuna, optional ASHA); re-run to restore.")
+        _sweep.add_sweep_arguments(s)
+        s.set_defaults(func=_sweep.main_sweep)
+        s = sub.add_parser("report", help="table, CSV, Pareto plot and best config of a sweep or run folder",
+                           description="Summarise a sweep folder (Pareto front of top-1 vs compute) or a single run.")
+        _report.add_report_arguments(s)
+        s.set_defaults(func=_report.main_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"kcd-ray: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"kcd-ray: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""Typed run configuration: dataclasses, loaded from YAML, overridden with dotted ``key=value``.
+
+Every field is checked when the config is built: an unknown key, a value of the wrong type,
+a value out of range or a name that is not registered fails at once with a one-line
+``ConfigError`` naming the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the dotted key."""
+
+
+def _f(default=dataclasses.MISSING, *, factory=None, choices=None, ge=None, gt=None, le=None, lt=None, help=""):
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = _f(2000, ge=1, help="training samples")
+    num_test: int = _f(500, ge=1, help="test samples")
+    num_classes: int = _f(10, ge=2)
+    image_size: int = _f(32, ge=4)
+    duplicate_fraction: float = _f(0.0, ge=0.0, lt=1.0, help="share of train samples that are near-copies of a few easy prototypes")
+    noise: float = _f(0.35, ge=0.0, help="pixel noise of the hard samples, in units of the class-pattern contrast")
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("digits", choices="datasets", help="registered dataset: digits, synthetic, cifar10, cifar100, folder")
+    root: str = _f("~/.cache/kcd_ray/data", help="folder holding the prepared Parquet data sets")
+    source: str = _f("", help="raw source folder (CIFAR pickle folder, or an image folder with train/ and test/ or val/)")
+    image_size: int = _f(32, ge=8, help="digits: resize 8x8 handwriting to this size; folder: eval/crop size")
+    augment: str = _f("auto", choices=("auto", "cifar", "imagenet", "none"), help="auto picks cifar for <=64px, imagenet above")
+    download: bool = _f(False, help="CIFAR: let torchvision fetch the archive when the folder is missing")
+    synthetic: SyntheticConfig = _f(factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = _f(30, ge=1)
+    batch_size: int = _f(64, ge=1, help="per-worker batch size")
+    lr: float = _f(0.05, gt=0.0)
+    momentum: float = _f(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = _f(5e-4, ge=0.0)
+    nesterov: bool = False
+    scheduler: str = _f("multistep", choices=("multistep", "cosine", "constant"))
+    milestones: list[int] = _f(factory=lambda: [150, 180, 210], help="multistep epochs (per epoch, never per step)")
+    lr_decay: float = _f(0.1, gt=0.0, le=1.0)
+    warmup_epochs: int = _f(0, ge=0, help="linear LR warm-up epochs")
+    amp: bool = _f(False, help="mixed precision on GPU (bf16 if supported, else fp16 with a grad scaler)")
+    seed: int = 0
+    eval_every: int = _f(1, ge=1)
+    eval_batch_size: int = _f(256, ge=1)
+    threads: int = _f(0, ge=0, help="torch threads per worker; 0 = the worker's CPU share, rounded up")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = _f(1, ge=0, help="Ray Train workers; 0 runs the loop in-process")
+    cpus_per_worker: float = _f(1.0, gt=0.0)
+    use_gpu: str = _f("auto", choices=("auto", "true", "false"))
+    gpus_per_worker: float = _f(1.0, gt=0.0)
+    placement_strategy: str = _f("PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    data_cpus: float = _f(0.25, gt=0.0, help="CPUs reserved per Ray Data task (decode/augment)")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("", help="run name; re-running with the same name resumes. Empty: derived from the config")
+    storage_path: str = _f("./runs", help="where run folders go; shared storage (NFS, s3://, gs://) on a cluster")
+    max_failures: int = _f(0, ge=-1, help="worker-group restarts from the last checkpoint; -1 = unlimited")
+    checkpoints_to_keep: int = _f(2, ge=1)
+    ray_address: str = _f("", help="'' = embedded local Ray (or RAY_ADDRESS); 'auto' = attach to a running cluster")
+    num_cpus: int = _f(0, ge=0, help="local Ray only: CPUs to give it (0 = all)")
+    verbose: int = _f(1, ge=0, le=2)
+
+
+@dataclass
+class TemperatureConfig:
+    schedule: str = _f("constant", choices="temperatures", help="constant, linear, cosine, step, exponential")
+    T: float = _f(4.0, gt=0.0, help="start (or constant) temperature")
+    T_end: float = _f(4.0, gt=0.0, help="final temperature for linear/cosine/exponential")
+    milestones: list[int] = _f(factory=list, help="step: epochs at which T changes")
+    values: list[float] = _f(factory=list, help="step: T after each milestone")
+
+
+@dataclass
+class DistillConfig:
+    method: str = _f("kd", choices="distillers", help="registered distiller")
+    teacher: str = _f("", help="teacher checkpoint (kcd_ray or RepDistiller format)")
+    teacher_model: str = _f("", help="teacher architecture, needed for RepDistiller checkpoints")
+    gamma: float = _f(0.1, ge=0.0, help="weight of cross-entropy with the hard label")
+    alpha: float = _f(0.9, ge=0.0, help="weight of the KD term")
+    beta: Optional[float] = _f(None, help="weight of the method's own term; None = the method's default")
+    temperature: TemperatureConfig = _f(factory=TemperatureConfig)
+    options: dict = _f(factory=dict, help="method-specific options (e.g. feat_dim, nce_k)")
+    init_epochs: int = _f(30, ge=0, help="initialisation stage for AB, FT and FSP")
+
+
+@dataclass
+class KCDConfig:
+    enabled: bool = True
+    value_fn: str = _f("entropy", choices="value_fns")
+    mode: str = _f("multiple", choices=("multiple", "single"), help="global history or last epoch only")
+    estep: str = _f("online", choices=("online", "offline"))
+    lam: float = _f(0.03, ge=0.0, help="frequency-calibration exponent")
+    n_ref: float = _f(40.0, gt=0.0)
+    interval: int = _f(40, ge=1, help="condense every P epochs")
+    warmup: int = _f(0, ge=0, help="no condensation before this epoch")
+    rho: float = _f(0.7, gt=0.0, le=1.0, help="final kept ratio")
+    stages: int = _f(6, ge=1)
+    shape: str = _f("step", choices=("step", "linear", "cosine"), help="step is KCD.md's fixed decrement")
+    summary: bool = _f(True, help="VAKS summary blends; false = pure selection")
+    lam_min: float = _f(0.7, ge=0.0, le=1.0)
+    offline_batch_size: int = _f(256, ge=1)
+    offline_actors: int = _f(1, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: str = _f("resnet8x4", choices="models", help="the trained network (student, or teacher in train-teacher)")
+    data: DataConfig = _f(factory=DataConfig)
+    optim: OptimConfig = _f(factory=OptimConfig)
+    scaling: ScalingConfig = _f(factory=ScalingConfig)
+    run: RunConfig = _f(factory=RunConfig)
+    distill: DistillConfig = _f(factory=DistillConfig)
+    kcd: KCDConfig = _f(factory=KCDConfig)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _registry_names(kind: str) -> list[str]:
+    # Imported lazily: the registries pull in torch, and the config must load without them.
+    if kind == "models":
+        from kcd_ray.models import list_models
+
+        return list_models()
+    if kind == "datasets":
+        from kcd_ray.data import DATASETS
+
+        return DATASETS.names()
+    if kind == "distillers":
+        from kcd_ray.distill import DISTILLERS
+
+        return DISTILLERS.names()
+    if kind == "temperatures":
+        from kcd_ray.distill.temperature import TEMPERATURES
+
+        return TEMPERATURES.names()
+    if kind == "value_fns":
+        from kcd_ray.condense.values import VALUE_FNS
+
+        return VALUE_FNS.names()
+    raise AssertionError(kind)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _check(value: Any, f: dataclasses.Field, key: str) -> None:
+    m = f.metadata
+    if value is None:
+        return
+    choices = m.get("choices")
+    if choices is not None:
+        allowed = _registry_names(choices) if isinstance(choices, str) else list(choices)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of: {', '.join(map(str, allowed))}")
+    for bound, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"), ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
+        b = m.get(bound)
+        if b is not None and isinstance(value, (int, float)) and not op(float(value), float(b)):
+            raise ConfigError(f"{key}: {value!r} is out of range; expected {word} {b}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for k in data:
+        if k not in fields:
+            raise ConfigError(f"{prefix}{k}: unknown key; allowed: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            v = _coerce(data[name], hints[name], prefix + name)
+            _check(v, f, prefix + name)
+            kwargs[name] = v
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings to a nested dict (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides take the form dotted.key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is not a section")
+        node[parts[-1]] = _parse_scalar(text)
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Build a Config from an optional YAML file plus dotted overrides; validated at once."""
+    data: dict = dict(base or {})
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = _merge(data, loaded)
+    apply_overrides(data, list(overrides or []))
+    try:
+        return _build(Config, data)
+    except ConfigError as e:
+        if path:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) for every field: used by `kcd-ray config --list`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+        else:
+            rows.append((prefix + f.name, _type_name(tp), getattr(inst, f.name), f.metadata.get("help", "")))
+    return rows

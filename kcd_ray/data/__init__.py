@@ -1,0 +1,35 @@
+"""Data: sources -> Parquet (prepare), plus the Ray Data pipeline, mask store and blend overlay.
+
+Importing this package is cheap (no Ray, no torch): ``DATASETS`` lists the registered sources
+(digits, synthetic, cifar10, cifar100, folder). The Ray Data parts live in ``pipeline``,
+``mask`` and ``blend``; import them directly.
+"""
+
+from kcd_ray.data.parquet_io import (
+    FORMAT_VERSION,
+    DatasetError,
+    check_prepared,
+    compute_checksum,
+    count_rows,
+    iter_split,
+    load_meta,
+    split_files,
+)
+from kcd_ray.data.prepare import dataset_dir, main_prepare, prepare_dataset
+from kcd_ray.data.sources import DATASETS, Source
+
+__all__ = [
+    "DATASETS",
+    "FORMAT_VERSION",
+    "DatasetError",
+    "Source",
+    "check_prepared",
+    "compute_checksum",
+    "count_rows",
+    "dataset_dir",
+    "iter_split",
+    "load_meta",
+    "main_prepare",
+    "prepare_dataset",
+    "split_files",
+]

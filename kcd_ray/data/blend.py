@@ -1,0 +1,329 @@
+"""VAKS summary blends stored as an overlay on the prepared data set, never all in memory.
+
+Storage. A condensation version ``v`` replaces the stored image of each ``tail[j]`` by
+``blend_uint8(x[tail[j]], x[lost[j]], weights[j])`` (``kcd_ray.condense.vaks``: round-half-even
+of ``w*tail + (1-w)*lost`` on raw uint8). ``x`` is a sample's *current* image: its newest
+overlay image if it has one, else its base image (decoded and brought to ``meta.image_shape``
+for encoded sets), so blends are cumulative. Overlay images are raw uint8 HWC bytes at
+``meta.image_shape`` whatever the base encoding, in Parquet files (``sample_id``, ``image``)
+bucketed by ``sample_id // bucket_size``::
+
+    <overlay_dir>/v000003/bucket-000012.parquet   every overridden id of bucket 12 as of v3
+    <overlay_dir>/v000003/ids.npy                 all overridden ids as of v3 (sorted int64)
+    <overlay_dir>/v000003/manifest.json           the manifest returned by write_blend_overlay
+
+The manifest (a JSON-able dict, published through the MaskStore) maps bucket -> file, relative
+to its ``root``. A version rewrites only the buckets holding one of its tail ids; the others
+keep pointing at the files of earlier versions.
+
+Cost. The overridden ids are the union of all tails, at most K_0 - K_final = (1 - rho) N, so
+the files one manifest references hold at most (1-rho)N images (CIFAR-100 at rho=0.7: 15k x
+3 KiB = 45 MiB); every version adds at most that much again on disk (``prune_overlays``
+removes files no kept version references). The writer reads the base set once (only the
+``sample_id`` column of row groups without a needed id) and holds at most ``chunk_size``
+pairs' images plus one bucket; a reader (the train map) holds at most two buckets (LRU),
+each about 32 MiB at the default bucket size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kcd_ray.data.transforms import decode_images, image_shape, read_meta
+
+try:  # the reference arithmetic: the core and the overlay cannot disagree on rounding
+    from kcd_ray.condense.vaks import blend_uint8
+except ImportError:  # pragma: no cover - only while the core package is absent
+    def blend_uint8(tail_img, lost_img, lam):
+        w = np.asarray(lam, np.float64).reshape((-1,) + (1,) * (np.ndim(tail_img) - 1))
+        out = w * np.asarray(tail_img, np.float64) + (1.0 - w) * np.asarray(lost_img, np.float64)
+        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+OVERLAY_FORMAT = "kcd_overlay"
+BUCKET_BYTES = 32 * 2**20
+_SCHEMA = pa.schema([("sample_id", pa.int64()), ("image", pa.binary())])
+
+
+def default_bucket_size(shape) -> int:
+    """Ids per bucket so that a full bucket holds about 32 MiB of raw images (64..8192)."""
+    h, w, c = shape
+    return int(max(64, min(8192, BUCKET_BYTES // (h * w * c))))
+
+
+def _ids(name: str, a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name}: expected integer sample ids, got dtype {a.dtype}")
+    return a.astype(np.int64).reshape(-1)
+
+
+def _bucket_path(manifest: dict, bucket: int) -> Optional[Path]:
+    rel = manifest["buckets"].get(str(bucket))
+    return None if rel is None else Path(manifest["root"]) / rel
+
+
+def overlay_ids(manifest: Optional[dict]) -> np.ndarray:
+    """All overridden sample ids of a manifest (sorted)."""
+    if not manifest or not manifest.get("ids_file"):
+        return np.zeros(0, np.int64)
+    return np.load(Path(manifest["root"]) / manifest["ids_file"])
+
+
+def _read_bucket_file(path: Path, shape) -> tuple[np.ndarray, np.ndarray]:
+    t = pq.read_table(path, columns=["sample_id", "image"])
+    ids = t.column("sample_id").to_numpy()
+    imgs = decode_images(t.column("image").to_pylist(), {"image_shape": list(shape), "encoding": "raw"})
+    return ids, imgs
+
+
+def _images_table(ids: np.ndarray, imgs: np.ndarray) -> pa.Table:
+    n = len(ids)
+    flat = np.ascontiguousarray(imgs).reshape(n, -1)
+    offsets = (np.arange(n + 1, dtype=np.int64) * flat.shape[1]).astype(np.int32)
+    col = pa.Array.from_buffers(pa.binary(), n, [None, pa.py_buffer(offsets), pa.py_buffer(flat)])
+    return pa.Table.from_arrays([pa.array(ids, pa.int64()), col], schema=_SCHEMA)
+
+
+def _write_images(path: Path, ids: np.ndarray, imgs: np.ndarray) -> None:
+    pq.write_table(_images_table(ids, imgs), path, use_dictionary=["sample_id"], write_statistics=["sample_id"])
+
+
+def write_blend_overlay(data_dir, overlay_dir, version: int, tail_ids, lost_ids, weights,
+                        prev_overlay: Optional[dict] = None, chunk_size: int = 4096,
+                        bucket_size: Optional[int] = None) -> dict:
+    """Write version ``version`` of the overlay (see the module docstring); returns its manifest."""
+    meta = read_meta(data_dir)
+    shape = image_shape(meta)
+    tail, lost = _ids("tail_ids", tail_ids), _ids("lost_ids", lost_ids)
+    w = np.asarray(weights, np.float64).reshape(-1)
+    if not len(tail) == len(lost) == len(w):
+        raise ValueError(f"tail_ids, lost_ids, weights: lengths differ ({len(tail)}, {len(lost)}, {len(w)})")
+    if len(np.unique(tail)) != len(tail) or len(np.unique(lost)) != len(lost) or np.intersect1d(tail, lost).size:
+        raise ValueError("tail_ids/lost_ids: each id may appear once, and no id on both sides")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+    prev = prev_overlay or None
+    if prev is not None:
+        if prev.get("format") != OVERLAY_FORMAT or list(prev.get("image_shape", [])) != list(shape):
+            raise ValueError(f"prev_overlay: not an overlay manifest for image_shape {list(shape)}")
+        if int(prev["version"]) >= int(version):
+            raise ValueError(f"version: {version} must be greater than prev_overlay's {prev['version']}")
+        bucket_size = int(prev["bucket_size"])  # a chain keeps one bucketing
+    bs = int(bucket_size or default_bucket_size(shape))
+    root = Path(overlay_dir).expanduser().resolve()
+    vdir_name = f"v{int(version):06d}"
+    vdir = root / vdir_name
+    if vdir.exists():  # a crashed earlier attempt at this version: its files are unreferenced
+        shutil.rmtree(vdir)
+    vdir.mkdir(parents=True)
+    buckets = {}
+    if prev is not None:  # relative entries stay relative when the chain stays in one folder
+        proot = Path(prev["root"])
+        buckets = {k: (v if proot == root else str(proot / v)) for k, v in prev["buckets"].items()}
+    prev_ids = overlay_ids(prev)
+
+    if len(tail):
+        groups = _group_pairs(tail, bs, chunk_size)  # pair index lists, whole tail buckets each
+        owner = {}
+        for g, idx in enumerate(groups):
+            owner.update(dict.fromkeys(tail[idx].tolist(), g))
+            owner.update(dict.fromkeys(lost[idx].tolist(), g))
+        spill = vdir / "_spill"
+        spill.mkdir()
+        try:
+            _gather_current(data_dir, meta, shape, prev, prev_ids, owner, spill)
+            for g, idx in enumerate(groups):
+                _blend_group(spill / f"group-{g:05d}.parquet", shape, tail[idx], lost[idx], w[idx], prev, bs,
+                             vdir, vdir_name, buckets)
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
+    all_ids = np.union1d(prev_ids, tail).astype(np.int64)
+    np.save(vdir / "ids.npy", all_ids)
+    manifest = {"format": OVERLAY_FORMAT, "format_version": 1, "version": int(version), "root": str(root),
+                "bucket_size": bs, "image_shape": list(shape), "buckets": dict(sorted(buckets.items(), key=lambda kv: int(kv[0]))),
+                "ids_file": f"{vdir_name}/ids.npy", "num_ids": int(all_ids.size)}
+    tmp = vdir / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, vdir / "manifest.json")  # last: a version without a manifest never happened
+    return manifest
+
+
+def _group_pairs(tail: np.ndarray, bs: int, chunk_size: int) -> list[np.ndarray]:
+    """Pair indices sorted by tail id, cut into groups of whole tail buckets, ~chunk_size pairs each."""
+    order = np.argsort(tail, kind="stable")
+    b = tail[order] // bs
+    cuts = np.flatnonzero(np.diff(b)) + 1  # bucket boundaries
+    starts = np.concatenate([[0], cuts])
+    groups, cur = [], []
+    n_cur = 0
+    for s, e in zip(starts, np.concatenate([cuts, [len(order)]])):
+        if cur and n_cur + (e - s) > chunk_size:
+            groups.append(np.concatenate(cur))
+            cur, n_cur = [], 0
+        cur.append(order[s:e])
+        n_cur += e - s
+    if cur:
+        groups.append(np.concatenate(cur))
+    return groups
+
+
+class _Spill:
+    """Routes (id, image) rows to per-group Parquet files, buffering up to 64 MiB in all."""
+
+    def __init__(self, folder: Path, owner: dict):
+        self.folder, self.owner = folder, owner
+        self.buf: dict[int, list] = {}
+        self.bytes = 0
+        self.writers: dict[int, pq.ParquetWriter] = {}
+
+    def add(self, ids: np.ndarray, imgs: np.ndarray) -> None:
+        for i, img in zip(ids.tolist(), imgs):
+            self.buf.setdefault(self.owner[i], []).append((i, img))
+            self.bytes += img.nbytes
+        if self.bytes >= 64 * 2**20:
+            self.flush()
+
+    def flush(self) -> None:
+        for g, rows in self.buf.items():
+            ids = np.array([r[0] for r in rows], np.int64)
+            imgs = np.stack([r[1] for r in rows])
+            if g not in self.writers:
+                self.writers[g] = pq.ParquetWriter(self.folder / f"group-{g:05d}.parquet", _SCHEMA)
+            self.writers[g].write_table(_images_table(ids, imgs))
+        self.buf, self.bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        for wr in self.writers.values():
+            wr.close()
+
+
+def _gather_current(data_dir, meta, shape, prev, prev_ids, owner: dict, spill_dir: Path) -> None:
+    """One pass: every needed id's current image (previous overlay, else decoded base) -> its group's spill."""
+    needed = np.fromiter(owner.keys(), np.int64, len(owner))
+    from_prev = np.intersect1d(needed, prev_ids)
+    from_base = np.setdiff1d(needed, from_prev)
+    spill = _Spill(spill_dir, owner)
+    if from_prev.size:
+        for b in np.unique(from_prev // int(prev["bucket_size"])).tolist():
+            ids, imgs = _read_bucket_file(_bucket_path(prev, b), shape)
+            sel = np.isin(ids, from_prev)
+            spill.add(ids[sel], imgs[sel])
+    found = 0
+    files = sorted((Path(data_dir) / "train").glob("part-*.parquet"))
+    for f in files:
+        if found == from_base.size:
+            break
+        pf = pq.ParquetFile(f)
+        for rg in range(pf.num_row_groups):
+            ids = pf.read_row_group(rg, columns=["sample_id"]).column(0).to_numpy()
+            sel = np.isin(ids, from_base)
+            if not sel.any():
+                continue
+            rows = np.flatnonzero(sel)
+            col = pf.read_row_group(rg, columns=["image"]).column(0).take(pa.array(rows))
+            spill.add(ids[rows], decode_images(col.to_pylist(), meta))
+            found += rows.size
+    spill.close()
+    if found != from_base.size:
+        raise ValueError(f"{Path(data_dir) / 'train'}: {from_base.size - found} of the tail/lost ids are not in "
+                         f"the training split (ids must be sample ids of the prepared train split)")
+
+
+def _blend_group(spill_file: Path, shape, tail, lost, w, prev, bs: int, vdir: Path, vdir_name: str, buckets: dict) -> None:
+    ids, imgs = _read_bucket_file(spill_file, shape)
+    order = np.argsort(ids)
+    ids, imgs = ids[order], imgs[order]
+    blended = blend_uint8(imgs[np.searchsorted(ids, tail)], imgs[np.searchsorted(ids, lost)], w)
+    tb = tail // bs
+    for b in np.unique(tb).tolist():
+        sel = tb == b
+        new_ids, new_imgs = tail[sel], blended[sel]
+        old = _bucket_path(prev, b) if prev is not None else None
+        if old is not None:  # carry over the bucket's earlier blends that this version leaves alone
+            o_ids, o_imgs = _read_bucket_file(old, shape)
+            keep = ~np.isin(o_ids, new_ids)
+            new_ids = np.concatenate([o_ids[keep], new_ids])
+            new_imgs = np.concatenate([o_imgs[keep], new_imgs])
+        o = np.argsort(new_ids)
+        rel = f"{vdir_name}/bucket-{b:06d}.parquet"
+        _write_images(vdir.parent / rel, new_ids[o], new_imgs[o])
+        buckets[str(b)] = rel
+
+
+def load_overlay(overlay_dir, version: int) -> dict:
+    """The manifest of ``version`` from disk, re-rooted at ``overlay_dir`` (the folder may have moved)."""
+    root = Path(overlay_dir).expanduser().resolve()
+    p = root / f"v{int(version):06d}" / "manifest.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no overlay manifest for version {version}")
+    m = json.loads(p.read_text())
+    m["root"] = str(root)
+    return m
+
+
+def prune_overlays(overlay_dir, keep: list[dict]) -> int:
+    """Delete overlay version folders (and files) that none of the ``keep`` manifests references."""
+    root = Path(overlay_dir).expanduser().resolve()
+    used = {(Path(m["root"]) / rel).resolve() for m in keep for rel in list(m["buckets"].values()) + [m["ids_file"]]}
+    keep_dirs = {f"v{int(m['version']):06d}" for m in keep}
+    removed = 0
+    for d in sorted(p for p in root.glob("v[0-9]*") if p.is_dir()):
+        for f in d.iterdir():
+            # a kept version keeps its manifest; any other file lives only while some kept manifest uses it
+            if f.resolve() in used or (d.name in keep_dirs and f.name == "manifest.json"):
+                continue
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+            removed += 1
+        if not any(d.iterdir()):
+            d.rmdir()
+    return removed
+
+
+# --------------------------------------------------------------------------- reading (train map)
+
+_BUCKETS: "OrderedDict[str, tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+_MAX_CACHED = 2
+
+
+def _cached_bucket(path: Path, shape) -> tuple[np.ndarray, np.ndarray]:
+    key = str(path)  # files are immutable (a new version writes new files): path is a safe key
+    hit = _BUCKETS.get(key)
+    if hit is None:
+        hit = _BUCKETS[key] = _read_bucket_file(path, shape)
+        while len(_BUCKETS) > _MAX_CACHED:
+            _BUCKETS.popitem(last=False)
+    else:
+        _BUCKETS.move_to_end(key)
+    return hit
+
+
+def overlay_lookup(manifest: Optional[dict], sample_ids) -> tuple[np.ndarray, np.ndarray]:
+    """(hit bool[B], uint8 [hits, H, W, C]): the overlay images of the ids that have one, in batch order."""
+    ids = np.asarray(sample_ids, np.int64)
+    hit = np.zeros(ids.shape, np.bool_)
+    if not manifest:
+        return hit, np.zeros((0, 0, 0, 0), np.uint8)
+    shape = tuple(manifest["image_shape"])
+    out = np.empty((ids.size, *shape), np.uint8)
+    b = ids // int(manifest["bucket_size"])
+    for bk in np.unique(b).tolist():
+        path = _bucket_path(manifest, bk)
+        if path is None:
+            continue
+        o_ids, o_imgs = _cached_bucket(path, shape)
+        rows = np.flatnonzero(b == bk)
+        pos = np.clip(np.searchsorted(o_ids, ids[rows]), 0, max(len(o_ids) - 1, 0))
+        found = o_ids[pos] == ids[rows] if len(o_ids) else np.zeros(rows.size, np.bool_)
+        hit[rows[found]] = True
+        out[rows[found]] = o_imgs[pos[found]]
+    return hit, out[hit]

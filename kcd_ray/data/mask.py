@@ -1,0 +1,146 @@
+"""The condensation mask served to the Ray Data plan: a named actor holding the current version.
+
+``MaskStore`` keeps ``(version, kept, overlay)``. ``kept`` is a bool array indexed by sample id,
+put in the object store by the actor itself (so it lives as long as the actor and every
+reader maps it zero-copy from shared memory); ``overlay`` is the blend-overlay manifest
+(a small JSON-able dict, see ``kcd_ray.data.blend``) or None. Version 0 (nothing published)
+means every sample is kept and no image is blended; ``current()`` then returns
+``(0, None, None)``.
+
+Readers (the train map in ``pipeline.py``) call :func:`read_mask`, which asks the actor for the
+version and a *reference* to the array on every call and fetches the array only when the
+version changed (cached per worker process). Versions must increase, so a cache keyed by
+version can never serve a stale mask.
+
+Lifetime: the actor is not detached, so it is fate-shared with the process that created it.
+Create it from the driver (``get_mask_store(name, create=True)`` before ``trainer.fit()``); a
+Train worker that created it would take it down when the worker group restarts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import ray
+
+
+@ray.remote(num_cpus=0, max_concurrency=8)
+class MaskStore:
+    """Named actor: the current condensation mask version (see the module docstring)."""
+
+    def __init__(self):
+        self._version = 0
+        self._ref = None  # ObjectRef of the bool array, owned by this actor
+        self._overlay = None
+        self._num_kept = None
+
+    def publish(self, version: int, kept_ids, overlay: Optional[dict] = None, num_samples: Optional[int] = None) -> int:
+        version = int(version)
+        if version <= self._version:
+            raise ValueError(f"version: {version} must be greater than the current version {self._version}")
+        kept = kept_bool_array(kept_ids, num_samples)
+        self._ref = ray.put(kept)
+        self._version, self._overlay, self._num_kept = version, overlay, int(kept.sum())
+        return version
+
+    def current(self):
+        """(version, kept bool array or None = all kept, overlay manifest or None)."""
+        return self._version, (ray.get(self._ref) if self._ref is not None else None), self._overlay
+
+    def current_ref(self):
+        """(version, [ObjectRef of the kept array] or None, overlay): cheap, for cached readers."""
+        return self._version, ([self._ref] if self._ref is not None else None), self._overlay
+
+    def version(self) -> int:
+        return self._version
+
+    def summary(self) -> dict:
+        return {"version": self._version, "num_kept": self._num_kept, "overlay": self._overlay is not None}
+
+
+def kept_bool_array(kept_ids, num_samples: Optional[int] = None) -> np.ndarray:
+    """kept ids (int array) or an already-built bool mask -> bool array indexed by sample id.
+
+    Ids beyond the array's end read as "not kept" (see :func:`is_kept`), so ``num_samples`` is
+    only needed to size the array exactly.
+    """
+    a = np.asarray(kept_ids)
+    if a.dtype == np.bool_:
+        if a.ndim != 1:
+            raise ValueError(f"kept_ids: a bool mask must be 1-D, got shape {a.shape}")
+        return a.copy()
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"kept_ids: expected integer sample ids or a bool mask, got dtype {a.dtype}")
+    a = a.astype(np.int64).reshape(-1)
+    if a.size and a.min() < 0:
+        raise ValueError(f"kept_ids: sample ids must be >= 0, got {int(a.min())}")
+    n = int(num_samples) if num_samples is not None else (int(a.max()) + 1 if a.size else 0)
+    if a.size and a.max() >= n:
+        raise ValueError(f"kept_ids: id {int(a.max())} is out of range for num_samples={n}")
+    out = np.zeros(n, np.bool_)
+    out[a] = True
+    return out
+
+
+def is_kept(kept: Optional[np.ndarray], sample_ids: np.ndarray) -> np.ndarray:
+    """bool[B]: which ids the mask keeps (None = all kept; ids past the end are not kept)."""
+    ids = np.asarray(sample_ids, np.int64)
+    if kept is None:
+        return np.ones(ids.shape, np.bool_)
+    inside = (ids >= 0) & (ids < kept.size)
+    out = np.zeros(ids.shape, np.bool_)
+    out[inside] = kept[ids[inside]]
+    return out
+
+
+def get_mask_store(name: str, create: bool = True):
+    """Handle of the named MaskStore; ``create`` makes it if missing (call that on the driver)."""
+    if not name:
+        raise ValueError("mask_store_name: expected a non-empty actor name")
+    if create:
+        # Keep a handle in this process: Ray kills a non-detached actor once no handle is left,
+        # and callers often drop the return value (the store is found by name later).
+        handle = _OWNED[name] = MaskStore.options(name=name, get_if_exists=True, lifetime=None).remote()
+        return handle
+    try:
+        return ray.get_actor(name)
+    except ValueError:
+        raise ValueError(f"mask store {name!r}: no such actor in this Ray job/namespace; create it on the "
+                         f"driver with get_mask_store({name!r}, create=True) before building the trainer") from None
+
+
+def publish_mask(store: Union[str, "ray.actor.ActorHandle"], version: int, kept_ids, overlay: Optional[dict] = None,
+                 num_samples: Optional[int] = None) -> int:
+    """Publish a new mask version and wait until the store holds it; returns the version."""
+    handle = get_mask_store(store, create=False) if isinstance(store, str) else store
+    return ray.get(handle.publish.remote(int(version), np.asarray(kept_ids), overlay, num_samples))
+
+
+_OWNED: dict = {}  # stores created by this process, kept alive until it exits
+_HANDLES: dict = {}
+_CACHE: dict = {}  # store name -> (version, kept array or None, overlay)
+
+
+def _current_ref(name: str):
+    for attempt in range(2):
+        handle = _HANDLES.get(name)
+        if handle is None:
+            handle = _HANDLES[name] = get_mask_store(name, create=False)
+        try:
+            return ray.get(handle.current_ref.remote())
+        except ray.exceptions.RayActorError:  # the store was re-created under the same name
+            _HANDLES.pop(name, None)
+            if attempt:
+                raise
+
+
+def read_mask(name: str) -> tuple[int, Optional[np.ndarray], Optional[dict]]:
+    """(version, kept bool array or None, overlay) of the named store, cached per version in this process."""
+    version, ref, overlay = _current_ref(name)
+    cached = _CACHE.get(name)
+    if cached is not None and cached[0] == version:
+        return cached
+    kept = ray.get(ref[0]) if ref is not None else None
+    _CACHE[name] = (version, kept, overlay)
+    return _CACHE[name]

@@ -1,0 +1,148 @@
+"""Turn the configured source into a prepared Parquet folder: atomic, idempotent, shared by workers.
+
+``prepare_dataset(data_cfg)`` returns ``<root>/<key>``. An existing folder whose meta.json and
+Parquet row counts agree is returned untouched. Otherwise the source is converted into a
+temporary sibling folder which is renamed into place at the end, so an interrupted prepare
+leaves no half-written ``<key>`` behind, and two processes preparing the same key at once
+both end up with one complete folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+import uuid
+import warnings
+from pathlib import Path
+
+from kcd_ray.data.parquet_io import FORMAT_VERSION, DatasetError, check_prepared, load_meta, write_meta
+from kcd_ray.data.sources import DATASETS, Source
+from kcd_ray.data.sources.base import log
+
+TMP_PREFIX = ".tmp-"
+
+
+def get_source(data_cfg) -> Source:
+    try:
+        cls = DATASETS.get(data_cfg.name)
+    except KeyError as e:
+        raise DatasetError(f"data.name: {e.args[0]}") from None
+    return cls(data_cfg)
+
+
+def dataset_dir(data_cfg) -> Path:
+    """``<root>/<key>`` of the configured data set (whether or not it is prepared yet)."""
+    src = get_source(data_cfg)
+    return src.root / src.key()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
+
+
+def _clean_stale(root: Path, key: str) -> None:
+    """Remove temp folders of this key left by killed prepares on this host."""
+    host = _host()
+    for d in root.glob(f"{TMP_PREFIX}{key}.*"):
+        parts = d.name[len(TMP_PREFIX) + len(key) + 1:].split(".")
+        if len(parts) >= 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _valid(target: Path) -> bool:
+    try:
+        check_prepared(target)
+        return True
+    except DatasetError as e:
+        warnings.warn(f"{target}: existing prepared data set is not usable ({e}); preparing it again")
+        return False
+
+
+def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True) -> Path:
+    """Prepare the configured data set (if needed) and return its folder ``<root>/<key>``."""
+    src = get_source(data_cfg)
+    key = src.key()
+    root = src.root
+    target = root / key
+    if target.exists() and not force and _valid(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    _clean_stale(root, key)
+    tmp = root / f"{TMP_PREFIX}{key}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    say = log if verbose else (lambda msg: None)
+    say(f"preparing {data_cfg.name} -> {target}")
+    t0 = time.time()
+    try:
+        fields = src.build(tmp, say)
+        meta = {"format_version": FORMAT_VERSION, "name": src.name, "key": key, **fields}
+        write_meta(tmp, meta)
+        check_prepared(tmp)  # catches a source that wrote something inconsistent
+        _install(tmp, target, replace=force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"prepared {target} in {time.time() - t0:.1f}s: "
+        + ", ".join(f"{s} {meta['splits'][s]['num_rows']} rows" for s in ("train", "test")))
+    return target
+
+
+def _complete(path: Path) -> bool:
+    try:
+        check_prepared(path)
+        return True
+    except DatasetError:
+        return False
+
+
+def _install(tmp: Path, target: Path, replace: bool) -> None:
+    """Rename the finished temp folder into place.
+
+    A complete folder that appeared meanwhile (another process preparing the same key) is kept
+    unless ``replace``; an incomplete one is moved aside first and deleted afterwards.
+    """
+    old = None
+    if target.exists():
+        if not replace and _complete(target):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = target.with_name(f"{TMP_PREFIX}{target.name}.old.{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(target, old)
+        except FileNotFoundError:
+            old = None
+    try:
+        os.rename(tmp, target)
+    except OSError as e:
+        if not _complete(target):  # lost a race to another complete folder: keep theirs
+            raise DatasetError(f"{target}: could not move the prepared folder {tmp} into place ({e})") from e
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def describe(data_dir: Path) -> list[str]:
+    """One line per split: rows, classes, image shape, encoding, path."""
+    meta = load_meta(data_dir)
+    h, w, c = meta["image_shape"]
+    return [f"{meta['name']} {s}: {meta['splits'][s]['num_rows']} rows, {meta['num_classes']} classes, "
+            f"image {h}x{w}x{c} ({meta['encoding']}) -> {Path(data_dir) / s}" for s in ("train", "test")]
+
+
+def main_prepare(cfg, force: bool = False) -> Path:
+    """`kcd-ray prepare-data`: prepare cfg.data and print a summary line per split."""
+    path = prepare_dataset(cfg.data, force=force)
+    for line in describe(path):
+        print(line, flush=True)
+    return path

@@ -1,0 +1,288 @@
+"""Batch image transforms: decode, augment, normalise. Pure numpy/torch, no Ray.
+
+Everything works on a whole batch at once: raw images are one ``frombuffer`` + ``reshape``,
+the CIFAR crop+flip is a single gather with per-sample index arithmetic, and the
+random-resized crop resizes every crop box of the batch in one ``roi_align`` call. Only
+encoded files (PNG/JPEG) are decoded one by one, which no codec avoids.
+
+Randomness comes either from a ``torch.Generator`` or from ``uniforms``: a float array
+[B, n_uniforms(kind)] in [0, 1) that fixes every random choice per sample. The Ray pipeline
+draws those from :func:`sample_uniforms` (a counter-based hash of a key and the sample id),
+so a sample's augmentation does not depend on how Ray cut the data into blocks. The
+plain-PyTorch baseline and the offline E-step import these same functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+AUGMENTS = ("cifar", "imagenet", "none")
+CIFAR_PAD = 4
+RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
+RRC_RATIO = (3 / 4, 4 / 3)
+RRC_TRIES = 10
+_UNIFORMS = {"cifar": 3, "imagenet": 4 * RRC_TRIES + 1, "none": 0}
+
+
+def image_shape(meta: dict) -> tuple[int, int, int]:
+    shape = meta.get("image_shape")
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(int(s) > 0 for s in shape)):
+        raise ValueError(f"meta.image_shape: expected [H, W, C] positive integers, got {shape!r}")
+    h, w, c = (int(s) for s in shape)
+    return h, w, c
+
+
+def read_meta(data_dir) -> dict:
+    """``meta.json`` of a prepared data set, checked for the fields the transforms use."""
+    p = Path(data_dir).expanduser() / "meta.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: meta.json not found; expected a prepared data set folder")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+    _, _, c = image_shape(meta)
+    if meta.get("encoding") not in ("raw", "encoded"):
+        raise ValueError(f"{p}: encoding {meta.get('encoding')!r}; expected 'raw' or 'encoded'")
+    for k in ("mean", "std"):
+        if not (isinstance(meta.get(k), list) and len(meta[k]) == c):
+            raise ValueError(f"{p}: {k} {meta.get(k)!r}; expected {c} per-channel values (0..1 scale)")
+    return meta
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_images(images: Union[Sequence[bytes], np.ndarray], meta: dict) -> np.ndarray:
+    """Image column of a batch -> uint8 [B, H, W, C] at ``meta['image_shape']``.
+
+    ``raw``: each value holds exactly H*W*C bytes (HWC order). ``encoded``: PNG/JPEG file bytes,
+    decoded with torchvision and brought to H x W by a shorter-side resize and a centre crop
+    (aspect ratio kept). A uint8 array already shaped [B, H, W, C] passes through.
+    """
+    h, w, c = image_shape(meta)
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
+        if images.shape[1:] != (h, w, c):
+            raise ValueError(f"images: expected uint8 [B, {h}, {w}, {c}], got shape {images.shape}")
+        return images
+    n = len(images)
+    enc = meta.get("encoding")
+    if enc == "raw":
+        if n == 0:
+            return np.zeros((0, h, w, c), np.uint8)
+        buf = b"".join(bytes(v) if not isinstance(v, bytes) else v for v in images)
+        if len(buf) != n * h * w * c:
+            bad = next(i for i, v in enumerate(images) if len(v) != h * w * c)
+            raise ValueError(f"image[{bad}]: raw image has {len(images[bad])} bytes; expected H*W*C = "
+                             f"{h}*{w}*{c} = {h * w * c} (meta.image_shape)")
+        return np.frombuffer(buf, np.uint8).reshape(n, h, w, c)
+    if enc == "encoded":
+        out = np.empty((n, h, w, c), np.uint8)
+        for i, v in enumerate(images):
+            out[i] = _decode_file(v, h, w, c, i)
+        return out
+    raise ValueError(f"meta.encoding: expected 'raw' or 'encoded', got {enc!r}")
+
+
+def _decode_file(data: bytes, h: int, w: int, c: int, index: int) -> np.ndarray:
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2 import functional as TF
+
+    mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(c)
+    if mode is None:
+        raise ValueError(f"meta.image_shape: encoded images need C = 1 or 3 channels, got {c}")
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+    except RuntimeError as e:
+        raise ValueError(f"image[{index}]: not a decodable PNG/JPEG file ({e})") from None
+    if img.shape[1:] != (h, w):
+        scale = max(h / img.shape[1], w / img.shape[2])
+        size = [max(h, round(img.shape[1] * scale)), max(w, round(img.shape[2] * scale))]
+        img = TF.center_crop(TF.resize(img, size, antialias=True), [h, w])
+    return img.permute(1, 2, 0).numpy()
+
+
+# --------------------------------------------------------------------------- randomness
+
+
+def n_uniforms(kind: str) -> int:
+    """How many uniforms per sample :func:`augment_batch` consumes for ``kind``."""
+    _check_kind(kind)
+    return _UNIFORMS[kind]
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    # splitmix64 finaliser: a bijective avalanche on uint64 (wrap-around arithmetic intended)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_uniforms(sample_ids, n: int, key: Sequence[int]) -> np.ndarray:
+    """float64 [B, n] in [0, 1): a pure function of (key, sample id, column); no shared state."""
+    base = np.zeros(1, np.uint64)
+    with np.errstate(over="ignore"):
+        for k in key:
+            base = _mix64(base ^ np.array([int(k) & (2**64 - 1)], np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+        ids = np.asarray(sample_ids, np.int64).astype(np.uint64).reshape(-1, 1)
+        cols = np.arange(n, dtype=np.uint64).reshape(1, -1)
+        z = _mix64(_mix64(base ^ (ids * np.uint64(0x9E3779B97F4A7C15))) + cols)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _uniforms(b: int, kind: str, generator: Optional[torch.Generator], uniforms) -> torch.Tensor:
+    k = _UNIFORMS[kind]
+    if uniforms is None:
+        return torch.rand(b, k, generator=generator, dtype=torch.float64)
+    u = torch.as_tensor(np.asarray(uniforms), dtype=torch.float64)
+    if u.shape != (b, k):
+        raise ValueError(f"uniforms: expected shape ({b}, {k}) for kind {kind!r}, got {tuple(u.shape)}")
+    return u
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in AUGMENTS:
+        raise ValueError(f"augment: {kind!r} is not one of: {', '.join(AUGMENTS)}")
+
+
+def _as_uint8_nhwc(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        t = x
+    else:
+        with warnings.catch_warnings():  # read-only frombuffer views: we never write into them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.as_tensor(np.asarray(x))
+    if t.dtype != torch.uint8 or t.ndim != 4:
+        raise ValueError(f"images: expected uint8 [B, H, W, C], got {t.dtype} {tuple(t.shape)}")
+    return t
+
+
+def augment_batch(x, kind: str, generator: Optional[torch.Generator] = None, *, uniforms=None) -> torch.Tensor:
+    """uint8 [B, H, W, C] -> float32 [B, C, H, W] in [0, 1], augmented per sample.
+
+    ``cifar``: random 32-style crop from a 4-pixel zero-padded image + horizontal flip (p=0.5).
+    ``imagenet``: random-resized crop (scale 0.08..1, ratio 3/4..4/3, torchvision's 10 tries then
+    a centre-crop fallback) back to H x W + flip. ``none``: conversion only.
+    """
+    _check_kind(kind)
+    x = _as_uint8_nhwc(x)
+    if kind == "none" or x.shape[0] == 0:
+        return x.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    u = _uniforms(x.shape[0], kind, generator, uniforms)
+    if kind == "cifar":
+        return _cifar(x, u)
+    return _random_resized_crop(x, u)
+
+
+def cifar_params(u: torch.Tensor, pad: int = CIFAR_PAD) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, dx, flip) per sample from uniforms [B, 3]: offsets into the padded image, 0..2*pad."""
+    span = 2 * pad + 1
+    dy = (u[:, 0] * span).long().clamp_(max=2 * pad)
+    dx = (u[:, 1] * span).long().clamp_(max=2 * pad)
+    return dy, dx, u[:, 2] < 0.5
+
+
+def _cifar(x: torch.Tensor, u: torch.Tensor, pad: int = CIFAR_PAD) -> torch.Tensor:
+    b, h, w, c = x.shape
+    xp = torch.zeros((b, h + 2 * pad, w + 2 * pad, c), dtype=torch.uint8)
+    xp[:, pad:pad + h, pad:pad + w] = x
+    dy, dx, flip = cifar_params(u, pad)
+    rows = dy[:, None] + torch.arange(h)[None, :]  # [B, H]
+    ar = torch.arange(w)[None, :]
+    cols = dx[:, None] + torch.where(flip[:, None], (w - 1) - ar, ar)  # flip = reversed column order
+    out = xp[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
+    return out.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
+def rrc_boxes(u: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random-resized-crop boxes (x1, y1, x2, y2) [B, 4] in pixels + flip [B], from uniforms [B, 41]."""
+    b = u.shape[0]
+    t = RRC_TRIES
+    area = h * w * (RRC_SCALE[0] + (RRC_SCALE[1] - RRC_SCALE[0]) * u[:, :t])
+    lo, hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
+    ratio = torch.exp(lo + (hi - lo) * u[:, t:2 * t])
+    cw = torch.round(torch.sqrt(area * ratio))
+    ch = torch.round(torch.sqrt(area / ratio))
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((b,), -1))
+    # fallback (no try fits): the largest centre crop with the ratio clamped to the allowed range
+    in_ratio = w / h
+    if in_ratio < RRC_RATIO[0]:
+        fw, fh = w, int(round(w / RRC_RATIO[0]))
+    elif in_ratio > RRC_RATIO[1]:
+        fw, fh = int(round(h * RRC_RATIO[1])), h
+    else:
+        fw, fh = w, h
+    idx = first.clamp(min=0)[:, None]
+    bw = torch.where(first >= 0, cw.gather(1, idx)[:, 0], torch.full((b,), float(fw), dtype=cw.dtype))
+    bh = torch.where(first >= 0, ch.gather(1, idx)[:, 0], torch.full((b,), float(fh), dtype=ch.dtype))
+    # offsets: try k uses uniforms 2t+k (y) and 3t+k (x); the fallback centres the box
+    oy = torch.floor(u[:, 2 * t:3 * t].gather(1, idx)[:, 0] * (h - bh + 1))
+    ox = torch.floor(u[:, 3 * t:4 * t].gather(1, idx)[:, 0] * (w - bw + 1))
+    oy = torch.where(first >= 0, oy, torch.div(h - bh, 2, rounding_mode="floor"))
+    ox = torch.where(first >= 0, ox, torch.div(w - bw, 2, rounding_mode="floor"))
+    boxes = torch.stack([ox, oy, ox + bw, oy + bh], 1)
+    return boxes, u[:, 4 * t] < 0.5
+
+
+def _random_resized_crop(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import roi_align
+
+    b, h, w, _ = x.shape
+    boxes, flip = rrc_boxes(u, h, w)
+    xf = x.permute(0, 3, 1, 2).float().div_(255.0)
+    rois = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes.float()], 1)
+    # One batched bilinear crop+resize. Crops are never larger than the output (it is the stored
+    # size), so no antialiasing is needed; sampling_ratio=0 samples each output pixel's bin
+    # centre (an identity box reproduces the image exactly).
+    out = roi_align(xf, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    out[flip] = out[flip].flip(-1)
+    return out.clamp_(0.0, 1.0).contiguous()
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean) / std per channel, for float [B, C, H, W] in [0, 1] (in place on x)."""
+    c = x.shape[1]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"meta.mean/meta.std: expected {c} values each, got {len(mean)} and {len(std)}")
+    m = torch.as_tensor(mean, dtype=x.dtype).view(1, c, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype).view(1, c, 1, 1)
+    if (s <= 0).any():
+        raise ValueError(f"meta.std: expected positive values, got {list(std)}")
+    return x.sub_(m).div_(s)
+
+
+def eval_transform(x, meta: dict) -> torch.Tensor:
+    """uint8 [B, H, W, C] (or the image column's bytes) -> normalised float32 [B, C, H, W]."""
+    x = decode_images(x, meta) if not isinstance(x, torch.Tensor) else x
+    return normalize(augment_batch(x, "none"), meta["mean"], meta["std"])
+
+
+def train_transform(x, meta: dict, kind: str, generator: Optional[torch.Generator] = None, *,
+                    uniforms=None) -> torch.Tensor:
+    """Decode (if bytes), augment and normalise one batch: what the Ray pipeline serves."""
+    x = decode_images(x, meta) if not isinstance(x, torch.Tensor) else x
+    return normalize(augment_batch(x, kind, generator, uniforms=uniforms), meta["mean"], meta["std"])
+
+
+def resolve_augment(cfg_augment: str, meta: dict) -> str:
+    """``auto`` -> ``cifar`` for images up to 64 px a side, ``imagenet`` above; else as given."""
+    if cfg_augment == "auto":
+        h, w, _ = image_shape(meta)
+        return "cifar" if max(h, w) <= 64 else "imagenet"
+    if cfg_augment not in AUGMENTS:
+        raise ValueError(f"data.augment: {cfg_augment!r} is not one of: auto, {', '.join(AUGMENTS)}")
+    return cfg_augment

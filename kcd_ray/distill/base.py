@@ -1,0 +1,209 @@
+"""The Distiller interface: one module that owns the student, the frozen teacher and any connectors.
+
+A training step is ``out = distiller(batch, T, epoch)`` followed by ``sum(out.losses.values()).backward()``.
+``out.losses`` holds named terms that are already weighted:
+``{"ce": gamma * CE, "kd": alpha * T^2 * KL, "<method>": beta * L_other}``; a term whose weight is 0 is
+left out (and not computed).
+
+The teacher is deliberately *not* a registered submodule. It is held in a plain attribute so that
+``parameters()`` (the optimiser, DDP's gradient buckets), ``state_dict()`` (checkpoints) and DDP's
+buffer broadcast never see it; ``_apply`` is extended so ``.to(device)`` / ``.cuda()`` still move it.
+Connectors built by a method (regressors, embeddings, memory banks) *are* submodules, so they are
+trained, checkpointed and resumed together with the student.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kcd_ray.config import ConfigError, DistillConfig
+from kcd_ray.distill.connectors import f32
+from kcd_ray.registry import Registry
+
+
+class StepOutput(NamedTuple):
+    logits: Optional[torch.Tensor]  # student logits (None only in AB/FT init-stage steps)
+    losses: dict[str, torch.Tensor]  # weighted terms; the total loss is their sum
+    teacher_logits: Optional[torch.Tensor]  # None when there is no teacher
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
+    """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), averaged over the batch (Hinton KD)."""
+    log_p_s = F.log_softmax(f32(student_logits) / T, dim=1)
+    p_t = F.softmax(f32(teacher_logits) / T, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * (T * T)
+
+
+class Distiller(nn.Module):
+    """Base class: CE + KD, plus ``beta * extra_loss(...)`` for methods that define one.
+
+    Subclasses set the class attributes and override ``extra_loss`` (and, for two-stage methods,
+    ``init_stage_epochs`` / ``init_stage_losses``). Method-specific modules are built in
+    ``__init__`` from ``self.s_shapes`` / ``self.t_shapes``: the feature shapes (without the batch
+    dimension) of one dummy forward at the data set's image size.
+    """
+
+    name: ClassVar[str] = "base"
+    needs_features: ClassVar[bool] = False  # run both nets with is_feat=True
+    needs_preact: ClassVar[bool] = False  # ... and preact=True (AB)
+    needs_teacher: ClassVar[bool] = True
+    has_init_stage: ClassVar[bool] = False  # AB, FT, FSP
+    default_beta: ClassVar[float] = 0.0
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: DistillConfig, num_classes: int,
+                 *, image_size: int = 32, in_channels: int = 3, num_samples: Optional[int] = None, **_: Any):
+        super().__init__()
+        if self.needs_teacher and teacher is None:
+            raise ConfigError(f"distill.teacher: method {cfg.method!r} needs a teacher checkpoint")
+        self.student = student
+        object.__setattr__(self, "_teacher", teacher)  # hidden from parameters()/state_dict(): see module doc
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.cfg = cfg
+        self.num_classes = int(num_classes)
+        self.options = dict(cfg.options or {})
+        self.gamma = float(cfg.gamma)
+        self.alpha = float(cfg.alpha) if teacher is not None else 0.0
+        self.beta = float(self.default_beta if cfg.beta is None else cfg.beta)
+        if cfg.beta is not None and cfg.beta < 0:
+            raise ConfigError(f"distill.beta: {cfg.beta!r} is out of range; expected >= 0")
+        self.image_size = int(image_size)
+        self.in_channels = int(in_channels)
+        self.num_samples = num_samples if num_samples is not None else self.options.get("num_samples")
+        self.s_shapes: list[torch.Size] = []
+        self.t_shapes: list[torch.Size] = []
+        if self.needs_features:
+            self.s_shapes, self.t_shapes = self._probe_shapes()
+
+    # ------------------------------------------------------------------ teacher handling
+    @property
+    def teacher(self) -> Optional[nn.Module]:
+        return self._teacher
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._teacher is not None:
+            self._teacher.eval()  # BN statistics and dropout of the teacher never change
+        return self
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._teacher is not None:
+            self._teacher._apply(fn, recurse)
+        return self
+
+    def student_state_dict(self) -> dict:
+        return self.student.state_dict()
+
+    # ------------------------------------------------------------------ options
+    def opt(self, key: str, default: Any, kind: type = float) -> Any:
+        """A method option from ``distill.options``, type-checked with an error naming the key."""
+        value = self.options.get(key, default)
+        try:
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise TypeError
+                return value
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise TypeError
+            return kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"distill.options.{key}: expected {kind.__name__}, got {value!r}") from None
+
+    # ------------------------------------------------------------------ forwards
+    def _probe_shapes(self) -> tuple[list[torch.Size], list[torch.Size]]:
+        """Feature shapes of both nets from one dummy forward (eval mode, no grad)."""
+        param = next(self.student.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        x = torch.zeros(2, self.in_channels, self.image_size, self.image_size, device=device)
+        shapes = []
+        for net in (self.student, self._teacher):
+            was_training = net.training
+            net.eval()
+            with torch.no_grad():
+                feats, _ = net(x, is_feat=True, preact=self.needs_preact)
+            net.train(was_training)
+            shapes.append([f.shape[1:] for f in feats])
+        return shapes[0], shapes[1]
+
+    def run_student(self, image: torch.Tensor, features: Optional[bool] = None):
+        features = self.needs_features if features is None else features
+        if features:
+            return self.student(image, is_feat=True, preact=self.needs_preact)
+        return None, self.student(image)
+
+    def run_teacher(self, image: torch.Tensor, features: Optional[bool] = None):
+        if self._teacher is None:
+            return None, None
+        features = self.needs_features if features is None else features
+        with torch.no_grad():
+            if features:
+                feats, logits = self._teacher(image, is_feat=True, preact=self.needs_preact)
+                return [f.detach() for f in feats], logits.detach()
+            return None, self._teacher(image).detach()
+
+    def forward(self, batch: dict, T: float, epoch: int, init_stage: bool = False) -> StepOutput:
+        """One step. ``init_stage=True`` gives the init-stage losses (AB/FT/FSP) through the same call,
+        so that DDP, which only synchronises gradients of work done inside its forward, covers them."""
+        if init_stage:
+            return StepOutput(None, self.init_stage_losses(batch), None)
+        image, label = batch["image"], batch["label"]
+        s_feats, s_logits = self.run_student(image)
+        t_feats, t_logits = self.run_teacher(image)
+        losses: dict[str, torch.Tensor] = {}
+        if self.gamma > 0:
+            losses["ce"] = self.gamma * F.cross_entropy(f32(s_logits), label)
+        if self.alpha > 0:
+            losses["kd"] = self.alpha * kd_kl(s_logits, t_logits, T)
+        if self.beta > 0:
+            extra = self.extra_loss(s_feats, t_feats, s_logits, t_logits, batch, T, epoch)
+            if extra is not None:
+                losses[self.name] = self.beta * extra
+        if not losses:
+            raise ConfigError(f"distill.gamma/alpha/beta: every loss weight of method {self.name!r} is zero")
+        return StepOutput(s_logits, losses, t_logits)
+
+    def extra_loss(self, s_feats: Optional[Sequence[torch.Tensor]], t_feats: Optional[Sequence[torch.Tensor]],
+                   s_logits: torch.Tensor, t_logits: Optional[torch.Tensor], batch: dict, T: float,
+                   epoch: int) -> Optional[torch.Tensor]:
+        """The method's own (unweighted) term; None for methods that have none."""
+        return None
+
+    # ------------------------------------------------------------------ two-stage methods
+    def init_stage_epochs(self) -> int:
+        """Epochs of the initialisation stage the loop runs before distillation (AB, FT, FSP)."""
+        return 0
+
+    def init_stage_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"method {self.name!r} has no initialisation stage")
+
+    def init_stage_parameters(self) -> list[nn.Parameter]:
+        """What the init stage trains (RepDistiller: connectors and/or the student's feature layers)."""
+        return []
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        """Whether DDP must be built with find_unused_parameters=True: some trainable parameter is
+        left out of the graph in some step (init-stage-only modules, or a method term weighted 0)."""
+        if self.has_init_stage:
+            return True
+        own = [p for n, p in self.named_parameters() if not n.startswith("student.") and p.requires_grad]
+        return bool(own) and self.beta == 0
+
+
+DISTILLERS: Registry = Registry("distiller")
+
+
+def register_distiller(name: str):
+    """Register a Distiller subclass under ``name`` (also its loss-term key)."""
+
+    def deco(cls):
+        cls.name = name
+        return DISTILLERS.register(name)(cls)
+
+    return deco

@@ -1,0 +1,86 @@
+"""Run checkpoints: the student (in kcd_ray's model format, which `load_model` reads) plus the whole run state.
+
+A checkpoint folder holds ``model.pt`` (student only, ``save_model`` format) and ``state.pt``: the distiller's
+trainable modules (connectors, memory banks), optimiser, LR scheduler, AMP scaler, epoch, run history and
+the whole KCD state (accumulators, mask version, blend bookkeeping).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from kcd_ray.models import CheckpointError, save_model
+
+STATE_FORMAT = "kcd_ray-run-state/1"
+
+
+def _unwrap(module):
+    return module.module if hasattr(module, "module") and isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def save_run_checkpoint(path: str | os.PathLike, *, distiller, optimizer, scheduler, scaler, kcd_state, run_state: dict, config: dict) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    d = _unwrap(distiller)
+    save_model(path / "model.pt", d.student, extra={"epoch": run_state["epoch"], "top1": run_state.get("last_top1")})
+    own = {k: v for k, v in d.state_dict().items() if not k.startswith(("teacher.", "student."))}
+    state = {
+        "format": STATE_FORMAT,
+        "distiller_extra": own,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "kcd": kcd_state.state_dict() if kcd_state is not None else None,
+        "run": run_state,
+        "config": config,
+    }
+    tmp = path / "state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path / "state.pt")
+    return path
+
+
+def load_run_checkpoint(path: str | os.PathLike) -> dict:
+    """Read ``state.pt`` (+ the student weights) from a checkpoint folder; errors name the file."""
+    path = Path(path)
+    f = path / "state.pt"
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing; a kcd_ray run checkpoint folder holds model.pt and state.pt")
+    try:
+        # Our own file, written by save_run_checkpoint (holds numpy arrays of the KCD state).
+        state = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise CheckpointError(f"{f}: not a readable kcd_ray run state ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{f}: not a kcd_ray run state (expected format {STATE_FORMAT!r})")
+    m = path / "model.pt"
+    try:
+        state["student"] = torch.load(m, map_location="cpu", weights_only=False)["model"]
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{m}: not a readable student checkpoint ({type(e).__name__}: {e})") from None
+    return state
+
+
+def restore_into(state: dict, *, distiller, optimizer, scheduler, scaler, kcd_state, source: str) -> dict:
+    """Load a checkpoint's state into live objects; a mismatch names the checkpoint."""
+    d = _unwrap(distiller)
+    try:
+        d.student.load_state_dict(state["student"])
+        missing, unexpected = d.load_state_dict(state["distiller_extra"], strict=False)
+        bad = [k for k in unexpected]
+        if bad:
+            raise RuntimeError(f"unexpected distiller keys {bad[:8]}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if kcd_state is not None and state.get("kcd") is not None:
+            kcd_state.load_state_dict(state["kcd"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"{source}: checkpoint does not match this run's model/config ({e}); use a new run.name to start afresh"
+        ) from None
+    return state["run"]

@@ -1,0 +1,92 @@
+"""Everything a worker builds before its first step: models, distiller, optimiser, schedulers, KCD state."""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from kcd_ray.condense import KCDState
+from kcd_ray.condense.values import VALUE_FNS
+from kcd_ray.data import load_meta
+from kcd_ray.distill import build_distiller
+from kcd_ray.distill.temperature import build_temperature
+from kcd_ray.models import build_model, load_model
+
+
+@dataclass
+class Components:
+    distiller: torch.nn.Module
+    model: torch.nn.Module  # the distiller, DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    amp_ctx: Any
+    temperature: Callable[[int], float]
+    value_fn: Callable
+    kcd_state: KCDState | None
+    num_train: int
+    num_classes: int
+
+
+def build_scheduler(optimizer, optim_cfg):
+    """Epoch-indexed torch schedulers: KCD changes steps per epoch, so nothing here counts steps."""
+    w = optim_cfg.warmup_epochs
+    if optim_cfg.scheduler == "multistep":
+        main = torch.optim.lr_scheduler.MultiStepLR(optimizer, [m - w for m in optim_cfg.milestones if m > w], gamma=optim_cfg.lr_decay)
+    elif optim_cfg.scheduler == "cosine":
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, optim_cfg.epochs - w))
+    else:
+        main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if w == 0:
+        return main
+    warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (w + 1), total_iters=w)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[w])
+
+
+def _amp(cfg, device):
+    if not (cfg.optim.amp and device.type == "cuda"):
+        return nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def load_teacher(dcfg, num_classes: int) -> torch.nn.Module:
+    if not dcfg.teacher:
+        raise ValueError("distill.teacher: a teacher checkpoint is required for distillation (train one with `kcd-ray train-teacher`)")
+    return load_model(dcfg.teacher, name=dcfg.teacher_model or None, num_classes=num_classes)
+
+
+def build_components(cfg, kind: str, data_dir: str, device: torch.device, distributed: bool) -> Components:
+    meta = load_meta(data_dir)
+    num_classes = int(meta["num_classes"])
+    num_train = int(meta["splits"]["train"]["num_rows"])
+    student = build_model(cfg.model, num_classes)
+    if kind == "teacher":
+        dcfg = dataclasses.replace(cfg.distill, method="ce", gamma=1.0, alpha=0.0, beta=0.0)
+        teacher = None
+    else:
+        dcfg = cfg.distill
+        teacher = load_teacher(dcfg, num_classes)
+    distiller = build_distiller(dcfg, student, teacher, num_classes, num_samples=num_train,
+                                image_size=int(meta["image_shape"][0])).to(device)
+    model = distiller
+    if distributed:
+        model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=getattr(distiller, "find_unused_parameters", False))
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    amp_ctx, scaler = _amp(cfg, device)
+    kcd_on = kind == "distill" and cfg.kcd.enabled
+    kcd_state = KCDState.from_config(cfg.kcd, num_train) if kcd_on else None
+    return Components(
+        distiller=distiller, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.optim),
+        scaler=scaler, amp_ctx=amp_ctx, temperature=build_temperature(cfg.distill.temperature, cfg.optim.epochs),
+        value_fn=VALUE_FNS.get(cfg.kcd.value_fn), kcd_state=kcd_state, num_train=num_train, num_classes=num_classes,
+    )

@@ -1,0 +1,74 @@
+"""Accuracy, epoch records, the console progress line and the end-of-run summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """Number of samples whose label is among the top-k predictions, for each k (k capped at the class count)."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(labels.view(-1, 1))
+    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+
+
+class Progress:
+    """Throttled progress output for one epoch: a line every `every_s` seconds and one at the end."""
+
+    def __init__(self, prefix: str, enabled: bool = True, every_s: float = 10.0, stream=None):
+        self.prefix, self.enabled, self.every_s = prefix, enabled, every_s
+        self.stream = stream or sys.stdout
+        self.t0 = self.last = time.perf_counter()
+        self.samples = 0
+        self.steps = 0
+
+    def step(self, n: int, loss: float) -> None:
+        self.samples += n
+        self.steps += 1
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            rate = self.samples / max(now - self.t0, 1e-9)
+            print(f"{self.prefix} step {self.steps} samples {self.samples} loss {loss:.4f} {rate:.0f} img/s", file=self.stream, flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def format_epoch(m: dict) -> str:
+    parts = [f"epoch {m['epoch'] + 1}/{m['epochs']}", f"loss {m['train_loss']:.4f}", f"top1 {m['top1']:.2f}", f"top5 {m['top5']:.2f}"]
+    if m.get("kcd_enabled"):
+        parts.append(f"kept {100 * m['kept_fraction']:.1f}%")
+        parts.append(f"stage {m['stage']}")
+    if m.get("T") is not None and m.get("kind") == "distill":
+        parts.append(f"T {m['T']:.2f}")
+    parts += [f"lr {m['lr']:.4g}", f"{m['images_per_s']:.0f} img/s", f"{m['epoch_seconds']:.1f}s"]
+    return " | ".join(parts)
+
+
+def summarize(history: list[dict], *, kind: str, kcd_enabled: bool, num_train: int, epochs: int, run_dir: str, config: dict) -> dict:
+    if not history:
+        raise ValueError("no epochs recorded: nothing to summarise")
+    best = max(history, key=lambda m: m["top1"])
+    passes = int(history[-1]["sample_passes"])
+    full = int(num_train) * int(epochs)
+    return {
+        "final_top1": history[-1]["top1"],
+        "final_top5": history[-1]["top5"],
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"],
+        "sample_passes": passes,
+        "full_sample_passes": full,
+        "compute_ratio": passes / full if full else 0.0,
+        "wall_seconds": history[-1]["wall_seconds"],
+        "epochs": epochs,
+        "kind": kind,
+        "kcd_enabled": kcd_enabled,
+        "num_train": int(num_train),
+        "run_dir": run_dir,
+        "config": config,
+    }

@@ -1,0 +1,120 @@
+"""Driver side of a run: Ray, data, the run folder, and one TorchTrainer (Train V2) for the whole run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from kcd_ray.config import Config, dump_yaml, to_dict
+from kcd_ray.data import load_meta, prepare_dataset
+from kcd_ray.data.mask import get_mask_store
+from kcd_ray.data.pipeline import eval_dataset, train_dataset
+from kcd_ray.train.loop import train_loop_per_worker
+from kcd_ray.train.rundir import RunDir, resolve_storage, slug
+
+
+def init_ray(cfg: Config) -> None:
+    """Embedded local Ray by default; `run.ray_address` (or RAY_ADDRESS) attaches to a cluster."""
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" never attaches to a stray cluster someone else left running (RAY.md).
+        ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False,
+                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-execution banners and progress lines drown the epoch lines: keep warnings only."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def default_run_name(cfg: Config, kind: str) -> str:
+    """Stable for a given config, so re-running the same command resumes the same run."""
+    d = to_dict(cfg)
+    del d["run"]  # run.* (storage, verbosity, failures) never changes the experiment
+    digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    tag = "kcd" if kind == "distill" and cfg.kcd.enabled else ("kd" if kind == "distill" else "teacher")
+    return slug(f"{tag}-{cfg.distill.method if kind == 'distill' else 'ce'}-{cfg.model}-{cfg.data.name}-{digest}")
+
+
+def _use_gpu(cfg: Config) -> bool:
+    if cfg.scaling.use_gpu == "auto":
+        return cfg.scaling.num_workers > 0 and bool(ray.cluster_resources().get("GPU", 0))
+    return cfg.scaling.use_gpu == "true"
+
+
+def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, extra_loop_config: dict | None = None) -> dict:
+    """Train a teacher (`kind="teacher"`) or distil a student (`kind="distill"`); returns the run summary."""
+    if kind not in ("teacher", "distill"):
+        raise ValueError(f"kind: {kind!r} is not one of: teacher, distill")
+    init_ray(cfg)
+    data_dir = prepare_dataset(cfg.data)
+    meta = load_meta(data_dir)
+    name = cfg.run.name or default_run_name(cfg, kind)
+    storage = resolve_storage(cfg.run.storage_path)
+    run_dir = RunDir(storage / name)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    run_dir.write_text("config.yaml", dump_yaml(cfg))
+    if cfg.run.verbose:
+        print(f"[kcd_ray] {kind} run {name}: {meta['splits']['train']['num_rows']} train samples, "
+              f"{meta['num_classes']} classes, run folder {run_dir.path}", flush=True)
+
+    quiet_ray_data()
+    mask_store = None
+    if kind == "distill" and cfg.kcd.enabled:
+        mask_store = f"kcd_mask_{name}_{uuid.uuid4().hex[:8]}"
+        get_mask_store(mask_store, create=True)
+    datasets = {
+        "train": train_dataset(str(data_dir), augment=cfg.data.augment, seed=cfg.optim.seed,
+                               mask_store_name=mask_store, data_cpus=cfg.scaling.data_cpus),
+        "test": eval_dataset(str(data_dir), split="test", data_cpus=cfg.scaling.data_cpus),
+    }
+    use_gpu = _use_gpu(cfg)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    loop_config = {"cfg": to_dict(cfg), "kind": kind, "run_dir": str(run_dir.path), "data_dir": str(data_dir),
+                   "mask_store": mask_store, **(extra_loop_config or {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.scaling.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            callbacks=callbacks or None,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING" if cfg.run.verbose < 2 else "INFO"),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    summary = result.return_value
+    if summary is None:  # rank 0 returned nothing: read what it wrote
+        summary = json.loads((run_dir.path / "summary.json").read_text())
+    if cfg.run.verbose:
+        print(f"[kcd_ray] done in {time.perf_counter() - t0:.1f}s: final top1 {summary['final_top1']:.2f}, "
+              f"best {summary['best_top1']:.2f}, compute ratio {summary['compute_ratio']:.3f}; {run_dir.path}/summary.json",
+              flush=True)
+    return summary

@@ -1,0 +1,78 @@
+"""PNG figures for the report, drawn with matplotlib's Agg canvas (no display, no global pyplot state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def pareto_plot(rows: list[dict], y_key: str, path: Path, title: str) -> Path:
+    """Top-1 against compute_ratio for every trial; the Pareto front joined, the plain-KD trial starred."""
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.add_subplot(1, 1, 1)
+    pts = [r for r in rows if r.get("compute_ratio") is not None and r.get(y_key) is not None]
+    kcd = [r for r in pts if r["variant"] != "kd"]
+    kd = [r for r in pts if r["variant"] == "kd"]
+    if kcd:
+        ax.scatter([r["compute_ratio"] for r in kcd], [r[y_key] for r in kcd], s=28, color="tab:blue",
+                   alpha=0.75, label="KCD trials" if kd else "trials")
+    front = sorted((r for r in pts if r.get("pareto")), key=lambda r: r["compute_ratio"])
+    if front:
+        ax.step([r["compute_ratio"] for r in front], [r[y_key] for r in front], where="post", color="tab:orange",
+                lw=1.5, label="Pareto front")
+        ax.scatter([r["compute_ratio"] for r in front], [r[y_key] for r in front], s=46, facecolors="none",
+                   edgecolors="tab:orange", lw=1.5)
+    for r in kd:
+        ax.scatter([r["compute_ratio"]], [r[y_key]], marker="*", s=220, color="tab:red", zorder=5,
+                   label="plain KD (baseline)")
+        ax.axhline(r[y_key], color="tab:red", lw=0.8, ls="--", alpha=0.6)
+    ax.set_xlabel("compute ratio (sample-passes / plain KD's)")
+    ax.set_ylabel(f"{y_key} (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)
+
+
+def curves_plot(metrics: list[dict], path: Path, title: str) -> Path:
+    """Per-epoch curves of one run: top-1/top-5, kept fraction, temperature, loss terms."""
+    fig = Figure(figsize=(10, 7))
+    axes = [fig.add_subplot(2, 2, i) for i in range(1, 5)]
+    ep = [m.get("epoch", i) + 1 for i, m in enumerate(metrics)]
+
+    def line(ax, key, **kw):
+        ys = [m.get(key) for m in metrics]
+        if any(y is not None for y in ys):
+            ax.plot([e for e, y in zip(ep, ys) if y is not None], [y for y in ys if y is not None], **kw)
+
+    line(axes[0], "top1", label="top-1", marker=".")
+    line(axes[0], "top5", label="top-5", alpha=0.6)
+    axes[0].set_ylabel("test accuracy (%)")
+    line(axes[1], "kept_fraction", color="tab:green", marker=".")
+    axes[1].set_ylabel("kept fraction")
+    axes[1].set_ylim(0, 1.05)
+    line(axes[2], "T", color="tab:purple", marker=".")
+    axes[2].set_ylabel("temperature T")
+    line(axes[3], "train_loss", label="total", color="black", lw=2)
+    for key in sorted({k for m in metrics for k in m if k.startswith("loss_")}):
+        line(axes[3], key, label=key[5:], alpha=0.8)
+    axes[3].set_ylabel("train loss")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -1,0 +1,241 @@
+"""`kcd-ray report`: a table, a CSV and a PNG for a sweep folder (or any folder of runs) or for one run.
+
+- Sweep / folder of runs: one row per run (the config values that vary, final and best top-1,
+  compute_ratio, wall time), ``trials.csv``, ``pareto.png`` (top-1 against compute_ratio, Pareto
+  front, plain-KD trial starred) and ``best_config.yaml``: the best run's resolved config, renamed and
+  pointed back at the sweep's own storage, which `kcd-ray distill --config` runs as is.
+- One run folder: the per-epoch table, ``epochs.csv`` and ``curves.png`` (top-1, kept fraction, T, loss).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import yaml
+
+from kcd_ray.config import config_from_dict, dump_yaml
+
+# Run bookkeeping that differs between trials by construction: never a "varying" config value.
+IGNORED_KEYS = ("run.name", "run.storage_path", "run.ray_address", "run.verbose")
+RESULT_COLUMNS = ("final_top1", "best_top1", "compute_ratio", "wall_seconds")
+EPOCH_COLUMNS = ("epoch", "top1", "top5", "kept_fraction", "T", "stage", "train_loss", "lr", "epoch_seconds")
+_METRIC_ALIASES = {"top1": "final_top1", "top5": "final_top5"}
+
+
+def _is_run(p: Path) -> bool:
+    return (p / "metrics.jsonl").is_file() or (p / "summary.json").is_file()
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
+
+
+def _read_metrics(p: Path) -> list[dict]:
+    f = p / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(f.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{f}:{i}: not a JSON line (corrupt metrics file)") from None
+    return rows
+
+
+def load_run(p: Path) -> dict:
+    """A run folder as {name, path, status, summary, metrics, config}; unfinished runs are summarised from metrics."""
+    summary = _read_json(p / "summary.json") if (p / "summary.json").is_file() else None
+    metrics = _read_metrics(p)
+    config = (summary or {}).get("config")
+    if config is None and (p / "config.yaml").is_file():
+        config = yaml.safe_load((p / "config.yaml").read_text()) or {}
+    if summary is None:  # stopped early (ASHA), failed, or still running
+        summary = {}
+        if metrics:
+            best = max(metrics, key=lambda m: m.get("top1", -math.inf))
+            last = metrics[-1]
+            summary = {"final_top1": last.get("top1"), "best_top1": best.get("top1"), "best_epoch": best.get("epoch"),
+                       "compute_ratio": last.get("compute_ratio"), "sample_passes": last.get("sample_passes"),
+                       "wall_seconds": last.get("wall_seconds"), "epochs": (config or {}).get("optim", {}).get("epochs"),
+                       "kcd_enabled": last.get("kcd_enabled", (config or {}).get("kcd", {}).get("enabled"))}
+        status = "incomplete"
+    else:
+        status = "done"
+    return {"name": p.name, "path": p, "status": status, "summary": summary, "metrics": metrics, "config": config or {}}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _variant(run: dict) -> str:
+    s, c = run["summary"], run["config"]
+    if s.get("kind") == "teacher":
+        return "teacher"
+    enabled = s.get("kcd_enabled", c.get("kcd", {}).get("enabled", True))
+    return "kcd" if enabled else "kd"
+
+
+def _metric_value(run: dict, metric: str):
+    key = _METRIC_ALIASES.get(metric, metric)
+    v = run["summary"].get(key)
+    if v is None and run["metrics"]:
+        v = run["metrics"][-1].get(metric)
+    return v
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        if v != v or abs(v) >= 1e5 or (0 < abs(v) < 1e-3):
+            return f"{v:.4g}"
+        digits = 2 if abs(v) >= 10 else (3 if abs(v) >= 1 else 4)
+        return f"{v:.{digits}f}".rstrip("0").rstrip(".")
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return str(v)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def _write_csv(rows: list[dict], columns: list[str], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: json.dumps(r[c]) if isinstance(r.get(c), (list, dict)) else r.get(c) for c in columns})
+    return path
+
+
+def pareto_flags(points: list[tuple[float, float]]) -> list[bool]:
+    """For (cost, value) pairs: True where no other point costs no more and is worth at least as much (one strictly)."""
+    flags = []
+    for i, (c, v) in enumerate(points):
+        dominated = any(c2 <= c and v2 >= v and (c2 < c or v2 > v) for j, (c2, v2) in enumerate(points) if j != i)
+        flags.append(not dominated)
+    return flags
+
+
+def _sweep_report(path: Path, out: Path) -> dict:
+    meta = yaml.safe_load((path / "sweep.yaml").read_text()) if (path / "sweep.yaml").is_file() else {}
+    runs_root = path / "runs" if (path / "runs").is_dir() else path
+    runs = [load_run(d) for d in sorted(runs_root.iterdir()) if d.is_dir() and _is_run(d)]
+    if not runs:
+        raise ValueError(f"{path}: no run folders found (expected runs/<name>/metrics.jsonl or summary.json, "
+                         "or a single run folder)")
+    name = meta.get("name", path.name)
+    metric, mode = meta.get("metric", "best_top1"), meta.get("mode", "max")
+    flat = [_flatten(r["config"]) for r in runs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
+    varying = [k for k in keys if k not in IGNORED_KEYS
+               and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
+    rows = []
+    for r, f in zip(runs, flat):
+        s = r["summary"]
+        row = {"run": r["name"], "variant": _variant(r), "status": r["status"], **{k: f.get(k) for k in varying}}
+        row.update({k: s.get(k) for k in RESULT_COLUMNS + ("best_epoch", "sample_passes")})
+        row["epochs_done"] = len(r["metrics"]) or s.get("epochs")
+        row[metric] = _metric_value(r, metric) if metric not in row else row[metric]
+        rows.append(row)
+    y_key = "final_top1" if _METRIC_ALIASES.get(metric) == "final_top1" or metric == "final_top1" else "best_top1"
+    idx = [i for i, r in enumerate(rows) if r.get("compute_ratio") is not None and r.get(y_key) is not None]
+    for i, flag in zip(idx, pareto_flags([(rows[i]["compute_ratio"], rows[i][y_key]) for i in idx])):
+        rows[i]["pareto"] = flag
+    for r in rows:
+        r.setdefault("pareto", False)
+
+    ranked = [i for i, r in enumerate(rows) if r.get(metric) is not None]
+    done = [i for i in ranked if rows[i]["status"] == "done"] or ranked
+    best_i = (max if mode == "max" else min)(done, key=lambda i: rows[i][metric]) if done else None
+
+    columns = ["run", "variant", "status", *varying, "final_top1", "best_top1", "compute_ratio", "wall_seconds",
+               "epochs_done", "pareto"] + ([metric] if metric not in ("final_top1", "best_top1") else [])
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = _write_csv(rows, columns + ["best_epoch", "sample_passes"], out / "trials.csv")
+    from kcd_ray.tune.plots import pareto_plot  # matplotlib: imported only when drawing
+
+    png = pareto_plot(rows, y_key, out / "pareto.png", f"{name}: {y_key} vs compute")
+    res = {"kind": "sweep", "path": str(path), "name": name, "metric": metric, "mode": mode, "rows": rows,
+           "varying": varying, "csv": str(csv_path), "png": str(png), "best": None, "best_config": None,
+           "best_config_yaml": "", "best_config_path": None}
+    text = [f"sweep {name}: {len(rows)} runs ({sum(r['status'] == 'done' for r in rows)} done) in {runs_root}",
+            format_table(rows, columns), f"CSV: {csv_path}", f"plot: {png}"]
+    if best_i is not None:
+        best = runs[best_i]
+        cfg = json.loads(json.dumps(best["config"]))
+        base_run = (meta.get("base") or {}).get("run", {})
+        cfg.setdefault("run", {})["name"] = f"{name}-best"
+        # Back to the sweep's own storage: kept in the trial's folder it would "resume" the finished trial.
+        cfg["run"]["storage_path"] = base_run.get("storage_path", str(path.parent))
+        cfg["run"]["ray_address"] = base_run.get("ray_address", "")
+        text_yaml = dump_yaml(config_from_dict(cfg))
+        best_path = out / "best_config.yaml"
+        best_path.write_text(text_yaml)
+        res.update(best=rows[best_i], best_config=cfg, best_config_yaml=text_yaml, best_config_path=str(best_path))
+        text += [f"best by {metric} ({mode}): {best['name']} = {_fmt(rows[best_i][metric])}; config "
+                 f"({best_path}, runs with `kcd-ray distill --config {best_path}`):", text_yaml.rstrip()]
+    res["text"] = "\n".join(text)
+    return res
+
+
+def _run_report(path: Path, out: Path) -> dict:
+    run = load_run(path)
+    rows = [dict(m, epoch=m.get("epoch", i) + 1) for i, m in enumerate(run["metrics"])]  # 1-based for people
+    columns = [c for c in EPOCH_COLUMNS if any(c in r for r in rows)] + sorted({k for r in rows for k in r if k.startswith("loss_")})
+    out.mkdir(parents=True, exist_ok=True)
+    all_cols = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
+    csv_path = _write_csv(rows, all_cols, out / "epochs.csv")
+    from kcd_ray.tune.plots import curves_plot
+
+    png = curves_plot(run["metrics"], out / "curves.png", f"{run['name']} ({_variant(run)}, {run['status']})")
+    s = run["summary"]
+    text = [f"run {run['name']} ({_variant(run)}, {run['status']}): {len(rows)} epochs", format_table(rows, columns)]
+    if s:
+        text.append("final top-1 {} | best top-1 {} (epoch {}) | compute ratio {} | wall {} s".format(
+            _fmt(s.get("final_top1")), _fmt(s.get("best_top1")),
+            _fmt(None if s.get("best_epoch") is None else s["best_epoch"] + 1), _fmt(s.get("compute_ratio")),
+            _fmt(s.get("wall_seconds"))))
+    text += [f"CSV: {csv_path}", f"plot: {png}"]
+    return {"kind": "run", "path": str(path), "rows": rows, "summary": s, "status": run["status"], "csv": str(csv_path),
+            "png": str(png), "text": "\n".join(text)}
+
+
+def report(path, out_dir=None) -> dict:
+    """Report on a sweep folder, a folder of run folders, or one run folder; files go to ``out_dir`` (default: path)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such folder (expected a sweep folder or a run folder)")
+    out = Path(out_dir).expanduser() if out_dir else p
+    return _run_report(p, out) if _is_run(p) else _sweep_report(p, out)
+
+
+def add_report_arguments(p) -> None:
+    p.add_argument("path", help="a sweep folder (<storage>/<sweep name>), a folder of runs, or one run folder")
+    p.add_argument("--out-dir", default=None, help="where the CSV, PNG and best_config.yaml go (default: the folder)")
+
+
+def main_report(args) -> int:
+    print(report(args.path, args.out_dir)["text"], flush=True)
+    return 0

@@ -1,0 +1,261 @@
+"""The sweep file: a base recipe, fixed overrides, a search space and how to search it.
+
+```yaml
+name: rho                        # sweep folder name (default: the file's stem)
+base: ../digits/kcd.yaml         # recipe, relative to this file; or an inline mapping
+kind: distill                    # distill | teacher
+overrides: {optim.epochs: 12}    # fixed dotted overrides (mapping, or a list of "k=v")
+space:                           # dotted config key -> values (see kcd_ray.tune.space)
+  kcd.rho: [0.5, 0.7, 0.9]
+search: grid                     # grid | random | optuna (lists become choices for random/optuna)
+num_samples: 1                   # grid: repeats of the whole grid; random/optuna: trials
+metric: best_top1                # any per-epoch metric (best_top1, top1, ...)
+mode: max
+asha: false                      # true, or {grace_period, reduction_factor, max_t, metric}
+include_kd_baseline: true        # one extra plain-KD trial (kcd.enabled=false) for the report
+storage_path: ./runs/sweeps      # the sweep folder is <storage_path>/<name>
+max_concurrent_trials: 0         # 0: derived from the cluster's resources
+trial_cpus: 0.25                 # CPU of each trial's driver (the Train workers have their own)
+seed: 0                          # random/optuna sampling seed
+```
+
+Command-line overrides whose first part is one of these keys (``num_samples=4``) change the
+sweep; any other ``dotted.key=value`` is a fixed config override applied after the file's own.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kcd_ray.config import ConfigError, _parse_scalar, apply_overrides, config_from_dict, to_dict
+from kcd_ray.tune.space import Dim, field_kind, parse_space, set_dotted
+
+SWEEP_KEYS = ("name", "description", "base", "kind", "overrides", "space", "search", "num_samples", "metric", "mode",
+              "asha", "include_kd_baseline", "storage_path", "max_concurrent_trials", "trial_cpus", "seed")
+SEARCHES = ("grid", "random", "optuna")
+ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "metric")
+# Config fields holding paths: made absolute up front, because Tune trials run in their own folder.
+PATH_KEYS = ("data.root", "data.source", "distill.teacher", "run.storage_path")
+
+
+@dataclasses.dataclass
+class Sweep:
+    name: str
+    source: str  # the sweep file, or "<inline sweep>"
+    kind: str
+    base: dict  # resolved config (base recipe + fixed overrides) as a nested dict, absolute paths
+    dims: list[Dim]
+    search: str = "grid"
+    num_samples: int = 1
+    metric: str = "best_top1"
+    mode: str = "max"
+    asha: dict | None = None
+    include_kd_baseline: bool = False
+    storage_path: str = ""
+    max_concurrent_trials: int = 0
+    trial_cpus: float = 0.25
+    seed: int = 0
+    description: str = ""
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.storage_path) / self.name
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.folder / "runs"
+
+    def identity(self) -> dict:
+        """What makes two invocations the same sweep (compared before restoring a sweep folder)."""
+        d = {"kind": self.kind, "base": self.base, "space": [dataclasses.asdict(x) for x in self.dims],
+             "search": self.search, "num_samples": self.num_samples, "metric": self.metric, "mode": self.mode,
+             "asha": self.asha, "include_kd_baseline": self.include_kd_baseline, "seed": self.seed}
+        return json.loads(json.dumps(d, default=list))
+
+    def to_yaml(self) -> str:
+        d = {"name": self.name, "source": self.source, "description": self.description, **self.identity(),
+             "storage_path": self.storage_path, "max_concurrent_trials": self.max_concurrent_trials,
+             "trial_cpus": self.trial_cpus}
+        return yaml.safe_dump(d, sort_keys=False)
+
+
+def _err(where: str, msg: str) -> ConfigError:
+    return ConfigError(f"{where}: {msg}")
+
+
+def _abs_path(p: str, rel_to: Path) -> str:
+    if not p or "://" in p:
+        return p
+    p = os.path.expanduser(p)
+    return str((rel_to / p).resolve()) if not os.path.isabs(p) else p
+
+
+def absolute_paths(cfg: dict, rel_to: Path) -> dict:
+    """Make the path fields of a resolved config dict absolute (in place), relative to ``rel_to``.
+
+    Tune trials and Train workers run in their own folders (and on other nodes), so a relative
+    teacher or data path must be fixed where the user wrote it: in the driver's working folder.
+    """
+    for key in PATH_KEYS:
+        section, leaf = key.split(".")
+        cfg[section][leaf] = _abs_path(cfg[section][leaf], rel_to)
+    return cfg
+
+
+def _load_base(base: Any, sweep_dir: Path, where: str) -> dict:
+    if base is None:
+        return {}
+    if isinstance(base, dict):
+        return copy.deepcopy(base)
+    if not isinstance(base, str):
+        raise _err(where, f"base: expected a recipe path or a mapping, got {base!r}")
+    p = Path(base) if os.path.isabs(base) else sweep_dir / base
+    if not p.is_file():
+        raise _err(where, f"base: recipe {p} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise _err(where, f"base: {p} does not hold a mapping")
+    return data
+
+
+def _apply_fixed(data: dict, overrides: Any, where: str) -> dict:
+    if overrides is None:
+        return data
+    if isinstance(overrides, dict):
+        for k, v in overrides.items():
+            try:
+                field_kind(str(k))
+            except ConfigError as e:
+                raise _err(where, f"overrides.{e}") from None
+            set_dotted(data, str(k), v)
+        return data
+    if isinstance(overrides, list):
+        for item in overrides:
+            key = str(item).split("=", 1)[0].strip()
+            try:
+                field_kind(key)
+            except ConfigError as e:
+                raise _err(where, f"overrides: {e}") from None
+        return apply_overrides(data, [str(x) for x in overrides])
+    raise _err(where, f"overrides: expected a mapping of dotted keys or a list of key=value, got {overrides!r}")
+
+
+def split_overrides(overrides: list[str] | None) -> tuple[dict, list[str]]:
+    """Command-line ``k=v`` items: (sweep-level settings, config overrides)."""
+    sweep_level, config_level = {}, []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides take the form key=value")
+        key, text = item.split("=", 1)
+        if key.strip() in SWEEP_KEYS:
+            sweep_level[key.strip()] = _parse_scalar(text)
+        else:
+            config_level.append(item)
+    return sweep_level, config_level
+
+
+def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None, storage_path: str | None = None) -> Sweep:
+    """Read, resolve and validate a sweep (file path or mapping); every error names the file and the key."""
+    if isinstance(src, dict):
+        raw, where, sweep_dir, stem = copy.deepcopy(src), "<inline sweep>", Path.cwd(), "sweep"
+    else:
+        p = Path(src)
+        if not p.is_file():
+            raise ConfigError(f"sweep file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        where, sweep_dir, stem = str(p), p.resolve().parent, p.stem
+    unknown = [k for k in raw if k not in SWEEP_KEYS]
+    if unknown:
+        raise _err(where, f"{unknown[0]}: unknown sweep key; allowed: {', '.join(SWEEP_KEYS)}")
+    cli_sweep, cli_config = split_overrides(overrides)
+    raw.update(cli_sweep)
+    if storage_path:
+        raw["storage_path"] = storage_path
+
+    data = _apply_fixed(_load_base(raw.get("base"), sweep_dir, where), raw.get("overrides"), where)
+    for item in cli_config:
+        try:
+            field_kind(item.split("=", 1)[0].strip())
+        except ConfigError as e:
+            raise ConfigError(f"command-line override {e}") from None
+    apply_overrides(data, cli_config)
+    try:
+        base = to_dict(config_from_dict(data))
+    except ConfigError as e:
+        raise _err(where, f"base recipe + overrides: {e}") from None
+    cwd = Path.cwd()
+    absolute_paths(base, cwd)
+
+    kind = raw.get("kind", "distill")
+    if kind not in ("distill", "teacher"):
+        raise _err(where, f"kind: {kind!r} is not one of: distill, teacher")
+    search = raw.get("search", "grid")
+    if search not in SEARCHES:
+        raise _err(where, f"search: {search!r} is not one of: {', '.join(SEARCHES)}")
+    dims = parse_space(raw.get("space"), base, where)
+    if search != "grid":  # lists mean "one of these" when sampling
+        dims = [Dim(d.key, "choice", d.values) if d.kind == "grid" else d for d in dims]
+    num_samples = raw.get("num_samples", 1)
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise _err(where, f"num_samples: expected an integer >= 1, got {num_samples!r}")
+    mode = raw.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise _err(where, f"mode: {mode!r} is not one of: max, min")
+    metric = str(raw.get("metric", "best_top1"))
+    baseline = raw.get("include_kd_baseline", False)
+    if not isinstance(baseline, bool):
+        raise _err(where, f"include_kd_baseline: expected true or false, got {baseline!r}")
+    if baseline and (kind != "distill" or not base["kcd"]["enabled"]):
+        raise _err(where, "include_kd_baseline: needs kind distill with kcd.enabled true in the base recipe "
+                          "(the baseline is the same recipe with kcd.enabled=false)")
+    asha = _parse_asha(raw.get("asha", False), base, where)
+    try:
+        max_conc = int(raw.get("max_concurrent_trials", 0))
+        trial_cpus = float(raw.get("trial_cpus", 0.25))
+        seed = int(raw.get("seed", 0))
+    except (TypeError, ValueError) as e:
+        raise _err(where, f"max_concurrent_trials / trial_cpus / seed: expected numbers ({e})") from None
+    if max_conc < 0 or trial_cpus <= 0:
+        raise _err(where, "max_concurrent_trials must be >= 0 and trial_cpus > 0")
+    storage = raw.get("storage_path") or os.path.join(base["run"]["storage_path"], "sweeps")
+    if "://" in str(storage):
+        raise _err(where, f"storage_path: {storage!r} is a URI; use a file-system path (an NFS/EFS mount on a cluster)")
+    name = str(raw.get("name") or stem)
+    return Sweep(name=name, source=where, kind=kind, base=base, dims=dims, search=search, num_samples=num_samples,
+                 metric=metric, mode=mode, asha=asha, include_kd_baseline=baseline,
+                 storage_path=_abs_path(str(storage), cwd), max_concurrent_trials=max_conc, trial_cpus=trial_cpus,
+                 seed=seed, description=str(raw.get("description", "")))
+
+
+def _parse_asha(asha: Any, base: dict, where: str) -> dict | None:
+    if asha in (False, None):
+        return None
+    if asha is True:
+        asha = {}
+    if not isinstance(asha, dict):
+        raise _err(where, f"asha: expected true/false or a mapping of {', '.join(ASHA_KEYS)}, got {asha!r}")
+    for k in asha:
+        if k not in ASHA_KEYS:
+            raise _err(where, f"asha.{k}: unknown key; allowed: {', '.join(ASHA_KEYS)}")
+    epochs = base["optim"]["epochs"]
+    out = {"metric": "top1", "grace_period": 1, "reduction_factor": 2, "max_t": epochs, **asha}
+    if not (isinstance(out["grace_period"], int) and 0 < out["grace_period"] <= out["max_t"]):
+        raise _err(where, f"asha.grace_period: expected an integer in 1..max_t ({out['max_t']}), got {out['grace_period']!r}")
+    if not (isinstance(out["reduction_factor"], (int, float)) and out["reduction_factor"] > 1):
+        raise _err(where, f"asha.reduction_factor: expected a number > 1, got {out['reduction_factor']!r}")
+    if base["scaling"]["num_workers"] == 0:
+        raise _err(where, "asha: early stopping needs per-epoch reports, i.e. scaling.num_workers >= 1 "
+                          "(in-process trials report only at the end)")
+    return out

@@ -1,0 +1,228 @@
+"""Run a sweep on Ray Tune: one function trial per config, each fitting its own TorchTrainer (Train V2).
+
+Layout of a sweep folder ``<storage_path>/<name>/``:
+
+- ``sweep.yaml``  the resolved sweep (base config, space, search): re-running checks it is the same sweep
+- ``tune/``       Ray Tune's experiment (trial state, searcher state): what restoring reads
+- ``runs/<name>_<trial_id>/``  each trial's kcd_ray run folder (config.yaml, metrics.jsonl, summary.json, masks/)
+
+Re-running the same command restores an interrupted sweep (``Tuner.restore``): finished trials are
+kept, unfinished and errored ones resume from their own Train checkpoints, because a trial's run
+name is derived from its trial id and Train V2 resumes a run of the same name.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from pathlib import Path
+
+from kcd_ray.config import Config, ConfigError, config_from_dict
+from kcd_ray.tune.space import apply_values, base_point, grid_size
+from kcd_ray.tune.spec import Sweep, load_sweep
+
+# Per-trial final result (on top of the per-epoch metrics the TuneReportCallback forwards).
+SUMMARY_KEYS = ("final_top1", "best_top1", "best_epoch", "compute_ratio", "sample_passes", "full_sample_passes",
+                "wall_seconds")
+
+
+# --------------------------------------------------------------------------- trial side
+
+
+def trial_label(trial) -> str:
+    """Tune trial name and folder name; the baseline trial is marked so it is easy to spot."""
+    return ("kd_" if trial.config.get("variant") == "kd" else "") + trial.trial_id
+
+
+def run_name(sweep_name: str, trial_id: str, variant: str | None) -> str:
+    return f"{sweep_name}_{'kd_' if variant == 'kd' else ''}{trial_id}"
+
+
+def trial_config(config: dict, payload: dict, trial_id: str) -> Config:
+    """The kcd_ray Config one trial runs: base + sampled values, its own run folder under the sweep."""
+    values = {k: v for k, v in config.items() if k != "variant"}
+    variant = config.get("variant")
+    data = apply_values(payload["base"], values)
+    if variant == "kd":
+        data["kcd"]["enabled"] = False
+    data["run"]["name"] = run_name(payload["name"], trial_id, variant)
+    data["run"]["storage_path"] = payload["runs_dir"]
+    return config_from_dict(data)
+
+
+def _trial(config: dict, payload: dict) -> None:
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from kcd_ray.train.run import fit
+
+    cfg = trial_config(config, payload, tune.get_context().get_trial_id())
+    # In-process runs (num_workers=0) have no Train callbacks: they report once, at the end.
+    callbacks = [TuneReportCallback()] if cfg.scaling.num_workers > 0 else None
+    summary = fit(cfg, payload["kind"], callbacks=callbacks)
+    final = {k: summary[k] for k in SUMMARY_KEYS if k in summary}
+    final.update(top1=summary["final_top1"], epoch=summary["epochs"] - 1, run_dir=str(summary.get("run_dir", "")))
+    tune.report(final)
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def _wants_gpu(cfg: Config, cluster: dict) -> bool:
+    if cfg.scaling.use_gpu == "auto":  # same rule as kcd_ray.train.run
+        return cfg.scaling.num_workers > 0 and bool(cluster.get("GPU", 0))
+    return cfg.scaling.use_gpu == "true"
+
+
+def trial_resources(cfg: Config, trial_cpus: float, cluster: dict) -> dict:
+    """What Tune reserves per trial: only its driver; Train V2 places the workers in their own group."""
+    if cfg.scaling.num_workers == 0:  # the loop runs inside the trial itself
+        res = {"cpu": cfg.scaling.cpus_per_worker}
+        if _wants_gpu(cfg, cluster):
+            res["gpu"] = cfg.scaling.gpus_per_worker
+        return res
+    return {"cpu": trial_cpus}
+
+
+def derive_concurrency(cfg: Config, trial_cpus: float, cluster: dict) -> int:
+    """How many trials fit at once: driver + workers + one Ray Data task's CPUs (and the workers' GPUs).
+
+    Leaving room for a data task matters: trials that take every CPU starve Ray Data and hang (RAY.md).
+    """
+    s = cfg.scaling
+    per_cpu = (s.cpus_per_worker if s.num_workers == 0 else trial_cpus + s.num_workers * s.cpus_per_worker) + s.data_cpus
+    n = math.floor(cluster.get("CPU", 0) / per_cpu + 1e-9)
+    if _wants_gpu(cfg, cluster):
+        per_gpu = s.gpus_per_worker * max(s.num_workers, 1)
+        n = min(n, math.floor(cluster.get("GPU", 0) / per_gpu + 1e-9))
+    return max(1, n)
+
+
+# --------------------------------------------------------------------------- searchers
+
+
+def _search_alg(sw: Sweep, baseline: dict | None):
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if sw.search in ("grid", "random"):
+        # The baseline is a preset point: it takes one of num_samples (run_sweep adds one for it).
+        return BasicVariantGenerator(points_to_evaluate=[baseline] if baseline else None, random_state=sw.seed)
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+
+        import optuna  # noqa: F401  (OptunaSearch imports it lazily; fail here, clearly)
+    except ImportError:
+        raise ConfigError(f"{sw.source}: search: optuna needs the optuna package (pip install 'kcd_ray[optuna]'); "
+                          "or use search: grid or random") from None
+    searcher = OptunaSearch(metric=sw.metric, mode=sw.mode, seed=sw.seed)
+    from kcd_ray.tune.searchers import BaselineFirst
+
+    return BaselineFirst(searcher, baseline) if baseline else searcher
+
+
+def _param_space(sw: Sweep) -> dict:
+    variant = "teacher" if sw.kind == "teacher" else ("kcd" if sw.base["kcd"]["enabled"] else "kd")
+    return {**{d.key: d.to_tune() for d in sw.dims}, "variant": variant}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _write_spec(sw: Sweep) -> None:
+    import yaml
+
+    path = sw.folder / "sweep.yaml"
+    if path.exists():
+        old = yaml.safe_load(path.read_text()) or {}
+        new = sw.identity()
+        diff = [k for k in new if old.get(k) != new[k]]
+        if diff:
+            raise ConfigError(f"{path}: this folder holds a different sweep (differs in: {', '.join(diff)}); "
+                              "give the sweep another name= or storage_path=, or remove the folder")
+        return
+    sw.folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(sw.to_yaml())
+
+
+def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | None = None, resume: bool = True) -> Path:
+    """Run (or restore) a sweep; returns the sweep folder. ``sweep`` is a sweep file path or mapping."""
+    import ray
+    from ray import tune
+
+    sw = load_sweep(sweep, overrides, storage_path)
+    base_cfg = config_from_dict(sw.base)
+    tune_dir = sw.folder / "tune"
+    if not resume and tune_dir.exists():
+        raise ConfigError(f"{sw.folder}: a sweep of this name already exists; resume it, or pick another name=")
+    _write_spec(sw)
+    if not ray.is_initialized():
+        from kcd_ray.train.run import init_ray
+
+        init_ray(base_cfg)
+    cluster = ray.cluster_resources()
+    max_conc = sw.max_concurrent_trials or derive_concurrency(base_cfg, sw.trial_cpus, cluster)
+    payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": str(sw.runs_dir)}
+    trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),
+                                    trial_resources(base_cfg, sw.trial_cpus, cluster))
+
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        print(f"[kcd_ray] restoring sweep {sw.name} from {tune_dir}", flush=True)
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        baseline = {**base_point(sw.dims, sw.base), "variant": "kd"} if sw.include_kd_baseline else None
+        num_samples = sw.num_samples + (1 if baseline else 0)
+        scheduler = None
+        if sw.asha:
+            from ray.tune.schedulers import ASHAScheduler
+
+            a = sw.asha
+            scheduler = ASHAScheduler(time_attr="epoch", metric=a["metric"], mode="max", max_t=a["max_t"],
+                                      grace_period=a["grace_period"], reduction_factor=a["reduction_factor"])
+        n = grid_size(sw.dims) * sw.num_samples if sw.search == "grid" else sw.num_samples
+        print(f"[kcd_ray] sweep {sw.name}: {n + (1 if baseline else 0)} trials ({sw.search}"
+              f"{', + plain-KD baseline' if baseline else ''}), up to {max_conc} at a time; folder {sw.folder}", flush=True)
+        # Preset baseline values outside a grid are intended: keep Tune's warning about them quiet.
+        logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(sw),
+            tune_config=tune.TuneConfig(search_alg=_search_alg(sw, baseline), scheduler=scheduler,
+                                        num_samples=num_samples, max_concurrent_trials=max_conc,
+                                        trial_name_creator=trial_label, trial_dirname_creator=trial_label),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sw.folder), verbose=int(os.environ.get("KCD_RAY_TUNE_VERBOSE", 1))),
+        )
+    results = tuner.fit()
+    errors = [r for r in results if r.error is not None]
+    if errors and len(errors) == len(results):
+        raise RuntimeError(f"sweep {sw.name}: every trial failed; first error ({errors[0].path}): {errors[0].error}")
+    if errors:
+        print(f"[kcd_ray] sweep {sw.name}: {len(errors)} of {len(results)} trials failed; re-run the same command "
+              f"to retry them. First error: {errors[0].error}", flush=True)
+    unfinished = len(results) - results.num_terminated - len(errors)
+    if unfinished > 0:
+        print(f"[kcd_ray] sweep {sw.name}: interrupted with {unfinished} trials unfinished; re-run the same command "
+              "to resume them", flush=True)
+    return sw.folder
+
+
+# --------------------------------------------------------------------------- CLI wiring
+
+
+def add_sweep_arguments(p) -> None:
+    p.add_argument("--config", "-c", required=True, help="sweep file (experiments/sweeps/<name>.yaml)")
+    p.add_argument("--storage-path", default=None, help="folder holding sweep folders (default: the sweep's storage_path)")
+    p.add_argument("--fresh", action="store_true", help="refuse to restore an existing sweep of the same name")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("overrides", nargs="*", help="sweep keys (num_samples=4, search=random) or config keys (optim.epochs=2)")
+
+
+def main_sweep(args) -> int:
+    folder = run_sweep(args.config, overrides=list(args.overrides or []), storage_path=args.storage_path,
+                       resume=not args.fresh)
+    if not args.no_report:
+        from kcd_ray.tune.report import report
+
+        print(report(folder)["text"], flush=True)
+    return 0
