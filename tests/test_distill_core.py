@@ -170,6 +170,26 @@ def test_state_dict_round_trip():
     assert torch.equal(d1(batch, 4.0, 0).logits, d2(batch, 4.0, 0).logits)
 
 
+class _CountingNet(TinyNet):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.feature_calls = 0
+
+    def forward(self, x, is_feat=False, preact=False):
+        self.feature_calls += int(is_feat)
+        return super().forward(x, is_feat, preact)
+
+
+def test_kd_does_not_ask_for_features_but_feature_methods_do():
+    torch.manual_seed(0)
+    s, t = _CountingNet(5, 4), _CountingNet(5, 6)
+    build_distiller(DistillConfig(method="kd"), s, t, 5)(make_batch(), 4.0, 0)
+    assert s.feature_calls == 0 and t.feature_calls == 0
+    d = build_distiller(DistillConfig(method="at"), s, t, 5, image_size=8)  # probes shapes once
+    d(make_batch(), 4.0, 0)
+    assert s.feature_calls == 2 and t.feature_calls == 2
+
+
 def test_registered_names():
     assert {"ce", "kd", "logit_match", "dkd"} <= set(DISTILLERS.names())
 

@@ -326,3 +326,31 @@ def test_connectors_bridge_real_zoo_architectures():
         assert method in out.losses and torch.isfinite(total(out)), method
         total(out).backward()
         student.zero_grad()
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_option_errors_name_the_key():
+    with pytest.raises(ConfigError, match="distill.options: unknown option.*nce_kk"):
+        make("crd", options={"nce_kk": 5})
+    with pytest.raises(ConfigError, match="distill.options.nce_k: expected int"):
+        make("crd", options={"nce_k": "many"})
+    with pytest.raises(ConfigError, match="distill.options.knn.*> 0"):
+        make("hkd", options={"knn": 0})
+    with pytest.raises(ConfigError, match="distill.options.negatives"):
+        make("crd", options={"negatives": "nearest"})
+    with pytest.raises(ConfigError, match="distill.options.hint_layer"):
+        make("fitnet", options={"hint_layer": 9})
+    # another method's option is tolerated (a sweep may switch methods and keep its options)
+    assert make("kd", options={"nce_k": 5}).options["nce_k"] == 5
+
+
+def test_hkd_short_batch_uses_individual_term_and_keeps_graph_layers_in_the_graph():
+    d = make("hkd", options={"knn": 4}).train()
+    batch = make_batch(4, seed=11, num_samples=N)  # no more samples than knn: no instance graph
+    loss = total(d(batch, 4.0, 0))
+    loss.backward()
+    grads = [p.grad for p in [*d.gnn_s.parameters(), *d.gnn_t.parameters()]]
+    assert all(g is not None and g.abs().sum() == 0 for g in grads)
+    assert d.embed_s.linear.weight.grad.abs().sum() > 0

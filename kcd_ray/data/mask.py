@@ -35,9 +35,11 @@ class MaskStore:
         self._overlay = None
         self._num_kept = None
 
-    def publish(self, version: int, kept_ids, overlay: Optional[dict] = None, num_samples: Optional[int] = None) -> int:
+    def publish(self, version: int, kept_ids, overlay: Optional[dict] = None, num_samples: Optional[int] = None,
+                replace: bool = False) -> int:
+        """``replace=True`` re-serves a version after a resume (it may be older than what a crashed run published)."""
         version = int(version)
-        if version <= self._version:
+        if version <= self._version and not replace:
             raise ValueError(f"version: {version} must be greater than the current version {self._version}")
         kept = kept_bool_array(kept_ids, num_samples)
         self._ref = ray.put(kept)
@@ -111,10 +113,10 @@ def get_mask_store(name: str, create: bool = True):
 
 
 def publish_mask(store: Union[str, "ray.actor.ActorHandle"], version: int, kept_ids, overlay: Optional[dict] = None,
-                 num_samples: Optional[int] = None) -> int:
+                 num_samples: Optional[int] = None, replace: bool = False) -> int:
     """Publish a new mask version and wait until the store holds it; returns the version."""
     handle = get_mask_store(store, create=False) if isinstance(store, str) else store
-    return ray.get(handle.publish.remote(int(version), np.asarray(kept_ids), overlay, num_samples))
+    return ray.get(handle.publish.remote(int(version), np.asarray(kept_ids), overlay, num_samples, replace))
 
 
 _OWNED: dict = {}  # stores created by this process, kept alive until it exits
@@ -138,9 +140,11 @@ def _current_ref(name: str):
 def read_mask(name: str) -> tuple[int, Optional[np.ndarray], Optional[dict]]:
     """(version, kept bool array or None, overlay) of the named store, cached per version in this process."""
     version, ref, overlay = _current_ref(name)
+    # Keyed by the array's object id too: a resumed run may re-serve a version number with a new array.
+    key = (version, ref[0].hex() if ref is not None else None)
     cached = _CACHE.get(name)
-    if cached is not None and cached[0] == version:
-        return cached
+    if cached is not None and cached[0] == key:
+        return cached[1]
     kept = ray.get(ref[0]) if ref is not None else None
-    _CACHE[name] = (version, kept, overlay)
-    return _CACHE[name]
+    _CACHE[name] = (key, (version, kept, overlay))
+    return _CACHE[name][1]

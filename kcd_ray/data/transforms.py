@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -155,16 +154,40 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"augment: {kind!r} is not one of: {', '.join(AUGMENTS)}")
 
 
-def _as_uint8_nhwc(x) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        t = x
+def _as_uint8_nhwc(x) -> np.ndarray:
+    a = x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.dtype != np.uint8 or a.ndim != 4:
+        raise ValueError(f"images: expected uint8 [B, H, W, C], got {a.dtype} {tuple(a.shape)}")
+    return a
+
+
+def to_float_nchw(x, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """uint8 [B, H, W, C] -> float32 [B, C, H, W]: x/255, or ((x/255) - mean) / std in the same pass.
+
+    One fused numpy multiply-add into the NCHW buffer (several times faster than the
+    equivalent chain of torch ops on a busy CPU).
+    """
+    a = _as_uint8_nhwc(x)
+    b, h, w, c = a.shape
+    if mean is None:
+        scale, bias = np.full(c, 1.0 / 255.0, np.float32), np.zeros(c, np.float32)
     else:
-        with warnings.catch_warnings():  # read-only frombuffer views: we never write into them
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.as_tensor(np.asarray(x))
-    if t.dtype != torch.uint8 or t.ndim != 4:
-        raise ValueError(f"images: expected uint8 [B, H, W, C], got {t.dtype} {tuple(t.shape)}")
-    return t
+        m, sd = _mean_std(mean, std, c)
+        scale, bias = (1.0 / (255.0 * sd)).astype(np.float32), (-m / sd).astype(np.float32)
+    out = np.empty((b, c, h, w), np.float32)
+    np.multiply(a.transpose(0, 3, 1, 2), scale.reshape(1, c, 1, 1), out=out)
+    out += bias.reshape(1, c, 1, 1)
+    return torch.from_numpy(out)
+
+
+def augment_uint8(x, kind: str, generator: Optional[torch.Generator] = None, *, uniforms=None) -> np.ndarray:
+    """The pixel-exact augmentations (``cifar`` crop+flip, ``none``) on uint8 [B, H, W, C], staying uint8."""
+    if kind not in ("cifar", "none"):
+        raise ValueError(f"augment: {kind!r} is not pixel-exact; use augment_batch")
+    a = _as_uint8_nhwc(x)
+    if kind == "none" or a.shape[0] == 0:
+        return a
+    return _cifar(a, _uniforms(a.shape[0], kind, generator, uniforms))
 
 
 def augment_batch(x, kind: str, generator: Optional[torch.Generator] = None, *, uniforms=None) -> torch.Tensor:
@@ -175,33 +198,36 @@ def augment_batch(x, kind: str, generator: Optional[torch.Generator] = None, *, 
     a centre-crop fallback) back to H x W + flip. ``none``: conversion only.
     """
     _check_kind(kind)
-    x = _as_uint8_nhwc(x)
-    if kind == "none" or x.shape[0] == 0:
-        return x.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
-    u = _uniforms(x.shape[0], kind, generator, uniforms)
-    if kind == "cifar":
-        return _cifar(x, u)
-    return _random_resized_crop(x, u)
+    if kind == "imagenet":
+        a = _as_uint8_nhwc(x)
+        if a.shape[0] == 0:
+            return to_float_nchw(a)
+        return _random_resized_crop(a, _uniforms(a.shape[0], kind, generator, uniforms))
+    return to_float_nchw(augment_uint8(x, kind, generator, uniforms=uniforms))
 
 
-def cifar_params(u: torch.Tensor, pad: int = CIFAR_PAD) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cifar_params(u, pad: int = CIFAR_PAD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dy, dx, flip) per sample from uniforms [B, 3]: offsets into the padded image, 0..2*pad."""
+    u = np.asarray(u, np.float64)
     span = 2 * pad + 1
-    dy = (u[:, 0] * span).long().clamp_(max=2 * pad)
-    dx = (u[:, 1] * span).long().clamp_(max=2 * pad)
+    dy = np.minimum((u[:, 0] * span).astype(np.int64), 2 * pad)
+    dx = np.minimum((u[:, 1] * span).astype(np.int64), 2 * pad)
     return dy, dx, u[:, 2] < 0.5
 
 
-def _cifar(x: torch.Tensor, u: torch.Tensor, pad: int = CIFAR_PAD) -> torch.Tensor:
+def _cifar(x: np.ndarray, u, pad: int = CIFAR_PAD) -> np.ndarray:
     b, h, w, c = x.shape
-    xp = torch.zeros((b, h + 2 * pad, w + 2 * pad, c), dtype=torch.uint8)
+    hp, wp = h + 2 * pad, w + 2 * pad
+    xp = np.zeros((b, hp, wp, c), np.uint8)
     xp[:, pad:pad + h, pad:pad + w] = x
     dy, dx, flip = cifar_params(u, pad)
-    rows = dy[:, None] + torch.arange(h)[None, :]  # [B, H]
-    ar = torch.arange(w)[None, :]
-    cols = dx[:, None] + torch.where(flip[:, None], (w - 1) - ar, ar)  # flip = reversed column order
-    out = xp[torch.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
-    return out.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    rows = dy[:, None] + np.arange(h)[None, :]  # [B, H]
+    ar = np.arange(w)[None, :]
+    cols = dx[:, None] + np.where(flip[:, None], (w - 1) - ar, ar)  # flip = reversed column order
+    flat = (np.arange(b)[:, None, None] * hp + rows[:, :, None]) * wp + cols[:, None, :]
+    # one gather of whole pixels: view each pixel's C bytes as a single opaque item
+    pixels = xp.view(np.dtype((np.void, c))).reshape(-1)
+    return np.take(pixels, flat.reshape(-1)).view(np.uint8).reshape(b, h, w, c)
 
 
 def rrc_boxes(u: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +266,7 @@ def _random_resized_crop(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
     b, h, w, _ = x.shape
     boxes, flip = rrc_boxes(u, h, w)
-    xf = x.permute(0, 3, 1, 2).float().div_(255.0)
+    xf = to_float_nchw(x)
     rois = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], boxes.float()], 1)
     # One batched bilinear crop+resize. Crops are never larger than the output (it is the stored
     # size), so no antialiasing is needed; sampling_ratio=0 samples each output pixel's bin
@@ -253,29 +279,37 @@ def _random_resized_crop(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- normalisation
 
 
+def _mean_std(mean, std, c: int) -> tuple[np.ndarray, np.ndarray]:
+    m, sd = np.asarray(mean, np.float64).reshape(-1), np.asarray(std, np.float64).reshape(-1)
+    if m.size != c or sd.size != c:
+        raise ValueError(f"meta.mean/meta.std: expected {c} values each, got {m.size} and {sd.size}")
+    if (sd <= 0).any():
+        raise ValueError(f"meta.std: expected positive values, got {sd.tolist()}")
+    return m, sd
+
+
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(x - mean) / std per channel, for float [B, C, H, W] in [0, 1] (in place on x)."""
+    m, sd = _mean_std(mean, std, x.shape[1])
     c = x.shape[1]
-    if len(mean) != c or len(std) != c:
-        raise ValueError(f"meta.mean/meta.std: expected {c} values each, got {len(mean)} and {len(std)}")
-    m = torch.as_tensor(mean, dtype=x.dtype).view(1, c, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype).view(1, c, 1, 1)
-    if (s <= 0).any():
-        raise ValueError(f"meta.std: expected positive values, got {list(std)}")
-    return x.sub_(m).div_(s)
+    return x.sub_(torch.as_tensor(m, dtype=x.dtype, device=x.device).view(1, c, 1, 1)).div_(
+        torch.as_tensor(sd, dtype=x.dtype, device=x.device).view(1, c, 1, 1))
 
 
 def eval_transform(x, meta: dict) -> torch.Tensor:
     """uint8 [B, H, W, C] (or the image column's bytes) -> normalised float32 [B, C, H, W]."""
     x = decode_images(x, meta) if not isinstance(x, torch.Tensor) else x
-    return normalize(augment_batch(x, "none"), meta["mean"], meta["std"])
+    return to_float_nchw(x, meta["mean"], meta["std"])
 
 
 def train_transform(x, meta: dict, kind: str, generator: Optional[torch.Generator] = None, *,
                     uniforms=None) -> torch.Tensor:
     """Decode (if bytes), augment and normalise one batch: what the Ray pipeline serves."""
+    _check_kind(kind)
     x = decode_images(x, meta) if not isinstance(x, torch.Tensor) else x
-    return normalize(augment_batch(x, kind, generator, uniforms=uniforms), meta["mean"], meta["std"])
+    if kind == "imagenet":
+        return normalize(augment_batch(x, kind, generator, uniforms=uniforms), meta["mean"], meta["std"])
+    return to_float_nchw(augment_uint8(x, kind, generator, uniforms=uniforms), meta["mean"], meta["std"])
 
 
 def resolve_augment(cfg_augment: str, meta: dict) -> str:

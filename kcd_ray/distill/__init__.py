@@ -1,4 +1,30 @@
-"""Distillers (CE, KD and the RepDistiller family, all composable with KCD) and temperature schedules."""
+"""Distillers (CE, KD and the RepDistiller family, all composable with KCD) and temperature schedules.
+
+Registered methods (``distill.method``) and their default ``beta`` (``default_beta(name)``):
+
+==============  ======  =========================================================  ==================
+method          beta    what                                                       module
+==============  ======  =========================================================  ==================
+ce              --      cross-entropy only (teacher training, plain students)      logit_kd
+kd              0       Hinton KD (gamma 0.1, alpha 0.9, T 4 in the recipe)         logit_kd
+logit_match     1       squared error between (centred) logits                     logit_kd
+dkd             1       decoupled KD (options dkd_alpha, dkd_beta, warmup)          logit_kd
+fitnet          100     hint regression (option hint_layer)                        feature_maps
+at              1000    attention transfer                                         feature_maps
+nst             50      neuron selectivity transfer                                feature_maps
+vid             1       variational information distillation                       feature_maps
+kdsvd           1       KD with SVD                                                feature_maps
+sp              3000    similarity preserving                                      relational
+cc              0.02    correlation congruence                                     relational
+rkd             1       relational KD                                              relational
+pkt             30000   probabilistic knowledge transfer                           relational
+ab              1       activation boundaries (init stage)                         staged
+ft              200     factor transfer (init stage trains the paraphraser)        staged
+fsp             50      flow of solution procedure (init stage)                    staged
+crd             0.8     contrastive representation distillation (memory bank)      contrastive
+hkd             3       holistic KD: instance graph + GNN + contrastive            holistic
+==============  ======  =========================================================  ==================
+"""
 
 from __future__ import annotations
 
@@ -19,7 +45,8 @@ def build_distiller(cfg: DistillConfig, student: nn.Module, teacher: Optional[nn
     """The distiller named by ``cfg.method``.
 
     kwargs: ``image_size`` (default 32; the dummy forward that sizes connectors), ``in_channels`` (3),
-    ``num_samples`` (CRD: the number of original training samples; also ``distill.options.num_samples``).
+    ``num_samples`` (CRD, HKD: the number of original training samples, i.e. the memory-bank rows;
+    also ``distill.options.num_samples``).
     """
     try:
         cls = DISTILLERS.get(cfg.method)

@@ -26,7 +26,7 @@ from kcd_ray.registry import Registry
 
 
 class StepOutput(NamedTuple):
-    logits: Optional[torch.Tensor]  # student logits (None only in AB/FT init-stage steps)
+    logits: Optional[torch.Tensor]  # student logits (None in init-stage steps)
     losses: dict[str, torch.Tensor]  # weighted terms; the total loss is their sum
     teacher_logits: Optional[torch.Tensor]  # None when there is no teacher
 
@@ -53,9 +53,10 @@ class Distiller(nn.Module):
     needs_teacher: ClassVar[bool] = True
     has_init_stage: ClassVar[bool] = False  # AB, FT, FSP
     default_beta: ClassVar[float] = 0.0
+    known_options: ClassVar[tuple[str, ...]] = ()  # keys of distill.options this method reads
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: DistillConfig, num_classes: int,
-                 *, image_size: int = 32, in_channels: int = 3, num_samples: Optional[int] = None, **_: Any):
+                 *, image_size: int = 32, in_channels: int = 3, num_samples: Optional[int] = None):
         super().__init__()
         if self.needs_teacher and teacher is None:
             raise ConfigError(f"distill.teacher: method {cfg.method!r} needs a teacher checkpoint")
@@ -67,6 +68,7 @@ class Distiller(nn.Module):
         self.cfg = cfg
         self.num_classes = int(num_classes)
         self.options = dict(cfg.options or {})
+        _check_option_names(self.options)
         self.gamma = float(cfg.gamma)
         self.alpha = float(cfg.alpha) if teacher is not None else 0.0
         self.beta = float(self.default_beta if cfg.beta is None else cfg.beta)
@@ -101,19 +103,22 @@ class Distiller(nn.Module):
         return self.student.state_dict()
 
     # ------------------------------------------------------------------ options
-    def opt(self, key: str, default: Any, kind: type = float) -> Any:
+    def opt(self, key: str, default: Any, kind: type = float, gt: Optional[float] = None) -> Any:
         """A method option from ``distill.options``, type-checked with an error naming the key."""
         value = self.options.get(key, default)
         try:
-            if kind is bool:
-                if not isinstance(value, bool):
+            if kind is bool or kind is str:
+                if not isinstance(value, kind):
                     raise TypeError
                 return value
-            if kind is int and isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
                 raise TypeError
-            return kind(value)
+            value = kind(value)
         except (TypeError, ValueError):
             raise ConfigError(f"distill.options.{key}: expected {kind.__name__}, got {value!r}") from None
+        if gt is not None and not value > gt:
+            raise ConfigError(f"distill.options.{key}: {value!r} is out of range; expected > {gt}")
+        return value
 
     # ------------------------------------------------------------------ forwards
     def _probe_shapes(self) -> tuple[list[torch.Size], list[torch.Size]]:
@@ -197,6 +202,17 @@ class Distiller(nn.Module):
 
 
 DISTILLERS: Registry = Registry("distiller")
+COMMON_OPTIONS = ("num_samples",)
+
+
+def _check_option_names(options: dict) -> None:
+    """Typos fail; an option of another method is tolerated (sweeps switch methods, keep options)."""
+    known = set(COMMON_OPTIONS)
+    for name in DISTILLERS.names():
+        known.update(DISTILLERS.get(name).known_options)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"distill.options: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 def register_distiller(name: str):

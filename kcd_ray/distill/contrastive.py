@@ -93,6 +93,7 @@ class CRDHead(nn.Module):
 class CRD(Distiller):
     needs_features = True
     default_beta = 0.8
+    known_options = ("feat_dim", "nce_k", "nce_t", "nce_m", "negatives", "seed")
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         super().__init__(student, teacher, cfg, num_classes, **kw)
@@ -101,7 +102,7 @@ class CRD(Distiller):
             raise ConfigError(f"distill.options.negatives: {negatives!r} is not one of: other_class, uniform")
         self.crd = CRDHead(
             self.s_shapes[-1].numel(), self.t_shapes[-1].numel(), required_num_samples(self),
-            self.opt("feat_dim", 128, int), self.opt("nce_k", 16384, int), self.opt("nce_t", 0.07),
+            self.opt("feat_dim", 128, int, gt=0), self.opt("nce_k", 16384, int, gt=0), self.opt("nce_t", 0.07, gt=0),
             self.opt("nce_m", 0.5), negatives == "other_class", self.opt("seed", 0, int),
         )
 

@@ -46,6 +46,7 @@ class FitNet(Distiller):
 
     needs_features = True
     default_beta = 100.0
+    known_options = ("hint_layer",)
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         super().__init__(student, teacher, cfg, num_classes, **kw)
@@ -70,9 +71,14 @@ class AT(_MultiLayer):
     option ``p`` default 2), summed over the paired stages."""
 
     default_beta = 1000.0
+    known_options = ("p",)
+
+    def __init__(self, student, teacher, cfg, num_classes, **kw):
+        super().__init__(student, teacher, cfg, num_classes, **kw)
+        self.p = self.opt("p", 2.0)
 
     def extra_loss(self, s_feats, t_feats, s_logits, t_logits, batch, T, epoch):
-        p = self.opt("p", 2.0)
+        p = self.p
         total = 0.0
         for f_s, f_t in middle_pairs(s_feats, t_feats, self.n_pairs):
             f_s, f_t = pool_to_match(f_s, f_t)
@@ -130,10 +136,11 @@ class VID(_MultiLayer):
     Gaussian predicted from the paired student stage, summed over the stages."""
 
     default_beta = 1.0
+    known_options = ("init_var",)
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         super().__init__(student, teacher, cfg, num_classes, **kw)
-        init_var = self.opt("init_var", 5.0)
+        init_var = self.opt("init_var", 5.0, gt=1e-5)
         self.heads = nn.ModuleList(
             VIDHead(s[0], t[0], t[0], init_var)
             for s, t in zip(self.s_shapes[1:-1][: self.n_pairs], self.t_shapes[1:-1][: self.n_pairs])
@@ -165,10 +172,11 @@ class KDSVD(_MultiLayer):
 
     default_beta = 1.0
     min_pairs = 2
+    known_options = ("k",)
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         super().__init__(student, teacher, cfg, num_classes, **kw)
-        self.k = self.opt("k", 1, int)
+        self.k = self.opt("k", 1, int, gt=0)
         self.adapters = nn.ModuleList(
             ChannelAdapter(s[0], t[0])
             for s, t in zip(self.s_shapes[1:-1][: self.n_pairs], self.t_shapes[1:-1][: self.n_pairs])

@@ -61,16 +61,17 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
 class HKD(Distiller):
     needs_features = True
     default_beta = 3.0  # HKD's CIFAR-100 script: -a 1 -b 3
+    known_options = ("feat_dim", "nce_k", "nce_t", "momentum", "smooth", "knn", "negatives", "seed")
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         super().__init__(student, teacher, cfg, num_classes, **kw)
-        dim = self.opt("feat_dim", 128, int)
+        dim = self.opt("feat_dim", 128, int, gt=0)
         negatives = self.opt("negatives", "other_class", str)
         if negatives not in ("other_class", "uniform"):
             raise ConfigError(f"distill.options.negatives: {negatives!r} is not one of: other_class, uniform")
         self.other_class = negatives == "other_class"
-        self.nce_k, self.nce_t = self.opt("nce_k", 16384, int), self.opt("nce_t", 0.07)
-        self.smooth, self.knn = self.opt("smooth", 0.75), self.opt("knn", 8, int)
+        self.nce_k, self.nce_t = self.opt("nce_k", 16384, int, gt=0), self.opt("nce_t", 0.07, gt=0)
+        self.smooth, self.knn = self.opt("smooth", 0.75), self.opt("knn", 8, int, gt=0)
         self.embed_s = Embed(self.s_shapes[-1].numel(), dim)
         self.embed_t = Embed(self.t_shapes[-1].numel(), dim)
         self.gnn_s, self.gnn_t = GraphLayer(dim), GraphLayer(dim)
@@ -94,5 +95,9 @@ class HKD(Distiller):
                 target_t = F.normalize(self.smooth * m_t + (1 - self.smooth) * g_t, dim=1)
                 target_s = F.normalize(self.smooth * m_s + (1 - self.smooth) * g_s, dim=1)
             loss = loss + info_nce(g_s, target_t, w_t, self.nce_t) + info_nce(g_t, target_s, w_s, self.nce_t)
+        else:
+            # keep the graph layers in the autograd graph (zero gradient) so that DDP without
+            # find_unused_parameters does not stall on a short last batch
+            loss = loss + 0.0 * sum(p.sum() for p in [*self.gnn_s.parameters(), *self.gnn_t.parameters()])
         mem.update(ids, labels, student=e_s, teacher=e_t)
         return loss

@@ -36,10 +36,15 @@ class LogitMatch(Distiller):
     true) subtracts each sample's logit mean first, which makes the equivalence hold exactly."""
 
     default_beta = 1.0
+    known_options = ("center",)
+
+    def __init__(self, student, teacher, cfg, num_classes, **kw):
+        super().__init__(student, teacher, cfg, num_classes, **kw)
+        self.center = self.opt("center", True, bool)
 
     def extra_loss(self, s_feats, t_feats, s_logits, t_logits, batch, T, epoch):
         z_s, z_t = f32(s_logits), f32(t_logits)
-        if self.opt("center", True, bool):
+        if self.center:
             z_s = z_s - z_s.mean(dim=1, keepdim=True)
             z_t = z_t - z_t.mean(dim=1, keepdim=True)
         return (z_s - z_t).pow(2).sum(dim=1).mean() / (2 * z_s.shape[1])
@@ -75,12 +80,13 @@ class DKD(Distiller):
     """
 
     default_beta = 1.0
+    known_options = ("dkd_alpha", "dkd_beta", "warmup")
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         super().__init__(student, teacher, cfg, num_classes, **kw)
         self.dkd_alpha = self.opt("dkd_alpha", 1.0)
         self.dkd_beta = self.opt("dkd_beta", 8.0)
-        self.warmup = self.opt("warmup", 20, int)
+        self.warmup = self.opt("warmup", 20, int, gt=-1)
 
     def extra_loss(self, s_feats, t_feats, s_logits, t_logits, batch, T, epoch):
         tckd, nckd = dkd_terms(s_logits, t_logits, batch["label"], T)

@@ -36,10 +36,11 @@ class CC(Distiller):
 
     needs_features = True
     default_beta = 0.02
+    known_options = ("feat_dim",)
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         super().__init__(student, teacher, cfg, num_classes, **kw)
-        dim = self.opt("feat_dim", 128, int)
+        dim = self.opt("feat_dim", 128, int, gt=0)
         self.embed_s = Embed(self.s_shapes[-1].numel(), dim, normalize=False)
         self.embed_t = Embed(self.t_shapes[-1].numel(), dim, normalize=False)
 
@@ -66,6 +67,11 @@ class RKD(Distiller):
 
     needs_features = True
     default_beta = 1.0
+    known_options = ("w_d", "w_a")
+
+    def __init__(self, student, teacher, cfg, num_classes, **kw):
+        super().__init__(student, teacher, cfg, num_classes, **kw)
+        self.w_d, self.w_a = self.opt("w_d", 25.0), self.opt("w_a", 50.0)
 
     def extra_loss(self, s_feats, t_feats, s_logits, t_logits, batch, T, epoch):
         s, t = f32(s_feats[-1]).flatten(1), f32(t_feats[-1]).flatten(1)
@@ -77,7 +83,7 @@ class RKD(Distiller):
         d = d / d[d > 0].mean()
         loss_d = F.smooth_l1_loss(d, t_d)
         loss_a = F.smooth_l1_loss(_angles(s), t_a)
-        return self.opt("w_d", 25.0) * loss_d + self.opt("w_a", 50.0) * loss_a
+        return self.w_d * loss_d + self.w_a * loss_a
 
 
 def _cosine_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -29,6 +29,10 @@ class _Staged(Distiller):
     needs_features = True
     has_init_stage = True
 
+    def __init__(self, student, teacher, cfg, num_classes, **kw):
+        super().__init__(student, teacher, cfg, num_classes, **kw)
+        self.distill_stage = self.opt("distill_stage", False, bool)
+
     def init_stage_epochs(self) -> int:
         return int(self.cfg.init_epochs)
 
@@ -38,7 +42,7 @@ class _Staged(Distiller):
         return list(self.parameters())
 
     def _distill_stage(self, loss_fn, s_feats, t_feats):
-        return loss_fn(s_feats, t_feats) if self.opt("distill_stage", False, bool) else None
+        return loss_fn(s_feats, t_feats) if self.distill_stage else None
 
 
 @register_distiller("ab")
@@ -49,6 +53,7 @@ class AB(_Staged):
 
     needs_preact = True
     default_beta = 1.0
+    known_options = ("margin", "distill_stage")
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         super().__init__(student, teacher, cfg, num_classes, **kw)
@@ -89,10 +94,11 @@ class FT(_Staged):
     channels as a share of the teacher's."""
 
     default_beta = 200.0
+    known_options = ("rate", "p1", "p2")
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         super().__init__(student, teacher, cfg, num_classes, **kw)
-        rate = self.opt("rate", 0.5)
+        rate = self.opt("rate", 0.5, gt=0)
         if len(self.s_shapes[-2]) != 3 or len(self.t_shapes[-2]) != 3:
             raise ConfigError("distill.method: 'ft' needs a spatial feature map at feats[-2] in both nets")
         self.paraphraser = Paraphraser(self.t_shapes[-2], rate)
@@ -133,6 +139,7 @@ class FSP(_Staged):
     counts differ, a 1x1 conv adapts the student's map (RepDistiller requires equal channels)."""
 
     default_beta = 50.0
+    known_options = ("distill_stage",)
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         super().__init__(student, teacher, cfg, num_classes, **kw)

@@ -26,7 +26,7 @@ from kcd_ray.models import save_model
 from kcd_ray.train import estep, mstep
 from kcd_ray.train.checkpoint import load_run_checkpoint, restore_into, save_run_checkpoint
 from kcd_ray.train.components import build_components
-from kcd_ray.train.metrics import Progress, format_epoch, summarize, topk_correct
+from kcd_ray.train.metrics import Progress, format_epoch, say, summarize, topk_correct
 from kcd_ray.train.rundir import RunDir
 
 
@@ -38,7 +38,9 @@ def _quiet_worker_logs() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    for name in ("ray.data", "ray.train"):
+    # Child loggers may carry their own level (set by Ray's dictConfig), so quiet each one, not just the parents.
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(("ray.data", "ray.train"))]
+    for name in ["ray.data", "ray.train", *names]:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -152,7 +154,7 @@ def _init_stage(model, raw, train_shard, cfg, device, amp_ctx, verbose: bool) ->
             total += float(loss.detach()) * batch["label"].numel()
             count += batch["label"].numel()
         if verbose:
-            print(f"[kcd_ray] init stage ({cfg.distill.method}) {e + 1}/{n}: loss {total / max(count, 1):.4f}", flush=True)
+            say(f"[kcd_ray] init stage ({cfg.distill.method}) {e + 1}/{n}: loss {total / max(count, 1):.4f}")
 
 
 def _maybe_inject_failure(config: dict, run_dir: RunDir, epoch: int, rank: int) -> None:
@@ -196,7 +198,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         run = restore_into(state, distiller=raw, optimizer=optimizer, scheduler=scheduler, scaler=scaler, kcd_state=kcd, source=source)
         start_epoch, passes, wall_offset, history = run["epoch"] + 1, run["sample_passes"], run["wall_seconds"], run["history"]
         if verbose:
-            print(f"[kcd_ray] resumed from {source} at epoch {start_epoch}", flush=True)
+            say(f"[kcd_ray] resumed from {source} at epoch {start_epoch}")
         if rank == 0:
             run_dir.write_metrics(history)
     if kcd is not None and rank == 0:
@@ -231,7 +233,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
         T = c.temperature(epoch)
         model.train()
-        prog = Progress(f"[epoch {epoch + 1}/{epochs}]", enabled=verbose and cfg.run.verbose > 1, every_s=10.0)
+        prog = Progress(f"[kcd_ray] epoch {epoch + 1}/{epochs}", enabled=verbose, every_s=30.0)
         loss_sums: dict[str, float] = {}
         ids_seen, values_seen = [], []
         steps = 0
@@ -300,7 +302,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             if ev["top1"] >= best:
                 save_model(run_dir.path / "best_model.pt", raw.student, extra={"epoch": epoch, "top1": ev["top1"]})
             if verbose:
-                print("[kcd_ray] " + format_epoch(m), flush=True)
+                say("[kcd_ray] " + format_epoch(m))
             ckpt_dir = tempfile.mkdtemp(prefix="kcd_ckpt_") if cfg.scaling.num_workers else str(run_dir.path / "local_checkpoint")
             save_run_checkpoint(ckpt_dir, distiller=raw, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                 kcd_state=kcd, run_state=run_state, config=config["cfg"])

@@ -16,6 +16,13 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
     return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
 
 
+def say(msg: str) -> None:
+    """Write a console line. Not `print`: inside a Train worker Ray patches print into a logger that also
+    tees to stdout, so every line would show twice."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
 class Progress:
     """Throttled progress output for one epoch: a line every `every_s` seconds and one at the end."""
 
@@ -33,7 +40,8 @@ class Progress:
         if self.enabled and now - self.last >= self.every_s:
             self.last = now
             rate = self.samples / max(now - self.t0, 1e-9)
-            print(f"{self.prefix} step {self.steps} samples {self.samples} loss {loss:.4f} {rate:.0f} img/s", file=self.stream, flush=True)
+            self.stream.write(f"{self.prefix} step {self.steps} samples {self.samples} loss {loss:.4f} {rate:.0f} img/s\n")
+            self.stream.flush()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0

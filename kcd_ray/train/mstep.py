@@ -12,6 +12,7 @@ import json
 
 from kcd_ray.data.blend import write_blend_overlay
 from kcd_ray.data.mask import publish_mask
+from kcd_ray.train.metrics import say
 from kcd_ray.train.rundir import RunDir
 
 
@@ -44,20 +45,19 @@ def apply_condensation(kcd, result, config: dict, run_dir: RunDir, verbose: bool
         )
         _manifest_path(run_dir, result.version).write_text(json.dumps(overlay))
     kcd.write_mask(mask_path(run_dir, result.version))
-    publish_mask(config["mask_store"], result.version, kcd.kept_ids(), overlay)
+    # replace: after a worker-group restart the store may already hold this version from the lost attempt.
+    publish_mask(config["mask_store"], result.version, kcd.kept_ids(), overlay, replace=True)
     if verbose:
-        print(
+        say(
             f"[kcd_ray] condensation v{result.version} (stage {result.stage}): kept {len(kcd.kept_ids())}/{kcd.num_samples} "
-            f"({100 * (kcd.k / kcd.num_samples):.1f}%), {len(result.tail_ids)} summary blends",
-            flush=True,
+            f"({100 * (kcd.k / kcd.num_samples):.1f}%), {len(result.tail_ids)} summary blends"
         )
 
 
 def republish(kcd, config: dict, run_dir: RunDir) -> None:
-    """After a resume the MaskStore actor is new (version 0): serve the checkpoint's mask again."""
-    if kcd.version == 0:
-        return
-    publish_mask(config["mask_store"], kcd.version, kcd.kept_ids(), _load_manifest(run_dir, kcd.version))
+    """Serve the checkpoint's mask: a re-run driver has a new, empty store, and after a worker-group restart
+    the store may hold a newer version published by the lost attempt."""
+    publish_mask(config["mask_store"], kcd.version, kcd.kept_ids(), _load_manifest(run_dir, kcd.version), replace=True)
 
 
 def write_final_mask(kcd, run_dir: RunDir) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from pathlib import Path
 
 from kcd_ray.config import Config, ConfigError, config_from_dict
@@ -103,12 +102,14 @@ def derive_concurrency(cfg: Config, trial_cpus: float, cluster: dict) -> int:
 # --------------------------------------------------------------------------- searchers
 
 
-def _search_alg(sw: Sweep, baseline: dict | None):
+def _search_alg(sw: Sweep, baseline: dict | None, max_concurrent: int):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if sw.search in ("grid", "random"):
         # The baseline is a preset point: it takes one of num_samples (run_sweep adds one for it).
-        return BasicVariantGenerator(points_to_evaluate=[baseline] if baseline else None, random_state=sw.seed)
+        # Not a Searcher: TuneConfig.max_concurrent_trials would be ignored, so it gets the limit itself.
+        return BasicVariantGenerator(points_to_evaluate=[baseline] if baseline else None,
+                                     max_concurrent=max_concurrent, random_state=sw.seed)
     try:
         from ray.tune.search.optuna import OptunaSearch
 
@@ -161,6 +162,10 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
         from kcd_ray.train.run import init_ray
 
         init_ray(base_cfg)
+    # Prepare the base data set once here, rather than in every trial at the same time.
+    from kcd_ray.data import prepare_dataset
+
+    prepare_dataset(base_cfg.data)
     cluster = ray.cluster_resources()
     max_conc = sw.max_concurrent_trials or derive_concurrency(base_cfg, sw.trial_cpus, cluster)
     payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": str(sw.runs_dir)}
@@ -188,10 +193,11 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
         tuner = tune.Tuner(
             trainable,
             param_space=_param_space(sw),
-            tune_config=tune.TuneConfig(search_alg=_search_alg(sw, baseline), scheduler=scheduler,
-                                        num_samples=num_samples, max_concurrent_trials=max_conc,
+            tune_config=tune.TuneConfig(search_alg=_search_alg(sw, baseline, max_conc), scheduler=scheduler,
+                                        num_samples=num_samples,
+                                        max_concurrent_trials=max_conc if sw.search == "optuna" else None,
                                         trial_name_creator=trial_label, trial_dirname_creator=trial_label),
-            run_config=tune.RunConfig(name="tune", storage_path=str(sw.folder), verbose=int(os.environ.get("KCD_RAY_TUNE_VERBOSE", 1))),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sw.folder), verbose=base_cfg.run.verbose),
         )
     results = tuner.fit()
     errors = [r for r in results if r.error is not None]

@@ -1,13 +1,16 @@
-"""A real two-node Ray cluster on 127.0.0.1 for tests, that stops only what it started.
+"""`ray submit`'s entry script on a REAL two-node Ray cluster started with `ray start` on this machine.
 
-Each node is a `ray start --block` in its own session (process group), with a private --temp-dir.
-`stop()` signals those process groups, then kills any process left that belongs to one of those
-sessions or names the private temp dir on its command line (raylet, GCS, workers): never anything
-else, so other Ray instances on the machine (and `ray stop`'s machine-wide sweep) are left alone.
+The cluster is a head and a worker node (`ray start --head` + `ray start --address=127.0.0.1:<port>`,
+2 CPUs each). experiments/submit.py runs as a subprocess attached through RAY_ADDRESS, exactly as
+`ray submit` runs it on a head node: (a) a distillation whose 2 Train workers must land on different
+nodes (STRICT_SPREAD, fractional CPUs), (b) a 2-trial sweep. The cluster is always stopped by killing
+only the processes it started (never `ray stop`, which would stop every Ray on the machine).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -18,6 +21,13 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBMIT = ROOT / "experiments" / "submit.py"
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -154,3 +164,74 @@ class LoopbackCluster:
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LoopbackCluster().start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        leftover = c.leftover
+        c.cleanup()
+        assert not leftover, f"processes of the test cluster still alive: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def work(cluster):
+    """A shared work folder (the EFS of a real cluster) with a teacher and a digits recipe."""
+    from kcd_ray.models import build_model, save_model
+
+    w = cluster.root / "work"
+    w.mkdir()
+    save_model(w / "teacher.pt", build_model("resnet8", 10))  # untrained: placement and plumbing are under test
+    recipe = {"model": "resnet8", "data": {"name": "digits", "image_size": 16, "root": "./data"},
+              "optim": {"epochs": 1, "batch_size": 128, "eval_batch_size": 512},
+              "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.25, "placement_strategy": "STRICT_SPREAD"},
+              "run": {"storage_path": "./runs", "name": "spread", "verbose": 1},
+              "distill": {"teacher": "./teacher.pt"},  # relative: resolved in the work folder, not in a worker's
+              "kcd": {"interval": 1, "stages": 1}}
+    (w / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return w
+
+
+def _submit(cluster, work, *args, timeout=420) -> str:
+    env = {**cluster._env(), "RAY_ADDRESS": cluster.address}
+    out = subprocess.run([sys.executable, str(SUBMIT), *args, "--workdir", str(work)], cwd=str(ROOT), env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-6000:]
+    return text
+
+
+def test_distill_places_two_workers_on_two_nodes(cluster, work):
+    text = _submit(cluster, work, "distill", "--config", "recipe.yaml")
+    assert "[submit] attached to" in text and "2 nodes" in text
+    run = work / "runs" / "spread"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["kcd_enabled"]
+    nodes = [(run / "nodes" / f"rank_{r}.txt").read_text().strip() for r in (0, 1)]
+    assert nodes[0] != nodes[1], "STRICT_SPREAD put both workers on one node"
+    assert set(nodes) == set(cluster.node_ids)
+
+
+def test_sweep_of_two_trials(cluster, work):
+    sweep = {"name": "two", "base": "recipe.yaml", "storage_path": "./runs/sweeps",
+             "overrides": {"scaling.num_workers": 1, "scaling.placement_strategy": "PACK", "optim.epochs": 2},
+             "space": {"kcd.rho": [0.5, 0.9]}}
+    (work / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    text = _submit(cluster, work, "sweep", "--config", "sweep.yaml")
+    assert "sweep two: 2 runs (2 done)" in text, text[-4000:]
+    from kcd_ray.tune.report import report
+
+    res = report(work / "runs" / "sweeps" / "two")
+    ratios = {r["kcd.rho"]: r["compute_ratio"] for r in res["rows"]}
+    n = json.loads(next((work / "runs" / "sweeps" / "two" / "runs").glob("*/summary.json")).read_text())["num_train"]
+    for rho, drop in ((0.5, n // 2), (0.9, n // 10)):  # one stage: drop floor(N (1 - rho)), keep >= floor(rho N)
+        kept = max(n - drop, math.floor(rho * n))
+        # epoch 0 on all N samples, epoch 1 on the kept ones: each trial ran its own config
+        assert math.isclose(ratios[rho], (n + kept) / (2 * n), rel_tol=1e-6), res["text"]

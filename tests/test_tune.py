@@ -1,0 +1,242 @@
+"""Sweeps (kcd_ray.tune): sweep-file validation, resources, the report, and one real 2-trial Tune sweep."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kcd_ray.config import ConfigError, load_config, to_dict
+from kcd_ray.tune.report import format_table, pareto_flags, report
+from kcd_ray.tune.space import apply_values, parse_space
+from kcd_ray.tune.spec import load_sweep, split_overrides
+from kcd_ray.tune.sweep import derive_concurrency, trial_config, trial_resources
+
+BASE = {"data": {"name": "digits", "image_size": 16}, "optim": {"epochs": 2}}
+
+
+def _write(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+# --------------------------------------------------------------------------- sweep files
+
+
+def test_unknown_space_key_names_key_and_file(tmp_path):
+    f = _write(tmp_path / "bad.yaml", {"base": BASE, "space": {"kcd.rhoo": [0.5, 0.7]}})
+    with pytest.raises(ConfigError) as e:
+        load_sweep(f)
+    assert str(f) in str(e.value) and "kcd.rhoo" in str(e.value) and "rho" in str(e.value)
+    f2 = _write(tmp_path / "bad2.yaml", {"base": BASE, "space": {"optimm.lr": [0.1]}})
+    with pytest.raises(ConfigError, match=r"bad2\.yaml.*optimm\.lr"):
+        load_sweep(f2)
+
+
+def test_space_values_are_checked_against_the_config(tmp_path):
+    cases = [({"kcd.rho": [0.5, 1.5]}, "1.5"),
+             ({"kcd.value_fn": ["entropy", "nope"]}, "nope"),
+             ({"kcd.rho": {"uniform": [0.2, 1.2]}}, "1.2"),
+             ({"optim.lr": {"loguniform": [0.0, 0.1]}}, "low > 0"),
+             ({"kcd.stages": {"randint": [3, 3]}}, "low < high"),
+             ({"kcd.rho": {"normal": [0, 1]}}, "grid|choice"),
+             ({"distill.temperature": [4.0]}, "section")]
+    for i, (space, needle) in enumerate(cases):
+        f = _write(tmp_path / f"s{i}.yaml", {"base": BASE, "space": space})
+        with pytest.raises(ConfigError) as e:
+            load_sweep(f)
+        assert needle in str(e.value) and f"s{i}.yaml" in str(e.value), (space, str(e.value))
+
+
+def test_unknown_sweep_key_and_bad_settings(tmp_path):
+    with pytest.raises(ConfigError, match="serach: unknown sweep key"):
+        load_sweep(_write(tmp_path / "a.yaml", {"base": BASE, "serach": "grid"}))
+    with pytest.raises(ConfigError, match="search: 'bayes'"):
+        load_sweep(_write(tmp_path / "b.yaml", {"base": BASE, "search": "bayes"}))
+    with pytest.raises(ConfigError, match="include_kd_baseline"):
+        load_sweep({"base": {**BASE, "kcd": {"enabled": False}}, "include_kd_baseline": True})
+    with pytest.raises(ConfigError, match="asha: early stopping needs"):
+        load_sweep({"base": {**BASE, "scaling": {"num_workers": 0}}, "asha": True})
+    with pytest.raises(ConfigError, match="base: recipe .*missing.yaml does not exist"):
+        load_sweep(_write(tmp_path / "c.yaml", {"base": "missing.yaml"}))
+
+
+def test_base_recipe_relative_to_sweep_file_and_overrides(tmp_path):
+    _write(tmp_path / "recipes" / "r.yaml", {**BASE, "model": "resnet8", "distill": {"teacher": "t/teacher.pt"}})
+    f = _write(tmp_path / "sweeps" / "rho.yaml", {
+        "base": "../recipes/r.yaml", "overrides": {"optim.lr": 0.02, "kcd.interval": 1},
+        "space": {"kcd.rho": [0.6, 0.8], "optim.lr": {"loguniform": [0.01, 0.1]}}})
+    sw = load_sweep(f, overrides=["num_samples=3", "optim.epochs=5", "search=random"], storage_path=str(tmp_path / "out"))
+    assert sw.name == "rho" and sw.num_samples == 3 and sw.search == "random"
+    assert sw.base["model"] == "resnet8" and sw.base["optim"]["lr"] == 0.02 and sw.base["optim"]["epochs"] == 5
+    assert sw.base["kcd"]["interval"] == 1
+    # Relative paths are fixed against the working folder: Tune trials run in their own folders.
+    assert Path(sw.base["distill"]["teacher"]).is_absolute()
+    assert sw.folder == tmp_path / "out" / "rho"
+    # random search samples lists as choices; ranges stay ranges
+    assert [(d.key, d.kind) for d in sw.dims] == [("kcd.rho", "choice"), ("optim.lr", "loguniform")]
+    assert split_overrides(["seed=3", "kcd.rho=0.5"]) == ({"seed": 3}, ["kcd.rho=0.5"])
+    with pytest.raises(ConfigError, match="command-line override kcd.rhoo"):
+        load_sweep(f, overrides=["kcd.rhoo=1"])
+
+
+def test_section_values_merge_and_trial_config(tmp_path):
+    sw = load_sweep({"name": "t", "base": BASE, "storage_path": str(tmp_path), "include_kd_baseline": True,
+                     "space": {"distill.temperature": [{"schedule": "linear", "T": 8.0, "T_end": 2.0}],
+                               "distill.options.feat_dim": [64]}})
+    payload = {"name": "t", "kind": "distill", "base": sw.base, "runs_dir": str(sw.runs_dir)}
+    cfg = trial_config({"distill.temperature": {"schedule": "linear", "T": 8.0, "T_end": 2.0},
+                        "distill.options.feat_dim": 64, "variant": "kcd"}, payload, "abc_00001")
+    t = cfg.distill.temperature
+    assert (t.schedule, t.T, t.T_end, t.milestones) == ("linear", 8.0, 2.0, [])  # unspecified keys keep the base
+    assert cfg.distill.options == {"feat_dim": 64} and cfg.kcd.enabled
+    assert cfg.run.name == "t_abc_00001" and cfg.run.storage_path == str(tmp_path / "t" / "runs")
+    kd = trial_config({"variant": "kd"}, payload, "abc_00000")
+    assert not kd.kcd.enabled and kd.run.name == "t_kd_abc_00000"
+    assert apply_values({"a": {"b": 1, "c": 2}}, {"a": {"b": 5}}) == {"a": {"b": 5, "c": 2}}
+    assert parse_space(None, sw.base) == []
+
+
+def test_resources_and_concurrency():
+    cfg = load_config(None, ["scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.25"])
+    # driver 0.25 + worker 0.5 + one data task 0.25 = 1 CPU per trial
+    assert derive_concurrency(cfg, 0.25, {"CPU": 2.0}) == 2
+    assert derive_concurrency(cfg, 0.25, {"CPU": 0.5}) == 1  # never below one
+    assert trial_resources(cfg, 0.25, {"CPU": 2.0}) == {"cpu": 0.25}  # Train V2 places the workers itself
+    gpu = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=2", "scaling.use_gpu=auto"])
+    assert derive_concurrency(gpu, 0.25, {"CPU": 64.0, "GPU": 4.0}) == 2  # GPUs bound it: 2 per trial
+    assert derive_concurrency(gpu, 0.25, {"CPU": 64.0}) == 14  # no GPUs: auto means CPU
+    local = load_config(None, ["scaling.num_workers=0", "scaling.cpus_per_worker=1"])
+    assert trial_resources(local, 0.25, {"CPU": 2.0}) == {"cpu": 1.0}  # the loop runs inside the trial
+
+
+# --------------------------------------------------------------------------- report on written run folders
+
+
+def _fake_run(folder: Path, rho: float | None, top1s: list[float], kept: list[float], done: bool = True) -> None:
+    """A run folder in the layout kcd_ray.train writes (config.yaml, metrics.jsonl, summary.json)."""
+    enabled = rho is not None
+    cfg = to_dict(load_config(None, ["data.name=digits", f"kcd.enabled={str(enabled).lower()}",
+                                     f"kcd.rho={rho or 0.7}", f"run.name={folder.name}"]))
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rows, passes = [], 0
+    for e, (t, k) in enumerate(zip(top1s, kept)):
+        passes += int(100 * k)
+        rows.append({"epoch": e, "top1": t, "top5": t + 10, "kept_fraction": k, "T": 4.0, "stage": e, "train_loss": 2.0 / (e + 1),
+                     "loss_kd": 1.0 / (e + 1), "lr": 0.05, "compute_ratio": passes / (100 * (e + 1)), "sample_passes": passes,
+                     "wall_seconds": 1.5 * (e + 1), "kcd_enabled": enabled})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if done:
+        (folder / "summary.json").write_text(json.dumps({
+            "final_top1": top1s[-1], "best_top1": max(top1s), "best_epoch": top1s.index(max(top1s)),
+            "sample_passes": passes, "full_sample_passes": 100 * len(top1s), "compute_ratio": passes / (100 * len(top1s)),
+            "wall_seconds": 1.5 * len(top1s), "epochs": len(top1s), "kind": "distill", "kcd_enabled": enabled,
+            "config": cfg}))
+
+
+def test_report_on_a_folder_of_runs(tmp_path):
+    runs = tmp_path / "sw" / "runs"
+    _fake_run(runs / "kd", None, [50, 70, 80], [1, 1, 1])
+    _fake_run(runs / "r5", 0.5, [50, 60, 70], [1, 0.5, 0.5])  # cheapest: on the front
+    _fake_run(runs / "r7", 0.7, [50, 69, 79], [1, 0.7, 0.7])  # on the front
+    _fake_run(runs / "r9", 0.9, [50, 60, 65], [1, 0.9, 0.9])  # dominated by r7
+    _fake_run(runs / "stopped", 0.6, [40], [1], done=False)  # ASHA-stopped: no summary.json
+    res = report(tmp_path / "sw")
+    rows = {r["run"]: r for r in res["rows"]}
+    assert set(rows) == {"kd", "r5", "r7", "r9", "stopped"}
+    assert res["varying"] == ["kcd.enabled", "kcd.rho"]  # run.name differs too, but is bookkeeping
+    assert rows["kd"]["variant"] == "kd" and rows["r5"]["variant"] == "kcd"
+    assert math.isclose(rows["r5"]["compute_ratio"], 2 / 3) and rows["kd"]["compute_ratio"] == 1.0
+    assert rows["stopped"]["status"] == "incomplete" and rows["stopped"]["best_top1"] == 40
+    assert {k for k, r in rows.items() if r["pareto"]} == {"kd", "r5", "r7"}
+    assert res["best"]["run"] == "kd"  # best_top1, done runs only
+    best = yaml.safe_load(res["best_config_yaml"])
+    assert best["kcd"]["enabled"] is False and best["run"]["name"] == "sw-best"
+    assert load_config(res["best_config_path"]).kcd.enabled is False  # `kcd-ray distill --config` loads it
+    assert (tmp_path / "sw" / "trials.csv").read_text().count("\n") == 6
+    assert (tmp_path / "sw" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "r7" in res["text"] and "compute_ratio" in res["text"]
+
+
+def test_report_on_one_run(tmp_path):
+    _fake_run(tmp_path / "one", 0.7, [10, 30, 20], [1, 0.85, 0.7])
+    res = report(tmp_path / "one", out_dir=tmp_path / "out")
+    assert res["kind"] == "run" and [r["epoch"] for r in res["rows"]] == [1, 2, 3]
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "best top-1 30 (epoch 2)" in res["text"] and "kept_fraction" in res["text"]
+    with pytest.raises(FileNotFoundError):
+        report(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no run folders"):
+        report(tmp_path / "empty")
+
+
+def test_pareto_and_table_helpers():
+    assert pareto_flags([(1.0, 70), (0.8, 70), (0.5, 60), (0.9, 65)]) == [False, True, True, False]
+    table = format_table([{"a": "x", "b": 0.123456}, {"a": "yy", "b": None}], ["a", "b"])
+    assert table.splitlines()[2].split() == ["x", "0.1235"] and table.splitlines()[3].split() == ["yy", "-"]
+
+
+def test_a_different_sweep_under_the_same_name_is_refused(tmp_path):
+    from kcd_ray.tune.sweep import _write_spec
+
+    sw = load_sweep({"name": "same", "base": BASE, "space": {"kcd.rho": [0.5]}, "storage_path": str(tmp_path)})
+    _write_spec(sw)
+    _write_spec(load_sweep({"name": "same", "base": BASE, "space": {"kcd.rho": [0.5]}, "storage_path": str(tmp_path)}))
+    other = load_sweep({"name": "same", "base": BASE, "space": {"kcd.rho": [0.6]}, "storage_path": str(tmp_path)})
+    with pytest.raises(ConfigError, match="different sweep.*space"):
+        _write_spec(other)
+
+
+# --------------------------------------------------------------------------- a real sweep on Ray Tune
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False)
+    yield ray
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_two_trial_sweep_and_report(tmp_path, ray_local):
+    from kcd_ray.models import build_model, save_model
+    from kcd_ray.tune.sweep import run_sweep
+
+    teacher = tmp_path / "teacher.pt"
+    save_model(teacher, build_model("resnet8", 10))  # untrained: the sweep machinery is under test
+    epochs = 2
+    sweep = {
+        "name": "tiny", "storage_path": str(tmp_path / "sweeps"), "include_kd_baseline": True,
+        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 16, "root": str(tmp_path / "data")},
+                 "optim": {"epochs": epochs, "batch_size": 128, "eval_batch_size": 512},
+                 "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "data_cpus": 0.25},
+                 "run": {"verbose": 0},
+                 "distill": {"teacher": str(teacher)},
+                 "kcd": {"interval": 1, "stages": 1}},
+        "space": {"kcd.rho": [0.5]},  # + the plain-KD baseline = 2 trials
+    }
+    folder = run_sweep(sweep)
+    res = report(folder)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert len(res["rows"]) == 2 and set(rows) == {"kd", "kcd"}, res["text"]
+    assert all(r["status"] == "done" for r in res["rows"])
+    n = json.loads(next((folder / "runs").glob("*/summary.json")).read_text())["num_train"]
+    # KCD (KCD.md, one stage): epoch 0 on all N samples, epoch 1 on max(N - floor(N/2), floor(N/2)); KD: N each epoch.
+    kept = max(n - math.floor(n * 0.5), math.floor(0.5 * n))
+    assert math.isclose(rows["kcd"]["compute_ratio"], (n + kept) / (epochs * n), rel_tol=1e-6)
+    assert rows["kd"]["compute_ratio"] == 1.0
+    assert "compute_ratio" in res["text"] and rows["kcd"]["run"] in res["text"]
+    assert (folder / "pareto.png").is_file() and (folder / "tune").is_dir()
+    # Re-running the same command restores the finished sweep instead of running it again.
+    mtimes = {p: p.stat().st_mtime for p in (folder / "runs").glob("*/summary.json")}
+    assert run_sweep(sweep) == folder
+    assert {p: p.stat().st_mtime for p in (folder / "runs").glob("*/summary.json")} == mtimes
