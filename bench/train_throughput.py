@@ -51,7 +51,7 @@ def plain_pytorch(data_dir: Path, model_name: str, batch: int, epochs: int, thre
     def collate(items):
         x = torch.stack([i[0] for i in items])
         y = torch.stack([i[1] for i in items])
-        return T.normalize(T.augment_batch(x, kind), meta["mean"], meta["std"]), y
+        return T.train_transform(x, meta, kind), y  # exactly what the Ray Data map runs
 
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=collate, num_workers=0)
     model = build_model(model_name, int(meta["num_classes"]))

@@ -50,6 +50,7 @@ class DataConfig:
     image_size: int = _f(32, ge=8, help="digits: resize 8x8 handwriting to this size; folder: eval/crop size")
     augment: str = _f("auto", choices=("auto", "cifar", "imagenet", "none"), help="auto picks cifar for <=64px, imagenet above")
     download: bool = _f(False, help="CIFAR: let torchvision fetch the archive when the folder is missing")
+    shuffle: str = _f("auto", choices=("auto", "files", "blocks"), help="per-epoch shuffle: file order, or block order too (auto: blocks up to 2 GiB)")
     synthetic: SyntheticConfig = _f(factory=SyntheticConfig)
 
 

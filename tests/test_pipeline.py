@@ -86,6 +86,10 @@ def test_cifar_crop_and_flip_match_a_per_sample_reference():
     corner = T.augment_batch(x[:1], "cifar", uniforms=np.array([[0.0, 0.0, 0.9]]))
     assert (corner[0, :, :4, :] == 0).all() and (corner[0, :, :, :4] == 0).all()
     np.testing.assert_array_equal(_u8(corner[0, :, 4:, 4:]), x[0, :8, :6])
+    # the fused uint8 -> normalised path the pipeline uses equals augment + normalize
+    meta = {"image_shape": [12, 10, 3], "encoding": "raw", "mean": MEAN, "std": STD}
+    np.testing.assert_allclose(T.train_transform(x, meta, "cifar", uniforms=u).numpy(),
+                               T.normalize(out.clone(), MEAN, STD).numpy(), rtol=1e-5, atol=1e-5)
     # a generator gives reproducible draws
     a = T.augment_batch(x, "cifar", torch.Generator().manual_seed(7))
     b = T.augment_batch(x, "cifar", torch.Generator().manual_seed(7))

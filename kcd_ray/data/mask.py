@@ -9,8 +9,8 @@ means every sample is kept and no image is blended; ``current()`` then returns
 
 Readers (the train map in ``pipeline.py``) call :func:`read_mask`, which asks the actor for the
 version and a *reference* to the array on every call and fetches the array only when the
-version changed (cached per worker process). Versions must increase, so a cache keyed by
-version can never serve a stale mask.
+version or the array changed (cached per worker process, keyed by version and object id).
+Versions must increase, except that ``replace=True`` re-serves a version after a resume.
 
 Lifetime: the actor is not detached, so it is fate-shared with the process that created it.
 Create it from the driver (``get_mask_store(name, create=True)`` before ``trainer.fit()``); a

@@ -78,6 +78,7 @@ def _read(split_dir: Path, data_cpus: float, shuffle_seed=False):
     shuffle = None
     if shuffle_seed is not False:
         shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else "files"
+    n_files = len(list(split_dir.glob("part-*.parquet")))
     ctx = ray.data.DataContext.get_current()
     v2 = getattr(ctx, "use_datasource_v2", False)
     # Ray 2.60's DataSourceV2 Parquet path (ListFiles -> ReadFiles) costs seconds per execution,
@@ -85,7 +86,7 @@ def _read(split_dir: Path, data_cpus: float, shuffle_seed=False):
     ctx.use_datasource_v2 = False
     try:
         ds = ray.data.read_parquet(str(split_dir), columns=COLUMNS, shuffle=shuffle, num_cpus=data_cpus,
-                                   concurrency=_task_cap())
+                                   concurrency=min(_task_cap() or n_files, n_files))
     finally:
         ctx.use_datasource_v2 = v2
     ds.context.target_max_block_size = min(ds.context.target_max_block_size or READ_BLOCK_BYTES, READ_BLOCK_BYTES)
@@ -102,11 +103,6 @@ def _check_cpus(data_cpus: float) -> float:
     if not data_cpus > 0:
         raise ValueError(f"data_cpus: expected > 0 (fractional CPUs per Ray Data task), got {data_cpus!r}")
     return float(data_cpus)
-
-
-def _empty(meta: dict) -> dict:
-    h, w, c = T.image_shape(meta)
-    return {"sample_id": np.zeros(0, np.int64), "label": np.zeros(0, np.int64), "image": np.zeros((0, c, h, w), np.float32)}
 
 
 def _images(ids: np.ndarray, images, meta: dict, overlay: Optional[dict]) -> np.ndarray:
@@ -133,7 +129,8 @@ def _execution_index() -> int:
     return int(getattr(DataContext.get_current(), "_execution_idx", 0))  # private, Ray 2.60
 
 
-def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], store: Optional[str]) -> dict:
+def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], store: Optional[str]):
+    """One map batch -> at most one output batch (a generator, so dropped-out batches emit nothing)."""
     ids = np.asarray(batch["sample_id"], np.int64)
     labels = np.asarray(batch["label"], np.int64)
     images = batch["image"]
@@ -147,7 +144,7 @@ def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], store: O
             idx = np.flatnonzero(keep)
             ids, labels, images = ids[idx], labels[idx], [images[i] for i in idx]
     if len(ids) == 0:
-        return _empty(meta)
+        return  # yield nothing: an empty float tensor column would fall back to a pickled column
     x = _images(ids, images, meta, overlay)
     k = T.n_uniforms(kind)
     if seed is None:
@@ -155,7 +152,7 @@ def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], store: O
     else:
         u = T.sample_uniforms(ids, k, (seed, _execution_index(), version))
     img = T.train_transform(x, meta, kind, uniforms=u)
-    return {"sample_id": ids, "label": labels, "image": img.numpy()}
+    yield {"sample_id": ids, "label": labels, "image": img.numpy()}
 
 
 def _eval_map(batch: dict, meta: dict, store: Optional[str]) -> dict:

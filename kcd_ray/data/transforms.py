@@ -1,9 +1,10 @@
 """Batch image transforms: decode, augment, normalise. Pure numpy/torch, no Ray.
 
 Everything works on a whole batch at once: raw images are one ``frombuffer`` + ``reshape``,
-the CIFAR crop+flip is a single gather with per-sample index arithmetic, and the
-random-resized crop resizes every crop box of the batch in one ``roi_align`` call. Only
-encoded files (PNG/JPEG) are decoded one by one, which no codec avoids.
+the CIFAR crop+flip is a single gather of whole pixels with per-sample index arithmetic (in
+uint8), uint8 -> normalised float32 NCHW is one fused multiply-add, and the random-resized
+crop resizes every crop box of the batch in one ``roi_align`` call. Only encoded files
+(PNG/JPEG) are decoded one by one, which no codec avoids.
 
 Randomness comes either from a ``torch.Generator`` or from ``uniforms``: a float array
 [B, n_uniforms(kind)] in [0, 1) that fixes every random choice per sample. The Ray pipeline
@@ -261,7 +262,7 @@ def rrc_boxes(u: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tens
     return boxes, u[:, 4 * t] < 0.5
 
 
-def _random_resized_crop(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _random_resized_crop(x: np.ndarray, u: torch.Tensor) -> torch.Tensor:
     from torchvision.ops import roi_align
 
     b, h, w, _ = x.shape

@@ -155,12 +155,29 @@ def _clean(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
-def _right_singular(feat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-n singular values (normalised) and right singular vectors (B, C, n) of the (HW x C) map."""
+def _right_singular(feat: torch.Tensor, n: int, iters: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-n singular values (normalised) and right singular vectors (B, C, n) of the (HW x C) map.
+
+    Subspace iteration on the Gram matrix instead of `linalg.svd`: SVD's backward divides by differences of
+    singular values, which are zero for the many null directions of a small (HW < C) map, and its gradients
+    turn to inf/NaN on the first step. The iteration is differentiable and stable, and converges to the same
+    top-n subspace (signs are aligned to the teacher by the caller, as with SVD).
+    """
     x = f32(feat).flatten(2).transpose(1, 2)
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    s, v = _clean(s), _clean(vh.transpose(-2, -1))
-    return F.normalize(s[:, :n], dim=1), F.normalize(v[:, :, :n], dim=1)
+    c = x.shape[-1]
+    n = min(n, c)
+    eye = torch.eye(c, device=x.device, dtype=x.dtype)
+    g = x.transpose(1, 2) @ x
+    g = g / g.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12)[:, None, None] + 1e-6 * eye
+    gen = torch.Generator().manual_seed(0)  # a fixed start: deterministic, and never orthogonal to the top vectors
+    v = torch.randn(c, n, generator=gen).to(x).expand(x.shape[0], c, n)
+    for _ in range(iters):
+        v, _ = torch.linalg.qr(g @ v)
+    s = (v * (g @ v)).sum(1).clamp_min(0).sqrt()
+    order = s.argsort(dim=1, descending=True)
+    s = s.gather(1, order)
+    v = v.gather(2, order.unsqueeze(1).expand(-1, c, -1))
+    return F.normalize(_clean(s), dim=1), F.normalize(_clean(v), dim=1)
 
 
 @register_distiller("kdsvd")

@@ -29,6 +29,7 @@ class Components:
     temperature: Callable[[int], float]
     value_fn: Callable
     kcd_state: KCDState | None
+    params: list
     num_train: int
     num_classes: int
 
@@ -88,5 +89,5 @@ def build_components(cfg, kind: str, data_dir: str, device: torch.device, distri
     return Components(
         distiller=distiller, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.optim),
         scaler=scaler, amp_ctx=amp_ctx, temperature=build_temperature(cfg.distill.temperature, cfg.optim.epochs),
-        value_fn=VALUE_FNS.get(cfg.kcd.value_fn), kcd_state=kcd_state, num_train=num_train, num_classes=num_classes,
+        value_fn=VALUE_FNS.get(cfg.kcd.value_fn), kcd_state=kcd_state, params=params, num_train=num_train, num_classes=num_classes,
     )

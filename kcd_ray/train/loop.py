@@ -236,7 +236,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         prog = Progress(f"[kcd_ray] epoch {epoch + 1}/{epochs}", enabled=verbose, every_s=30.0)
         loss_sums: dict[str, float] = {}
         ids_seen, values_seen = [], []
-        steps = 0
+        steps = skipped = 0
         estep_s = 0.0
         for batch in iter_train_batches(train_shard, cfg.optim.batch_size, epoch=epoch, seed=cfg.optim.seed):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "label", "sample_id")}
@@ -244,13 +244,19 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 out = model(batch, T=T, epoch=epoch)
                 loss = sum(out.losses.values())
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
+            if scaler is not None:  # the grad scaler already skips non-finite steps
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             else:
                 loss.backward()
-                optimizer.step()
+                # One NaN/inf gradient (e.g. SVD-based losses on degenerate features) would poison the weights
+                # for good: skip that step, count it, and fail loudly if it keeps happening.
+                gnorm = torch.nn.utils.clip_grad_norm_(c.params, max_norm=float("inf"))
+                if torch.isfinite(gnorm):
+                    optimizer.step()
+                else:
+                    skipped += 1
             for k, v in out.losses.items():
                 loss_sums[k] = loss_sums.get(k, 0.0) + float(v.detach()) * batch["label"].numel()
             ids_seen.append(batch["sample_id"].detach().cpu())
@@ -261,6 +267,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
             steps += 1
             prog.step(batch["label"].numel(), float(loss.detach()))
         scheduler.step()
+        if steps and skipped > max(2, steps // 10):
+            terms = ", ".join(f"{k}={loss_sums[k]:.3g}" for k in sorted(loss_sums))
+            raise FloatingPointError(
+                f"epoch {epoch}: {skipped} of {steps} steps had non-finite gradients ({terms}); lower optim.lr or "
+                f"distill.beta for method {cfg.distill.method!r}")
 
         # ---- online E-step: aggregate this epoch's values by sample id over all workers ----
         local_n = prog.samples

@@ -83,7 +83,7 @@ def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, ex
         get_mask_store(mask_store, create=True)
     datasets = {
         "train": train_dataset(str(data_dir), augment=cfg.data.augment, seed=cfg.optim.seed,
-                               mask_store_name=mask_store, data_cpus=cfg.scaling.data_cpus),
+                               mask_store_name=mask_store, data_cpus=cfg.scaling.data_cpus, shuffle=cfg.data.shuffle),
         "test": eval_dataset(str(data_dir), split="test", data_cpus=cfg.scaling.data_cpus),
     }
     use_gpu = _use_gpu(cfg)

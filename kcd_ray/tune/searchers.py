@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
 
 from ray.tune.search import Searcher
@@ -30,20 +31,33 @@ class BaselineFirst(Searcher):
             return copy.deepcopy(self.point)
         return self.inner.suggest(trial_id)
 
+    def _is_baseline(self, trial_id, result) -> bool:
+        config = (result or {}).get("config") or {}
+        return trial_id == self.baseline_id or config.get("variant") == "kd"
+
     def on_trial_result(self, trial_id, result):
-        if trial_id != self.baseline_id:
+        if not self._is_baseline(trial_id, result):
             self.inner.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id, result=None, error=False):
-        if trial_id != self.baseline_id:
+        if not self._is_baseline(trial_id, result):
             self.inner.on_trial_complete(trial_id, result=result, error=error)
 
+    # One checkpoint file holding both states: Tune saves to a temporary name and renames it, and
+    # restores the searcher object from the Tuner's pickle, as it was when the sweep started.
     def save(self, checkpoint_path):
-        self.inner.save(checkpoint_path)
-        Path(checkpoint_path + ".baseline").write_text(self.baseline_id or "")
+        inner = Path(checkpoint_path + ".inner")
+        self.inner.save(str(inner))
+        state = {"inner": inner.read_bytes(), "baseline_id": self.baseline_id}
+        inner.unlink()
+        Path(checkpoint_path).write_bytes(pickle.dumps(state))
 
     def restore(self, checkpoint_path):
-        self.inner.restore(checkpoint_path)
-        marker = Path(checkpoint_path + ".baseline")
-        if marker.exists():
-            self.baseline_id = marker.read_text() or None
+        state = pickle.loads(Path(checkpoint_path).read_bytes())
+        inner = Path(checkpoint_path + ".inner")
+        inner.write_bytes(state["inner"])
+        try:
+            self.inner.restore(str(inner))
+        finally:
+            inner.unlink()
+        self.baseline_id = state["baseline_id"]

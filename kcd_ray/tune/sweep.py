@@ -131,6 +131,13 @@ def _param_space(sw: Sweep) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
+def _same(old, new) -> bool:
+    """Equal, except that config keys the stored sweep lacks (fields added to kcd_ray since) are ignored."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(_same(v, new.get(k)) for k, v in old.items()) and set(old) <= set(new)
+    return old == new
+
+
 def _write_spec(sw: Sweep) -> None:
     import yaml
 
@@ -138,7 +145,7 @@ def _write_spec(sw: Sweep) -> None:
     if path.exists():
         old = yaml.safe_load(path.read_text()) or {}
         new = sw.identity()
-        diff = [k for k in new if old.get(k) != new[k]]
+        diff = [k for k in new if not _same(old.get(k), new[k])]
         if diff:
             raise ConfigError(f"{path}: this folder holds a different sweep (differs in: {', '.join(diff)}); "
                               "give the sweep another name= or storage_path=, or remove the folder")
