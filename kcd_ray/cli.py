@@ -22,7 +22,7 @@ def _cfg(args):
 def cmd_prepare(args) -> int:
     from kcd_ray.data.prepare import main_prepare
 
-    main_prepare(_cfg(args))
+    main_prepare(_cfg(args), force=args.force)
     return 0
 
 
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prepare-data", help="convert a data set to Parquet (idempotent)",
                        description="Convert digits, synthetic, CIFAR-10/100 pickles or an image folder to kcd_ray's Parquet format.")
     _add_config_args(s)
+    s.add_argument("--force", action="store_true", help="rebuild even if a valid prepared copy exists")
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("train-teacher", help="train a network with cross-entropy on Ray Train",

@@ -186,3 +186,24 @@ def test_distill_from_a_repdistiller_teacher_file(teacher, tmp_path):
     x = torch.randn(4, 3, 16, 16)
     rep = load_model(f, name="resnet8")
     assert torch.allclose(rep(x), load_model(tdir / "final_model.pt")(x))  # same function as the original
+
+
+def test_offline_estep_scores_every_sample_on_an_actor_pool(teacher, tmp_path):
+    """Offline E-step: a Ray Data actor pool scores all N samples (condensed-away ones too) with the current
+    student and the teacher (value function `kd`), in the same value-table format as the online E-step."""
+    from kcd_ray.train.run import fit
+
+    _, tdir = teacher
+    cfg = _cfg(tmp_path, **{"optim.epochs": 3, "run.name": "offline", "distill.teacher": str(tdir / "final_model.pt"),
+                            "kcd.estep": "offline", "kcd.value_fn": "kd", "kcd.interval": 1, "kcd.stages": 2,
+                            "kcd.rho": 0.5})
+    summary = fit(cfg, kind="distill")
+    run_dir = Path(summary["run_dir"])
+    n = summary["num_train"]
+    for e in (1, 2):
+        t = pq.read_table(run_dir / "values" / f"values_e{e:04d}_offline.parquet")
+        assert t.column_names == ["sample_id", "value", "epoch", "source"]
+        assert t.column("sample_id").to_pylist() == list(range(n))  # every sample, dropped ones included
+        assert all(v >= 0 for v in t.column("value").to_pylist())  # KL values
+    mask = pq.read_table(run_dir / "masks" / "mask_v002.parquet").to_pydict()
+    assert sum(mask["kept"]) == n - 2 * int(n * 0.5 / 2)  # KCD.md: K -= floor(N (1 - rho) / stages) per stage

@@ -72,6 +72,26 @@ def load_run(p: Path) -> dict:
     return {"name": p.name, "path": p, "status": status, "summary": summary, "metrics": metrics, "config": config or {}}
 
 
+def _tune_states(tune_dir: Path) -> dict:
+    """Trial folder name -> Tune status, from Tune's latest experiment state ({} if unreadable).
+
+    It tells an early-stopped trial (TERMINATED without a summary) from a failed or interrupted one.
+    """
+    try:
+        latest = sorted(tune_dir.glob("experiment_state-*.json"))[-1]
+        states = {}
+        for item in json.loads(latest.read_text())["trial_data"]:
+            t = json.loads(item[0]) if isinstance(item[0], str) else item[0]
+            states[t["relative_logdir"]] = t["status"]
+        return states
+    except (IndexError, KeyError, TypeError, ValueError, OSError):
+        return {}
+
+
+_UNFINISHED = {"TERMINATED": "stopped", "ERROR": "error", "RUNNING": "unfinished", "PENDING": "unfinished",
+               "PAUSED": "unfinished"}
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -146,6 +166,11 @@ def _sweep_report(path: Path, out: Path) -> dict:
         raise ValueError(f"{path}: no run folders found (expected runs/<name>/metrics.jsonl or summary.json, "
                          "or a single run folder)")
     name = meta.get("name", path.name)
+    states = _tune_states(path / "tune")
+    for r in runs:  # run folder <sweep name>_<trial folder>
+        state = states.get(r["name"][len(name) + 1:]) if r["name"].startswith(name + "_") else None
+        if r["status"] != "done" and state in _UNFINISHED:
+            r["status"] = _UNFINISHED[state]
     metric, mode = meta.get("metric", "best_top1"), meta.get("mode", "max")
     flat = [_flatten(r["config"]) for r in runs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
@@ -160,7 +185,9 @@ def _sweep_report(path: Path, out: Path) -> dict:
         row[metric] = _metric_value(r, metric) if metric not in row else row[metric]
         rows.append(row)
     y_key = "final_top1" if _METRIC_ALIASES.get(metric) == "final_top1" or metric == "final_top1" else "best_top1"
+    # The front is drawn over finished runs: a stopped run's compute ratio and top-1 are only "so far".
     idx = [i for i, r in enumerate(rows) if r.get("compute_ratio") is not None and r.get(y_key) is not None]
+    idx = [i for i in idx if rows[i]["status"] == "done"] or idx
     for i, flag in zip(idx, pareto_flags([(rows[i]["compute_ratio"], rows[i][y_key]) for i in idx])):
         rows[i]["pareto"] = flag
     for r in rows:
