@@ -138,6 +138,28 @@ def recipes() -> dict[str, str]:
     return out
 
 
+def _header(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("#")]
+
+
+def is_stale(path: Path, text: str) -> bool:
+    """True when the file on disk does not hold the generated recipe.
+
+    Compared as resolved configs plus header comments, so a field added to kcd_ray's config later
+    (absent from an older file, present with its default in a new one) does not make files stale.
+    """
+    if not path.is_file():
+        return True
+    on_disk = path.read_text()
+    if on_disk == text:
+        return False
+    try:
+        same = _resolved(yaml.safe_load(on_disk) or {}) == _resolved(yaml.safe_load(text))
+    except Exception:  # a file that no longer loads is stale
+        return True
+    return not same or _header(on_disk) != _header(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="only compare with the files on disk")
@@ -145,7 +167,8 @@ def main(argv=None) -> int:
     stale = []
     for rel, text in recipes().items():
         p = ROOT / rel
-        if p.exists() and p.read_text() == text:
+        # --check compares meaning; writing refreshes any file whose text differs (e.g. new config fields).
+        if not is_stale(p, text) if args.check else (p.is_file() and p.read_text() == text):
             continue
         stale.append(rel)
         if not args.check:

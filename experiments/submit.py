@@ -107,4 +107,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from kcd_ray.config import ConfigError
+
+    try:
+        raise SystemExit(main())
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"submit.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

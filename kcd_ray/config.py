@@ -254,7 +254,7 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -273,7 +273,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{key}: {p} is not a section")
-        node[parts[-1]] = _parse_scalar(text)
+        node[parts[-1]] = parse_scalar(text)
     return data
 
 

@@ -145,7 +145,7 @@ def test_report_on_a_folder_of_runs(tmp_path):
     _fake_run(runs / "r5", 0.5, [50, 60, 70], [1, 0.5, 0.5])  # cheapest: on the front
     _fake_run(runs / "r7", 0.7, [50, 69, 79], [1, 0.7, 0.7])  # on the front
     _fake_run(runs / "r9", 0.9, [50, 60, 65], [1, 0.9, 0.9])  # dominated by r7
-    _fake_run(runs / "stopped", 0.6, [40], [1], done=False)  # ASHA-stopped: no summary.json
+    _fake_run(runs / "stopped", 0.6, [40], [0.5], done=False)  # stopped early: no summary.json, kept off the front
     res = report(tmp_path / "sw")
     rows = {r["run"]: r for r in res["rows"]}
     assert set(rows) == {"kd", "r5", "r7", "r9", "stopped"}

@@ -39,7 +39,9 @@ def _quiet_worker_logs() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     # Child loggers may carry their own level (set by Ray's dictConfig), so quiet each one, not just the parents.
-    names = [n for n in logging.root.manager.loggerDict if n.startswith(("ray.data", "ray.train"))]
+    # (Some of Ray's modules name their logger by file path, e.g. the one that logs every report.)
+    names = [n for n in logging.root.manager.loggerDict
+             if n.startswith(("ray.data", "ray.train")) or "/ray/train/" in n or "/ray/data/" in n]
     for name in ["ray.data", "ray.train", *names]:
         logging.getLogger(name).setLevel(logging.WARNING)
 

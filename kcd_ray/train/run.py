@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
 import uuid
+from pathlib import Path
 
 import ray
 import ray.data
@@ -65,7 +67,12 @@ def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, ex
     if kind not in ("teacher", "distill"):
         raise ValueError(f"kind: {kind!r} is not one of: teacher, distill")
     init_ray(cfg)
-    data_dir = prepare_dataset(cfg.data)
+    if cfg.distill.teacher:  # workers run in the run folder: relative paths must be resolved here
+        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(
+            cfg.distill, teacher=str(Path(os.path.expanduser(cfg.distill.teacher)).resolve())))
+        if kind == "distill" and not Path(cfg.distill.teacher).exists():
+            raise FileNotFoundError(f"distill.teacher: {cfg.distill.teacher} does not exist")
+    data_dir = Path(prepare_dataset(cfg.data, verbose=cfg.run.verbose > 0)).resolve()
     meta = load_meta(data_dir)
     name = cfg.run.name or default_run_name(cfg, kind)
     storage = resolve_storage(cfg.run.storage_path)

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from kcd_ray.config import ConfigError, _parse_scalar, apply_overrides, config_from_dict, to_dict
+from kcd_ray.config import ConfigError, parse_scalar, apply_overrides, config_from_dict, to_dict
 from kcd_ray.tune.space import Dim, field_kind, parse_space, set_dotted
 
 SWEEP_KEYS = ("name", "description", "base", "kind", "overrides", "space", "search", "num_samples", "metric", "mode",
@@ -155,7 +155,7 @@ def split_overrides(overrides: list[str] | None) -> tuple[dict, list[str]]:
             raise ConfigError(f"{item}: overrides take the form key=value")
         key, text = item.split("=", 1)
         if key.strip() in SWEEP_KEYS:
-            sweep_level[key.strip()] = _parse_scalar(text)
+            sweep_level[key.strip()] = parse_scalar(text)
         else:
             config_level.append(item)
     return sweep_level, config_level

@@ -13,7 +13,6 @@ name is derived from its trial id and Train V2 resumes a run of the same name.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
