@@ -76,6 +76,7 @@ def kcd_ray_path(cfg, epochs: int) -> list[float]:
     summary = fit(cfg, kind="teacher")
     rows = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == epochs
+    print("kcd_ray data wait s per epoch:", [round(r["data_wait_seconds"], 2) for r in rows], "train s:", [round(r["train_seconds"], 2) for r in rows])
     return [r["images_per_s"] for r in rows]
 
 

@@ -51,6 +51,7 @@ class DataConfig:
     augment: str = _f("auto", choices=("auto", "cifar", "imagenet", "none"), help="auto picks cifar for <=64px, imagenet above")
     download: bool = _f(False, help="CIFAR: let torchvision fetch the archive when the folder is missing")
     shuffle: str = _f("auto", choices=("auto", "files", "blocks"), help="per-epoch shuffle: file order, or block order too (auto: blocks up to 2 GiB)")
+    shuffle_buffer: int = _f(0, ge=0, help="rows of an extra consumer-side shuffle buffer per worker (costs trainer CPU)")
     synthetic: SyntheticConfig = _f(factory=SyntheticConfig)
 
 

@@ -22,9 +22,11 @@ cost 41 s instead of 1.3 s per 20k-row epoch on 2 cores.
 
 Shuffling. Files are read in a new random order each epoch; ``shuffle="blocks"`` also
 randomises block order (a barrier that holds the whole split's Parquet bytes in the object
-store; ``"auto"`` does it for splits up to 2 GiB on disk). Rows are mixed further by a local
-shuffle buffer on the consumer: :func:`iter_train_batches`. No full ``random_shuffle``: at
-ImageNet size it moves the whole data set every epoch.
+store; ``"auto"`` does it for splits up to 2 GiB on disk). Rows are mixed further inside each map
+batch (up to 1024 rows, permuted in the map task, off the trainer's cores); a consumer-side local
+shuffle buffer is available (``iter_train_batches(shuffle_buffer=...)``, ``data.shuffle_buffer``) but
+off by default: it cost the training process ~15% throughput on 2 cores. No full ``random_shuffle``:
+at ImageNet size it moves the whole data set every epoch.
 
 Determinism. With an integer ``seed``, sample i's augmentation in an epoch is a pure function
 of (seed, Ray's execution index of the dataset = epochs started since the trainer began,
@@ -148,11 +150,14 @@ def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], store: O
     x = _images(ids, images, meta, overlay)
     k = T.n_uniforms(kind)
     if seed is None:
-        u = np.random.default_rng().random((len(ids), k))
+        u = np.random.default_rng().random((len(ids), k + 1))
     else:
-        u = T.sample_uniforms(ids, k, (seed, _execution_index(), version))
-    img = T.train_transform(x, meta, kind, uniforms=u)
-    yield {"sample_id": ids, "label": labels, "image": img.numpy()}
+        u = T.sample_uniforms(ids, k + 1, (seed, _execution_index(), version))
+    img = T.train_transform(x, meta, kind, uniforms=u[:, :k])
+    # Row shuffle inside the map task (a Ray Data worker process), not in the trainer: a consumer-side
+    # shuffle buffer cost the training process ~15% of its throughput on 2 cores (bench/train_throughput.py).
+    perm = np.argsort(u[:, k], kind="stable")
+    yield {"sample_id": ids[perm], "label": labels[perm], "image": img.numpy()[perm]}
 
 
 def _eval_map(batch: dict, meta: dict, store: Optional[str]) -> dict:
@@ -219,12 +224,13 @@ def scoring_dataset(data_dir, *, data_cpus: float = 0.25, mask_store_name: Optio
 
 def iter_train_batches(shard, batch_size: int, *, epoch: int = 0, seed: Optional[int] = 0,
                        shuffle_buffer: Optional[int] = None, drop_last: bool = False, **kwargs):
-    """``shard.iter_torch_batches`` with a local shuffle buffer (default 4 batches) reseeded per epoch.
+    """``shard.iter_torch_batches`` with an optional local shuffle buffer reseeded per epoch (off by default:
+    rows are already permuted in the map tasks; see the module docstring).
 
-    The buffer holds ``shuffle_buffer`` decoded float rows per worker (4 x 64 CIFAR rows = 3 MiB;
-    4 x 256 ImageNet rows = 600 MiB); pass a smaller one for big images.
+    The buffer holds ``shuffle_buffer`` decoded float rows per worker (256 CIFAR rows = 3 MiB;
+    1024 ImageNet rows = 600 MiB).
     """
-    buf = 4 * int(batch_size) if shuffle_buffer is None else int(shuffle_buffer)
+    buf = int(shuffle_buffer or 0)
     local_seed = None if seed is None else (int(seed) * 1_000_003 + int(epoch)) % 2**31
     return shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
                                     local_shuffle_buffer_size=buf or None,

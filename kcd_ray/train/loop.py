@@ -240,7 +240,11 @@ def train_loop_per_worker(config: dict) -> dict | None:
         ids_seen, values_seen = [], []
         steps = skipped = 0
         estep_s = 0.0
-        for batch in iter_train_batches(train_shard, cfg.optim.batch_size, epoch=epoch, seed=cfg.optim.seed):
+        data_wait = 0.0
+        t_wait = time.perf_counter()
+        for batch in iter_train_batches(train_shard, cfg.optim.batch_size, epoch=epoch, seed=cfg.optim.seed,
+                                        shuffle_buffer=cfg.data.shuffle_buffer):
+            data_wait += time.perf_counter() - t_wait
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in ("image", "label", "sample_id")}
             with amp_ctx:
                 out = model(batch, T=T, epoch=epoch)
@@ -268,6 +272,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 estep_s += time.perf_counter() - t_e
             steps += 1
             prog.step(batch["label"].numel(), float(loss.detach()))
+            t_wait = time.perf_counter()
         scheduler.step()
         if steps and skipped > max(2, steps // 10):
             terms = ", ".join(f"{k}={loss_sums[k]:.3g}" for k in sorted(loss_sums))
@@ -303,7 +308,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             "compute_ratio": passes / (c.num_train * (epoch + 1)),
             "T": T if kind == "distill" else None, "lr": optimizer.param_groups[0]["lr"],
             "epoch_seconds": time.perf_counter() - t_epoch, "train_seconds": train_s,
-            "images_per_s": n_seen / max(train_s, 1e-9), "estep_seconds": estep_s, "mstep_seconds": mstep_s,
+            "images_per_s": n_seen / max(train_s, 1e-9), "estep_seconds": estep_s, "mstep_seconds": mstep_s, "data_wait_seconds": data_wait,
             "wall_seconds": wall, "world_size": world, "local_samples": int(local_n),
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
         }
