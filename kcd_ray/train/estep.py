@@ -13,6 +13,7 @@ The pure accumulation (OGVE) lives in `kcd_ray.condense.ogve`.
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,8 +70,11 @@ class Scorer:
     """Ray Data actor: loads the student (and teacher) once, scores batches of un-augmented samples."""
 
     def __init__(self, student_arch: str, num_classes: int, student_state, teacher_path: str, teacher_model: str,
-                 value_fn: str, use_gpu: bool):
+                 value_fn: str, use_gpu: bool, threads: int = 1):
         import ray
+
+        # Ray pins fractional-CPU actors to 1 OpenMP thread; the trainers idle during this pass, so use their share.
+        torch.set_num_threads(max(1, int(threads)))
 
         from kcd_ray.condense.values import VALUE_FNS, needs_teacher
         from kcd_ray.models import build_model, load_model
@@ -109,7 +113,8 @@ def offline_scores(data_dir: str, cfg, student_arch: str, num_classes: int, stud
         Scorer,
         fn_constructor_kwargs=dict(student_arch=student_arch, num_classes=num_classes, student_state=ref,
                                    teacher_path=cfg.distill.teacher, teacher_model=cfg.distill.teacher_model,
-                                   value_fn=cfg.kcd.value_fn, use_gpu=use_gpu),
+                                   value_fn=cfg.kcd.value_fn, use_gpu=use_gpu,
+                                   threads=cfg.optim.threads or math.ceil(cfg.scaling.cpus_per_worker)),
         batch_size=cfg.kcd.offline_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.kcd.offline_actors),
         num_gpus=1 if use_gpu else 0,
