@@ -278,20 +278,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
+    """A YAML file whose top level is a mapping; errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
     """Build a Config from an optional YAML file plus dotted overrides; validated at once."""
     data: dict = dict(base or {})
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
-        data = _merge(data, loaded)
+        data = _merge(data, read_yaml_mapping(path, "config file"))
     apply_overrides(data, list(overrides or []))
     try:
         return _build(Config, data)

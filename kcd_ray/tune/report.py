@@ -37,17 +37,9 @@ def _read_json(p: Path) -> dict:
 
 
 def _read_metrics(p: Path) -> list[dict]:
-    f = p / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    rows = []
-    for i, line in enumerate(f.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ValueError(f"{f}:{i}: not a JSON line (corrupt metrics file)") from None
-    return rows
+    from kcd_ray.train.rundir import RunDir
+
+    return RunDir(p).read_metrics()
 
 
 def load_run(p: Path) -> dict:

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from kcd_ray.config import ConfigError, parse_scalar, apply_overrides, config_from_dict, to_dict
+from kcd_ray.config import ConfigError, parse_scalar, read_yaml_mapping, apply_overrides, config_from_dict, to_dict
 from kcd_ray.tune.space import Dim, field_kind, parse_space, set_dotted
 
 SWEEP_KEYS = ("name", "description", "base", "kind", "overrides", "space", "search", "num_samples", "metric", "mode",
@@ -167,14 +167,7 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
         raw, where, sweep_dir, stem = copy.deepcopy(src), "<inline sweep>", Path.cwd(), "sweep"
     else:
         p = Path(src)
-        if not p.is_file():
-            raise ConfigError(f"sweep file {p} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
+        raw = read_yaml_mapping(p, "sweep file")
         where, sweep_dir, stem = str(p), p.resolve().parent, p.stem
     unknown = [k for k in raw if k not in SWEEP_KEYS]
     if unknown:
