@@ -166,7 +166,7 @@ def test_init_stage_losses_fall_and_train_the_right_modules(method):
 def test_methods_without_init_stage_refuse_init_losses():
     d = make("kd")
     assert d.init_stage_epochs() == 0
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="has no initialisation stage"):
         d(make_batch(), 4.0, 0, init_stage=True)
 
 

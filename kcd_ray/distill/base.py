@@ -185,7 +185,7 @@ class Distiller(nn.Module):
         return 0
 
     def init_stage_losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(f"method {self.name!r} has no initialisation stage")
+        raise ValueError(f"distill.method: {self.name!r} has no initialisation stage (only ab, ft and fsp do)")
 
     def init_stage_parameters(self) -> list[nn.Parameter]:
         """What the init stage trains (RepDistiller: connectors and/or the student's feature layers)."""

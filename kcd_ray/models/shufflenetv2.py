@@ -88,7 +88,7 @@ class ShuffleNetV2(nn.Module):
         return nn.ModuleList([self.conv1, self.bn1, self.layer1, self.layer2, self.layer3])
 
     def get_bn_before_relu(self):
-        raise NotImplementedError("ShuffleV2 has no BN-before-ReLU features (RepDistiller: not supported)")
+        raise ValueError("ShuffleV2 has no BN-before-ReLU features (RepDistiller: not supported)")
 
     def forward(self, x: torch.Tensor, is_feat: bool = False, preact: bool = False):
         f0 = F.relu(self.bn1(self.conv1(x)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 from pathlib import Path
@@ -22,7 +23,7 @@ def log(msg: str) -> None:
     print(f"[kcd_ray.data] {msg}", flush=True)
 
 
-class Source:
+class Source(abc.ABC):
     """A raw data source that converts itself into the Parquet format of ``parquet_io``.
 
     Subclasses set ``name`` and implement ``key()`` (the prepared folder's name: it must change
@@ -44,8 +45,9 @@ class Source:
     def key(self) -> str:
         return self.name
 
-    def build(self, out_dir: Path, log: Callable[[str], None] = log) -> dict:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def build(self, out_dir: Path, log: Callable[[str], None] = log) -> dict:
+        """Write the splits' Parquet files into out_dir and return the meta dict."""
 
 
 def short_hash(obj) -> str:
