@@ -101,8 +101,11 @@ def test_rho_one_trains_as_many_samples_as_kd(teacher, tmp_path):
     _, tdir = teacher
     common = {"optim.epochs": 3, "distill.teacher": str(tdir / "final_model.pt"), "kcd.interval": 1, "kcd.rho": 1.0}
     kcd = fit(_cfg(tmp_path, **common, **{"run.name": "rho1"}), kind="distill")
-    kd = fit(_cfg(tmp_path, **common, **{"run.name": "kd", "kcd.enabled": False}), kind="distill")
+    kd = fit(_cfg(tmp_path, **common, **{"run.name": "kd", "kcd.enabled": False, "optim.eval_every": 3}), kind="distill")
     assert kcd["sample_passes"] == kd["sample_passes"] == 3 * kd["num_train"]
+    rows = [json.loads(x) for x in (Path(kd["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["evaluated"] for r in rows] == [True, False, True]  # first, every 3rd and the last epoch
+    assert rows[1]["top1"] == rows[0]["top1"] and all(r["skipped_steps"] == 0 for r in rows)
     assert kd["kcd_enabled"] is False and kcd["kcd_enabled"] is True
 
 

@@ -91,8 +91,9 @@ class Scorer:
 
     def __call__(self, batch: dict) -> dict:
         with torch.no_grad():
-            x = torch.as_tensor(batch["image"]).to(self.device)
-            y = torch.as_tensor(batch["label"]).to(self.device)
+            # Ray hands read-only arrays; copy so torch never wraps memory it must not write.
+            x = torch.from_numpy(np.array(batch["image"])).to(self.device)
+            y = torch.from_numpy(np.array(batch["label"])).to(self.device)
             zs = self.student(x).float()
             zt = self.teacher(x).float() if self.teacher is not None else None
             v = self.fn(zs, zt, y)

@@ -218,6 +218,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         _init_stage(model, raw, train_shard, cfg, device, amp_ctx, verbose)
 
     test_batches = _TestBatches(test_shard, cfg.optim.eval_batch_size)
+    last_ev = None
 
     for epoch in range(start_epoch, epochs):
         t_epoch = time.perf_counter()
@@ -294,7 +295,10 @@ def train_loop_per_worker(config: dict) -> dict | None:
         passes += int(n_seen)
         train_s = time.perf_counter() - t_epoch
 
-        ev = evaluate(raw, test_batches(), device, rank, world, amp_ctx)
+        evaluated = last_ev is None or (epoch + 1) % cfg.optim.eval_every == 0 or epoch == epochs - 1
+        if evaluated:
+            last_ev = evaluate(raw, test_batches(), device, rank, world, amp_ctx)
+        ev = dict(last_ev)  # optim.eval_every > 1: skipped epochs carry the last evaluation
         best = max(best, ev["top1"])
         wall = wall_offset + (time.perf_counter() - t_run)
         m = {
@@ -310,6 +314,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
             "epoch_seconds": time.perf_counter() - t_epoch, "train_seconds": train_s,
             "images_per_s": n_seen / max(train_s, 1e-9), "estep_seconds": estep_s, "mstep_seconds": mstep_s, "data_wait_seconds": data_wait,
             "wall_seconds": wall, "world_size": world, "local_samples": int(local_n),
+            "skipped_steps": skipped, "evaluated": evaluated,
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
         }
         history.append(m)
@@ -317,7 +322,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
         ckpt_obj = None
         if rank == 0:
             run_dir.write_metrics(history)
-            if ev["top1"] >= best:
+            if evaluated and ev["top1"] >= best:
                 save_model(run_dir.path / "best_model.pt", raw.student, extra={"epoch": epoch, "top1": ev["top1"]})
             if verbose:
                 say("[kcd_ray] " + format_epoch(m))
