@@ -18,3 +18,15 @@ def ray_session():
                  logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny nets gain nothing from intra-op threads, and on a shared 2-core machine OpenMP spinning made two
+    threads 10-40x slower than one: modules of small-model tests run single-threaded."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,12 +13,7 @@ from kcd_ray.config import ConfigError, DistillConfig, TemperatureConfig, load_c
 from kcd_ray.distill import DISTILLERS, build_distiller, build_temperature, default_beta, kd_kl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()  # tiny nets: one thread avoids OpenMP spinning on a shared machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pair(seed=0, num_classes=5):

@@ -26,14 +26,7 @@ STAGED = ["ab", "fsp", "ft"]
 HAS_OWN_TERM = [m for m in ALL if m not in ("ce", "kd", "ab", "fsp")]  # AB/FSP: init stage only by default
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny nets gain nothing from threads, and on a shared 2-core machine OpenMP spinning makes
-    # two threads many times slower than one.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make(method, *, seed=0, teacher=True, options=None, teacher_net=None, **cfg_kw):

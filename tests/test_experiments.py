@@ -21,13 +21,7 @@ PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "re
          ("wrn_40_2", "ShuffleV1")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One step per pair is tiny: extra threads only fight over the shared cores (10x slower when loaded).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_generated_recipes_match_the_generator():

@@ -34,14 +34,7 @@ NO_PREACT = {"MobileNetV2"}
 _CACHE: dict[str, nn.Module] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Batches here are tiny: on a shared 2-core machine two intra-op threads only contend
-    (measured 10-40x slower under load), so run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cached(name: str) -> nn.Module:
