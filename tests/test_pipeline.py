@@ -201,6 +201,31 @@ def test_overlay_rejects_bad_plans(tmp_path):
         write_blend_overlay(d, tmp_path / "ov", 1, [1], [99], [0.8])
 
 
+def test_damaged_overlay_files_are_named(tmp_path):
+    """A truncated or missing blend file is reported with its path (checked on resume, and by the reader)."""
+    from kcd_ray.data.blend import _BUCKETS, check_overlay
+
+    d, _ = make_prepared(tmp_path / "ds", n_train=16)
+    m = write_blend_overlay(d, tmp_path / "ov", 1, [1, 9], [2, 10], [1.0, 0.7], bucket_size=8)
+    check_overlay(m)  # intact: silent
+    check_overlay(None)
+    bucket = tmp_path / "ov" / m["buckets"]["1"]
+    bucket.write_bytes(bucket.read_bytes()[:20])  # truncated
+    _BUCKETS.clear()
+    with pytest.raises(ValueError, match=str(bucket)):
+        check_overlay(m)
+    with pytest.raises(ValueError, match=str(bucket)):
+        overlay_lookup(m, np.array([9]))
+    bucket.unlink()
+    with pytest.raises(ValueError, match=str(bucket)):
+        check_overlay(m)
+    m2 = write_blend_overlay(d, tmp_path / "ov2", 1, [1], [2], [0.8])
+    ids = tmp_path / "ov2" / m2["ids_file"]
+    ids.write_bytes(b"junk")
+    with pytest.raises(ValueError, match=str(ids)):
+        check_overlay(m2)
+
+
 # --------------------------------------------------------------------------- Ray Data (real local Ray)
 
 
@@ -297,3 +322,32 @@ def test_mask_and_overlay_reach_the_next_epoch_and_every_shard(ray_local, tmp_pa
     [t.join(timeout=120) for t in threads]
     assert len(got[0]) == len(got[1]) == 4
     np.testing.assert_array_equal(np.sort(np.concatenate([got[0], got[1]])), kept[:8])
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("decode_in_actor", [True, False])
+def test_offline_scores_equal_a_plain_torch_pass_over_the_current_images(ray_local, tmp_path, decode_in_actor):
+    """The offline E-step scores every sample once, on its current (blended) image, un-augmented: the values
+    equal the value function applied by hand, whether the scoring actor or separate tasks decode."""
+    from kcd_ray.condense.values import VALUE_FNS
+    from kcd_ray.config import load_config
+    from kcd_ray.data.mask import get_mask_store, publish_mask
+    from kcd_ray.models import build_model
+    from kcd_ray.train.estep import offline_scores
+
+    d, data = make_prepared(tmp_path / "ds", n_train=40)
+    name = f"test_offline_{tmp_path.name}"
+    get_mask_store(name, create=True)
+    tail, lost, w = np.array([3, 30]), np.array([4, 31]), np.array([1.0, 0.7])
+    publish_mask(name, 1, np.array([0, 3, 30]), write_blend_overlay(d, tmp_path / "ov", 1, tail, lost, w))
+    torch.manual_seed(0)
+    student = build_model("resnet8", 5).eval()
+    cfg = load_config(base={"model": "resnet8", "optim": {"threads": 1}, "kcd": {"offline_batch_size": 16}})
+    ids, vals = offline_scores(str(d), cfg, "resnet8", 5, student.state_dict(), mask_store=name,
+                               decode_in_actor=decode_in_actor)
+    np.testing.assert_array_equal(ids, np.arange(40))  # condensed-away samples are scored too
+    imgs = data["train"][1].copy()
+    imgs[tail] = blend_uint8(imgs[tail], imgs[lost], w)
+    with torch.no_grad():
+        expect = VALUE_FNS.get("entropy")(student(torch.from_numpy(_norm(imgs))), None, torch.as_tensor(data["train"][0]))
+    np.testing.assert_allclose(vals, expect.numpy(), rtol=1e-4, atol=1e-5)

@@ -157,16 +157,30 @@ def test_corrupt_checkpoint_names_the_file_and_keeps_the_run(teacher, tmp_path):
     from kcd_ray.train.run import fit
 
     _, tdir = teacher
-    cfg = _cfg(tmp_path, **{"optim.epochs": 1, "run.name": "corrupt", "distill.teacher": str(tdir / "final_model.pt")})
-    fit(cfg, kind="distill")
+    over = {"run.name": "corrupt", "distill.teacher": str(tdir / "final_model.pt"), "kcd.interval": 1,
+            "kcd.stages": 2, "kcd.rho": 0.5}
+    fit(_cfg(tmp_path, **over, **{"optim.epochs": 2}), kind="distill")
     run_dir = tmp_path / "runs" / "corrupt"
+
+    def snapshot():
+        return sorted((str(p.relative_to(run_dir)), p.stat().st_size) for p in run_dir.rglob("*") if p.is_file())
+
+    # a damaged blend file of the current mask: named before any training restarts
+    bucket = sorted((run_dir / "blends").rglob("bucket-*.parquet"))[-1]
+    good = bucket.read_bytes()
+    bucket.write_bytes(good[:16])
+    before = snapshot()
+    with pytest.raises(ValueError, match=str(bucket)):
+        fit(_cfg(tmp_path, **over, **{"optim.epochs": 3}), kind="distill")
+    assert snapshot() == before
+    bucket.write_bytes(good)
+    # a corrupt run state
     state = run_dir / "local_checkpoint" / "state.pt"
     state.write_bytes(b"not a checkpoint")
-    before = sorted(p.name for p in run_dir.iterdir())
+    before = snapshot()
     with pytest.raises(CheckpointError, match=str(state)):
-        fit(_cfg(tmp_path, **{"optim.epochs": 2, "run.name": "corrupt", "distill.teacher": str(tdir / "final_model.pt")}),
-            kind="distill")
-    assert sorted(p.name for p in run_dir.iterdir()) == before
+        fit(_cfg(tmp_path, **over, **{"optim.epochs": 3}), kind="distill")
+    assert snapshot() == before
     assert state.read_bytes() == b"not a checkpoint"  # nothing overwritten
 
 

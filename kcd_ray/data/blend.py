@@ -78,8 +78,33 @@ def overlay_ids(manifest: Optional[dict]) -> np.ndarray:
     return np.load(Path(manifest["root"]) / manifest["ids_file"])
 
 
+def check_overlay(manifest: Optional[dict]) -> None:
+    """Fail now, naming the file, if an overlay's files are missing or unreadable (used on resume, so a damaged
+    run folder is reported before training restarts rather than from inside a Ray Data task)."""
+    if not manifest:
+        return
+    files = [Path(manifest["root"]) / rel for rel in manifest["buckets"].values()]
+    for f in files:
+        try:
+            md = pq.read_metadata(f)
+        except Exception as e:  # noqa: BLE001 - missing, truncated or not Parquet
+            raise ValueError(f"{f}: unreadable blend overlay file of version {manifest.get('version')} "
+                             f"({type(e).__name__}: {e}); start a new run.name or restore the run folder") from None
+        if not {"sample_id", "image"} <= set(md.schema.names):
+            raise ValueError(f"{f}: blend overlay file lacks sample_id/image columns (has {md.schema.names})")
+    if manifest.get("ids_file"):
+        f = Path(manifest["root"]) / manifest["ids_file"]
+        try:
+            np.load(f)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{f}: unreadable blend overlay id list ({type(e).__name__}: {e})") from None
+
+
 def _read_bucket_file(path: Path, shape) -> tuple[np.ndarray, np.ndarray]:
-    t = pq.read_table(path, columns=["sample_id", "image"])
+    try:
+        t = pq.read_table(path, columns=["sample_id", "image"])
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path}: unreadable blend overlay file ({type(e).__name__}: {e})") from None
     ids = t.column("sample_id").to_numpy()
     imgs = decode_images(t.column("image").to_pylist(), {"image_shape": list(shape), "encoding": "raw"})
     return ids, imgs

@@ -160,7 +160,8 @@ def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], store: O
     yield {"sample_id": ids[perm], "label": labels[perm], "image": img.numpy()[perm]}
 
 
-def _eval_map(batch: dict, meta: dict, store: Optional[str]) -> dict:
+def eval_batch(batch: dict, meta: dict, store: Optional[str] = None) -> dict:
+    """Decode (overlay images first, with ``store``) and normalise one raw Parquet batch, no augmentation."""
     ids = np.asarray(batch["sample_id"], np.int64)
     overlay = None
     if store:
@@ -209,17 +210,21 @@ def eval_dataset(data_dir, split: str = "test", data_cpus: float = 0.25, *, mask
     meta = T.read_meta(data_dir)
     cpus = _check_cpus(data_cpus)
     ds = _read(_split_dir(data_dir, split), cpus)
-    return ds.map_batches(_eval_map, fn_kwargs=dict(meta=meta, store=mask_store_name),
+    return ds.map_batches(eval_batch, fn_kwargs=dict(meta=meta, store=mask_store_name),
                           batch_size=_map_batch_rows(meta), batch_format="numpy", num_cpus=cpus,
                           compute=_compute())
 
 
-def scoring_dataset(data_dir, *, data_cpus: float = 0.25, mask_store_name: Optional[str] = None):
+def scoring_dataset(data_dir, *, data_cpus: float = 0.25, mask_store_name: Optional[str] = None, decode: bool = True):
     """Every training sample once, un-augmented (condensed-away ones included), for the offline E-step.
 
     Base images by default; with ``mask_store_name`` the current blended images where they exist.
+    ``decode=False`` returns the raw Parquet rows: the consumer then calls :func:`eval_batch` itself
+    (the CPU scorer does, so decoded float images never cross a process boundary).
     """
-    return eval_dataset(data_dir, "train", data_cpus, mask_store_name=mask_store_name)
+    if decode:
+        return eval_dataset(data_dir, "train", data_cpus, mask_store_name=mask_store_name)
+    return _read(_split_dir(data_dir, "train"), _check_cpus(data_cpus))
 
 
 def iter_train_batches(shard, batch_size: int, *, epoch: int = 0, seed: Optional[int] = 0,

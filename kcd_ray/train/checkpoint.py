@@ -8,6 +8,7 @@ the whole KCD state (accumulators, mask version, blend bookkeeping).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,6 +42,34 @@ def save_run_checkpoint(path: str | os.PathLike, *, distiller, optimizer, schedu
     torch.save(state, tmp)
     os.replace(tmp, path / "state.pt")
     return path
+
+
+def save_local_checkpoint(folder: str | os.PathLike, **kwargs) -> Path:
+    """In-process runs keep one checkpoint folder of their own; replace it whole, never half.
+
+    The new checkpoint is written next to it, then swapped in by two renames. A crash at any point leaves
+    either the old or the new folder complete (``latest_local_checkpoint`` finds whichever survived), so
+    ``model.pt`` and ``state.pt`` always come from the same epoch.
+    """
+    folder = Path(folder)
+    partial, prev = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".prev")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_run_checkpoint(partial, **kwargs)
+    if folder.exists():
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(folder, prev)
+    os.replace(partial, folder)
+    shutil.rmtree(prev, ignore_errors=True)
+    return folder
+
+
+def latest_local_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The complete in-process checkpoint folder, if any (the previous one after a crash mid-swap)."""
+    folder = Path(folder)
+    for d in (folder, folder.with_name(folder.name + ".prev")):
+        if (d / "state.pt").is_file():
+            return d
+    return None
 
 
 def load_run_checkpoint(path: str | os.PathLike) -> dict:

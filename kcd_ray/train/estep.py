@@ -67,10 +67,15 @@ def read_value_table(path) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Scorer:
-    """Ray Data actor: loads the student (and teacher) once, scores batches of un-augmented samples."""
+    """Ray Data actor: loads the student (and teacher) once, scores batches of un-augmented samples.
+
+    With ``decode`` (a data set dict: ``{"data_dir", "store"}``) it takes raw Parquet rows and decodes them
+    itself: on CPU that saves a process hop of 4x-larger float images (bench/kcd_overhead.py). On GPU the
+    decode stays in separate CPU tasks so it overlaps with inference.
+    """
 
     def __init__(self, student_arch: str, num_classes: int, student_state, teacher_path: str, teacher_model: str,
-                 value_fn: str, use_gpu: bool, threads: int = 1):
+                 value_fn: str, use_gpu: bool, threads: int = 1, decode: dict | None = None):
         import ray
 
         # Ray pins fractional-CPU actors to 1 OpenMP thread; the trainers idle during this pass, so use their share.
@@ -88,8 +93,17 @@ class Scorer:
         if needs_teacher(value_fn):
             self.teacher = load_model(teacher_path, name=teacher_model or None, num_classes=num_classes).to(self.device).eval()
         self.fn = VALUE_FNS.get(value_fn)
+        self.decode = None
+        if decode is not None:
+            from kcd_ray.data import transforms as T
+
+            self.decode = dict(meta=T.read_meta(decode["data_dir"]), store=decode.get("store"))
 
     def __call__(self, batch: dict) -> dict:
+        if self.decode is not None:
+            from kcd_ray.data.pipeline import eval_batch
+
+            batch = eval_batch(batch, **self.decode)
         with torch.no_grad():
             # Ray hands read-only arrays; copy so torch never wraps memory it must not write.
             x = torch.from_numpy(np.array(batch["image"])).to(self.device)
@@ -101,21 +115,27 @@ class Scorer:
 
 
 def offline_scores(data_dir: str, cfg, student_arch: str, num_classes: int, student_state,
-                   mask_store: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Distributed scoring of the whole training set on an actor pool: (sample ids, values), sorted by id."""
+                   mask_store: str | None = None, decode_in_actor: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Distributed scoring of the whole training set on an actor pool: (sample ids, values), sorted by id.
+
+    ``decode_in_actor``: None picks it (CPU actors decode their own batches, GPU actors get decoded ones).
+    """
     import ray
 
     from kcd_ray.data.pipeline import scoring_dataset
 
     use_gpu = cfg.scaling.use_gpu != "false" and bool(ray.cluster_resources().get("GPU", 0))
     ref = ray.put({k: v.cpu() for k, v in student_state.items()})
-    ds = scoring_dataset(data_dir, data_cpus=cfg.scaling.data_cpus, mask_store_name=mask_store)
+    if decode_in_actor is None:
+        decode_in_actor = not use_gpu
+    ds = scoring_dataset(data_dir, data_cpus=cfg.scaling.data_cpus, mask_store_name=mask_store, decode=not decode_in_actor)
     scored = ds.map_batches(
         Scorer,
         fn_constructor_kwargs=dict(student_arch=student_arch, num_classes=num_classes, student_state=ref,
                                    teacher_path=cfg.distill.teacher, teacher_model=cfg.distill.teacher_model,
                                    value_fn=cfg.kcd.value_fn, use_gpu=use_gpu,
-                                   threads=cfg.optim.threads or math.ceil(cfg.scaling.cpus_per_worker)),
+                                   threads=cfg.optim.threads or math.ceil(cfg.scaling.cpus_per_worker),
+                                   decode=dict(data_dir=str(data_dir), store=mask_store) if decode_in_actor else None),
         batch_size=cfg.kcd.offline_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.kcd.offline_actors),
         num_gpus=1 if use_gpu else 0,

@@ -24,7 +24,8 @@ from kcd_ray.config import config_from_dict
 from kcd_ray.data.pipeline import iter_train_batches
 from kcd_ray.models import save_model
 from kcd_ray.train import estep, mstep
-from kcd_ray.train.checkpoint import load_run_checkpoint, restore_into, save_run_checkpoint
+from kcd_ray.train.checkpoint import (latest_local_checkpoint, load_run_checkpoint, restore_into, save_local_checkpoint,
+                                      save_run_checkpoint)
 from kcd_ray.train.components import build_components
 from kcd_ray.train.metrics import Progress, format_epoch, say, summarize, topk_correct
 from kcd_ray.train.rundir import RunDir
@@ -86,8 +87,7 @@ def _barrier() -> None:
 
 def _latest_local_checkpoint(run_dir: RunDir):
     # In-process mode (num_workers=0) has no Ray-managed checkpoints: we keep our own.
-    d = run_dir.path / "local_checkpoint"
-    return d if (d / "state.pt").exists() else None
+    return latest_local_checkpoint(run_dir.path / "local_checkpoint")
 
 
 class _TestBatches:
@@ -326,11 +326,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 save_model(run_dir.path / "best_model.pt", raw.student, extra={"epoch": epoch, "top1": ev["top1"]})
             if verbose:
                 say("[kcd_ray] " + format_epoch(m))
-            ckpt_dir = tempfile.mkdtemp(prefix="kcd_ckpt_") if cfg.scaling.num_workers else str(run_dir.path / "local_checkpoint")
-            save_run_checkpoint(ckpt_dir, distiller=raw, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                kcd_state=kcd, run_state=run_state, config=config["cfg"])
+            parts = dict(distiller=raw, optimizer=optimizer, scheduler=scheduler, scaler=scaler, kcd_state=kcd,
+                         run_state=run_state, config=config["cfg"])
             if cfg.scaling.num_workers:
+                ckpt_dir = tempfile.mkdtemp(prefix="kcd_ckpt_")
+                save_run_checkpoint(ckpt_dir, **parts)
                 ckpt_obj = ray.train.Checkpoint.from_directory(ckpt_dir)
+            else:
+                save_local_checkpoint(run_dir.path / "local_checkpoint", **parts)
         # Node ids of every rank (multi-node placement is checked from these).
         report = {k: v for k, v in m.items() if isinstance(v, (int, float, str)) and v is not None}
         ray.train.report(report, checkpoint=ckpt_obj, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")

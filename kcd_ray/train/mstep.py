@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from kcd_ray.data.blend import write_blend_overlay
+from kcd_ray.data.blend import check_overlay, write_blend_overlay
 from kcd_ray.data.mask import publish_mask
 from kcd_ray.train.metrics import say
 from kcd_ray.train.rundir import RunDir
@@ -57,7 +57,9 @@ def apply_condensation(kcd, result, config: dict, run_dir: RunDir, verbose: bool
 def republish(kcd, config: dict, run_dir: RunDir) -> None:
     """Serve the checkpoint's mask: a re-run driver has a new, empty store, and after a worker-group restart
     the store may hold a newer version published by the lost attempt."""
-    publish_mask(config["mask_store"], kcd.version, kcd.kept_ids(), _load_manifest(run_dir, kcd.version), replace=True)
+    overlay = _load_manifest(run_dir, kcd.version)
+    check_overlay(overlay)
+    publish_mask(config["mask_store"], kcd.version, kcd.kept_ids(), overlay, replace=True)
 
 
 def write_final_mask(kcd, run_dir: RunDir) -> None:
