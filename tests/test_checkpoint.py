@@ -60,3 +60,4 @@ def test_a_folder_without_state_is_not_a_checkpoint(tmp_path):
     assert latest_local_checkpoint(tmp_path / "local_checkpoint") is None
     with pytest.raises(Exception, match="state.pt"):
         load_run_checkpoint(tmp_path / "local_checkpoint")
+

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -36,6 +38,31 @@ def init_ray(cfg: Config) -> None:
         # "local" never attaches to a stray cluster someone else left running (RAY.md).
         ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False,
                  log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    _skip_known_ray_noise(state_api_missing=not address or importlib.util.find_spec("aiohttp") is None)
+
+
+# Lines Ray's own actors print on every run that say nothing about this run; forwarded worker lines matching
+# them are not echoed to the driver (they stay in the session's log files).
+_RAY_NOISE = (
+    # Ray Data's DatasetManager passes a deprecated option internally (Ray 2.60); nothing for a user to change.
+    r"ExecutionOptions\.exclude_resources|self\.exclude_resources = exclude_resources",
+    # Ray Train's own PreemptionWatcher / our Ray Data actors: a generic note about actor restarts (ray#53727).
+    r"has constructor arguments in the object store and max_restarts > 0",
+    # kcd_ray turns Ray Data's progress bars off on purpose (one epoch line instead).
+    r"Progress bars disabled\. To enable",
+)
+# Train V2's PlacementGroupCleaner polls the State API, which needs ray[default]'s dashboard. Without it the
+# actor logs this every second or so for the whole run, and its check can never succeed anyway.
+_STATE_API_NOISE = r"Failed to query Ray Train Controller actor state"
+
+
+def _skip_known_ray_noise(state_api_missing: bool) -> None:
+    from ray._private import ray_logging  # private, Ray 2.60 (pinned <2.61); a user's own skip regex wins
+
+    pattern = re.compile("|".join(_RAY_NOISE + ((_STATE_API_NOISE,) if state_api_missing else ())))
+    for d in (getattr(ray_logging, "stdout_deduplicator", None), getattr(ray_logging, "stderr_deduplicator", None)):
+        if d is not None and getattr(d, "skip_re", "absent") is None:
+            d.skip_re = pattern
 
 
 def quiet_ray_data() -> None:
