@@ -39,12 +39,18 @@ Row order is not deterministic (parallel tasks finish in any order).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from kcd_ray.data import transforms as T
+
+# Our map operators cap concurrency at the cluster's CPU count (see "Worker processes" above); a split of one
+# small file gives them a single block, and Ray Data then warns that the cap is higher than the block count.
+warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for .* only received",
+                        category=UserWarning)
 
 COLUMNS = ["sample_id", "label", "image"]
 SHUFFLES = ("auto", "files", "blocks")

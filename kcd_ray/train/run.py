@@ -50,6 +50,8 @@ _RAY_NOISE = (
     r"has constructor arguments in the object store and max_restarts > 0",
     # kcd_ray turns Ray Data's progress bars off on purpose (one epoch line instead).
     r"Progress bars disabled\. To enable",
+    # streaming_split's coordinator actor announces every epoch's execution; the epoch line already has the time.
+    r"Dataset \S+ execution finished in",
 )
 # Train V2's PlacementGroupCleaner polls the State API, which needs ray[default]'s dashboard. Without it the
 # actor logs this every second or so for the whole run, and its check can never succeed anyway.
