@@ -83,8 +83,8 @@ def check_overlay(manifest: Optional[dict]) -> None:
     run folder is reported before training restarts rather than from inside a Ray Data task)."""
     if not manifest:
         return
-    files = [Path(manifest["root"]) / rel for rel in manifest["buckets"].values()]
-    for f in files:
+    for b in manifest["buckets"]:
+        f = _bucket_path(manifest, b)
         try:
             md = pq.read_metadata(f)
         except Exception as e:  # noqa: BLE001 - missing, truncated or not Parquet
@@ -92,12 +92,11 @@ def check_overlay(manifest: Optional[dict]) -> None:
                              f"({type(e).__name__}: {e}); start a new run.name or restore the run folder") from None
         if not {"sample_id", "image"} <= set(md.schema.names):
             raise ValueError(f"{f}: blend overlay file lacks sample_id/image columns (has {md.schema.names})")
-    if manifest.get("ids_file"):
+    try:
+        overlay_ids(manifest)
+    except Exception as e:  # noqa: BLE001
         f = Path(manifest["root"]) / manifest["ids_file"]
-        try:
-            np.load(f)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{f}: unreadable blend overlay id list ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{f}: unreadable blend overlay id list ({type(e).__name__}: {e})") from None
 
 
 def _read_bucket_file(path: Path, shape) -> tuple[np.ndarray, np.ndarray]:

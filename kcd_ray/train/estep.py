@@ -66,6 +66,12 @@ def read_value_table(path) -> tuple[np.ndarray, np.ndarray]:
     return t.column("sample_id").to_numpy().astype(np.int64), t.column("value").to_numpy().astype(np.float32)
 
 
+def _writable(a) -> np.ndarray:
+    # Ray hands read-only arrays; copy those (only) so torch never wraps memory it must not write.
+    a = np.asarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
 class Scorer:
     """Ray Data actor: loads the student (and teacher) once, scores batches of un-augmented samples.
 
@@ -95,19 +101,19 @@ class Scorer:
         self.fn = VALUE_FNS.get(value_fn)
         self.decode = None
         if decode is not None:
-            from kcd_ray.data import transforms as T
+            from functools import partial
 
-            self.decode = dict(meta=T.read_meta(decode["data_dir"]), store=decode.get("store"))
+            from kcd_ray.data import transforms as T
+            from kcd_ray.data.pipeline import eval_batch
+
+            self.decode = partial(eval_batch, meta=T.read_meta(decode["data_dir"]), store=decode.get("store"))
 
     def __call__(self, batch: dict) -> dict:
         if self.decode is not None:
-            from kcd_ray.data.pipeline import eval_batch
-
-            batch = eval_batch(batch, **self.decode)
+            batch = self.decode(batch)
         with torch.no_grad():
-            # Ray hands read-only arrays; copy so torch never wraps memory it must not write.
-            x = torch.from_numpy(np.array(batch["image"])).to(self.device)
-            y = torch.from_numpy(np.array(batch["label"])).to(self.device)
+            x = torch.from_numpy(_writable(batch["image"])).to(self.device)
+            y = torch.from_numpy(_writable(batch["label"])).to(self.device)
             zs = self.student(x).float()
             zt = self.teacher(x).float() if self.teacher is not None else None
             v = self.fn(zs, zt, y)

@@ -85,9 +85,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _latest_local_checkpoint(run_dir: RunDir):
+def _local_checkpoint_dir(run_dir: RunDir):
     # In-process mode (num_workers=0) has no Ray-managed checkpoints: we keep our own.
-    return latest_local_checkpoint(run_dir.path / "local_checkpoint")
+    return run_dir.path / "local_checkpoint"
 
 
 class _TestBatches:
@@ -191,10 +191,9 @@ def train_loop_per_worker(config: dict) -> dict | None:
     ckpt = ray.train.get_checkpoint()
     source = None
     if ckpt is not None:
-        local = ckpt.to_directory()
-        source = local
-    elif world == 1 and _latest_local_checkpoint(run_dir) is not None:
-        source = str(_latest_local_checkpoint(run_dir))
+        source = ckpt.to_directory()
+    elif world == 1 and (local := latest_local_checkpoint(_local_checkpoint_dir(run_dir))) is not None:
+        source = str(local)
     if source is not None:
         state = load_run_checkpoint(source)
         run = restore_into(state, distiller=raw, optimizer=optimizer, scheduler=scheduler, scaler=scaler, kcd_state=kcd, source=source)
@@ -333,7 +332,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
                 save_run_checkpoint(ckpt_dir, **parts)
                 ckpt_obj = ray.train.Checkpoint.from_directory(ckpt_dir)
             else:
-                save_local_checkpoint(run_dir.path / "local_checkpoint", **parts)
+                save_local_checkpoint(_local_checkpoint_dir(run_dir), **parts)
         # Node ids of every rank (multi-node placement is checked from these).
         report = {k: v for k, v in m.items() if isinstance(v, (int, float, str)) and v is not None}
         ray.train.report(report, checkpoint=ckpt_obj, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
