@@ -7,7 +7,7 @@ throughput against a plain PyTorch inference loop over the same data.
 Online: the same distillation (1 Train worker) with KCD off (plain KD) and on with rho=1 (mask served, values
 recorded and gathered, condensation every epoch, nothing dropped), steady-state epochs only. Reports the in-loop
 E-step/M-step seconds as a share of epoch time and the A/B difference of epoch times.
-Offline: `kcd_ray.train.estep.offline_scores` (Ray Data, actor pool) against a torch loop that reads the same
+Offline: `kcd_ray.ray_layer.scoring.offline_scores` (Ray Data, actor pool) against a torch loop that reads the same
 Parquet, decodes, normalises, runs the student and the value function.
 """
 
@@ -48,7 +48,7 @@ def base_cfg(work: Path, args, **over):
 
 
 def online(work: Path, args) -> None:
-    from kcd_ray.train.run import fit
+    from kcd_ray.ray_layer.trainer import fit
 
     rows = {}
     for name, enabled in (("kd", False), ("kcd", True)):
@@ -65,8 +65,8 @@ def online(work: Path, args) -> None:
 def offline(work: Path, args) -> None:
     import ray
 
-    from kcd_ray.train.estep import offline_scores
-    from kcd_ray.condense.values import VALUE_FNS
+    from kcd_ray.ray_layer.scoring import offline_scores
+    from kcd_ray.condense.values import VALUE_FNS, make_context
 
     cfg = base_cfg(work, args, **{"kcd.estep": "offline", "kcd.offline_actors": 1})
     data_dir = prepare_dataset(cfg.data, verbose=False)
@@ -81,7 +81,7 @@ def offline(work: Path, args) -> None:
         for rb in iter_split(data_dir, "train", batch_size=cfg.kcd.offline_batch_size):
             d = rb.to_pydict()
             x = T.eval_transform(T.decode_images(list(d["image"]), meta), meta)
-            fn(student(x), None, torch.as_tensor(d["label"]))
+            fn(student(x), None, torch.as_tensor(d["label"]), make_context(np.asarray(d["sample_id"]), 0, 0, 1.0))
             n += len(d["label"])
     base = n / (time.perf_counter() - t0)
     if not ray.is_initialized():
@@ -90,7 +90,7 @@ def offline(work: Path, args) -> None:
     rates = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        ids, _vals = offline_scores(str(data_dir), cfg, args.student, 10, student.state_dict())
+        ids, _vals = offline_scores(str(data_dir), cfg, student.state_dict(), epoch=0)
         rates.append(len(ids) / (time.perf_counter() - t0))
         assert len(ids) == n and np.array_equal(ids, np.arange(n))
     ours = max(rates)

@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--kcd", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra overrides for the KCD run only, e.g. kcd.estep=offline kcd.mode=single")
     args = ap.parse_args()
-    from kcd_ray.train.run import fit
+    from kcd_ray.ray_layer.trainer import fit
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kcd_dups_"))
     t = fit(cfg_for(work, args, 0, model=args.teacher, **{"run.name": "teacher", "optim.epochs": 15}), kind="teacher")

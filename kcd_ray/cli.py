@@ -27,14 +27,14 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train_teacher(args) -> int:
-    from kcd_ray.train.run import fit
+    from kcd_ray.ray_layer.trainer import fit
 
     fit(_cfg(args), kind="teacher")
     return 0
 
 
 def cmd_distill(args) -> int:
-    from kcd_ray.train.run import fit
+    from kcd_ray.ray_layer.trainer import fit
 
     fit(_cfg(args), kind="distill")
     return 0
@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_config)
 
     try:
-        from kcd_ray.tune import report as _report
-        from kcd_ray.tune import sweep as _sweep
+        from kcd_ray.ray_layer.tune import report as _report
+        from kcd_ray.ray_layer.tune import sweep as _sweep
     except ImportError:  # pragma: no cover - tune extras are part of the base install
         _report = _sweep = None
     if _sweep is not None:
@@ -107,16 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure is one line on stderr (the traceback, when there is one, in the run folder's error.log):
+    exit 2 for bad input or files, 1 for anything else, 130 for Ctrl-C."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"kcd-ray: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"kcd-ray: error: {msg}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt as e:
+        print(f"kcd-ray: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, whatever raised it (the run folder keeps the traceback)
+        from kcd_ray.errors import USER_ERRORS, one_line
+
+        kind = "error" if isinstance(e, USER_ERRORS) else "internal error"
+        print(f"kcd-ray: {kind}: {one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, USER_ERRORS) else 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ a value out of range or a name that is not registered fails at once with a one-l
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from kcd_ray.registry import registry_names
 
 
 class ConfigError(ValueError):
@@ -50,7 +53,7 @@ class DataConfig:
     image_size: int = _f(32, ge=8, help="digits: resize 8x8 handwriting to this size; folder: eval/crop size")
     augment: str = _f("auto", choices=("auto", "cifar", "imagenet", "none"), help="auto picks cifar for <=64px, imagenet above")
     download: bool = _f(False, help="CIFAR: let torchvision fetch the archive when the folder is missing")
-    shuffle: str = _f("auto", choices=("auto", "files", "blocks"), help="per-epoch shuffle: file order, or block order too (auto: blocks up to 2 GiB)")
+    shuffle: str = _f("auto", choices=("auto", "full", "block_local", "block_local_files"), help="per-epoch row order: full (= auto) a uniform permutation of the kept set seeded by (seed, epoch); block_local: rows mixed only inside 1024-row blocks, file and block order reshuffled (block order up to 2 GiB); block_local_files: the same without block order")
     shuffle_buffer: int = _f(0, ge=0, help="rows of an extra consumer-side shuffle buffer per worker (costs trainer CPU)")
     synthetic: SyntheticConfig = _f(factory=SyntheticConfig)
 
@@ -93,6 +96,9 @@ class RunConfig:
     ray_address: str = _f("", help="'' = embedded local Ray (or RAY_ADDRESS); 'auto' = attach to a running cluster")
     num_cpus: int = _f(0, ge=0, help="local Ray only: CPUs to give it (0 = all)")
     verbose: int = _f(1, ge=0, le=2)
+    resume: str = _f("auto", choices=("auto", "force", "never"),
+                     help="re-running a run name: auto resumes if the config matches (run.*, scaling.*, optim.epochs may "
+                          "change), force resumes with any change, never starts afresh (the old folder is moved aside)")
 
 
 @dataclass
@@ -121,6 +127,7 @@ class DistillConfig:
 class KCDConfig:
     enabled: bool = True
     value_fn: str = _f("entropy", choices="value_fns")
+    value_T: Optional[float] = _f(None, gt=0.0, help="temperature of the kd value function; None = the distillation temperature of that epoch")
     mode: str = _f("multiple", choices=("multiple", "single"), help="global history or last epoch only")
     estep: str = _f("online", choices=("online", "offline"))
     lam: float = _f(0.03, ge=0.0, help="frequency-calibration exponent")
@@ -152,28 +159,8 @@ class Config:
 
 
 def _registry_names(kind: str) -> list[str]:
-    # Imported lazily: the registries pull in torch, and the config must load without them.
-    if kind == "models":
-        from kcd_ray.models import list_models
-
-        return list_models()
-    if kind == "datasets":
-        from kcd_ray.data import DATASETS
-
-        return DATASETS.names()
-    if kind == "distillers":
-        from kcd_ray.distill import DISTILLERS
-
-        return DISTILLERS.names()
-    if kind == "temperatures":
-        from kcd_ray.distill.temperature import TEMPERATURES
-
-        return TEMPERATURES.names()
-    if kind == "value_fns":
-        from kcd_ray.condense.values import VALUE_FNS
-
-        return VALUE_FNS.names()
-    raise AssertionError(kind)
+    # By name through kcd_ray.registry: config.py imports no package that imports it back (distill does).
+    return registry_names(kind)
 
 
 def _type_name(tp) -> str:
@@ -213,15 +200,32 @@ def _coerce(value: Any, tp, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _float(value, key)
     if tp is str:
         if not isinstance(value, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    return value
+
+
+def _float(value: Any, key: str) -> float:
+    """Every form Python's ``float()`` reads ("1e-4", "5E-4", ".5", 2), and only finite values.
+
+    YAML 1.1 (PyYAML) loads ``1e-4`` as the string '1e-4' (no dot), so strings are parsed here too."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return value
 
 

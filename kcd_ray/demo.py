@@ -68,7 +68,7 @@ def plot_runs(runs: dict[str, list[dict]], path: Path, title: str) -> Path:
 
 
 def run_demo(args) -> dict:
-    from kcd_ray.train.run import fit
+    from kcd_ray.ray_layer.trainer import fit
 
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def run_demo(args) -> dict:
     for label, s in rows:
         print("{:<22} {:>8.2f} {:>8.2f} {:>14d} {:>9.3f} {:>9.1f}".format(
             label, s["final_top1"], s["best_top1"], s["sample_passes"], s["compute_ratio"], s["wall_seconds"]))
-    from kcd_ray.train.rundir import RunDir
+    from kcd_ray.engine.rundir import RunDir
 
     png = plot_runs({"KD": RunDir(out / "kd").read_metrics(), "KD+KCD": RunDir(out / "kcd").read_metrics()},
                     out / "demo.png", f"digits: {teacher_cfg.model} -> {kd_cfg.model}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Dict, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -43,3 +44,21 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+# Where each registry that a config field names lives, as "module:attribute". Looked up by name so that
+# kcd_ray.config (which every package imports) imports none of them: no import cycle, and loading a config
+# needs torch only when a registry name is checked.
+REGISTRIES = {
+    "models": "kcd_ray.models:MODELS",
+    "datasets": "kcd_ray.data:DATASETS",
+    "distillers": "kcd_ray.distill:DISTILLERS",
+    "temperatures": "kcd_ray.distill.temperature:TEMPERATURES",
+    "value_fns": "kcd_ray.condense.values:VALUE_FNS",
+}
+
+
+def registry_names(kind: str) -> list[str]:
+    """Registered names of the registry ``kind`` (a key of ``REGISTRIES``)."""
+    module, attr = REGISTRIES[kind].split(":")
+    return getattr(importlib.import_module(module), attr).names()

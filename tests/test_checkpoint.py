@@ -12,7 +12,7 @@ from kcd_ray.condense.state import KCDState
 from kcd_ray.config import DistillConfig
 from kcd_ray.distill import build_distiller
 from kcd_ray.models import build_model
-from kcd_ray.train.checkpoint import latest_local_checkpoint, load_run_checkpoint, save_local_checkpoint
+from kcd_ray.engine.checkpoint import latest_local_checkpoint, load_run_checkpoint, save_local_checkpoint
 
 
 def _parts(epoch: int):
@@ -23,7 +23,7 @@ def _parts(epoch: int):
     kcd = KCDState(10, interval=1, rho=0.5, stages=2)
     kcd.observe(np.arange(10), np.full(10, float(epoch), np.float32))
     return dict(distiller=d, optimizer=opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, 1), scaler=None,
-                kcd_state=kcd, run_state={"epoch": epoch}, config={})
+                hooks={"kcd": kcd.state_dict()}, run_state={"epoch": epoch}, config={})
 
 
 def _epoch_of(folder):

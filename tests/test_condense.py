@@ -14,10 +14,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from kcd_ray.condense import (VALUE_FNS, CondensationSchedule, KCDState, ValueAccumulator, blend_uint8, mask_version,
-                              needs_labels, needs_teacher, rank, read_mask, select, summary_plan)
+from kcd_ray.condense import (VALUE_FNS, CondensationSchedule, KCDState, ValueAccumulator, ValueContext, blend_uint8,
+                              make_context, mask_version, needs_labels, needs_teacher, rank, read_mask, select,
+                              summary_plan, tie_break_rng)
 import kcd_ray.condense
-from kcd_ray.config import KCDConfig
+from kcd_ray.config import ConfigError, KCDConfig, describe, load_config
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -116,6 +117,29 @@ def test_selection_is_the_top_k_with_ties_broken_by_id(scores, data):
     s = np.asarray(scores)
     if k and dropped.size:
         assert s[kept].min() >= s[dropped].max()
+
+
+@FAST
+@given(scores=scores_st, seed=st.integers(-5, 2**70), stage=st.integers(1, 8), data=st.data())
+def test_seeded_selection_is_still_the_top_k_and_reproducible(scores, seed, stage, data):
+    k = data.draw(st.integers(0, len(scores)))
+    ranking, kept = select(scores, k, tie_break_rng(seed, stage))
+    s = np.asarray(scores)
+    assert sorted(ranking.tolist()) == list(range(len(scores))) and (np.diff(s[ranking]) <= 0).all()
+    assert kept.tolist() == sorted(ranking[:k].tolist())
+    dropped = np.setdiff1d(np.arange(len(scores)), kept)
+    if k and dropped.size:
+        assert s[kept].min() >= s[dropped].max()
+    again, kept2 = select(scores, k, tie_break_rng(seed, stage))
+    assert again.tolist() == ranking.tolist() and kept2.tolist() == kept.tolist()
+
+
+def test_tie_break_rng_depends_on_seed_and_stage():
+    perm = lambda seed, stage: tie_break_rng(seed, stage).permutation(100).tolist()
+    assert perm(0, 1) == perm(0, 1)
+    assert len({str(perm(0, 1)), str(perm(1, 1)), str(perm(0, 2)), str(perm(-1, 1))}) == 4
+    with pytest.raises(ValueError, match="stage"):
+        tie_break_rng(0, -1)
 
 
 def test_rank_with_a_generator_breaks_ties_reproducibly():
@@ -273,7 +297,8 @@ def test_value_functions_on_hand_made_logits():
     s = torch.tensor([[0.0, 0.0, 0.0, 0.0], [20.0, 0.0, 0.0, 0.0], [5.0, 5.0, 0.0, -30.0]], requires_grad=True)
     t = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 20.0, 0.0, 0.0], [5.0, 5.0, 0.0, -30.0]])
     y = torch.tensor([2, 0, 1])
-    out = {name: VALUE_FNS.get(name)(s, t, y, torch.Generator().manual_seed(0)) for name in VALUE_FNS}
+    ctx = make_context(torch.arange(3), epoch=0, seed=0, T=1.0)
+    out = {name: VALUE_FNS.get(name)(s, t, y, ctx) for name in VALUE_FNS}
     for name, v in out.items():
         assert v.shape == (3,) and v.dtype == torch.float32 and not v.requires_grad, name
     assert out["entropy"][0] == pytest.approx(math.log(4), abs=1e-6)  # uniform
@@ -283,7 +308,7 @@ def test_value_functions_on_hand_made_logits():
     assert out["kd"][0] == pytest.approx(0.0, abs=1e-6) and out["kd"][2] == pytest.approx(0.0, abs=1e-6)
     assert out["kd"][1] > 10  # student sure of class 0, teacher of class 1
     ps, pt = torch.softmax(s.detach()[1] / 4, 0), torch.softmax(t[1] / 4, 0)
-    kd4 = VALUE_FNS.get("kd")(s, t, y, T=4.0)
+    kd4 = VALUE_FNS.get("kd")(s, t, y, make_context(torch.arange(3), 0, 0, T=4.0))
     assert kd4[1] == pytest.approx(float((pt * (pt.log() - ps.log())).sum()), rel=1e-5)
     assert out["ce"][0] == pytest.approx(math.log(4), abs=1e-6) and out["ce"][1] < 1e-6
     assert out["ce"][2] == pytest.approx(-math.log(torch.softmax(s.detach()[2], 0)[1].item()), rel=1e-5)
@@ -292,14 +317,14 @@ def test_value_functions_on_hand_made_logits():
     assert out["acc"].tolist() == [1.0, 0.0, 1.0]
     # teacher argmax: 0, 1, 0 -> right on none of the three labels 2, 0, 1
     assert out["acc_teacher"].tolist() == [0.0, 0.0, 0.0]
-    assert VALUE_FNS.get("acc_teacher")(s, t, torch.tensor([0, 1, 0])).tolist() == [1.0, 1.0, 1.0]
+    assert VALUE_FNS.get("acc_teacher")(s, t, torch.tensor([0, 1, 0]), ctx).tolist() == [1.0, 1.0, 1.0]
     r = out["random"]
-    assert ((r >= 0) & (r < 1)).all() and torch.equal(r, VALUE_FNS.get("random")(s, None, None, torch.Generator().manual_seed(0)))
+    assert ((r >= 0) & (r < 1)).all() and torch.equal(r, VALUE_FNS.get("random")(s, None, None, ctx))
 
 
 def test_value_functions_use_float32_for_half_precision_logits():
     s = torch.tensor([[0.0, 0.0], [3.0, -3.0]], dtype=torch.bfloat16)
-    v = VALUE_FNS.get("entropy")(s, None, None)
+    v = VALUE_FNS.get("entropy")(s, None, None, make_context(np.arange(2), 0, 0, 1.0))
     assert v.dtype == torch.float32 and v[0] == pytest.approx(math.log(2), abs=1e-6)
 
 
@@ -307,12 +332,102 @@ def test_needs_teacher_and_missing_inputs():
     assert {n for n in VALUE_FNS if needs_teacher(n)} == {"kd", "acc_teacher"}
     assert {n for n in VALUE_FNS if needs_labels(n)} == {"ce", "acc", "acc_teacher"}
     s = torch.zeros(2, 3)
+    ctx = make_context(np.arange(2), 0, 0, 4.0)
     with pytest.raises(ValueError, match="'kd' needs teacher_logits"):
-        VALUE_FNS.get("kd")(s, None, None)
+        VALUE_FNS.get("kd")(s, None, None, ctx)
     with pytest.raises(ValueError, match="'ce' needs labels"):
-        VALUE_FNS.get("ce")(s, None, None)
+        VALUE_FNS.get("ce")(s, None, None, ctx)
     with pytest.raises(KeyError, match="known: acc"):
         needs_teacher("nope")
+
+
+def _splitmix64_ref(x: int) -> int:
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
+def _random_ref(i: int, epoch: int, seed: int) -> float:
+    """Plain-Python copy of the online E-step's hash (what `train/estep.py` computed before the move)."""
+    base = _splitmix64_ref((seed * 1_000_003 + epoch) & ((1 << 64) - 1))
+    return float(np.float32((_splitmix64_ref(i ^ base) >> 11) / 2.0 ** 53))
+
+
+def test_random_is_a_pure_function_of_seed_epoch_and_id_whatever_the_batching():
+    fn, n = VALUE_FNS.get("random"), 64
+    ids = np.arange(1000, 1000 + n)
+    logits = torch.randn(n, 5)
+    whole = fn(logits, None, None, make_context(torch.from_numpy(ids), epoch=3, seed=7, T=4.0))
+    assert whole.dtype == torch.float32 and whole.shape == (n,) and ((whole >= 0) & (whole < 1)).all()
+    np.testing.assert_array_equal(whole.numpy(), [_random_ref(int(i), 3, 7) for i in ids])
+    # another worker sees the samples shuffled and in batches of other sizes: same value per id
+    order = np.random.default_rng(0).permutation(n)
+    got = np.empty(n, np.float32)
+    for part in np.array_split(order, [5, 6, 30]):
+        got[part] = fn(logits[part], None, None, make_context(ids[part], epoch=3, seed=7, T=1.0)).numpy()
+    np.testing.assert_array_equal(got, whole.numpy())
+    # the offline scorer may have no use for the logits (ids only), and T does not matter
+    np.testing.assert_array_equal(fn(None, None, None, make_context(ids, 3, 7, 0.5)).numpy(), whole.numpy())
+    others = [fn(logits, None, None, make_context(ids, e, s, 1.0)).numpy() for e, s in ((4, 7), (3, 8), (2, 7))]
+    for other in others:
+        assert (other != whole.numpy()).mean() > 0.9  # differs across epochs and seeds
+    big = fn(None, None, None, make_context(np.arange(20000), 0, 0, 1.0)).numpy()
+    assert abs(big.mean() - 0.5) < 0.01 and np.unique(big).size > 19900  # float32: a few birthday collisions
+
+
+def test_value_functions_take_a_context_and_check_it():
+    s = torch.zeros(3, 4)
+    with pytest.raises(TypeError, match="'random': ctx must be a ValueContext"):
+        VALUE_FNS.get("random")(s, None, None, torch.Generator().manual_seed(0))  # the old signature
+    with pytest.raises(TypeError, match="'entropy': ctx must be a ValueContext"):
+        VALUE_FNS.get("entropy")(s, None, None, None)
+    with pytest.raises(ValueError, match="'entropy': 2 sample ids for a batch of 3"):
+        VALUE_FNS.get("entropy")(s, None, None, make_context([0, 1], 0, 0, 1.0))
+    with pytest.raises(ValueError, match="ids >= 0"):
+        VALUE_FNS.get("random")(s, None, None, make_context([0, -1, 2], 0, 0, 1.0))
+    for bad in (dict(T=0.0), dict(T=float("nan")), dict(T=-1.0), dict(sample_ids=np.zeros((3, 1), np.int64)),
+                dict(sample_ids=torch.zeros(3)), dict(epoch=1.5)):
+        kw = {**dict(sample_ids=np.arange(3), epoch=0, seed=0, T=1.0), **bad}
+        with pytest.raises(ValueError, match="ValueContext"):
+            ValueContext(**kw)
+    ctx = ValueContext(np.arange(3, dtype=np.int32), np.int64(2), 5)
+    assert ctx.T == 1.0 and ctx.epoch == 2 and ctx.ids_numpy().dtype == np.int64 and len(ctx) == 3
+
+
+def _kl_by_hand(zs: torch.Tensor, zt: torch.Tensor, T: float) -> list[float]:
+    out = []
+    for s_row, t_row in zip(zs.double().tolist(), zt.double().tolist()):
+        ps = np.exp(np.array(s_row) / T - np.logaddexp.reduce(np.array(s_row) / T))
+        pt = np.exp(np.array(t_row) / T - np.logaddexp.reduce(np.array(t_row) / T))
+        out.append(float((pt * (np.log(pt) - np.log(ps))).sum()))
+    return out
+
+
+def test_kd_value_uses_the_context_temperature_and_value_T_overrides_it():
+    g = torch.Generator().manual_seed(0)
+    zs, zt = 3 * torch.randn(6, 10, generator=g), 3 * torch.randn(6, 10, generator=g)
+    kd, ids = VALUE_FNS.get("kd"), torch.arange(6)
+    at = {T: kd(zs, zt, None, make_context(ids, 5, 0, T)) for T in (1.0, 4.0)}
+    for T, v in at.items():
+        np.testing.assert_allclose(v.numpy(), _kl_by_hand(zs, zt, T), rtol=1e-4, atol=1e-6)
+    assert (at[1.0] > at[4.0] * 2).all()  # a higher temperature softens both: a real difference
+    ctx = make_context(ids, 5, 0, T=4.0, value_T=1.0)  # kcd.value_T wins over the epoch's temperature
+    assert ctx.T == 1.0 and make_context(ids, 5, 0, T=4.0, value_T=None).T == 4.0
+    np.testing.assert_array_equal(kd(zs, zt, None, ctx).numpy(), at[1.0].numpy())
+    with pytest.raises(ValueError, match="ValueContext.T"):
+        make_context(ids, 5, 0, T=4.0, value_T=0.0)
+
+
+def test_value_T_is_a_kcd_option_none_by_default():
+    assert KCDConfig().value_T is None
+    assert load_config(overrides=["kcd.value_T=2.5"]).kcd.value_T == 2.5
+    assert load_config(overrides=["kcd.value_T=null"]).kcd.value_T is None
+    with pytest.raises(ConfigError, match=r"kcd.value_T: 0.0 is out of range; expected > 0"):
+        load_config(overrides=["kcd.value_T=0"])
+    helps = {key: help_ for key, _tp, _default, help_ in describe()}
+    assert "kd value function" in helps["kcd.value_T"]
 
 
 # --------------------------------------------------------------------------- the run state
@@ -409,12 +524,72 @@ def test_no_summary_and_disabled():
 
 def test_from_config_takes_every_kcd_field():
     cfg = KCDConfig(mode="single", lam=0.1, n_ref=10.0, interval=7, warmup=14, rho=0.5, stages=3, shape="cosine",
-                    summary=False, lam_min=0.4)
+                    summary=False, lam_min=0.4, seed=11)
     st_ = KCDState.from_config(cfg, 100)
     assert st_.accumulator.mode == "single" and st_.accumulator.lam == 0.1 and st_.accumulator.n_ref == 10.0
     s = st_.schedule
     assert (s.interval, s.warmup, s.rho, s.stages, s.shape) == (7, 14, 0.5, 3, "cosine")
     assert st_.params["summary"] is False and st_.params["lam_min"] == 0.4
+    assert st_.seed == 11 and st_.params["seed"] == 11
+
+
+def _tied(seed: int, n: int = 100, upto: int = 1, **kw) -> KCDState:
+    """A state whose every condensation up to epoch ``upto`` sees all-equal scores."""
+    state = KCDState(n, interval=1, rho=0.5, stages=5, seed=seed, **kw)
+    for epoch in range(1, upto + 1):
+        state.observe(np.arange(n), np.ones(n))
+        state.end_epoch()
+        state.maybe_condense(epoch)
+    return state
+
+
+def test_ties_break_by_a_seeded_permutation_not_by_the_smaller_id():
+    a = _tied(seed=0)
+    kept = a.kept_ids()
+    assert a.k == 90 and kept.size == 90
+    assert kept.tolist() != list(range(90))  # the old rule kept ids 0..89
+    assert (kept >= 90).sum() >= 3  # ...and high ids are not systematically dropped
+    assert a.maybe_condense(1) is None
+    # exactly the draw of tie_break_rng(seed, stage), reproducible by a second run with the same seed
+    assert np.unique(a.scores).size == 1
+    _, expect = select(a.scores, 90, tie_break_rng(0, 1))
+    assert kept.tolist() == expect.tolist() == _tied(seed=0).kept_ids().tolist()
+    assert _tied(seed=1).kept_ids().tolist() != kept.tolist()  # another seed, another kept set
+    # a tie only decides among equals: a clearly better sample is always kept
+    b = KCDState(100, interval=1, rho=0.5, stages=5, seed=3)
+    b.observe(np.arange(100), np.r_[np.ones(99), 2.0])
+    b.end_epoch()
+    assert 99 in b.maybe_condense(1).kept_ids
+
+
+def test_seeded_ties_survive_a_state_dict_round_trip_and_old_state_dicts_load_with_seed_0():
+    straight = _tied(seed=7, upto=3)  # uninterrupted: condenses at epochs 1, 2, 3 on all-equal scores
+    first = _tied(seed=7, upto=1)
+    sd = pickle.loads(pickle.dumps(first.state_dict()))
+    assert sd["seed"] == 7
+    resumed = KCDState(100, interval=1, rho=0.5, stages=5)  # built with the default seed: the state's seed wins
+    resumed.load_state_dict(sd)
+    assert resumed.seed == 7
+    for epoch in (2, 3):
+        resumed.observe(np.arange(100), np.ones(100))
+        resumed.end_epoch()
+        resumed.maybe_condense(epoch)
+    assert resumed.kept_ids().tolist() == straight.kept_ids().tolist()
+    assert resumed.mask_table().equals(straight.mask_table())
+    # a state dict written before the seed was stored loads with seed 0
+    old = {k: v for k, v in first.state_dict().items() if k != "seed"}
+    legacy = KCDState(100, interval=1, rho=0.5, stages=5, seed=5)
+    legacy.load_state_dict(old)
+    assert legacy.seed == 0
+    legacy.observe(np.arange(100), np.ones(100))
+    legacy.end_epoch()
+    res = legacy.maybe_condense(2)
+    _, expect = select(res.scores, res.k_new, tie_break_rng(0, 2))
+    assert res.kept_ids.tolist() == expect.tolist()
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        KCDState(100, interval=1).load_state_dict({**first.state_dict(), "seed": "x"})
+    with pytest.raises(ValueError, match="kcd.seed"):
+        KCDState(10, seed=1.5)
 
 
 @settings(max_examples=15, deadline=None)

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from kcd_ray.config import DataConfig, SyntheticConfig, load_config
-from kcd_ray.data import (DATASETS, DatasetError, compute_checksum, dataset_dir, load_meta, main_prepare,
+from kcd_ray.data import (DATASETS, DatasetDamagedError, DatasetError, compute_checksum, dataset_dir, load_meta, main_prepare,
                           prepare_dataset, split_files)
 from kcd_ray.data.parquet_io import SplitWriter
 from kcd_ray.data.sources.folder import SkippedFilesWarning
@@ -172,10 +172,14 @@ def test_idempotent_and_checksum_stable(tmp_path):
     prepare_dataset(cfg, force=True, verbose=False)
     assert (path / "meta.json").stat().st_mtime_ns != stamps[path / "meta.json"]
     assert load_meta(path)["splits"]["train"]["checksum"] == checksum
-    # a damaged folder (a part deleted) is detected and rebuilt
-    split_files(path, "train")[0].unlink()
-    with pytest.warns(UserWarning, match="not usable"):
+    # a damaged folder (a part deleted) is never rebuilt silently: the error names the file and
+    # asks for --force, which rebuilds it
+    gone = split_files(path, "train")[0]
+    gone.unlink()
+    with pytest.raises(DatasetDamagedError, match=f"{gone}: file missing .*--force"):
         prepare_dataset(cfg, verbose=False)
+    assert not gone.exists()
+    prepare_dataset(cfg, force=True, verbose=False)
     assert load_meta(path)["splits"]["train"]["checksum"] == checksum == compute_checksum(path, "train")
 
 

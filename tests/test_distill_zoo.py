@@ -341,7 +341,7 @@ def test_option_errors_name_the_key():
 
 def test_hkd_short_batch_uses_individual_term_and_keeps_graph_layers_in_the_graph():
     d = make("hkd", options={"knn": 4}).train()
-    batch = make_batch(4, seed=11, num_samples=N)  # no more samples than knn: no instance graph
+    batch = make_batch(3, seed=11, num_samples=N)  # fewer samples than knn (HKD's B < 8 rule): no instance graph
     loss = total(d(batch, 4.0, 0))
     loss.backward()
     grads = [p.grad for p in [*d.gnn_s.parameters(), *d.gnn_t.parameters()]]

@@ -29,7 +29,7 @@ def setup(ray_session, tmp_path_factory):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_runs_an_epoch_on_condensed_data(setup, method):
-    from kcd_ray.train.run import fit
+    from kcd_ray.ray_layer.trainer import fit
 
     tmp, teacher = setup
     cfg = load_config(base={

@@ -240,7 +240,7 @@ def ray_local():
 
 
 def _epoch(ds, epoch=None):
-    from kcd_ray.data.pipeline import iter_train_batches
+    from kcd_ray.ray_layer.pipeline import iter_train_batches
 
     ids, labels, imgs = [], [], []
     it = ds.iter_torch_batches(batch_size=16) if epoch is None else iter_train_batches(ds, 8, epoch=epoch)
@@ -257,7 +257,7 @@ def _epoch(ds, epoch=None):
 
 @pytest.mark.ray
 def test_train_and_eval_datasets_serve_every_row_once(ray_local, tmp_path):
-    from kcd_ray.data.pipeline import eval_dataset, train_dataset
+    from kcd_ray.ray_layer.pipeline import eval_dataset, train_dataset
 
     d, data = make_prepared(tmp_path / "ds", n_train=40, n_test=12)
     ids, labels, imgs = _epoch(train_dataset(d, augment="none", seed=0))
@@ -287,8 +287,8 @@ def test_train_and_eval_datasets_serve_every_row_once(ray_local, tmp_path):
 
 @pytest.mark.ray
 def test_mask_and_overlay_reach_the_next_epoch_and_every_shard(ray_local, tmp_path):
-    from kcd_ray.data.mask import get_mask_store, publish_mask
-    from kcd_ray.data.pipeline import train_dataset
+    from kcd_ray.ray_layer.mask_store import get_mask_store, publish_mask
+    from kcd_ray.ray_layer.pipeline import train_dataset
 
     d, data = make_prepared(tmp_path / "ds", n_train=48)
     name = f"test_mask_{tmp_path.name}"
@@ -329,11 +329,11 @@ def test_mask_and_overlay_reach_the_next_epoch_and_every_shard(ray_local, tmp_pa
 def test_offline_scores_equal_a_plain_torch_pass_over_the_current_images(ray_local, tmp_path, decode_in_actor):
     """The offline E-step scores every sample once, on its current (blended) image, un-augmented: the values
     equal the value function applied by hand, whether the scoring actor or separate tasks decode."""
-    from kcd_ray.condense.values import VALUE_FNS
+    from kcd_ray.condense.values import VALUE_FNS, make_context
     from kcd_ray.config import load_config
-    from kcd_ray.data.mask import get_mask_store, publish_mask
+    from kcd_ray.ray_layer.mask_store import get_mask_store, publish_mask
     from kcd_ray.models import build_model
-    from kcd_ray.train.estep import offline_scores
+    from kcd_ray.ray_layer.scoring import offline_scores
 
     d, data = make_prepared(tmp_path / "ds", n_train=40)
     name = f"test_offline_{tmp_path.name}"
@@ -343,11 +343,12 @@ def test_offline_scores_equal_a_plain_torch_pass_over_the_current_images(ray_loc
     torch.manual_seed(0)
     student = build_model("resnet8", 5).eval()
     cfg = load_config(base={"model": "resnet8", "optim": {"threads": 1}, "kcd": {"offline_batch_size": 16}})
-    ids, vals = offline_scores(str(d), cfg, "resnet8", 5, student.state_dict(), mask_store=name,
+    ids, vals = offline_scores(str(d), cfg, student.state_dict(), epoch=0, mask_store=name,
                                decode_in_actor=decode_in_actor)
     np.testing.assert_array_equal(ids, np.arange(40))  # condensed-away samples are scored too
     imgs = data["train"][1].copy()
     imgs[tail] = blend_uint8(imgs[tail], imgs[lost], w)
     with torch.no_grad():
-        expect = VALUE_FNS.get("entropy")(student(torch.from_numpy(_norm(imgs))), None, torch.as_tensor(data["train"][0]))
+        expect = VALUE_FNS.get("entropy")(student(torch.from_numpy(_norm(imgs))), None, torch.as_tensor(data["train"][0]),
+                                          make_context(np.arange(40), 0, 0, 1.0))
     np.testing.assert_allclose(vals, expect.numpy(), rtol=1e-4, atol=1e-5)

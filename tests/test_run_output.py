@@ -7,7 +7,7 @@ def test_known_ray_noise_is_not_echoed_but_our_lines_are():
     """Lines Ray's own actors print on every run are dropped from the driver's echo; kcd_ray's lines are not."""
     from ray._private import ray_logging
 
-    from kcd_ray.train.run import _skip_known_ray_noise
+    from kcd_ray.ray_layer.logs import skip_known_ray_noise as _skip_known_ray_noise
 
     d = ray_logging.stdout_deduplicator
     before = d.skip_re

@@ -1,4 +1,4 @@
-"""Sweeps (kcd_ray.tune): sweep-file validation, resources, the report, and one real 2-trial Tune sweep."""
+"""Sweeps (kcd_ray.ray_layer.tune): sweep-file validation, resources, the report, and one real 2-trial Tune sweep."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from kcd_ray.config import ConfigError, load_config, to_dict
-from kcd_ray.tune.report import format_table, pareto_flags, report
-from kcd_ray.tune.space import apply_values, parse_space
-from kcd_ray.tune.spec import load_sweep, split_overrides
-from kcd_ray.tune.sweep import derive_concurrency, trial_config, trial_resources
+from kcd_ray.ray_layer.tune.report import format_table, pareto_flags, report
+from kcd_ray.ray_layer.tune.space import apply_values, parse_space
+from kcd_ray.ray_layer.tune.spec import EPOCH_METRICS, REPORTED_METRICS, is_epoch_metric, load_sweep, split_overrides
+from kcd_ray.ray_layer.tune.sweep import derive_concurrency, trial_config, trial_resources
 
 BASE = {"data": {"name": "digits", "image_size": 16}, "optim": {"epochs": 2}}
 
@@ -59,10 +59,80 @@ def test_unknown_sweep_key_and_bad_settings(tmp_path):
         load_sweep(_write(tmp_path / "b.yaml", {"base": BASE, "search": "bayes"}))
     with pytest.raises(ConfigError, match="include_kd_baseline"):
         load_sweep({"base": {**BASE, "kcd": {"enabled": False}}, "include_kd_baseline": True})
-    with pytest.raises(ConfigError, match="asha: early stopping needs"):
-        load_sweep({"base": {**BASE, "scaling": {"num_workers": 0}}, "asha": True})
+    # In-process trials report every epoch too, so ASHA works with them.
+    assert load_sweep({"base": {**BASE, "scaling": {"num_workers": 0}}, "asha": True}).asha["metric"] == "top1"
+    with pytest.raises(ConfigError, match=r"asha\.metric: 'final_top1' is not a metric the runs report every epoch"):
+        load_sweep({"base": BASE, "asha": {"metric": "final_top1"}})  # only known at the end: nothing to stop on
+    with pytest.raises(ConfigError, match="mode: 'maximize'"):
+        load_sweep({"base": BASE, "mode": "maximize"})
     with pytest.raises(ConfigError, match="base: recipe .*missing.yaml does not exist"):
         load_sweep(_write(tmp_path / "c.yaml", {"base": "missing.yaml"}))
+
+
+def _no_ray(monkeypatch):
+    """Fail the test if the sweep gets as far as starting Ray or Tune."""
+    import ray
+    from ray import tune
+
+    def boom(*a, **k):
+        raise AssertionError("Ray/Tune started: the sweep should have been refused before")
+
+    monkeypatch.setattr(ray, "init", boom)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(tune, "Tuner", boom)
+
+
+def test_a_metric_the_runs_do_not_report_is_refused_at_load(tmp_path, monkeypatch):
+    from kcd_ray.ray_layer.tune.sweep import run_sweep
+
+    f = _write(tmp_path / "m.yaml", {"base": BASE, "metric": "top_1", "storage_path": str(tmp_path / "out")})
+    _no_ray(monkeypatch)
+    for call in (lambda: load_sweep(f), lambda: run_sweep(f)):
+        with pytest.raises(ConfigError) as e:
+            call()
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(f"{f}: metric: 'top_1' is not a metric the runs report; one of: ")
+        assert all(m in msg for m in ("top1", "best_top1", "final_top1", "val_loss", "compute_ratio", "loss_<term>"))
+    assert not (tmp_path / "out").exists()
+    # Every reported name is accepted, loss terms included; Tune's own keys and the run's strings are not metrics.
+    for m in REPORTED_METRICS + ("loss_kd", "loss_ce"):
+        assert load_sweep({"base": BASE, "metric": m}).metric == m
+    for bad in ("loss_", "training_iteration", "kind", "Top1"):
+        with pytest.raises(ConfigError, match=f"metric: '{bad}'"):
+            load_sweep({"base": BASE, "metric": bad})
+    # The shipped sweeps name reported metrics.
+    for p in sorted(Path(__file__).resolve().parents[1].glob("experiments/sweeps/*.yaml")):
+        sw = load_sweep(p)
+        assert sw.metric in REPORTED_METRICS and (sw.asha is None or is_epoch_metric(sw.asha["metric"])), p
+
+
+def test_a_missing_teacher_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from kcd_ray.cli import main
+    from kcd_ray.ray_layer.tune.sweep import run_sweep
+
+    missing = tmp_path / "teachers" / "nope.pt"
+    f = _write(tmp_path / "t.yaml", {"base": {**BASE, "distill": {"teacher": str(missing)}},
+                                    "space": {"kcd.rho": [0.5, 0.7]}, "storage_path": str(tmp_path / "out")})
+    _no_ray(monkeypatch)
+    with pytest.raises(ConfigError) as e:
+        run_sweep(f)
+    assert str(e.value) == f"{f}: distill.teacher: teacher file {missing} does not exist"
+    assert not (tmp_path / "out").exists()  # nothing written either
+    assert main(["sweep", "--config", str(f)]) == 2  # the CLI: one line, exit 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "distill.teacher" in err and str(missing) in err and str(f) in err
+    with pytest.raises(ConfigError, match=r"distill\.teacher: not set"):
+        run_sweep({"base": BASE, "storage_path": str(tmp_path / "out")})
+    # A teacher listed in the space must exist too; the base's only matters when it is still used.
+    teacher = _write(tmp_path / "teacher.pt", "x")
+    with pytest.raises(ConfigError, match=rf"space\.distill\.teacher: teacher file {tmp_path / 'gone.pt'} does not"):
+        run_sweep({"base": BASE, "space": {"distill.teacher": [str(teacher), str(tmp_path / "gone.pt")]},
+                   "storage_path": str(tmp_path / "out")})
+    # kind: teacher needs no teacher file.
+    from kcd_ray.ray_layer.tune.spec import check_before_ray
+
+    check_before_ray(load_sweep({"base": BASE, "kind": "teacher"}))
+    check_before_ray(load_sweep({"base": BASE, "space": {"distill.teacher": [str(teacher)]}}))
 
 
 def test_base_recipe_relative_to_sweep_file_and_overrides(tmp_path):
@@ -183,7 +253,7 @@ def test_pareto_and_table_helpers():
 
 
 def test_a_different_sweep_under_the_same_name_is_refused(tmp_path):
-    from kcd_ray.tune.sweep import _write_spec
+    from kcd_ray.ray_layer.tune.sweep import _write_spec
 
     sw = load_sweep({"name": "same", "base": BASE, "space": {"kcd.rho": [0.5]}, "storage_path": str(tmp_path)})
     _write_spec(sw)
@@ -209,7 +279,7 @@ def ray_local():
 @pytest.mark.timeout(400)
 def test_two_trial_sweep_and_report(tmp_path, ray_local):
     from kcd_ray.models import build_model, save_model
-    from kcd_ray.tune.sweep import run_sweep
+    from kcd_ray.ray_layer.tune.sweep import run_sweep
 
     teacher = tmp_path / "teacher.pt"
     save_model(teacher, build_model("resnet8", 10))  # untrained: the sweep machinery is under test
@@ -240,3 +310,43 @@ def test_two_trial_sweep_and_report(tmp_path, ray_local):
     mtimes = {p: p.stat().st_mtime for p in (folder / "runs").glob("*/summary.json")}
     assert run_sweep(sweep) == folder
     assert {p: p.stat().st_mtime for p in (folder / "runs").glob("*/summary.json")} == mtimes
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_in_process_sweep_reports_every_epoch(tmp_path, ray_local):
+    """scaling.num_workers=0: each trial runs fit() in its own process, as a run does, and reports each epoch."""
+    from kcd_ray.models import build_model, save_model
+    from kcd_ray.ray_layer.tune.sweep import run_sweep
+
+    teacher = tmp_path / "teacher.pt"
+    save_model(teacher, build_model("resnet8", 10))
+    epochs = 2
+    sweep = {
+        "name": "inproc", "storage_path": str(tmp_path / "sweeps"),
+        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data")},
+                 "optim": {"epochs": epochs, "batch_size": 128, "eval_batch_size": 512},
+                 "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
+                 "run": {"verbose": 0}, "distill": {"teacher": str(teacher)}, "kcd": {"interval": 1, "stages": 1}},
+        "space": {"kcd.rho": [0.5, 0.7]},
+        "metric": "best_top1",
+        "asha": {"grace_period": epochs},  # ASHA runs on the per-epoch results, and stops nothing here
+    }
+    folder = run_sweep(sweep)
+    res = report(folder)
+    assert len(res["rows"]) == 2 and all(r["status"] == "done" for r in res["rows"]), res["text"]
+    summaries = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*/summary.json"))]
+    assert sorted(s["config"]["kcd"]["rho"] for s in summaries) == [0.5, 0.7]
+    assert all(s["epochs"] == epochs and s["config"]["optim"]["threads"] == 1 for s in summaries)
+    for trial in (folder / "tune").glob("*/result.json"):
+        results = [json.loads(line) for line in trial.read_text().splitlines()]
+        # One result per epoch (through the engine hook), then the trial's summary.
+        assert [r["epoch"] for r in results] == [*range(epochs), epochs - 1], trial
+        assert "final_top1" in results[-1] and all("top1" in r and "best_top1" in r for r in results)
+    # The metric names load_sweep accepts are what a run's rows hold (numeric keys; loss terms by prefix).
+    rows = [json.loads(line) for s in summaries for line in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * epochs
+    for row in rows:
+        numeric = {k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        assert all(is_epoch_metric(k) for k in numeric), sorted(k for k in numeric if not is_epoch_metric(k))
+        assert set(EPOCH_METRICS) <= set(row), sorted(set(EPOCH_METRICS) - set(row))

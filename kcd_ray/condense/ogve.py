@@ -7,7 +7,8 @@ ONE observation for that epoch, so ``n_i`` counts epochs, as in KCD.md.
 
 ``score_i = (n_i / n_ref) ** lam * S_i / n_i`` (frequency calibration). A sample that has never
 been observed has ``n_i = 0`` and gets score 0: every registered value function is >= 0, so it
-ranks with the least valuable samples (ties are broken by sample id in :mod:`vaks`).
+ranks with the least valuable samples (ties are broken by the M-step's seeded
+permutation, :func:`kcd_ray.condense.vaks.tie_break_rng`).
 """
 
 from __future__ import annotations

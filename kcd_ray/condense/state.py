@@ -6,7 +6,8 @@ Where the EM loop lives:
   :mod:`kcd_ray.condense.values` and feeds them to :meth:`KCDState.observe`; :meth:`KCDState.end_epoch`
   folds the epoch into the global history (:class:`~kcd_ray.condense.ogve.ValueAccumulator`).
 * **M-step** (at the start of a condensation epoch): :meth:`KCDState.maybe_condense` turns the
-  calibrated scores into a new kept set (:func:`~kcd_ray.condense.vaks.select`) and a summary
+  calibrated scores into a new kept set (:func:`~kcd_ray.condense.vaks.select`, score ties broken
+  by a permutation seeded from ``(seed, stage)``: :func:`~kcd_ray.condense.vaks.tie_break_rng`) and a summary
   plan (:func:`~kcd_ray.condense.vaks.summary_plan`), bumps the mask version and records the
   per-sample blend bookkeeping. Applying the blends to images is the data layer's job.
 
@@ -33,12 +34,12 @@ import pyarrow.parquet as pq
 
 from kcd_ray.condense.ogve import ValueAccumulator
 from kcd_ray.condense.schedule import CondensationSchedule
-from kcd_ray.condense.vaks import select, summary_plan
+from kcd_ray.condense.vaks import select, summary_plan, tie_break_rng
 
 STATE_FORMAT = "kcd_ray.kcd_state/1"
 MASK_COLUMNS = {"sample_id": pa.int64(), "score": pa.float64(), "kept": pa.bool_(), "partner_id": pa.int64(),
                 "mix_weight": pa.float64(), "stage": pa.int64()}
-_PARAMS = ("enabled", "mode", "lam", "n_ref", "interval", "warmup", "rho", "stages", "shape", "summary", "lam_min")
+_PARAMS = ("enabled", "mode", "lam", "n_ref", "interval", "warmup", "rho", "stages", "shape", "summary", "lam_min", "seed")
 
 
 def read_mask(path) -> pa.Table:
@@ -84,11 +85,15 @@ class CondensationResult:
 class KCDState:
     def __init__(self, num_samples: int, *, enabled: bool = True, mode: str = "multiple", lam: float = 0.03,
                  n_ref: float = 40.0, interval: int = 40, warmup: int = 0, rho: float = 0.7, stages: int = 6,
-                 shape: str = "step", summary: bool = True, lam_min: float = 0.7):
+                 shape: str = "step", summary: bool = True, lam_min: float = 0.7, seed: int = 0):
+        """``seed`` (``kcd.seed``) seeds the tie-break permutation of every condensation (with the stage)."""
         n = int(num_samples)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"kcd.seed: expected an integer, got {seed!r}")
         self.params = dict(enabled=bool(enabled), mode=mode, lam=float(lam), n_ref=float(n_ref), interval=int(interval),
                            warmup=int(warmup), rho=float(rho), stages=int(stages), shape=shape, summary=bool(summary),
-                           lam_min=float(lam_min))
+                           lam_min=float(lam_min), seed=int(seed))
+        self.seed = int(seed)
         if not 0.0 <= lam_min <= 1.0:
             raise ValueError(f"kcd.lam_min: expected 0..1, got {lam_min!r}")
         self.num_samples = n
@@ -138,7 +143,8 @@ class KCDState:
         scores = self.accumulator.scores()
         stage, k_old = self.stage + 1, self.k
         k_new = self.schedule.next_size(k_old, stage)
-        ranking, kept_ids = select(scores, k_new)
+        # Ties (equal scores) break by a permutation seeded from (seed, stage): reproducible on resume.
+        ranking, kept_ids = select(scores, k_new, tie_break_rng(self.seed, stage))
         if self.params["summary"]:
             tail, lost, weights = summary_plan(ranking, k_old, k_new, self.params["lam_min"])
         else:
@@ -162,6 +168,7 @@ class KCDState:
         return {
             "format": STATE_FORMAT,
             "num_samples": self.num_samples,
+            "seed": self.seed,
             "params": dict(self.params),
             "accumulator": self.accumulator.state_dict(),
             "stage": self.stage,
@@ -176,8 +183,10 @@ class KCDState:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict`. The hyperparameters stay this object's (the run's config);
-        a different sample count, a missing key or an inconsistent array is a ValueError."""
+        """Restore a :meth:`state_dict`. The hyperparameters stay this object's (the run's config),
+        except the tie-break ``seed``: it is restored from the state (0 for a state dict written
+        before it was stored), so a resumed run breaks ties exactly as the run that saved it.
+        A different sample count, a missing key or an inconsistent array is a ValueError."""
         if not isinstance(state, dict):
             raise ValueError(f"KCD state: expected a dict, got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
@@ -196,6 +205,9 @@ class KCDState:
             if a.shape != (n,):
                 raise ValueError(f"KCD state: {key} has shape {a.shape}, expected ({n},)")
             arrays[key] = a.astype(dtype, copy=True)
+        seed = state.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"KCD state: seed must be an integer, got {seed!r}")
         k = int(state["k"])
         if int(arrays["kept"].sum()) != k:
             raise ValueError(f"KCD state: k={k} but the kept mask holds {int(arrays['kept'].sum())} samples")
@@ -208,6 +220,7 @@ class KCDState:
             setattr(self, key, a)
         self.stage, self.k, self.version = int(state["stage"]), k, int(state["version"])
         self.last_condense_epoch = int(state["last_condense_epoch"])
+        self.seed = self.params["seed"] = int(seed)
 
     # ------------------------------------------------------------------ mask table
     def mask_table(self) -> pa.Table:

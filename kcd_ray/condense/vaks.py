@@ -1,6 +1,7 @@
 """M-step: selection and Value-Adaptive Knowledge Summary (VAKS), KCD.md steps 2 and 3.
 
-Pure numpy. :func:`rank` / :func:`select` pick the top-``K_new`` samples by score;
+Pure numpy. :func:`rank` / :func:`select` pick the top-``K_new`` samples by score, ties broken
+by a permutation drawn from :func:`tie_break_rng` ``(seed, stage)`` in the M-step;
 :func:`summary_plan` says which kept image absorbs which dropped one and with what weight;
 :func:`blend_uint8` is THE pixel blend -- the Ray Data overlay writer calls this same
 function, so the core and the pipeline cannot disagree on rounding.
@@ -18,11 +19,30 @@ def _scores(scores) -> np.ndarray:
     return s
 
 
-def rank(scores, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Sample ids sorted by score, descending.
+def tie_break_rng(seed: int, stage: int) -> np.random.Generator:
+    """The generator whose permutation breaks score ties at condensation ``stage`` (1, 2, ...) of a run
+    with ``kcd.seed`` ``seed``: ``np.random.default_rng([seed mod 2**64, stage])``.
 
-    Ties are broken by sample id (smaller id first), or, when ``rng`` is given, by a random
-    permutation drawn from it (reproducible for a seeded generator).
+    A fresh generator per stage, so a resumed run (or any process) re-creates exactly the draw of
+    the original run from two integers, without storing generator state.
+    """
+    if int(stage) < 0:
+        raise ValueError(f"stage: expected >= 0, got {stage!r}")
+    return np.random.default_rng([int(seed) % (1 << 64), int(stage)])
+
+
+def rank(scores, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Sample ids sorted by score, descending; ties broken by a permutation drawn from ``rng``.
+
+    The M-step (:meth:`kcd_ray.condense.state.KCDState.maybe_condense`) always passes
+    :func:`tie_break_rng` ``(seed, stage)``, so equal scores (an ``acc`` / ``acc_teacher`` value
+    function, never-observed samples, KCD on a converged student) are kept or dropped by a seeded,
+    reproducible draw rather than systematically in favour of small ids.
+
+    ``rng=None`` is kept as a deterministic *reference* order (ties by smaller id first) for
+    analysis and tests that need a closed-form answer; it must not be used to condense a run, since
+    it biases the kept set towards low sample ids (e.g. towards the first classes of a data set
+    stored in class order).
     """
     s = _scores(scores)
     tie = np.arange(s.size) if rng is None else rng.permutation(s.size)
@@ -30,7 +50,10 @@ def rank(scores, rng: np.random.Generator | None = None) -> np.ndarray:
 
 
 def select(scores, k_new: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(ranking over all N samples, kept ids = top ``k_new`` of the ranking, sorted by id)."""
+    """(ranking over all N samples, kept ids = top ``k_new`` of the ranking, sorted by id).
+
+    Ties as in :func:`rank`: pass a seeded ``rng`` (:func:`tie_break_rng`) for a condensation.
+    """
     s = _scores(scores)
     if not 0 <= int(k_new) <= s.size:
         raise ValueError(f"k_new: expected 0..{s.size}, got {k_new!r}")

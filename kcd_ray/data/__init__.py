@@ -7,13 +7,16 @@ Importing this package is cheap (no Ray, no torch): ``DATASETS`` lists the regis
 
 from kcd_ray.data.parquet_io import (
     FORMAT_VERSION,
+    DatasetDamagedError,
     DatasetError,
     check_prepared,
     compute_checksum,
     count_rows,
     iter_split,
     load_meta,
+    locate_sample,
     split_files,
+    verify_prepared,
 )
 from kcd_ray.data.prepare import dataset_dir, main_prepare, prepare_dataset
 from kcd_ray.data.sources import DATASETS, Source
@@ -21,6 +24,7 @@ from kcd_ray.data.sources import DATASETS, Source
 __all__ = [
     "DATASETS",
     "FORMAT_VERSION",
+    "DatasetDamagedError",
     "DatasetError",
     "Source",
     "check_prepared",
@@ -29,7 +33,9 @@ __all__ = [
     "dataset_dir",
     "iter_split",
     "load_meta",
+    "locate_sample",
     "main_prepare",
     "prepare_dataset",
     "split_files",
+    "verify_prepared",
 ]

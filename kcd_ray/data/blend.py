@@ -18,8 +18,8 @@ keep pointing at the files of earlier versions.
 
 Cost. The overridden ids are the union of all tails, at most K_0 - K_final = (1 - rho) N, so
 the files one manifest references hold at most (1-rho)N images (CIFAR-100 at rho=0.7: 15k x
-3 KiB = 45 MiB); every version adds at most that much again on disk (``prune_overlays``
-removes files no kept version references). The writer reads the base set once (only the
+3 KiB = 45 MiB); every version adds at most that much again on disk until ``BlendOverlays.prune``
+removes the files no kept version references. The writer reads the base set once (only the
 ``sample_id`` column of row groups without a needed id) and holds at most ``chunk_size``
 pairs' images plus one bucket; a reader (the train map) holds at most two buckets (LRU),
 each about 32 MiB at the default bucket size.
@@ -311,6 +311,49 @@ def prune_overlays(overlay_dir, keep: list[dict]) -> int:
         if not any(d.iterdir()):
             d.rmdir()
     return removed
+
+
+class BlendOverlays:
+    """The one owner of a run's overlay folder: writing versions, finding manifests, pruning, checking.
+
+    ``manifest(v)`` is the overlay in force at mask version ``v``: the newest version <= v that wrote one (a
+    condensation without summary blends keeps the previous overlay). ``prune(keep_versions)`` deletes every
+    file that none of those versions' manifests references; the condenser calls it once a checkpoint
+    references the newest version, so the folder holds one version's files (plus, between a condensation
+    and the next checkpoint, what the previous checkpoint still needs).
+    """
+
+    def __init__(self, folder, data_dir):
+        self.folder, self.data_dir = Path(folder), data_dir
+
+    def versions(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(d.name[1:]) for d in self.folder.glob("v[0-9]*") if (d / "manifest.json").is_file())
+
+    def manifest(self, version: int, check: bool = False) -> Optional[dict]:
+        found = [v for v in self.versions() if v <= int(version)]
+        if not found:
+            return None
+        p = self.folder / f"v{found[-1]:06d}" / "manifest.json"
+        try:
+            m = load_overlay(self.folder, found[-1])
+        except json.JSONDecodeError:
+            raise ValueError(f"{p}: corrupt blend manifest (not JSON)") from None
+        if check:
+            check_overlay(m)
+        return m
+
+    def write(self, version: int, tail_ids, lost_ids, weights) -> dict:
+        return write_blend_overlay(self.data_dir, self.folder, version, tail_ids, lost_ids, weights,
+                                   prev_overlay=self.manifest(int(version) - 1))
+
+    def prune(self, keep_versions) -> int:
+        keep = [m for m in (self.manifest(v) for v in keep_versions) if m is not None]
+        return prune_overlays(self.folder, keep) if self.folder.is_dir() else 0
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file()) if self.folder.is_dir() else 0
 
 
 # --------------------------------------------------------------------------- reading (train map)

@@ -1,10 +1,12 @@
 """Turn the configured source into a prepared Parquet folder: atomic, idempotent, shared by workers.
 
-``prepare_dataset(data_cfg)`` returns ``<root>/<key>``. An existing folder whose meta.json and
-Parquet row counts agree is returned untouched. Otherwise the source is converted into a
-temporary sibling folder which is renamed into place at the end, so an interrupted prepare
-leaves no half-written ``<key>`` behind, and two processes preparing the same key at once
-both end up with one complete folder.
+``prepare_dataset(data_cfg)`` returns ``<root>/<key>``. An existing folder is verified
+(``parquet_io.verify_prepared``) and returned untouched when intact; a damaged one is never
+rebuilt silently: the call fails with one line naming the damaged file and asking for
+``--force`` (``force=True``), which rebuilds it. A missing folder is converted from the source
+into a temporary sibling folder, fully verified, and renamed into place at the end, so an
+interrupted prepare leaves no half-written ``<key>`` behind, and two processes preparing the
+same key at once both end up with one complete folder.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import shutil
 import socket
 import time
 import uuid
-import warnings
 from pathlib import Path
+from typing import Optional
 
-from kcd_ray.data.parquet_io import FORMAT_VERSION, DatasetError, check_prepared, load_meta, write_meta
+from kcd_ray.data.parquet_io import (FILES_KEY, FORMAT_VERSION, DatasetError, check_prepared, file_records,
+                                     load_meta, verify_prepared, write_meta)
 from kcd_ray.data.sources import DATASETS, Source
 from kcd_ray.data.sources.base import log
 
@@ -61,22 +64,21 @@ def _clean_stale(root: Path, key: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _valid(target: Path) -> bool:
-    try:
-        check_prepared(target)
-        return True
-    except DatasetError as e:
-        warnings.warn(f"{target}: existing prepared data set is not usable ({e}); preparing it again")
-        return False
+def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True, full_check: Optional[bool] = None) -> Path:
+    """Prepare the configured data set (if needed) and return its folder ``<root>/<key>``.
 
-
-def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True) -> Path:
-    """Prepare the configured data set (if needed) and return its folder ``<root>/<key>``."""
+    An existing folder is checked with ``verify_prepared(folder, full=full_check)`` first: by default
+    (None) footers and row counts, plus the full content check when its files' sizes/mtimes changed
+    since preparation; ``True`` (``kcd-ray prepare-data``) always reads and checks every byte. A
+    damaged folder raises ``DatasetDamagedError`` naming the file; ``force=True`` rebuilds it (and
+    any existing folder) from the source.
+    """
     src = get_source(data_cfg)
     key = src.key()
     root = src.root
     target = root / key
-    if target.exists() and not force and _valid(target):
+    if target.exists() and not force:
+        verify_prepared(target, full=full_check)
         return target
     root.mkdir(parents=True, exist_ok=True)
     _clean_stale(root, key)
@@ -87,8 +89,10 @@ def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True) -> Path
     try:
         fields = src.build(tmp, say)
         meta = {"format_version": FORMAT_VERSION, "name": src.name, "key": key, **fields}
+        meta[FILES_KEY] = file_records(tmp)
         write_meta(tmp, meta)
-        check_prepared(tmp)  # catches a source that wrote something inconsistent
+        # reads everything back: catches a source (or disk) that wrote something inconsistent
+        verify_prepared(tmp, full=True)
         _install(tmp, target, replace=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,17 +136,34 @@ def _install(tmp: Path, target: Path, replace: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+SHOW_SKIPPED = 20
+
+
 def describe(data_dir: Path) -> list[str]:
-    """One line per split: rows, classes, image shape, encoding, path."""
+    """One line per split: rows, classes, image shape, encoding, path; then the source files that
+    were left out when preparing (unreadable or undecodable images), one per line."""
     meta = load_meta(data_dir)
     h, w, c = meta["image_shape"]
-    return [f"{meta['name']} {s}: {meta['splits'][s]['num_rows']} rows, {meta['num_classes']} classes, "
-            f"image {h}x{w}x{c} ({meta['encoding']}) -> {Path(data_dir) / s}" for s in ("train", "test")]
+    lines = [f"{meta['name']} {s}: {meta['splits'][s]['num_rows']} rows, {meta['num_classes']} classes, "
+             f"image {h}x{w}x{c} ({meta['encoding']}) -> {Path(data_dir) / s}" for s in ("train", "test")]
+    skipped = meta.get("skipped_files")
+    for s in ("train", "test"):
+        bad = skipped.get(s) if isinstance(skipped, dict) else None
+        if not isinstance(bad, dict) or not bad:  # older meta.json: counts only
+            continue
+        lines.append(f"{meta['name']} {s}: skipped {len(bad)} unreadable source file(s)"
+                     + (f" (all listed in {Path(data_dir) / 'meta.json'} under skipped_files):"
+                        if len(bad) > SHOW_SKIPPED else ":"))
+        lines += [f"  {p}: {why}" for p, why in list(bad.items())[:SHOW_SKIPPED]]
+        if len(bad) > SHOW_SKIPPED:
+            lines.append(f"  ... {len(bad) - SHOW_SKIPPED} more")
+    return lines
 
 
 def main_prepare(cfg, force: bool = False) -> Path:
-    """`kcd-ray prepare-data`: prepare cfg.data and print a summary line per split."""
-    path = prepare_dataset(cfg.data, force=force)
+    """`kcd-ray prepare-data`: prepare cfg.data (an existing copy is fully verified: every byte
+    against meta.json's checksums) and print a summary line per split plus any skipped files."""
+    path = prepare_dataset(cfg.data, force=force, full_check=True)
     for line in describe(path):
         print(line, flush=True)
     return path

@@ -60,12 +60,47 @@ def read_meta(data_dir) -> dict:
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_images(images: Union[Sequence[bytes], np.ndarray], meta: dict) -> np.ndarray:
+class ImageDecodeError(ValueError):
+    """An image of a batch does not decode. ``index``: its position in the batch; ``sample_id``: its id
+    when the caller passed ``sample_ids``. The message names both, and the Parquet file and the
+    original source file when the caller passed ``split`` and ``data_dir``."""
+
+    def __init__(self, msg: str, index: int, sample_id: Optional[int] = None, reason: str = ""):
+        super().__init__(msg)
+        self.index, self.sample_id, self.reason = index, sample_id, reason or msg
+
+
+def _where(index: int, sample_ids, split: Optional[str], data_dir) -> tuple[str, Optional[int]]:
+    """``image[i]`` plus, when known, ``(sample_id N of split 'train', <part file>, source <file>)``."""
+    if sample_ids is None:
+        return f"image[{index}]", None
+    sid = int(np.asarray(sample_ids).reshape(-1)[index])
+    parts = [f"sample_id {sid}" + (f" of split {split!r}" if split else "")]
+    if data_dir is not None and split:
+        try:  # error path only: a footer scan and one row group of the source_path column
+            from kcd_ray.data.parquet_io import locate_sample
+
+            loc = locate_sample(data_dir, split, sid)
+        except Exception:  # noqa: BLE001 - the decode error must not be masked by a lookup error
+            loc = {}
+        if loc:
+            parts.append(f"row {loc['row']} of {loc['file']}")
+            if loc.get("source_path"):
+                parts.append(f"source file {loc['source_path']}")
+    return f"image[{index}] ({', '.join(parts)})", sid
+
+
+def decode_images(images: Union[Sequence[bytes], np.ndarray], meta: dict, *, sample_ids=None,
+                  split: Optional[str] = None, data_dir=None) -> np.ndarray:
     """Image column of a batch -> uint8 [B, H, W, C] at ``meta['image_shape']``.
 
     ``raw``: each value holds exactly H*W*C bytes (HWC order). ``encoded``: PNG/JPEG file bytes,
     decoded with torchvision and brought to H x W by a shorter-side resize and a centre crop
     (aspect ratio kept). A uint8 array already shaped [B, H, W, C] passes through.
+
+    ``sample_ids`` (the batch's ids), ``split`` and ``data_dir`` only serve error messages: an image
+    that does not decode raises :class:`ImageDecodeError` naming its sample id, split, Parquet
+    file and (image folders) original source file.
     """
     h, w, c = image_shape(meta)
     if isinstance(images, np.ndarray) and images.dtype == np.uint8:
@@ -80,13 +115,20 @@ def decode_images(images: Union[Sequence[bytes], np.ndarray], meta: dict) -> np.
         buf = b"".join(bytes(v) if not isinstance(v, bytes) else v for v in images)
         if len(buf) != n * h * w * c:
             bad = next(i for i, v in enumerate(images) if len(v) != h * w * c)
-            raise ValueError(f"image[{bad}]: raw image has {len(images[bad])} bytes; expected H*W*C = "
-                             f"{h}*{w}*{c} = {h * w * c} (meta.image_shape)")
+            where, sid = _where(bad, sample_ids, split, data_dir)
+            raise ImageDecodeError(f"{where}: raw image has {len(images[bad])} bytes; expected H*W*C = "
+                                   f"{h}*{w}*{c} = {h * w * c} (meta.image_shape)", bad, sid)
         return np.frombuffer(buf, np.uint8).reshape(n, h, w, c)
     if enc == "encoded":
         out = np.empty((n, h, w, c), np.uint8)
         for i, v in enumerate(images):
-            out[i] = _decode_file(v, h, w, c, i)
+            try:
+                out[i] = _decode_file(v, h, w, c, i)
+            except ImageDecodeError as e:
+                if sample_ids is None:
+                    raise
+                where, sid = _where(i, sample_ids, split, data_dir)
+                raise ImageDecodeError(f"{where}: {e.reason}", i, sid, e.reason) from None
         return out
     raise ValueError(f"meta.encoding: expected 'raw' or 'encoded', got {enc!r}")
 
@@ -98,10 +140,11 @@ def _decode_file(data: bytes, h: int, w: int, c: int, index: int) -> np.ndarray:
     mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(c)
     if mode is None:
         raise ValueError(f"meta.image_shape: encoded images need C = 1 or 3 channels, got {c}")
-    try:
+    try:  # (an empty value fails in frombuffer with a ValueError)
         img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-    except RuntimeError as e:
-        raise ValueError(f"image[{index}]: not a decodable PNG/JPEG file ({e})") from None
+    except (RuntimeError, ValueError) as e:
+        reason = f"not a decodable PNG/JPEG file ({' '.join(str(e).split())})"
+        raise ImageDecodeError(f"image[{index}]: {reason}", index, reason=reason) from None
     if img.shape[1:] != (h, w):
         scale = max(h / img.shape[1], w / img.shape[2])
         size = [max(h, round(img.shape[1] * scale)), max(w, round(img.shape[2] * scale))]
@@ -125,12 +168,33 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def sample_uniforms(sample_ids, n: int, key: Sequence[int]) -> np.ndarray:
-    """float64 [B, n] in [0, 1): a pure function of (key, sample id, column); no shared state."""
+def _key_base(key: Sequence[int]) -> np.ndarray:
     base = np.zeros(1, np.uint64)
     with np.errstate(over="ignore"):
         for k in key:
             base = _mix64(base ^ np.array([int(k) & (2**64 - 1)], np.uint64) + np.uint64(0x9E3779B97F4A7C15))
+    return base
+
+
+def sample_keys(sample_ids, key: Sequence[int]) -> np.ndarray:
+    """int64 [B]: a keyed pseudo-random permutation of the 64-bit id space (no shared state).
+
+    A bijection of the id for a fixed ``key`` (odd multiply, xor, and two splitmix64 finalisers, each
+    invertible mod 2**64), so distinct ids never tie: sorting rows by this key orders them by a
+    uniformly scrambled, exactly reproducible permutation that depends only on (key, ids). Values
+    are spread uniformly over the whole int64 range (equal-width ranges hold equal shares of ids).
+    """
+    base = _key_base(key)
+    with np.errstate(over="ignore"):
+        ids = np.asarray(sample_ids, np.int64).astype(np.uint64).reshape(-1)
+        z = _mix64(_mix64(base ^ (ids * np.uint64(0x9E3779B97F4A7C15))) + np.uint64(0xD1B54A32D192ED03))
+    return z.view(np.int64)
+
+
+def sample_uniforms(sample_ids, n: int, key: Sequence[int]) -> np.ndarray:
+    """float64 [B, n] in [0, 1): a pure function of (key, sample id, column); no shared state."""
+    base = _key_base(key)
+    with np.errstate(over="ignore"):
         ids = np.asarray(sample_ids, np.int64).astype(np.uint64).reshape(-1, 1)
         cols = np.arange(n, dtype=np.uint64).reshape(1, -1)
         z = _mix64(_mix64(base ^ (ids * np.uint64(0x9E3779B97F4A7C15))) + cols)

@@ -24,10 +24,8 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (no grad) over all ranks along dim 0; per-rank sizes may differ."""
-    if not distributed():
-        return x
+def _gather_parts(x: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``x`` (detached), in rank order; per-rank sizes along dim 0 may differ."""
     x = x.detach().contiguous()
     n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
@@ -36,7 +34,26 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     padded = torch.cat([x, x.new_zeros((max(counts) - x.shape[0],) + tuple(x.shape[1:]))])
     out = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(out, padded)
-    return torch.cat([o[:c] for o, c in zip(out, counts)])
+    return [o[:c] for o, c in zip(out, counts)]
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (no grad) over all ranks along dim 0; per-rank sizes may differ."""
+    if not distributed():
+        return x
+    return torch.cat(_gather_parts(x))
+
+
+def all_gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate ``x`` over all ranks along dim 0 (per-rank sizes may differ), and the offset of this
+    rank's rows in the result. Unlike ``all_gather_cat``, this rank's rows are ``x`` itself, so they keep
+    their autograd graph; the other ranks' rows are constants."""
+    if not distributed():
+        return x, 0
+    parts = _gather_parts(x)
+    rank = dist.get_rank()
+    parts[rank] = x
+    return torch.cat(parts), sum(len(q) for q in parts[:rank])
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -112,13 +129,24 @@ class MemoryBank(nn.Module):
         return neg
 
     @torch.no_grad()
-    def update(self, ids: torch.Tensor, labels: torch.Tensor, **embeddings: torch.Tensor) -> None:
-        """Momentum update of the rows of ``ids`` with new embeddings, using every rank's batch."""
-        ids = all_gather_cat(ids.detach())
-        self.labels.index_copy_(0, ids.to(self.labels.device), all_gather_cat(labels.detach()).to(self.labels.device))
+    def record_labels(self, ids: torch.Tensor, labels: torch.Tensor, gathered: bool = False) -> None:
+        """Remember the label of every sample of the batch (all ranks' batches unless ``gathered``:
+        then ``ids``/``labels`` already hold them)."""
+        if not gathered:
+            ids, labels = all_gather_cat(ids.detach()), all_gather_cat(labels.detach())
+        self.labels.index_copy_(0, ids.to(self.labels.device), labels.to(self.labels.device))
+
+    @torch.no_grad()
+    def update(self, ids: torch.Tensor, labels: torch.Tensor, gathered: bool = False,
+               **embeddings: torch.Tensor) -> None:
+        """Momentum update of the rows of ``ids`` with new embeddings, using every rank's batch
+        (``gathered=True``: the arguments already are the all-gathered batch, as HKD has them)."""
+        if not gathered:
+            ids, labels = all_gather_cat(ids.detach()), all_gather_cat(labels.detach())
+        self.record_labels(ids, labels, gathered=True)
         for view, emb in embeddings.items():
             bank = self.banks[view]
-            emb = all_gather_cat(emb.detach().to(bank.dtype))
+            emb = emb.detach().to(bank.dtype) if gathered else all_gather_cat(emb.detach().to(bank.dtype))
             idx = ids.to(bank.device)
             rows = bank.index_select(0, idx).mul_(self.momentum).add_(emb.to(bank.device), alpha=1 - self.momentum)
             bank.index_copy_(0, idx, F.normalize(rows, dim=1))

@@ -1,21 +1,25 @@
 """An ImageNet-style image folder, kept encoded (PNG/JPEG file bytes) in Parquet.
 
 Layout: ``<source>/train/<class>/**/*.{jpg,jpeg,png}`` and ``<source>/val/`` (or ``test/``) alike.
-Classes are the sorted sub-folder names of ``train/``. Nothing is decoded at prepare time: each
-file gets a cheap header check (magic bytes + PIL's header parse); files that fail are skipped
-with a warning that lists them. The pipeline decodes to ``image_shape`` = [S, S, 3],
-S = data.image_size.
+Classes are the sorted sub-folder names of ``train/``. Every file is decoded once at prepare
+time with the run-time decoder (torchvision's, in a thread pool: it releases the GIL), so a
+truncated or corrupt PNG/JPEG is left out at prepare time instead of failing a run: skipped files
+are listed in a warning and, with the reason, in meta.json under ``skipped_files``
+(``{split: {path: reason}}``). Each row keeps its original file in an extra ``source_path``
+column (relative to meta's ``source``; readers ignore it, error messages name it). The pipeline
+decodes to ``image_shape`` = [S, S, 3], S = data.image_size.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
+import pyarrow as pa
 
 from kcd_ray.data.parquet_io import DatasetError, SplitWriter
 from kcd_ray.data.sources.base import DATASETS, IMAGENET_MEAN, IMAGENET_STD, Source, log, short_hash
@@ -26,29 +30,63 @@ ORDER_SEED = 0       # train rows are stored in a fixed shuffled order (see _ord
 WRITE_BATCH = 256
 PROGRESS_EVERY = 5000
 SHOW_SKIPPED = 5
+MAX_DECODE_THREADS = 16
 
 
 class SkippedFilesWarning(UserWarning):
     """Some image files could not be read and were left out."""
 
 
-def _image_format(data: bytes) -> str | None:
-    """'PNG' / 'JPEG' when the bytes start like one and PIL can parse the header, else None."""
+def image_problem(data: bytes) -> Optional[str]:
+    """None when ``data`` is a PNG/JPEG file the run-time decoder reads, else why not (one line).
+
+    Decodes the whole image with torchvision's ``decode_image`` (RGB), as ``transforms.decode_images``
+    does at run time, so a truncated or corrupt file is caught here and not in epoch 1.
+    """
+    if not data:
+        return "empty file"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         fmt = "PNG"
     elif data.startswith(b"\xff\xd8\xff"):
         fmt = "JPEG"
     else:
-        return None
-    try:
-        from PIL import Image
+        return "not a PNG/JPEG file"
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
 
-        with Image.open(io.BytesIO(data)) as im:  # parses the header only, no pixel decode
-            if im.width < 1 or im.height < 1:
-                return None
-    except Exception:
+    try:
+        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception as e:  # torchvision raises RuntimeError with "<op>, <file.cpp>:<line>, <reason>"
+        why = " ".join(str(e).split()).split(".cpp:")[-1].split(", ", 1)[-1] or type(e).__name__
+        return f"{fmt} does not decode ({why})"
+    if img.ndim != 3 or img.shape[1] < 1 or img.shape[2] < 1:
+        return f"{fmt} decodes to an empty image {tuple(img.shape)}"
+    return None
+
+
+def _image_format(data: bytes) -> Optional[str]:
+    """'PNG' / 'JPEG' when the bytes are a fully decodable file of that kind, else None."""
+    if image_problem(data) is not None:
         return None
-    return fmt
+    return "PNG" if data.startswith(b"\x89PNG") else "JPEG"
+
+
+def _read_checked(path: Path) -> tuple[Optional[bytes], Optional[str]]:
+    """(file bytes, None) for a good image, (None, reason) otherwise."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return None, f"unreadable ({e.strerror or e})"
+    why = image_problem(data)
+    return (None, why) if why else (data, None)
+
+
+def _decode_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(MAX_DECODE_THREADS, n))
 
 
 def list_images(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -130,39 +168,47 @@ class ImageFolder(Source):
             "std": list(IMAGENET_STD),
             "splits": splits,
             "test_folder": test_dir.name,
-            "skipped_files": {k: len(v) for k, v in skipped_all.items()},
+            "extra_columns": ["source_path"],
+            "skipped_files": skipped_all,
         }
 
-    def _write(self, split_dir: Path, items: list, split: str, source: Path, log) -> tuple[dict, list[str]]:
-        skipped: list[str] = []
+    def _write(self, split_dir: Path, items: list, split: str, source: Path, log) -> tuple[dict, dict]:
+        """Write one split; returns (meta's split info, {skipped path: reason})."""
+        skipped: dict[str, str] = {}
         total = len(items)
-        labels, blobs = [], []
-        with SplitWriter(split_dir) as w:
-            for i, (path, label) in enumerate(items, 1):
-                try:
-                    data = path.read_bytes()
-                except OSError:
-                    data = b""
-                if _image_format(data) is None:
-                    skipped.append(str(path))
-                else:
-                    labels.append(label)
-                    blobs.append(data)
-                if len(blobs) >= WRITE_BATCH:
-                    w.add(labels, blobs)
-                    labels, blobs = [], []
-                if i % PROGRESS_EVERY == 0:
-                    log(f"folder: {split} {i}/{total} files")
-            if blobs:
-                w.add(labels, blobs)
+        root = self.source_dir
+        done = 0
+        with SplitWriter(split_dir, extra={"source_path": pa.string()}) as w, \
+                ThreadPoolExecutor(_decode_threads(), thread_name_prefix="kcd-decode-check") as pool:
+            for start in range(0, total, WRITE_BATCH):
+                chunk = items[start:start + WRITE_BATCH]
+                labels, blobs, rels = [], [], []
+                for (path, label), (data, why) in zip(chunk, pool.map(_read_checked, [p for p, _ in chunk])):
+                    if why is not None:
+                        skipped[str(path)] = why
+                    else:
+                        labels.append(label)
+                        blobs.append(data)
+                        # undecodable bytes of a file name (surrogates) become \x.. escapes in the UTF-8 column
+                        rels.append(os.fsencode(os.path.relpath(path, root)).decode("utf-8", "backslashreplace"))
+                if blobs:
+                    w.add(labels, blobs, extra={"source_path": rels})
+                if (done + len(chunk)) // PROGRESS_EVERY > done // PROGRESS_EVERY:
+                    log(f"folder: {split} {done + len(chunk)}/{total} files")
+                done += len(chunk)
             info = w.close()
+        skipped = dict(sorted(skipped.items()))
         if skipped:
-            skipped.sort()
-            shown = ", ".join(skipped[:SHOW_SKIPPED]) + (" ..." if len(skipped) > SHOW_SKIPPED else "")
-            warnings.warn(f"{split}: skipped {len(skipped)} unreadable image file(s) of {total}: {shown}",
+            shown = ", ".join(f"{p} ({why})" for p, why in list(skipped.items())[:SHOW_SKIPPED])
+            more = f" and {len(skipped) - SHOW_SKIPPED} more" if len(skipped) > SHOW_SKIPPED else ""
+            warnings.warn(f"{split}: skipped {len(skipped)} unreadable image file(s) of {total} (left out of the "
+                          f"prepared set; all listed in its meta.json under skipped_files): {shown}{more}",
                           SkippedFilesWarning, stacklevel=2)
         if info["num_rows"] == 0:
+            first = next(iter(skipped.items()), None)
             raise DatasetError(f"{source}: no readable images among {total} files "
-                               f"(first: {skipped[0] if skipped else '-'})")
-        log(f"folder: {split} {info['num_rows']} images ({len(skipped)} skipped)")
+                               f"(first: {f'{first[0]} ({first[1]})' if first else '-'})")
+        log(f"folder: {split} {info['num_rows']} images ({len(skipped)} skipped"
+            + (f": {', '.join(list(skipped)[:SHOW_SKIPPED])}{' ...' if len(skipped) > SHOW_SKIPPED else ''})"
+               if skipped else ")"))
         return info, skipped

@@ -2,7 +2,7 @@
 
 A checkpoint folder holds ``model.pt`` (student only, ``save_model`` format) and ``state.pt``: the distiller's
 trainable modules (connectors, memory banks), optimiser, LR scheduler, AMP scaler, epoch, run history and
-the whole KCD state (accumulators, mask version, blend bookkeeping).
+each hook's state under ``hooks`` (the whole KCD state: accumulators, mask version, blend bookkeeping).
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ import torch
 
 from kcd_ray.models import CheckpointError, save_model
 
-STATE_FORMAT = "kcd_ray-run-state/1"
+STATE_FORMAT = "kcd_ray-run-state/2"  # 2: per-hook states under "hooks"
 
 
 def _unwrap(module):
     return module.module if hasattr(module, "module") and isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
-def save_run_checkpoint(path: str | os.PathLike, *, distiller, optimizer, scheduler, scaler, kcd_state, run_state: dict, config: dict) -> Path:
+def save_run_checkpoint(path: str | os.PathLike, *, distiller, optimizer, scheduler, scaler, run_state: dict, config: dict,
+                        hooks: dict | None = None) -> Path:
+    """Write ``model.pt`` and ``state.pt`` into ``path``; ``hooks`` maps each hook's name to its ``state_dict()``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     d = _unwrap(distiller)
@@ -34,7 +36,7 @@ def save_run_checkpoint(path: str | os.PathLike, *, distiller, optimizer, schedu
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "kcd": kcd_state.state_dict() if kcd_state is not None else None,
+        "hooks": dict(hooks or {}),
         "run": run_state,
         "config": config,
     }
@@ -45,6 +47,11 @@ def save_run_checkpoint(path: str | os.PathLike, *, distiller, optimizer, schedu
 
 
 def save_local_checkpoint(folder: str | os.PathLike, **kwargs) -> Path:
+    """``save_run_checkpoint`` into ``folder``, replaced whole (see :func:`replace_checkpoint`)."""
+    return replace_checkpoint(folder, lambda p: save_run_checkpoint(p, **kwargs))
+
+
+def replace_checkpoint(folder: str | os.PathLike, write) -> Path:
     """In-process runs keep one checkpoint folder of their own; replace it whole, never half.
 
     The new checkpoint is written next to it, then swapped in by two renames. A crash at any point leaves
@@ -54,7 +61,8 @@ def save_local_checkpoint(folder: str | os.PathLike, **kwargs) -> Path:
     folder = Path(folder)
     partial, prev = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".prev")
     shutil.rmtree(partial, ignore_errors=True)
-    save_run_checkpoint(partial, **kwargs)
+    partial.mkdir(parents=True)
+    write(partial)
     if folder.exists():
         shutil.rmtree(prev, ignore_errors=True)
         os.replace(folder, prev)
@@ -93,7 +101,7 @@ def load_run_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
-def restore_into(state: dict, *, distiller, optimizer, scheduler, scaler, kcd_state, source: str) -> dict:
+def restore_into(state: dict, *, distiller, optimizer, scheduler, scaler, source: str) -> dict:
     """Load a checkpoint's state into live objects; a mismatch names the checkpoint."""
     d = _unwrap(distiller)
     try:
@@ -106,8 +114,6 @@ def restore_into(state: dict, *, distiller, optimizer, scheduler, scaler, kcd_st
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        if kcd_state is not None and state.get("kcd") is not None:
-            kcd_state.load_state_dict(state["kcd"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(
             f"{source}: checkpoint does not match this run's model/config ({e}); use a new run.name to start afresh"

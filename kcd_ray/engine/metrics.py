@@ -33,14 +33,17 @@ class Progress:
         self.samples = 0
         self.steps = 0
 
-    def step(self, n: int, loss: float) -> None:
+    def step(self, n: int, loss) -> None:
+        """``loss`` may be a device tensor: it is read on the host only when a line is printed."""
         self.samples += n
         self.steps += 1
+        if not self.enabled:
+            return
         now = time.perf_counter()
-        if self.enabled and now - self.last >= self.every_s:
+        if now - self.last >= self.every_s:
             self.last = now
             rate = self.samples / max(now - self.t0, 1e-9)
-            self.stream.write(f"{self.prefix} step {self.steps} samples {self.samples} loss {loss:.4f} {rate:.0f} img/s\n")
+            self.stream.write(f"{self.prefix} step {self.steps} samples {self.samples} loss {float(loss):.4f} {rate:.0f} img/s\n")
             self.stream.flush()
 
     def elapsed(self) -> float:

@@ -1,4 +1,4 @@
-"""Everything a worker builds before its first step: models, distiller, optimiser, schedulers, KCD state."""
+"""Everything a worker builds before its first step: models, distiller, optimiser, LR and temperature schedules."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from typing import Any, Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from kcd_ray.condense import KCDState
-from kcd_ray.condense.values import VALUE_FNS
 from kcd_ray.data import load_meta
 from kcd_ray.distill import build_distiller
 from kcd_ray.distill.temperature import build_temperature
@@ -27,11 +25,10 @@ class Components:
     scaler: Any
     amp_ctx: Any
     temperature: Callable[[int], float]
-    value_fn: Callable
-    kcd_state: KCDState | None
     params: list
     num_train: int
     num_classes: int
+    fused: bool = False  # the optimiser skips non-finite steps on the device (``found_inf``)
 
 
 def build_scheduler(optimizer, optim_cfg):
@@ -47,6 +44,19 @@ def build_scheduler(optimizer, optim_cfg):
         return main
     warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (w + 1), total_iters=w)
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[w])
+
+
+def build_optimizer(params, optim_cfg, device: torch.device):
+    """SGD, fused where torch has the kernel for this device (CPU and CUDA): the fused step takes a
+    ``found_inf`` flag, so a non-finite step is skipped without a host read. Returns (optimizer, fused)."""
+    kw = dict(lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay,
+              nesterov=optim_cfg.nesterov)
+    if device.type in ("cpu", "cuda") and all(p.is_floating_point() and p.device.type == device.type for p in params):
+        try:
+            return torch.optim.SGD(params, fused=True, **kw), True
+        except (RuntimeError, ValueError):  # a torch without the fused kernel for this device/dtype
+            pass
+    return torch.optim.SGD(params, **kw), False
 
 
 def _amp(cfg, device):
@@ -81,13 +91,10 @@ def build_components(cfg, kind: str, data_dir: str, device: torch.device, distri
         model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,
                                         find_unused_parameters=getattr(distiller, "find_unused_parameters", False))
     params = [p for p in distiller.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    optimizer, fused = build_optimizer(params, cfg.optim, device)
     amp_ctx, scaler = _amp(cfg, device)
-    kcd_on = kind == "distill" and cfg.kcd.enabled
-    kcd_state = KCDState.from_config(cfg.kcd, num_train) if kcd_on else None
     return Components(
         distiller=distiller, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.optim),
         scaler=scaler, amp_ctx=amp_ctx, temperature=build_temperature(cfg.distill.temperature, cfg.optim.epochs),
-        value_fn=VALUE_FNS.get(cfg.kcd.value_fn), kcd_state=kcd_state, params=params, num_train=num_train, num_classes=num_classes,
+        params=params, num_train=num_train, num_classes=num_classes, fused=fused,
     )

@@ -18,12 +18,8 @@ import math
 from pathlib import Path
 
 from kcd_ray.config import Config, ConfigError, config_from_dict
-from kcd_ray.tune.space import apply_values, base_point, grid_size
-from kcd_ray.tune.spec import Sweep, load_sweep
-
-# Per-trial final result (on top of the per-epoch metrics the TuneReportCallback forwards).
-SUMMARY_KEYS = ("final_top1", "best_top1", "best_epoch", "compute_ratio", "sample_passes", "full_sample_passes",
-                "wall_seconds")
+from kcd_ray.ray_layer.tune.space import apply_values, base_point, grid_size
+from kcd_ray.ray_layer.tune.spec import SUMMARY_KEYS, Sweep, check_before_ray, load_sweep
 
 
 # --------------------------------------------------------------------------- trial side
@@ -47,6 +43,10 @@ def trial_config(config: dict, payload: dict, trial_id: str) -> Config:
         data["kcd"]["enabled"] = False
     data["run"]["name"] = run_name(payload["name"], trial_id, variant)
     data["run"]["storage_path"] = payload["runs_dir"]
+    if data["scaling"]["num_workers"] == 0 and not data["optim"]["threads"]:
+        # In-process trials share the machine: each gets the threads of its CPU reservation (as a Train worker
+        # does), not one per core of the machine.
+        data["optim"]["threads"] = max(1, math.ceil(data["scaling"]["cpus_per_worker"]))
     return config_from_dict(data)
 
 
@@ -54,12 +54,17 @@ def _trial(config: dict, payload: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from kcd_ray.train.run import fit
+    from kcd_ray.ray_layer.trainer import fit
 
     cfg = trial_config(config, payload, tune.get_context().get_trial_id())
-    # In-process runs (num_workers=0) have no Train callbacks: they report once, at the end.
-    callbacks = [TuneReportCallback()] if cfg.scaling.num_workers > 0 else None
-    summary = fit(cfg, payload["kind"], callbacks=callbacks)
+    # The same fit() as a run. Train workers' reports reach Tune through Train's callback; an in-process
+    # run (num_workers=0) gets no Train callbacks, so an engine hook reports each epoch instead.
+    if cfg.scaling.num_workers > 0:
+        summary = fit(cfg, payload["kind"], callbacks=[TuneReportCallback()])
+    else:
+        from kcd_ray.ray_layer.tune.hooks import TUNE_REPORT  # registers the hook in this (the trial's) process
+
+        summary = fit(cfg, payload["kind"], hooks=[TUNE_REPORT])
     final = {k: summary[k] for k in SUMMARY_KEYS if k in summary}
     final.update(top1=summary["final_top1"], epoch=summary["epochs"] - 1, run_dir=str(summary.get("run_dir", "")))
     tune.report(final)
@@ -69,9 +74,9 @@ def _trial(config: dict, payload: dict) -> None:
 
 
 def _wants_gpu(cfg: Config, cluster: dict) -> bool:
-    if cfg.scaling.use_gpu == "auto":  # same rule as kcd_ray.train.run
-        return cfg.scaling.num_workers > 0 and bool(cluster.get("GPU", 0))
-    return cfg.scaling.use_gpu == "true"
+    from kcd_ray.ray_layer.resources import use_gpu
+
+    return use_gpu(cfg.scaling, gpus=float(cluster.get("GPU", 0)))
 
 
 def trial_resources(cfg: Config, trial_cpus: float, cluster: dict) -> dict:
@@ -117,7 +122,7 @@ def _search_alg(sw: Sweep, baseline: dict | None, max_concurrent: int):
         raise ConfigError(f"{sw.source}: search: optuna needs the optuna package (pip install 'kcd_ray[optuna]'); "
                           "or use search: grid or random") from None
     searcher = OptunaSearch(metric=sw.metric, mode=sw.mode, seed=sw.seed)
-    from kcd_ray.tune.searchers import BaselineFirst
+    from kcd_ray.ray_layer.tune.searchers import BaselineFirst
 
     return BaselineFirst(searcher, baseline) if baseline else searcher
 
@@ -159,13 +164,14 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
     from ray import tune
 
     sw = load_sweep(sweep, overrides, storage_path)
+    check_before_ray(sw)  # missing files fail here, in a second, not in every trial after Tune started
     base_cfg = config_from_dict(sw.base)
     tune_dir = sw.folder / "tune"
     if not resume and tune_dir.exists():
         raise ConfigError(f"{sw.folder}: a sweep of this name already exists; resume it, or pick another name=")
     _write_spec(sw)
     if not ray.is_initialized():
-        from kcd_ray.train.run import init_ray
+        from kcd_ray.ray_layer.trainer import init_ray
 
         init_ray(base_cfg)
     # Prepare the base data set once here, rather than in every trial at the same time.
@@ -234,7 +240,7 @@ def main_sweep(args) -> int:
     folder = run_sweep(args.config, overrides=list(args.overrides or []), storage_path=args.storage_path,
                        resume=not args.fresh)
     if not args.no_report:
-        from kcd_ray.tune.report import report
+        from kcd_ray.ray_layer.tune.report import report
 
         print(report(folder)["text"], flush=True)
     return 0

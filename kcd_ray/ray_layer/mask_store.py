@@ -1,16 +1,24 @@
-"""The condensation mask served to the Ray Data plan: a named actor holding the current version.
+"""The condensation mask and the epoch served to the Ray Data plan: a named actor holding the current state.
 
-``MaskStore`` keeps ``(version, kept, overlay)``. ``kept`` is a bool array indexed by sample id,
+``MaskStore`` keeps ``(version, kept, overlay)`` and the current training ``epoch``. ``kept`` is a bool array indexed by sample id,
 put in the object store by the actor itself (so it lives as long as the actor and every
 reader maps it zero-copy from shared memory); ``overlay`` is the blend-overlay manifest
 (a small JSON-able dict, see ``kcd_ray.data.blend``) or None. Version 0 (nothing published)
 means every sample is kept and no image is blended; ``current()`` then returns
 ``(0, None, None)``.
 
-Readers (the train map in ``pipeline.py``) call :func:`read_mask`, which asks the actor for the
-version and a *reference* to the array on every call and fetches the array only when the
-version or the array changed (cached per worker process, keyed by version and object id).
-Versions must increase, except that ``replace=True`` re-serves a version after a resume.
+Readers (the train map in ``pipeline.py``) call :func:`read_state`, which asks the actor for the
+version, a *reference* to the array, the overlay and the epoch in one call, and fetches the array
+only when the version or the array changed (cached per worker process, keyed by version and object
+id). :func:`read_mask` is the same without the epoch. Versions must increase, except that
+``replace=True`` re-serves a version after a resume.
+
+Epoch. The train plan is built once and re-executed by Ray Data every epoch, so the epoch that
+seeds the row order and the augmentation is read from here at execution time: the training
+worker on rank 0 calls :func:`set_epoch` before iterating each epoch (then a barrier), so every
+map task of that execution sees it. Any int is accepted (negative ones for an initialisation
+stage, smaller ones after a resume); nothing is derived from how often a plan ran. A store that
+was never given an epoch serves 0.
 
 Lifetime: the actor is not detached, so it is fate-shared with the process that created it.
 Create it from the driver (``get_mask_store(name, create=True)`` before ``trainer.fit()``); a
@@ -19,7 +27,7 @@ Train worker that created it would take it down when the worker group restarts.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 import ray
@@ -34,6 +42,7 @@ class MaskStore:
         self._ref = None  # ObjectRef of the bool array, owned by this actor
         self._overlay = None
         self._num_kept = None
+        self._epoch = 0
 
     def publish(self, version: int, kept_ids, overlay: Optional[dict] = None, num_samples: Optional[int] = None,
                 replace: bool = False) -> int:
@@ -54,11 +63,32 @@ class MaskStore:
         """(version, [ObjectRef of the kept array] or None, overlay): cheap, for cached readers."""
         return self._version, ([self._ref] if self._ref is not None else None), self._overlay
 
+    def state_ref(self):
+        """(version, [ObjectRef of the kept array] or None, overlay, epoch): one call per reader batch."""
+        return self._version, ([self._ref] if self._ref is not None else None), self._overlay, self._epoch
+
+    def set_epoch(self, epoch: int) -> int:
+        self._epoch = int(epoch)
+        return self._epoch
+
+    def epoch(self) -> int:
+        return self._epoch
+
     def version(self) -> int:
         return self._version
 
     def summary(self) -> dict:
-        return {"version": self._version, "num_kept": self._num_kept, "overlay": self._overlay is not None}
+        return {"version": self._version, "num_kept": self._num_kept, "overlay": self._overlay is not None,
+                "epoch": self._epoch}
+
+
+class MaskState(NamedTuple):
+    """What one reader batch sees: the mask (``kept`` None = all kept), its overlay, and the current epoch."""
+
+    version: int
+    kept: Optional[np.ndarray]
+    overlay: Optional[dict]
+    epoch: int
 
 
 def kept_bool_array(kept_ids, num_samples: Optional[int] = None) -> np.ndarray:
@@ -112,39 +142,64 @@ def get_mask_store(name: str, create: bool = True):
                          f"driver with get_mask_store({name!r}, create=True) before building the trainer") from None
 
 
+def _handle(store: Union[str, "ray.actor.ActorHandle"]):
+    return get_mask_store(store, create=False) if isinstance(store, str) else store
+
+
 def publish_mask(store: Union[str, "ray.actor.ActorHandle"], version: int, kept_ids, overlay: Optional[dict] = None,
                  num_samples: Optional[int] = None, replace: bool = False) -> int:
     """Publish a new mask version and wait until the store holds it; returns the version."""
-    handle = get_mask_store(store, create=False) if isinstance(store, str) else store
-    return ray.get(handle.publish.remote(int(version), np.asarray(kept_ids), overlay, num_samples, replace))
+    return ray.get(_handle(store).publish.remote(int(version), np.asarray(kept_ids), overlay, num_samples, replace))
+
+
+def set_epoch(store: Union[str, "ray.actor.ActorHandle"], epoch: int) -> None:
+    """Make ``epoch`` the one the next executions of the train plan use; returns once the store holds it.
+
+    ``store``: the actor's name or handle. Call it on one process (Train rank 0) before each epoch's
+    iteration, then a barrier, so no worker starts the epoch before the store holds it. Any int
+    (negative ones included); it need not increase.
+    """
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
+        raise TypeError(f"epoch: expected an int, got {type(epoch).__name__} {epoch!r}")
+    ray.get(_handle(store).set_epoch.remote(int(epoch)))
 
 
 _OWNED: dict = {}  # stores created by this process, kept alive until it exits
 _HANDLES: dict = {}
-_CACHE: dict = {}  # store name -> (version, kept array or None, overlay)
+_CACHE: dict = {}  # store name -> ((version, array object id), kept array or None)
 
 
-def _current_ref(name: str):
+def _state_ref(name: str):
     for attempt in range(2):
         handle = _HANDLES.get(name)
         if handle is None:
             handle = _HANDLES[name] = get_mask_store(name, create=False)
         try:
-            return ray.get(handle.current_ref.remote())
+            return ray.get(handle.state_ref.remote())
         except ray.exceptions.RayActorError:  # the store was re-created under the same name
             _HANDLES.pop(name, None)
             if attempt:
                 raise
 
 
-def read_mask(name: str) -> tuple[int, Optional[np.ndarray], Optional[dict]]:
-    """(version, kept bool array or None, overlay) of the named store, cached per version in this process."""
-    version, ref, overlay = _current_ref(name)
-    # Keyed by the array's object id too: a resumed run may re-serve a version number with a new array.
+def read_state(name: str) -> MaskState:
+    """(version, kept bool array or None, overlay, epoch) of the named store: ONE actor call.
+
+    The kept array is fetched only when (version, array object id) changed since this process last
+    read it (a resumed run may re-serve a version number with a new array).
+    """
+    version, ref, overlay, epoch = _state_ref(name)
     key = (version, ref[0].hex() if ref is not None else None)
     cached = _CACHE.get(name)
     if cached is not None and cached[0] == key:
-        return cached[1]
-    kept = ray.get(ref[0]) if ref is not None else None
-    _CACHE[name] = (key, (version, kept, overlay))
-    return _CACHE[name][1]
+        kept = cached[1]
+    else:
+        kept = ray.get(ref[0]) if ref is not None else None
+        _CACHE[name] = (key, kept)
+    return MaskState(version, kept, overlay, epoch)
+
+
+def read_mask(name: str) -> tuple[int, Optional[np.ndarray], Optional[dict]]:
+    """(version, kept bool array or None, overlay) of the named store, cached per version in this process."""
+    state = read_state(name)
+    return state.version, state.kept, state.overlay

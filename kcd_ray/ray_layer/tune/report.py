@@ -37,7 +37,7 @@ def _read_json(p: Path) -> dict:
 
 
 def _read_metrics(p: Path) -> list[dict]:
-    from kcd_ray.train.rundir import RunDir
+    from kcd_ray.engine.rundir import RunDir
 
     return RunDir(p).read_metrics()
 
@@ -193,7 +193,7 @@ def _sweep_report(path: Path, out: Path) -> dict:
                "epochs_done", "pareto"] + ([metric] if metric not in ("final_top1", "best_top1") else [])
     out.mkdir(parents=True, exist_ok=True)
     csv_path = _write_csv(rows, columns + ["best_epoch", "sample_passes"], out / "trials.csv")
-    from kcd_ray.tune.plots import pareto_plot  # matplotlib: imported only when drawing
+    from kcd_ray.ray_layer.tune.plots import pareto_plot  # matplotlib: imported only when drawing
 
     png = pareto_plot(rows, y_key, out / "pareto.png", f"{name}: {y_key} vs compute")
     res = {"kind": "sweep", "path": str(path), "name": name, "metric": metric, "mode": mode, "rows": rows,
@@ -226,7 +226,7 @@ def _run_report(path: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     all_cols = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
     csv_path = _write_csv(rows, all_cols, out / "epochs.csv")
-    from kcd_ray.tune.plots import curves_plot
+    from kcd_ray.ray_layer.tune.plots import curves_plot
 
     png = curves_plot(run["metrics"], out / "curves.png", f"{run['name']} ({_variant(run)}, {run['status']})")
     s = run["summary"]

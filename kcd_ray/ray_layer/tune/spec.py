@@ -5,11 +5,11 @@ name: rho                        # sweep folder name (default: the file's stem)
 base: ../digits/kcd.yaml         # recipe, relative to this file; or an inline mapping
 kind: distill                    # distill | teacher
 overrides: {optim.epochs: 12}    # fixed dotted overrides (mapping, or a list of "k=v")
-space:                           # dotted config key -> values (see kcd_ray.tune.space)
+space:                           # dotted config key -> values (see kcd_ray.ray_layer.tune.space)
   kcd.rho: [0.5, 0.7, 0.9]
 search: grid                     # grid | random | optuna (lists become choices for random/optuna)
 num_samples: 1                   # grid: repeats of the whole grid; random/optuna: trials
-metric: best_top1                # any per-epoch metric (best_top1, top1, ...)
+metric: best_top1                # a metric the runs report (REPORTED_METRICS: best_top1, top1, val_loss, ...)
 mode: max
 asha: false                      # true, or {grace_period, reduction_factor, max_t, metric}
 include_kd_baseline: true        # one extra plain-KD trial (kcd.enabled=false) for the report
@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from kcd_ray.config import ConfigError, parse_scalar, read_yaml_mapping, apply_overrides, config_from_dict, to_dict
-from kcd_ray.tune.space import Dim, field_kind, parse_space, set_dotted
+from kcd_ray.ray_layer.tune.space import Dim, field_kind, parse_space, set_dotted
 
 SWEEP_KEYS = ("name", "description", "base", "kind", "overrides", "space", "search", "num_samples", "metric", "mode",
               "asha", "include_kd_baseline", "storage_path", "max_concurrent_trials", "trial_cpus", "seed")
@@ -43,6 +43,33 @@ SEARCHES = ("grid", "random", "optuna")
 ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "metric")
 # Config fields holding paths: made absolute up front, because Tune trials run in their own folder.
 PATH_KEYS = ("data.root", "data.source", "distill.teacher", "run.storage_path")
+
+# What a trial reports to Tune, i.e. what ``metric`` (and ``asha.metric``) may name. Kept in step with the
+# engine's metrics row (``kcd_ray.engine.engine.Engine.run_epoch``, and the rows of every metrics.jsonl; the
+# in-process sweep test in tests/test_tune.py checks a real row against this list): the numeric keys of
+# each epoch's row, plus one ``loss_<term>`` per loss term of the method (loss_kd, loss_ce, ...).
+EPOCH_METRICS = ("epoch", "epochs", "train_loss", "top1", "top5", "val_loss", "val_samples", "best_top1",
+                 "kept_fraction", "stage", "samples_seen", "sample_passes", "compute_ratio", "T", "lr",
+                 "train_seconds", "images_per_s", "estep_seconds", "mstep_seconds", "data_wait_seconds",
+                 "world_size", "local_samples", "skipped_steps", "epoch_seconds", "wall_seconds")
+LOSS_PREFIX = "loss_"
+# Reported once more at the end of each trial, from the run summary (``kcd_ray.ray_layer.tune.sweep._trial``).
+SUMMARY_KEYS = ("final_top1", "final_top5", "best_top1", "best_epoch", "compute_ratio", "sample_passes",
+                "full_sample_passes", "wall_seconds")
+REPORTED_METRICS = tuple(dict.fromkeys(EPOCH_METRICS + SUMMARY_KEYS))
+
+
+def is_epoch_metric(name: str) -> bool:
+    """Reported after every epoch (what ASHA can stop on)."""
+    return name in EPOCH_METRICS or (name.startswith(LOSS_PREFIX) and len(name) > len(LOSS_PREFIX))
+
+
+def is_reported_metric(name: str) -> bool:
+    return name in REPORTED_METRICS or is_epoch_metric(name)
+
+
+def _metric_list(names) -> str:
+    return ", ".join(sorted(names)) + f", {LOSS_PREFIX}<term> (a loss term: loss_kd, loss_ce, ...)"
 
 
 @dataclasses.dataclass
@@ -198,6 +225,9 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     if search not in SEARCHES:
         raise _err(where, f"search: {search!r} is not one of: {', '.join(SEARCHES)}")
     dims = parse_space(raw.get("space"), base, where)
+    # Path values in the space are fixed against the working folder too (trials run in their own folders).
+    dims = [Dim(d.key, d.kind, tuple(_abs_path(v, cwd) if isinstance(v, str) else v for v in d.values))
+            if d.key in PATH_KEYS else d for d in dims]
     if search != "grid":  # lists mean "one of these" when sampling
         dims = [Dim(d.key, "choice", d.values) if d.kind == "grid" else d for d in dims]
     num_samples = raw.get("num_samples", 1)
@@ -207,6 +237,8 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     if mode not in ("max", "min"):
         raise _err(where, f"mode: {mode!r} is not one of: max, min")
     metric = str(raw.get("metric", "best_top1"))
+    if not is_reported_metric(metric):
+        raise _err(where, f"metric: {metric!r} is not a metric the runs report; one of: {_metric_list(REPORTED_METRICS)}")
     baseline = raw.get("include_kd_baseline", False)
     if not isinstance(baseline, bool):
         raise _err(where, f"include_kd_baseline: expected true or false, got {baseline!r}")
@@ -248,7 +280,26 @@ def _parse_asha(asha: Any, base: dict, where: str) -> dict | None:
         raise _err(where, f"asha.grace_period: expected an integer in 1..max_t ({out['max_t']}), got {out['grace_period']!r}")
     if not (isinstance(out["reduction_factor"], (int, float)) and out["reduction_factor"] > 1):
         raise _err(where, f"asha.reduction_factor: expected a number > 1, got {out['reduction_factor']!r}")
-    if base["scaling"]["num_workers"] == 0:
-        raise _err(where, "asha: early stopping needs per-epoch reports, i.e. scaling.num_workers >= 1 "
-                          "(in-process trials report only at the end)")
+    if not isinstance(out["metric"], str) or not is_epoch_metric(out["metric"]):
+        raise _err(where, f"asha.metric: {out['metric']!r} is not a metric the runs report every epoch; "
+                          f"one of: {_metric_list(EPOCH_METRICS)}")
     return out
+
+
+def check_before_ray(sw: Sweep) -> None:
+    """What a sweep needs on disk, checked before Ray and Tune start (so it fails in a second, not in every trial).
+
+    ``kind: distill`` needs ``distill.teacher``: the base recipe's file, and every teacher the space lists.
+    """
+    if sw.kind != "distill":
+        return
+    spaced = [("space.distill.teacher", v) for d in sw.dims if d.key == "distill.teacher" for v in d.values]
+    # The base recipe's teacher is used unless the space replaces it (the KD baseline runs the base values).
+    teachers = ([] if spaced and not sw.include_kd_baseline else [("distill.teacher", sw.base["distill"]["teacher"])])
+    teachers += spaced
+    for key, path in teachers:
+        if not path:
+            raise _err(sw.source, f"{key}: not set; kind distill needs a teacher checkpoint "
+                                  "(train one with `kcd-ray train-teacher`)")
+        if not Path(path).exists():  # fit() refuses the same, but only once Tune has started the trial
+            raise _err(sw.source, f"{key}: teacher file {path} does not exist")

@@ -1,0 +1,150 @@
+"""KCD as one engine hook: the E-step (online or offline, chosen once), the M-step and publishing the mask.
+
+- ``before_epoch``: at a condensation epoch, the offline E-step first (rank 0 asks the services to score all N
+  samples; the table reaches the other ranks by ``broadcast_object_list``), then the M-step on every rank
+  (each holds an identical ``KCDState``, so the result is identical everywhere); rank 0 writes the VAKS
+  blends (``BlendOverlays``), the mask file, and publishes (kept ids, overlay) through the services.
+- ``after_step`` (online E-step): instant values of the batch just trained on, kept on the device.
+- ``after_epoch`` (online E-step): one host read, an all-gather by sample id over ranks, folded into the
+  accumulator; the value table is written before a condensation epoch.
+- ``after_checkpoint``: once a checkpoint references the newest mask version, older blend versions go.
+
+The pure algorithm (values, OGVE, schedule, selection, summary plan) is ``kcd_ray.condense``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from kcd_ray.condense import KCDState
+from kcd_ray.condense.values import VALUE_FNS, make_context
+from kcd_ray.data.blend import BlendOverlays
+from kcd_ray.engine import distributed as D
+from kcd_ray.engine.hooks import HOOKS, Hook
+from kcd_ray.engine.metrics import say
+from kcd_ray.engine.value_tables import write_value_table
+
+
+@HOOKS.register("kcd")
+class Condenser(Hook):
+    name = "kcd"
+
+    def __init__(self, kcd_cfg, num_samples: int, record_values: bool = False):
+        self.cfg = kcd_cfg
+        self.state = KCDState.from_config(kcd_cfg, num_samples)
+        self.value_fn = VALUE_FNS.get(kcd_cfg.value_fn)
+        self.online = kcd_cfg.estep == "online"
+        self.record_values = record_values  # write every epoch's value table (tests, analysis)
+        self._ids: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+        self._T, self._epoch = 1.0, 0
+        self._mstep_s = self._estep_s = 0.0
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state.load_state_dict(state)
+
+    def _overlays(self, engine) -> BlendOverlays:
+        return BlendOverlays(engine.ctx.run_dir.path / "blends", engine.ctx.data_dir)
+
+    def _mask_path(self, engine, version):
+        return engine.ctx.run_dir.sub("masks", f"mask_v{version:03d}.parquet")
+
+    # ------------------------------------------------------------------ hooks
+    def before_run(self, engine, start_epoch: int) -> None:
+        """Serve the checkpoint's mask: a re-run driver has a new, empty store, and after a worker-group restart
+        the store may hold a newer version published by the lost attempt."""
+        if engine.ctx.is_chief and self.state.version > 0:
+            overlay = self._overlays(engine).manifest(self.state.version, check=True)
+            engine.services.publish_mask(self.state.version, self.state.kept_ids(), overlay)
+        D.barrier()
+
+    def before_epoch(self, engine, epoch: int) -> Optional[int]:
+        t0 = time.perf_counter()
+        self._T, self._epoch = engine.parts.temperature(epoch), epoch
+        self._mstep_s = self._estep_s = 0.0
+        if not self.online and self.state.schedule.is_condense_epoch(epoch) and epoch > self.state.last_condense_epoch:
+            self._offline_estep(engine, epoch)
+            self._estep_s = time.perf_counter() - t0
+        result = self.state.maybe_condense(epoch)
+        if result is not None and engine.ctx.is_chief:
+            self._publish(engine, result)
+        D.barrier()  # nobody iterates the next epoch before the new mask is published
+        self._mstep_s = time.perf_counter() - t0 - self._estep_s
+        return None if result is None else result.version
+
+    def after_step(self, engine, batch: dict, output) -> None:
+        if not self.online:
+            return
+        ctx = make_context(batch["sample_id_cpu"], self._epoch, self.cfg.seed, self._T, self.cfg.value_T)
+        zt = None if output.teacher_logits is None else output.teacher_logits.detach()
+        self._values.append(self.value_fn(output.logits.detach(), zt, batch["label"], ctx))
+        self._ids.append(batch["sample_id_cpu"])
+
+    def after_epoch(self, engine, epoch: int, row: dict) -> None:
+        t0 = time.perf_counter()
+        if self.online:
+            ids, vals = self._gather_online()
+            if engine.ctx.is_chief and (self.record_values or self.state.schedule.is_condense_epoch(epoch + 1)):
+                write_value_table(engine.ctx.run_dir, epoch, ids, vals, source="online")
+        self._estep_s += time.perf_counter() - t0
+        row.update(kcd_enabled=self.state.enabled, kept_fraction=self.state.k / self.state.num_samples,
+                   stage=self.state.stage, estep_seconds=self._estep_s, mstep_seconds=self._mstep_s)
+
+    def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
+        # The checkpoint just reported references the current version: older blend versions are unreachable.
+        if engine.ctx.is_chief:
+            self._overlays(engine).prune(keep_versions=[self.state.version])
+
+    def end_run(self, engine, summary) -> None:
+        if engine.ctx.is_chief:
+            self.state.write_mask(engine.ctx.run_dir.sub("masks", "mask_final.parquet"))
+
+    # ------------------------------------------------------------------ E-step / M-step
+    def _gather_online(self) -> tuple[np.ndarray, np.ndarray]:
+        """All-gather (ids, values) of this epoch from every rank and fold them into the accumulator."""
+        ids = torch.cat(self._ids).numpy().astype(np.int64) if self._ids else np.zeros(0, np.int64)
+        vals = torch.cat(self._values).float().cpu().numpy() if self._values else np.zeros(0, np.float32)
+        self._ids, self._values = [], []
+        parts = D.all_gather_objects((ids, vals))
+        ids = np.concatenate([p[0] for p in parts])
+        vals = np.concatenate([p[1] for p in parts])
+        if len(ids):
+            self.state.observe(ids, vals)
+            self.state.end_epoch()
+        return ids, vals
+
+    def _offline_estep(self, engine, epoch: int) -> None:
+        """Rank 0 scores all N samples (condensed-away ones too); every rank folds the same table in."""
+        table = None
+        if engine.ctx.is_chief:
+            student = {k: v.detach().cpu() for k, v in engine.distiller.student.state_dict().items()}
+            ids, vals = engine.services.score_offline(student, epoch)
+            write_value_table(engine.ctx.run_dir, epoch, ids, vals, source="offline")
+            table = (ids, vals)
+        ids, vals = D.broadcast_object(table)
+        if len(ids) != self.state.num_samples:
+            raise ValueError(f"offline E-step at epoch {epoch}: {len(ids)} values for {self.state.num_samples} "
+                             "training samples")
+        self.state.observe(ids, vals)
+        self.state.end_epoch()
+
+    def _publish(self, engine, result) -> None:
+        overlays = self._overlays(engine)
+        overlay = overlays.manifest(result.version - 1)
+        if len(result.tail_ids):
+            overlay = overlays.write(result.version, result.tail_ids, result.lost_ids, result.weights)
+        self.state.write_mask(self._mask_path(engine, result.version))
+        engine.services.publish_mask(result.version, self.state.kept_ids(), overlay)
+        if engine.ctx.verbose:
+            s = self.state
+            say(f"[kcd_ray] condensation v{result.version} (stage {result.stage}): kept {len(s.kept_ids())}/"
+                f"{s.num_samples} ({100 * (s.k / s.num_samples):.1f}%), {len(result.tail_ids)} summary blends")
+

@@ -1,0 +1,244 @@
+"""The training engine: the step, the epoch, evaluation, the metrics row and the run checkpoint.
+
+Plain torch: the engine is driven by two callables that yield batches (``{"image", "label", "sample_id"}``
+CPU tensors), so a unit test feeds it a Python list and the Ray worker feeds it its Ray Data shard. Every
+rank runs the same engine; collectives go through ``kcd_ray.engine.distributed`` (no-ops in one process).
+
+GPU discipline: the step never reads a device value on the host. Loss sums, the skipped-step count and the
+online E-step values stay on the device and are read once per epoch (the progress line reads the loss at
+most every ``PROGRESS_EVERY_S`` seconds). Non-finite steps are skipped on the device: a fused optimiser gets
+the step's ``found_inf`` flag (as AMP's grad scaler hands it), so no ``if isfinite(...)`` on the host.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from kcd_ray.config import to_dict
+from kcd_ray.engine import distributed as D
+from kcd_ray.engine.build import Components, build_scheduler
+from kcd_ray.engine.checkpoint import load_run_checkpoint, restore_into, save_run_checkpoint
+from kcd_ray.engine.context import RunContext, Services
+from kcd_ray.engine.hooks import Hook
+from kcd_ray.engine.metrics import Progress, say, summarize
+
+Batches = Callable[[int], Iterable[dict]]
+PROGRESS_EVERY_S = 30.0
+BATCH_KEYS = ("image", "label", "sample_id")
+
+
+def grad_norm(params) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """Per k, the number of samples whose label is among the top-k predictions, as a device tensor."""
+    maxk = min(max(ks), logits.shape[1])
+    hit = logits.topk(maxk, dim=1).indices.eq(labels.view(-1, 1))
+    return torch.stack([hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks])
+
+
+class Engine:
+    def __init__(self, ctx: RunContext, parts: Components, hooks: list[Hook], services: Services,
+                 device: torch.device):
+        self.ctx, self.parts, self.hooks, self.services, self.device = ctx, parts, list(hooks), services, device
+        self.cfg = ctx.cfg
+        self.distiller, self.model = parts.distiller, parts.model  # model: the DDP wrapper when distributed
+        self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
+        self.start_epoch, self.sample_passes, self.wall_offset = 0, 0, 0.0
+        self.history: list[dict] = []
+        self.train_batches: Optional[Batches] = None
+        self._last_eval: Optional[dict] = None
+        names = [h.name for h in self.hooks if h.name]
+        if len(names) != len(set(names)):
+            raise ValueError(f"hooks: duplicate names {names}")
+
+    # ------------------------------------------------------------------ hooks and data
+    def hook(self, name: str) -> Optional[Hook]:
+        return next((h for h in self.hooks if h.name == name), None)
+
+    def _each(self, method: str, *args) -> list:
+        return [getattr(h, method)(self, *args) for h in self.hooks]
+
+    def begin_data_epoch(self, epoch: int) -> None:
+        """Tell the data pipeline which epoch it serves next (its shuffle and augmentation are seeded by it)."""
+        if self.ctx.is_chief:
+            self.services.set_data_epoch(epoch)
+        D.barrier()
+
+    def to_device(self, batch: dict) -> dict:
+        out = {k: batch[k].to(self.device, non_blocking=True) for k in BATCH_KEYS if k in batch}
+        out["sample_id_cpu"] = batch["sample_id"]  # ids for host-side bookkeeping, without a device read
+        return out
+
+    # ------------------------------------------------------------------ resume
+    def restore(self, source) -> None:
+        """Load a run checkpoint folder (model, optimiser, scheduler, scaler, run state, hook states)."""
+        state = load_run_checkpoint(source)
+        run = restore_into(state, distiller=self.distiller, optimizer=self.optimizer, scheduler=self.scheduler,
+                           scaler=self.scaler, source=str(source))
+        states = dict(state.get("hooks") or {})
+        for h in self.hooks:
+            if h.name and states.get(h.name) is not None:
+                h.load_state_dict(states[h.name])
+        self.start_epoch = run["epoch"] + 1
+        self.sample_passes, self.wall_offset, self.history = run["sample_passes"], run["wall_seconds"], run["history"]
+        old_epochs = (state.get("config") or {}).get("optim", {}).get("epochs", self.cfg.optim.epochs)
+        if old_epochs != self.cfg.optim.epochs:  # an extended (or shortened) run: the new config's LR schedule
+            self.scheduler = self.parts.scheduler = build_scheduler(self.optimizer, self.cfg.optim)
+            with warnings.catch_warnings():  # "step() before optimizer.step()": fast-forwarding, on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(self.start_epoch):
+                    self.scheduler.step()
+        if self.ctx.verbose:
+            say(f"[kcd_ray] resumed from {source} at epoch {self.start_epoch}")
+
+    # ------------------------------------------------------------------ the step
+    def step(self, batch: dict, T: float, epoch: int):
+        with self.parts.amp_ctx:
+            out = self.model(batch, T=T, epoch=epoch)
+            loss = sum(out.losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            finite = torch.isfinite(grad_norm(self.parts.params))
+            self.scaler.step(self.optimizer)  # skips non-finite steps itself
+            self.scaler.update()
+        else:
+            loss.backward()
+            # One NaN/inf gradient (e.g. SVD-based losses on degenerate features) would poison the weights for
+            # good: skip that step. A fused optimiser skips on the device; others need one host read.
+            finite = torch.isfinite(grad_norm(self.parts.params))
+            if self.parts.fused:
+                self.optimizer.found_inf = (~finite).float()
+                self.optimizer.step()
+            elif bool(finite):
+                self.optimizer.step()
+        return out, loss.detach(), finite
+
+    def train_epoch(self, epoch: int, T: float) -> dict:
+        self.model.train()
+        prog = Progress(f"[kcd_ray] epoch {epoch + 1}/{self.cfg.optim.epochs}", enabled=self.ctx.verbose,
+                        every_s=PROGRESS_EVERY_S)
+        sums: dict[str, torch.Tensor] = {}
+        skipped = torch.zeros((), dtype=torch.int64, device=self.device)
+        steps, data_wait = 0, 0.0
+        t_wait = time.perf_counter()
+        for raw in self.train_batches(epoch):
+            data_wait += time.perf_counter() - t_wait
+            batch = self.to_device(raw)
+            out, loss, finite = self.step(batch, T, epoch)
+            n = batch["label"].shape[0]
+            for k, v in out.losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * n
+            skipped += (~finite).long()
+            steps += 1
+            self._each("after_step", batch, out)
+            prog.step(n, loss)
+            t_wait = time.perf_counter()
+        self.scheduler.step()
+        return {"sums": sums, "skipped": skipped, "steps": steps, "local_samples": prog.samples,
+                "data_wait_seconds": data_wait}
+
+    def _check_finite(self, epoch: int, skipped: int, steps: int, terms: dict) -> None:
+        if steps and skipped > max(2, steps // 10):
+            text = ", ".join(f"{k}={terms[k]:.3g}" for k in sorted(terms))
+            raise FloatingPointError(
+                f"epoch {epoch}: {skipped} of {steps} steps had non-finite gradients ({text}); lower optim.lr or "
+                f"distill.beta for method {self.cfg.distill.method!r}")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, batches: Iterable[dict]) -> dict:
+        """Exact test accuracy: the unsplit test set, each rank doing every world-th batch, counts all-reduced."""
+        self.distiller.eval()
+        acc = torch.zeros(4, dtype=torch.float64, device=self.device)  # top1, top5, n, loss sum
+        rank, world = self.ctx.rank, self.ctx.world
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                if i % world != rank:
+                    continue
+                x = batch["image"].to(self.device, non_blocking=True)
+                y = batch["label"].to(self.device, non_blocking=True)
+                with self.parts.amp_ctx:
+                    logits = self.distiller.student(x)
+                loss = torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+                acc += torch.cat([topk_hits(logits, y).double(), torch.tensor([y.numel()], device=self.device,
+                                                                             dtype=torch.float64), loss.double()[None]])
+        c1, c5, n, ls = D.all_sum(list(acc), self.device)
+        return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "val_loss": ls / max(n, 1),
+                "val_samples": int(n)}
+
+    # ------------------------------------------------------------------ one epoch, the run
+    def run_epoch(self, epoch: int, test_batches: Callable[[], Iterable[dict]], t_run: float) -> dict:
+        t_epoch = time.perf_counter()
+        self._each("before_epoch", epoch)
+        self.begin_data_epoch(epoch)
+        hook_s = time.perf_counter() - t_epoch
+        T = self.parts.temperature(epoch)
+        tr = self.train_epoch(epoch, T)
+        keys = sorted(tr["sums"])
+        n_seen, skipped, *sums = D.all_sum([tr["local_samples"], tr["skipped"]] + [tr["sums"][k] for k in keys],
+                                           self.device)
+        self._check_finite(epoch, int(skipped), tr["steps"], dict(zip(keys, sums)))
+        self.sample_passes += int(n_seen)
+        train_s = time.perf_counter() - t_epoch - hook_s
+        epochs = self.cfg.optim.epochs
+        evaluated = (self._last_eval is None or (epoch + 1) % self.cfg.optim.eval_every == 0 or epoch == epochs - 1)
+        if evaluated:
+            self._last_eval = self.evaluate(test_batches())
+        ev = dict(self._last_eval)  # optim.eval_every > 1: skipped epochs carry the last evaluation
+        best = max([ev["top1"]] + [m["best_top1"] for m in self.history[-1:]])
+        row = {
+            "epoch": epoch, "epochs": epochs, "kind": self.ctx.kind, "kcd_enabled": False,
+            "train_loss": sum(sums) / max(n_seen, 1),
+            **{f"loss_{k}": s / max(n_seen, 1) for k, s in zip(keys, sums)},
+            **ev, "best_top1": best, "kept_fraction": 1.0, "stage": 0,
+            "samples_seen": int(n_seen), "sample_passes": self.sample_passes,
+            "compute_ratio": self.sample_passes / (self.parts.num_train * (epoch + 1)),
+            "T": T if self.ctx.kind == "distill" else None, "lr": self.optimizer.param_groups[0]["lr"],
+            "train_seconds": train_s, "images_per_s": n_seen / max(train_s, 1e-9),
+            "estep_seconds": 0.0, "mstep_seconds": 0.0, "data_wait_seconds": tr["data_wait_seconds"],
+            "world_size": self.ctx.world, "local_samples": int(tr["local_samples"]),
+            "skipped_steps": int(skipped), "evaluated": evaluated,
+        }
+        self._each("after_epoch", epoch, row)
+        row["epoch_seconds"] = time.perf_counter() - t_epoch
+        row["wall_seconds"] = self.wall_offset + (time.perf_counter() - t_run)
+        self.history.append(row)
+        return row
+
+    def checkpoint_writer(self, epoch: int, row: dict):
+        """A callable that writes this epoch's run checkpoint into a folder (rank 0 only)."""
+        run_state = {"epoch": epoch, "sample_passes": self.sample_passes, "wall_seconds": row["wall_seconds"],
+                     "history": self.history, "last_top1": row["top1"]}
+        hooks = {h.name: h.state_dict() for h in self.hooks if h.name}
+        parts = dict(distiller=self.distiller, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                     run_state=run_state, config=to_dict(self.cfg), hooks=hooks)
+        return lambda folder: save_run_checkpoint(folder, **parts)
+
+    def run(self, train_batches: Batches, test_batches: Callable[[], Iterable[dict]]) -> Optional[dict]:
+        """Train from ``start_epoch`` to the end; rank 0 returns the summary, other ranks None."""
+        self.train_batches = train_batches
+        self._each("before_run", self.start_epoch)
+        t_run = time.perf_counter()
+        for epoch in range(self.start_epoch, self.cfg.optim.epochs):
+            row = self.run_epoch(epoch, test_batches, t_run)
+            report = {k: v for k, v in row.items() if isinstance(v, (int, float, str)) and v is not None}
+            self.services.report(report, self.checkpoint_writer(epoch, row) if self.ctx.is_chief else None, epoch)
+            self._each("after_checkpoint", epoch, row)
+        summary = None
+        if self.ctx.is_chief and self.history:
+            summary = summarize(self.history, kind=self.ctx.kind, kcd_enabled=self.history[-1]["kcd_enabled"],
+                                num_train=self.parts.num_train, epochs=self.cfg.optim.epochs,
+                                run_dir=str(self.ctx.run_dir.path), config=to_dict(self.cfg))
+        self._each("end_run", summary)
+        return summary
+

@@ -1,0 +1,54 @@
+"""Test and drill hooks: never in a production config; tests pass them to ``fit(..., hooks=[...])``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from kcd_ray.engine.hooks import HOOKS, Hook
+
+
+@HOOKS.register("fail")
+class FailAfterEpoch(Hook):
+    """Kill this worker once, after epoch ``epoch``'s checkpoint: ``mode="exit"`` is a real crash (no cleanup),
+    ``"raise"`` an exception. A marker file in the run folder makes it fire once across restarts."""
+
+    def __init__(self, epoch: int, rank: int = 0, mode: str = "exit"):
+        if mode not in ("exit", "raise"):
+            raise ValueError(f"fail hook: mode {mode!r} is not one of: exit, raise")
+        self.epoch, self.rank, self.mode = int(epoch), int(rank), mode
+
+    def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
+        if epoch != self.epoch or engine.ctx.rank != self.rank:
+            return
+        marker = engine.ctx.run_dir.path / f"injected_failure_epoch_{epoch}"
+        if marker.exists():
+            return
+        marker.write_text("killed\n")
+        if self.mode == "raise":
+            raise RuntimeError(f"injected failure after epoch {epoch}")
+        os._exit(1)  # a real crash: no exception handling, no cleanup
+
+
+@HOOKS.register("record_ids")
+class RecordIds(Hook):
+    """Write which sample ids this rank trained on in each epoch (``ids/e<epoch>_r<rank>.npy``), and make the
+    condenser write every epoch's value table."""
+
+    def __init__(self):
+        self._ids: list[torch.Tensor] = []
+
+    def before_run(self, engine, start_epoch: int) -> None:
+        kcd = engine.hook("kcd")
+        if kcd is not None:
+            kcd.record_values = True
+
+    def after_step(self, engine, batch: dict, output) -> None:
+        self._ids.append(batch["sample_id_cpu"])
+
+    def after_epoch(self, engine, epoch: int, row: dict) -> None:
+        ids = torch.cat(self._ids).numpy() if self._ids else np.zeros(0, np.int64)
+        self._ids = []
+        np.save(engine.ctx.run_dir.sub("ids", f"e{epoch:04d}_r{engine.ctx.rank}.npy"), ids)

@@ -1,0 +1,69 @@
+"""The hook interface: the parts that plug into the engine at fixed points.
+
+A hook is one registered class. The engine calls, in order of the hook list:
+
+- ``before_run(engine, start_epoch)``   after a resume restored every state, before the first epoch
+- ``before_epoch(engine, epoch)``       before the epoch's data is read; may return a new data (mask) version
+- ``after_step(engine, batch, output)`` after each optimiser step (no host synchronisation here on a GPU)
+- ``after_epoch(engine, epoch, row)``   after training and evaluation; may add fields to the metrics row
+- ``after_checkpoint(engine, epoch, row)`` after the epoch's checkpoint was reported
+- ``end_run(engine, summary)``          rank 0's summary is complete (others get ``None``)
+
+and saves ``state_dict()`` under the hook's ``name`` in every run checkpoint (``load_state_dict`` on resume).
+Hooks never subclass or patch the engine; they read what they need from it (``engine.ctx``, ``engine.distiller``,
+``engine.services``, ``engine.history``).
+
+Adding one: subclass :class:`Hook`, decorate with ``@HOOKS.register("name")``, and have the builder in
+``kcd_ray.engine.parts`` (or a test) put it in the list.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+from kcd_ray.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from kcd_ray.engine.engine import Engine
+
+
+class Hook:
+    name: str = ""  # key of this hook's state in a checkpoint ("" = stateless)
+
+    def before_run(self, engine: "Engine", start_epoch: int) -> None:
+        pass
+
+    def before_epoch(self, engine: "Engine", epoch: int) -> Optional[int]:
+        return None
+
+    def after_step(self, engine: "Engine", batch: dict, output: Any) -> None:
+        pass
+
+    def after_epoch(self, engine: "Engine", epoch: int, row: dict) -> None:
+        pass
+
+    def after_checkpoint(self, engine: "Engine", epoch: int, row: dict) -> None:
+        pass
+
+    def end_run(self, engine: "Engine", summary: Optional[dict]) -> None:
+        pass
+
+    def state_dict(self) -> Optional[dict]:
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+HOOKS: Registry[type] = Registry("hook")
+
+
+def build_hooks(specs: list) -> list[Hook]:
+    """``[("name", {kwargs}), ...]`` -> hook instances (specs travel to Ray workers as plain data)."""
+    from kcd_ray.engine import faults, parts  # noqa: F401 - registers the engine's own hooks
+
+    out = []
+    for spec in specs or []:
+        name, kwargs = (spec, {}) if isinstance(spec, str) else spec
+        out.append(HOOKS.get(name)(**dict(kwargs)))
+    return out

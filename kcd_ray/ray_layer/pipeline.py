@@ -1,0 +1,424 @@
+"""Ray Data pipelines over a prepared data set: the condensed, augmented train set and eval sets.
+
+Batches, as ``iter_torch_batches`` hands them to Train workers:
+``{"sample_id": int64[B], "label": int64[B], "image": float32[B, C, H, W]}`` (normalised with
+meta's mean/std). Extra Parquet columns (``is_duplicate`` ...) are never read.
+
+Train plan (built once, re-executed by Ray Data every epoch), default ``shuffle="full"``::
+
+    read_parquet -> map: store state -> mask -> overlay bytes -> order key (seed, epoch, id)
+      -> sort(order key)  [all-to-all; rows still undecoded bytes]
+      -> map: decode -> augment (seed, epoch, id) -> normalise
+
+The first map asks the run's MaskStore for its *current* state in ONE actor call per map batch
+(``mask_store.read_state``: mask version, kept array (cached per version), overlay manifest,
+epoch), so a mask published or an epoch set between two executions changes the next epoch for
+every worker, shards included (``streaming_split`` runs after the plan). Rows the mask drops are
+removed; kept rows with a blend overlay image get it instead of their base image (the base image
+is then not even decoded).
+
+Epoch. The plan does not know which epoch it serves: the trainer creates a MaskStore for every
+training run (KCD on or off), passes its name as ``mask_store_name``, and its rank-0 worker calls
+``mask_store.set_epoch(store, e)`` (then a barrier) before iterating epoch e; the first map reads
+it and carries it to the rows (``_epoch`` column) so the post-sort map uses the same value.
+Without a store (benchmarks, some tests) every execution is epoch 0: the same order and the same
+augmentation every time the plan runs.
+
+Shuffling (``shuffle``; ``"auto"`` = ``"full"``).
+
+- ``"full"``: every epoch, the kept rows in a uniformly scrambled order that is a pure function of
+  (seed, epoch, kept ids), as ``DataLoader(shuffle=True)`` gives. Each row gets the key
+  ``transforms.sample_keys(id, (seed, epoch, ORDER))``, a keyed bijection of the id (no ties), and
+  Ray Data's distributed sort (range partitions on fixed, equal-width key boundaries: keys are
+  uniform, so no sampling stage) puts rows in key order. The sort moves the rows' undecoded Parquet
+  bytes (uint8 raw pixels, 4x smaller than the float32 it serves; JPEG files for encoded sets) and
+  the overlay pixels of blended rows; decoding, augmentation and normalisation run after it, so they
+  stream alongside training instead of delaying the first batch. Measured on 2 cores (2048 CIFAR
+  rows, re-executed per epoch): the sort costs 0.1-0.3 s per epoch with Ray's pull-based sort; 2.60's
+  default SHUFFLE_V2 sort took 1-8 s (its tasks start and reap dedicated worker processes), so the
+  plan uses the pull-based one for splits up to ``PULL_SORT_MAX_BYTES`` (4 GiB, O(blocks x
+  partitions) objects) and Ray's default above (``compat.pull_based_sort``). The sort is a barrier:
+  each epoch's first batch waits until the whole split was read and partitioned, and the object
+  store holds the kept split's bytes meanwhile (Ray spills to disk beyond its capacity).
+  Resources: Ray's sort tasks take 1 whole CPU each (not configurable in 2.60), so at least one CPU
+  must stay free of Train workers (e.g. 2 cores: one worker at <= 1 CPU, or two at 0.5 each).
+- ``"block_local"`` (the former default): rows are only permuted inside each map batch (up to 1024
+  rows: a minibatch is always drawn from one such block), with file order reshuffled every epoch and
+  block order too for splits up to 2 GiB on disk (a barrier that holds the split's bytes). No
+  sort; cheapest; but not a uniform permutation of the data set.
+- ``"block_local_files"`` (the former ``"files"``): as ``"block_local"`` without the block-order
+  randomisation (no barrier at all).
+
+``equal=True`` splits (Ray Train's "train" dataset with >1 workers) drop the last
+``kept % num_workers`` rows of each epoch's order (< num_workers rows; with ``"full"`` they are
+different rows every epoch). A consumer-side local shuffle buffer is still available
+(``iter_train_batches(shuffle_buffer=...)``, ``data.shuffle_buffer``), off by default: it cost the
+training process ~15% throughput on 2 cores.
+
+Worker processes. Map and read tasks take ``data_cpus`` (fractional) CPUs each so Train
+workers are never starved, but at most as many run at once as the cluster has CPUs: beyond
+that Ray starts extra worker processes (each importing torch) and kills them when idle, which
+cost 41 s instead of 1.3 s per 20k-row epoch on 2 cores.
+
+Determinism. With an integer ``seed``, sample i's augmentation in epoch e is a pure function of
+(seed, e, i) via ``transforms.sample_uniforms`` (key ``(seed, e)``): independent of the mask
+version, block layout, task placement, worker count, shuffle mode, and of how many times a Ray
+Data plan ran in this process (a run resumed at epoch k sees the same epoch-k images as the
+uninterrupted run). With ``"full"`` the order of the kept rows is a pure function of (seed, e, kept
+ids); the plan sets ``preserve_order`` on its own execution options so a single consumer sees
+exactly that order. Ray Train replaces a dataset's execution options with its ``DataConfig``'s:
+pass ``DataConfig(execution_options=train_ingest_options())`` to keep the order exact per worker
+(the split then hands out blocks deterministically; without it, neighbouring blocks of ~1024 rows
+may swap). With ``"block_local*"`` the in-batch permutation is keyed on (seed, e) too, but file and
+block order come from Ray's per-execution reseeding (not reproducible across processes).
+``seed=None``: fresh OS entropy for the order and each batch's augmentation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from kcd_ray.data import transforms as T
+
+# Our map operators cap concurrency at the cluster's CPU count (see "Worker processes" above); a split of one
+# small file gives them a single block, and Ray Data then warns that the cap is higher than the block count.
+warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for .* only received",
+                        category=UserWarning)
+
+COLUMNS = ["sample_id", "label", "image"]
+SHUFFLES = ("auto", "full", "block_local", "block_local_files")
+_RENAMED = {"files": "block_local_files", "blocks": "block_local"}
+BLOCK_SHUFFLE_MAX_BYTES = 2 * 2**30
+READ_BLOCK_BYTES = 16 * 2**20  # smaller read blocks: more map tasks in flight, finer shuffle
+SORT_PARTITION_BYTES = 64 * 2**20  # sort partitions of at most ~64 MiB of Parquet bytes ...
+MAX_SORT_PARTITIONS = 1024
+PULL_SORT_MAX_BYTES = 4 * 2**30  # ... with the pull-based sort up to 4 GiB splits (see "Shuffling")
+ORDER = 0x0D5E  # third key word of the row-order hash: the order never reuses the augmentation's key
+_EPOCH, _KEY, _OVERLAY = "_epoch", "_order", "_overlay"
+
+
+def _split_dir(data_dir, split: str) -> Path:
+    d = Path(data_dir).expanduser() / split
+    if not sorted(d.glob("part-*.parquet")):
+        raise FileNotFoundError(f"{d}: no part-*.parquet files; expected a prepared data set with a {split!r} split")
+    return d
+
+
+def _split_bytes(split_dir: Path) -> int:
+    return sum(os.path.getsize(f) for f in split_dir.glob("part-*.parquet"))
+
+
+def _map_batch_rows(meta: dict) -> int:
+    h, w, c = T.image_shape(meta)
+    return int(max(16, min(1024, 2**24 // (h * w * c * 4))))  # ~16 MiB of float32 output
+
+
+def _task_cap() -> Optional[int]:
+    """Concurrent tasks per operator: the cluster's CPU count (None before ray.init)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _read(split_dir: Path, data_cpus: float, shuffle_seed=False):
+    import ray
+    from ray.data import FileShuffleConfig
+
+    from kcd_ray.ray_layer.compat import parquet_reader_v1
+
+    shuffle = None
+    if shuffle_seed is not False:
+        shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else "files"
+    n_files = len(list(split_dir.glob("part-*.parquet")))
+    with parquet_reader_v1(ray.data.DataContext.get_current()):
+        ds = ray.data.read_parquet(str(split_dir), columns=COLUMNS, shuffle=shuffle, num_cpus=data_cpus,
+                                   concurrency=min(_task_cap() or n_files, n_files))
+    ds.context.target_max_block_size = min(ds.context.target_max_block_size or READ_BLOCK_BYTES, READ_BLOCK_BYTES)
+    return ds
+
+
+def _compute():
+    from ray.data import TaskPoolStrategy
+
+    return TaskPoolStrategy(size=_task_cap())
+
+
+def _check_cpus(data_cpus: float) -> float:
+    if not data_cpus > 0:
+        raise ValueError(f"data_cpus: expected > 0 (fractional CPUs per Ray Data task), got {data_cpus!r}")
+    return float(data_cpus)
+
+
+def _images(ids: np.ndarray, images, meta: dict, overlay: Optional[dict]) -> np.ndarray:
+    """uint8 NHWC of a batch: overlay images where the manifest has one, decoded base images elsewhere."""
+    if not overlay:
+        return T.decode_images(images, meta)
+    from kcd_ray.data.blend import overlay_lookup
+
+    hit, over = overlay_lookup(overlay, ids)
+    if not hit.any():
+        return T.decode_images(images, meta)
+    h, w, c = T.image_shape(meta)
+    out = np.empty((len(ids), h, w, c), np.uint8)
+    out[hit] = over
+    rest = np.flatnonzero(~hit)
+    if rest.size:
+        out[rest] = T.decode_images([images[i] for i in rest], meta)
+    return out
+
+
+class _NoStore:
+    """The state a plan without a MaskStore sees: every row kept, no overlay, epoch 0."""
+
+    version, kept, overlay, epoch = 0, None, None, 0
+
+
+def _state(store: Optional[str]):
+    if not store:
+        return _NoStore
+    from kcd_ray.ray_layer.mask_store import read_state
+
+    return read_state(store)
+
+
+def _augment(ids: np.ndarray, x: np.ndarray, meta: dict, kind: str, seed: Optional[int], epoch: int) -> np.ndarray:
+    """Augment + normalise uint8 NHWC -> float32 NCHW; sample i's draws depend on (seed, epoch, i) only."""
+    k = T.n_uniforms(kind)
+    if seed is None:
+        u = np.random.default_rng().random((len(ids), k))
+    else:
+        u = T.sample_uniforms(ids, k, (seed, epoch))
+    return T.train_transform(x, meta, kind, uniforms=u).numpy()
+
+
+def _order_keys(ids: np.ndarray, seed: Optional[int], epoch: int) -> np.ndarray:
+    if seed is None:
+        return np.random.default_rng().integers(-2**63, 2**63 - 1, len(ids), dtype=np.int64, endpoint=True)
+    return T.sample_keys(ids, (seed, epoch, ORDER))
+
+
+# --------------------------------------------------------------------------- shuffle="full"
+
+
+def _select_map(table, seed: Optional[int], store: Optional[str]):
+    """Pre-sort map (pyarrow): mask, overlay pixels of blended rows, epoch and order key. No decoding."""
+    import pyarrow as pa
+
+    state = _state(store)
+    ids = table.column("sample_id").to_numpy()
+    if state.kept is not None:
+        from kcd_ray.ray_layer.mask_store import is_kept
+
+        keep = is_kept(state.kept, ids)
+        if not keep.all():
+            table = table.filter(pa.array(keep))
+            ids = ids[keep]
+    if len(ids) == 0:
+        return  # yield nothing
+    table = table.select(COLUMNS)
+    if store:  # the column exists in every block of a plan with a store (one schema for the sort)
+        over = [None] * len(ids)
+        if state.overlay:
+            from kcd_ray.data.blend import overlay_lookup
+
+            hit, imgs = overlay_lookup(state.overlay, ids)
+            for j, i in enumerate(np.flatnonzero(hit)):
+                over[i] = imgs[j].tobytes()
+        table = table.append_column(_OVERLAY, pa.array(over, pa.binary()))
+    table = table.append_column(_EPOCH, pa.array(np.full(len(ids), int(state.epoch), np.int64)))
+    yield table.append_column(_KEY, pa.array(_order_keys(ids, seed, int(state.epoch))))
+
+
+def _uint8_images(column, meta: dict) -> np.ndarray:
+    """A binary Arrow column of images -> uint8 NHWC (raw pixels without a per-row copy)."""
+    h, w, c = T.image_shape(meta)
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    n = len(arr)
+    if meta.get("encoding") == "raw" and n and arr.null_count == 0 and str(arr.type) == "binary":
+        offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset: arr.offset + n + 1]
+        if (np.diff(offsets) == h * w * c).all():
+            data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]: offsets[-1]]
+            return data.reshape(n, h, w, c)
+    return T.decode_images(arr.to_pylist(), meta)
+
+
+def _sorted_map(table, meta: dict, kind: str, seed: Optional[int]):
+    """Post-sort map (rows in permutation order): decode (or overlay) -> augment -> normalise."""
+    ids = table.column("sample_id").to_numpy()
+    if len(ids) == 0:
+        return
+    epoch = int(table.column(_EPOCH)[0].as_py())
+    if _OVERLAY in table.column_names and table.column(_OVERLAY).null_count < len(ids):
+        over = table.column(_OVERLAY).combine_chunks()
+        hit = ~np.asarray(over.is_null().to_numpy(zero_copy_only=False), bool)
+        h, w, c = T.image_shape(meta)
+        x = np.empty((len(ids), h, w, c), np.uint8)
+        x[hit] = np.frombuffer(b"".join(over.filter(hit).to_pylist()), np.uint8).reshape(-1, h, w, c)
+        rest = np.flatnonzero(~hit)
+        if rest.size:
+            x[rest] = _uint8_images(table.column("image").take(rest), meta)
+    else:
+        x = _uint8_images(table.column("image"), meta)
+    yield {"sample_id": ids.astype(np.int64), "label": table.column("label").to_numpy().astype(np.int64),
+           "image": _augment(ids, x, meta, kind, seed, epoch)}
+
+
+def _sort_boundaries(parts: int) -> list:
+    """Equal-width int64 ranges: the order keys are uniform over int64, so each range holds ~1/parts of the rows."""
+    step = 2**64 // parts
+    return [-2**63 + j * step for j in range(1, parts)]
+
+
+def _full_shuffle(ds, split_bytes: int, meta: dict, kind: str, seed: Optional[int], store: Optional[str],
+                  cpus: float):
+    from kcd_ray.ray_layer.compat import pull_based_sort
+
+    if split_bytes <= PULL_SORT_MAX_BYTES:
+        pull_based_sort(ds.context)
+    # Exact order for a single consumer (and a deterministic split with Train's train_ingest_options()).
+    ds.context.execution_options.preserve_order = True
+    parts = int(min(MAX_SORT_PARTITIONS, max(_task_cap() or 1, math.ceil(split_bytes / SORT_PARTITION_BYTES))))
+    ds = ds.map_batches(_select_map, fn_kwargs=dict(seed=seed, store=store), batch_size=None,
+                        batch_format="pyarrow", num_cpus=cpus, compute=_compute())
+    ds = ds.sort(_KEY, boundaries=_sort_boundaries(parts)) if parts > 1 else ds.sort(_KEY)
+    return ds.map_batches(_sorted_map, fn_kwargs=dict(meta=meta, kind=kind, seed=seed),
+                          batch_size=_map_batch_rows(meta), batch_format="pyarrow", num_cpus=cpus,
+                          compute=_compute())
+
+
+# --------------------------------------------------------------------------- shuffle="block_local*"
+
+
+def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], store: Optional[str]):
+    """One map batch -> at most one output batch, rows permuted inside it (a generator, so dropped-out batches
+    emit nothing)."""
+    ids = np.asarray(batch["sample_id"], np.int64)
+    labels = np.asarray(batch["label"], np.int64)
+    images = batch["image"]
+    state = _state(store)
+    if state.kept is not None:
+        from kcd_ray.ray_layer.mask_store import is_kept
+
+        keep = is_kept(state.kept, ids)
+        if not keep.all():
+            idx = np.flatnonzero(keep)
+            ids, labels, images = ids[idx], labels[idx], [images[i] for i in idx]
+    if len(ids) == 0:
+        return  # yield nothing: an empty float tensor column would fall back to a pickled column
+    x = _images(ids, images, meta, state.overlay)
+    img = _augment(ids, x, meta, kind, seed, int(state.epoch))
+    # Row shuffle inside the map task (a Ray Data worker process), not in the trainer: a consumer-side
+    # shuffle buffer cost the training process ~15% of its throughput on 2 cores (bench/train_throughput.py).
+    perm = np.argsort(_order_keys(ids, seed, int(state.epoch)), kind="stable")
+    yield {"sample_id": ids[perm], "label": labels[perm], "image": img[perm]}
+
+
+def eval_batch(batch: dict, meta: dict, store: Optional[str] = None) -> dict:
+    """Decode (overlay images first, with ``store``) and normalise one raw Parquet batch, no augmentation."""
+    ids = np.asarray(batch["sample_id"], np.int64)
+    overlay = None
+    if store:
+        from kcd_ray.ray_layer.mask_store import read_mask
+
+        overlay = read_mask(store)[2]
+    x = _images(ids, batch["image"], meta, overlay)
+    img = T.eval_transform(x, meta)
+    return {"sample_id": ids, "label": np.asarray(batch["label"], np.int64), "image": img.numpy()}
+
+
+def _resolve_shuffle(shuffle: str) -> str:
+    if shuffle in _RENAMED:
+        raise ValueError(f"shuffle: {shuffle!r} was renamed {_RENAMED[shuffle]!r} (rows are only mixed inside "
+                         f"1024-row blocks); the default 'auto' = 'full' permutes the whole kept set every epoch")
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"shuffle: {shuffle!r} is not one of: {', '.join(SHUFFLES)}")
+    return "full" if shuffle == "auto" else shuffle
+
+
+def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, mask_store_name: Optional[str] = None,
+                  data_cpus: float = 0.25, shuffle: str = "auto"):
+    """The training set as a Ray Dataset: masked, shuffled, blended, augmented and normalised at execution time.
+
+    ``mask_store_name``: the run's MaskStore (``mask_store.get_mask_store(name, create=True)`` on the driver);
+    each execution reads the mask, overlay and epoch (``mask_store.set_epoch``) it holds then. None: every
+    row kept, no overlay, epoch 0 in every execution. ``shuffle``: ``"auto"``/``"full"`` (a uniform
+    permutation of the kept rows per (seed, epoch)), ``"block_local"``, ``"block_local_files"`` (module
+    docstring). ``seed``: int for reproducible order and augmentation, None for OS entropy.
+    """
+    meta = T.read_meta(data_dir)
+    kind = T.resolve_augment(augment, meta)
+    cpus = _check_cpus(data_cpus)
+    mode = _resolve_shuffle(shuffle)
+    split_dir = _split_dir(data_dir, "train")
+    if seed is not None:
+        seed = int(seed)
+    if mode == "full":
+        return _full_shuffle(_read(split_dir, cpus), _split_bytes(split_dir), meta, kind, seed, mask_store_name, cpus)
+    ds = _read(split_dir, cpus, shuffle_seed=seed)
+    if mode == "block_local" and _split_bytes(split_dir) <= BLOCK_SHUFFLE_MAX_BYTES:
+        from ray.data import RandomSeedConfig
+
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return ds.map_batches(_train_map, fn_kwargs=dict(meta=meta, kind=kind, seed=seed, store=mask_store_name),
+                          batch_size=_map_batch_rows(meta), batch_format="numpy", num_cpus=cpus,
+                          compute=_compute())
+
+
+def train_ingest_options():
+    """Ray Data execution options for Ray Train's ``DataConfig(execution_options=...)``: Train's defaults
+    (:meth:`ray.train.DataConfig.default_ingest_options`) with ``preserve_order=True``, so each worker's
+    share of the ``"full"`` permutation, and its order, do not depend on task timing (see "Determinism")."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return opts
+
+
+def eval_dataset(data_dir, split: str = "test", data_cpus: float = 0.25, *, mask_store_name: Optional[str] = None):
+    """A split decoded and normalised, no augmentation, no shuffle (every row once).
+
+    With ``mask_store_name`` (train split only makes sense), rows show their current overlay
+    image but nothing is dropped: :func:`scoring_dataset` for the offline E-step.
+    """
+    meta = T.read_meta(data_dir)
+    cpus = _check_cpus(data_cpus)
+    ds = _read(_split_dir(data_dir, split), cpus)
+    return ds.map_batches(eval_batch, fn_kwargs=dict(meta=meta, store=mask_store_name),
+                          batch_size=_map_batch_rows(meta), batch_format="numpy", num_cpus=cpus,
+                          compute=_compute())
+
+
+def scoring_dataset(data_dir, *, data_cpus: float = 0.25, mask_store_name: Optional[str] = None, decode: bool = True):
+    """Every training sample once, un-augmented (condensed-away ones included), for the offline E-step.
+
+    Base images by default; with ``mask_store_name`` the current blended images where they exist.
+    ``decode=False`` returns the raw Parquet rows: the consumer then calls :func:`eval_batch` itself
+    (the CPU scorer does, so decoded float images never cross a process boundary).
+    """
+    if decode:
+        return eval_dataset(data_dir, "train", data_cpus, mask_store_name=mask_store_name)
+    return _read(_split_dir(data_dir, "train"), _check_cpus(data_cpus))
+
+
+def iter_train_batches(shard, batch_size: int, *, epoch: int = 0, seed: Optional[int] = 0,
+                       shuffle_buffer: Optional[int] = None, drop_last: bool = False, **kwargs):
+    """``shard.iter_torch_batches`` with an optional local shuffle buffer reseeded per epoch (off by default:
+    rows are already permuted in the map tasks; see the module docstring).
+
+    The buffer holds ``shuffle_buffer`` decoded float rows per worker (256 CIFAR rows = 3 MiB;
+    1024 ImageNet rows = 600 MiB).
+    """
+    buf = int(shuffle_buffer or 0)
+    local_seed = None if seed is None else (int(seed) * 1_000_003 + int(epoch)) % 2**31
+    return shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
+                                    local_shuffle_buffer_size=buf or None,
+                                    local_shuffle_seed=local_seed if buf else None, **kwargs)

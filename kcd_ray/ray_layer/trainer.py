@@ -1,0 +1,227 @@
+"""Driver side of a run: Ray, data, the run folder, and one TorchTrainer (Train V2) for the whole run."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import ray
+import ray.data
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from kcd_ray import data as data_mod
+from kcd_ray.config import Config, dump_yaml, load_config, to_dict
+from kcd_ray.data import load_meta, prepare_dataset
+from kcd_ray.engine import resume
+from kcd_ray.engine.resume import check_resume
+from kcd_ray.engine.rundir import RunDir, resolve_storage, slug
+from kcd_ray.errors import as_run_error, one_line
+from kcd_ray.ray_layer.logs import quiet_ray_data_and_train, skip_known_ray_noise
+from kcd_ray.ray_layer.mask_store import get_mask_store
+from kcd_ray.ray_layer.pipeline import eval_dataset, train_dataset
+from kcd_ray.ray_layer.resources import use_gpu, worker_resources
+from kcd_ray.ray_layer.worker import train_loop_per_worker
+
+
+def init_ray(cfg: Config) -> None:
+    """Embedded local Ray by default; `run.ray_address` (or RAY_ADDRESS) attaches to a cluster."""
+    if ray.is_initialized():
+        return
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" never attaches to a stray cluster someone else left running (RAY.md).
+        ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False,
+                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    skip_known_ray_noise(state_api_missing=not address or importlib.util.find_spec("aiohttp") is None)
+
+
+def default_run_name(cfg: Config, kind: str) -> str:
+    """Stable for a given config, so re-running the same command resumes the same run."""
+    d = to_dict(cfg)
+    del d["run"]  # run.* (storage, verbosity, failures) never changes the experiment
+    digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    tag = "kcd" if kind == "distill" and cfg.kcd.enabled else ("kd" if kind == "distill" else "teacher")
+    return slug(f"{tag}-{cfg.distill.method if kind == 'distill' else 'ce'}-{cfg.model}-{cfg.data.name}-{digest}")
+
+
+def _resolve_paths(cfg: Config) -> Config:
+    if not cfg.distill.teacher:  # workers run in the run folder: relative paths must be resolved here
+        return cfg
+    teacher = str(Path(os.path.expanduser(cfg.distill.teacher)).resolve())
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=teacher))
+
+
+def preflight(cfg: Config, kind: str, data_dir: Path) -> None:
+    """What can fail before Ray starts fails here, in a second: the prepared data and the teacher file."""
+    verify = getattr(data_mod, "verify_prepared", None)
+    if verify is not None:
+        verify(data_dir)
+    if kind != "distill":
+        return
+    if not cfg.distill.teacher:
+        raise ValueError("distill.teacher: a teacher checkpoint is required for distillation "
+                         "(train one with `kcd-ray train-teacher`)")
+    if not Path(cfg.distill.teacher).exists():
+        raise FileNotFoundError(f"distill.teacher: {cfg.distill.teacher} does not exist")
+    from kcd_ray.engine.build import load_teacher
+
+    load_teacher(cfg.distill, int(load_meta(data_dir)["num_classes"]))  # loads and matches, or names the file
+
+
+def has_checkpoint(run_dir: RunDir) -> bool:
+    p = run_dir.path
+    return any((d / "state.pt").is_file() for d in [*p.glob("checkpoint_epoch_*"), p / "local_checkpoint",
+                                                    p / "local_checkpoint.prev"])
+
+
+def last_checkpoint(run_dir: RunDir) -> Path | None:
+    p = run_dir.path
+    found = sorted(d for d in p.glob("checkpoint_epoch_*") if (d / "state.pt").is_file())
+    for local in (p / "local_checkpoint", p / "local_checkpoint.prev"):
+        if (local / "state.pt").is_file():
+            found.append(local)
+    return found[-1] if found else None
+
+
+def open_run(cfg: Config, kind: str, run_dir: RunDir) -> None:
+    """Create or re-open the run folder: a re-run of a name with checkpoints must have a compatible config."""
+    new = to_dict(cfg)
+    stored = run_dir.path / "config.yaml"
+    if run_dir.path.exists() and cfg.run.resume == "never" and any(run_dir.path.iterdir()):
+        aside = run_dir.path.with_name(f"{run_dir.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.path.rename(aside)
+        print(f"[kcd_ray] run.resume=never: the previous run folder was moved to {aside}", flush=True)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    if has_checkpoint(run_dir) and stored.exists():
+        changes = check_resume(_stored_config(stored), new, cfg.run.resume, where=str(stored))
+        resume.record(run_dir, "resume", _epochs_done(run_dir), changes)
+        if changes and cfg.run.verbose:
+            print("[kcd_ray] resuming with changed " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes),
+                  flush=True)
+    else:
+        resume.record(run_dir, "start", 0)
+    run_dir.write_text("config.yaml", dump_yaml(cfg))
+    run_dir.write_json("status.json", {"state": "running", "kind": kind})
+
+
+def _stored_config(path: Path) -> dict:
+    try:
+        return to_dict(load_config(str(path)))
+    except ValueError as e:  # an old or hand-edited config.yaml: say which file
+        raise ValueError(f"{path}: the stored config of this run does not load ({e}); use a new run.name") from None
+
+
+def _epochs_done(run_dir: RunDir) -> int:
+    try:
+        return len(run_dir.read_metrics())
+    except ValueError:
+        return 0
+
+
+def _undo_if_nothing_trained(run_dir: RunDir, old_config: str | None, epochs_before: int) -> None:
+    """A start or resume that trained no epoch leaves config.yaml as it was: it tells what the run trained."""
+    if old_config is not None and _epochs_done(run_dir) == epochs_before:
+        run_dir.write_text("config.yaml", old_config)
+
+
+def _finish(run_dir: RunDir, state: str, **extra) -> None:
+    try:
+        run_dir.write_json("status.json", {"state": state, "epochs_done": _epochs_done(run_dir), **extra})
+    except OSError:
+        pass
+
+
+def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, hooks: list | None = None) -> dict:
+    """Train a teacher (`kind="teacher"`) or distil a student (`kind="distill"`); returns the run summary.
+
+    ``hooks``: extra engine hooks as ``[("name", {kwargs})]`` (test and drill hooks such as ``fail`` and
+    ``record_ids``; never part of a config). Errors raised in a worker come back as their root exception,
+    the full traceback in ``<run folder>/error.log`` (``kcd_ray.ray_layer.errors``); Ctrl-C raises
+    :class:`Interrupted`, naming the last checkpoint.
+    """
+    if kind not in ("teacher", "distill"):
+        raise ValueError(f"kind: {kind!r} is not one of: teacher, distill")
+    cfg = _resolve_paths(cfg)
+    data_dir = Path(prepare_dataset(cfg.data, verbose=cfg.run.verbose > 0)).resolve()
+    preflight(cfg, kind, data_dir)
+    meta = load_meta(data_dir)
+    name = cfg.run.name or default_run_name(cfg, kind)
+    run_dir = RunDir(resolve_storage(cfg.run.storage_path) / name)
+    stored = run_dir.path / "config.yaml"
+    before = (stored.read_text() if stored.exists() else None, _epochs_done(run_dir))
+    open_run(cfg, kind, run_dir)
+    if cfg.run.verbose:
+        print(f"[kcd_ray] {kind} run {name}: {meta['splits']['train']['num_rows']} train samples, "
+              f"{meta['num_classes']} classes, run folder {run_dir.path}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        init_ray(cfg)
+        result = _trainer(cfg, kind, name, run_dir, data_dir, callbacks, hooks).fit()
+    except KeyboardInterrupt:
+        _undo_if_nothing_trained(run_dir, *before)
+        _finish(run_dir, "interrupted")
+        raise Interrupted(run_dir, last_checkpoint(run_dir)) from None
+    except Exception as e:  # noqa: BLE001 - every failure becomes its root cause + a traceback file
+        err = as_run_error(e, run_dir.path)
+        _undo_if_nothing_trained(run_dir, *before)
+        _finish(run_dir, "failed", error=one_line(err))
+        raise err from None
+    summary = result.return_value
+    if summary is None:  # rank 0 returned nothing: read what it wrote
+        summary = json.loads((run_dir.path / "summary.json").read_text())
+    _finish(run_dir, "finished")
+    if cfg.run.verbose:
+        print(f"[kcd_ray] done in {time.perf_counter() - t0:.1f}s: final top1 {summary['final_top1']:.2f}, "
+              f"best {summary['best_top1']:.2f}, compute ratio {summary['compute_ratio']:.3f}; {run_dir.path}/summary.json",
+              flush=True)
+    return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: says where the last checkpoint is and that re-running the command resumes."""
+
+    def __init__(self, run_dir: RunDir, checkpoint: Path | None):
+        where = f"last checkpoint {checkpoint}" if checkpoint else "no checkpoint yet (a re-run starts afresh)"
+        super().__init__(f"interrupted: {where}; re-run the same command to resume (run folder {run_dir.path})")
+
+
+def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path, callbacks, hooks) -> TorchTrainer:
+    quiet_ray_data_and_train()
+    # Every run has a store: it serves the data epoch (shuffle and augmentation seeds) and KCD's mask.
+    mask_store = f"kcd_mask_{name}_{uuid.uuid4().hex[:8]}"
+    get_mask_store(mask_store, create=True)
+    datasets = {
+        "train": train_dataset(str(data_dir), augment=cfg.data.augment, seed=cfg.optim.seed,
+                               mask_store_name=mask_store, data_cpus=cfg.scaling.data_cpus, shuffle=cfg.data.shuffle),
+        "test": eval_dataset(str(data_dir), split="test", data_cpus=cfg.scaling.data_cpus),
+    }
+    loop_config = {"cfg": to_dict(cfg), "kind": kind, "run_dir": str(run_dir.path), "data_dir": str(data_dir),
+                   "mask_store": mask_store, "hooks": list(hooks or [])}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu(cfg.scaling),
+                                               resources_per_worker=worker_resources(cfg.scaling),
+                                               placement_strategy=cfg.scaling.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(run_dir.path.parent),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            callbacks=callbacks or None,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING" if cfg.run.verbose < 2 else "INFO"),
+        ),
+        datasets=datasets,
+        # One worker needs no split: iterating the dataset directly skips the SplitCoordinator hop
+        # (bench/train_throughput.py). The test split is never split: each rank evaluates every world-th batch.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if cfg.scaling.num_workers > 1 else []),
+    )

@@ -1,0 +1,148 @@
+"""The Ray Train worker function: build the engine, hand it this worker's shards, report through Ray Train.
+
+This is the only module that calls ``ray.train`` inside a worker. Everything that happens in an epoch lives
+in ``kcd_ray.engine``; ``RayServices`` is how the engine's side effects reach Ray (the MaskStore actor, the
+offline E-step's Ray Data pass, ``ray.train.report`` with a checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import ray
+import ray.train
+import torch
+
+from kcd_ray.config import config_from_dict
+from kcd_ray.engine import Engine, Hook, RunContext
+from kcd_ray.engine import distributed as D
+from kcd_ray.engine.build import build_components
+from kcd_ray.engine.checkpoint import latest_local_checkpoint, replace_checkpoint
+from kcd_ray.engine.hooks import HOOKS
+from kcd_ray.engine.parts import run_hooks
+from kcd_ray.engine.rundir import RunDir
+from kcd_ray.ray_layer import mask_store
+from kcd_ray.ray_layer.logs import quiet_ray_data_and_train
+from kcd_ray.ray_layer.pipeline import iter_train_batches
+from kcd_ray.ray_layer.resources import use_gpu
+
+
+def local_checkpoint_dir(run_dir: RunDir) -> Path:
+    """In-process runs (``num_workers=0``) have no Ray-managed checkpoints: they keep their own here."""
+    return run_dir.path / "local_checkpoint"
+
+
+class RayServices:
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        self.in_process = ctx.cfg.scaling.num_workers == 0
+
+    def publish_mask(self, version, kept_ids, overlay) -> None:
+        # replace: after a worker-group restart the store may already hold this version from the lost attempt.
+        mask_store.publish_mask(self.ctx.mask_store, version, kept_ids, overlay, replace=True)
+
+    def set_data_epoch(self, epoch: int) -> None:
+        mask_store.set_epoch(self.ctx.mask_store, epoch)
+
+    def score_offline(self, student_state: dict, epoch: int):
+        from kcd_ray.ray_layer.scoring import offline_scores
+
+        cfg = self.ctx.cfg
+        return offline_scores(self.ctx.data_dir, cfg, student_state, epoch=epoch, mask_store=self.ctx.mask_store)
+
+    def report(self, metrics: dict, checkpoint, epoch: int) -> None:
+        name = f"checkpoint_epoch_{epoch:04d}"
+        if checkpoint is None or self.in_process:
+            if checkpoint is not None:
+                replace_checkpoint(local_checkpoint_dir(self.ctx.run_dir), checkpoint)
+            if not self.in_process:  # in-process (maybe inside a Tune trial, where ray.train.report raises): nothing to send
+                ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        folder = tempfile.mkdtemp(prefix="kcd_ckpt_")
+        try:
+            checkpoint(Path(folder))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # already persisted to storage by report()
+
+
+@HOOKS.register("node_info")
+class NodeInfo(Hook):
+    """Each rank's Ray node id in the metrics row, and in ``nodes/rank_<r>.txt`` (multi-node placement checks)."""
+
+    def after_epoch(self, engine, epoch: int, row: dict) -> None:
+        row["node_id"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+    def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
+        if epoch == engine.start_epoch:
+            engine.ctx.run_dir.write_text(f"nodes/rank_{engine.ctx.rank}.txt", row["node_id"])
+
+
+class TestBatches:
+    """The test split never changes: keep a small one in memory after the first pass instead of paying
+    Ray Data's per-execution start-up every epoch (large splits are streamed every time)."""
+
+    MAX_CACHE_BYTES = 256 * 2**20
+
+    def __init__(self, shard, batch_size: int):
+        self.shard, self.batch_size, self.cache = shard, batch_size, None
+
+    def __call__(self):
+        return iter(self.cache) if self.cache is not None else self._first_pass()
+
+    def _first_pass(self):
+        kept, size = [], 0
+        for b in self.shard.iter_torch_batches(batch_size=self.batch_size):
+            if kept is not None:
+                size += b["image"].numel() * b["image"].element_size()
+                kept = kept + [b] if size <= self.MAX_CACHE_BYTES else None
+            yield b
+        self.cache = kept
+
+
+def worker_device(cfg) -> torch.device:
+    if cfg.scaling.num_workers > 0:
+        return ray.train.torch.get_device()
+    return torch.device("cuda" if use_gpu(cfg.scaling) and torch.cuda.is_available() else "cpu")
+
+
+def _restore(engine: Engine, ctx: RunContext) -> None:
+    ckpt = ray.train.get_checkpoint() if ctx.cfg.scaling.num_workers else None  # in-process: the local one below
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:  # the folder in storage itself when it is local: no copy to clean
+            engine.restore(folder)
+    elif ctx.world == 1 and (local := latest_local_checkpoint(local_checkpoint_dir(ctx.run_dir))) is not None:
+        engine.restore(local)
+
+
+def train_loop_per_worker(config: dict) -> Optional[dict]:
+    """Ray Train's worker function: ``config`` holds the resolved config dict, kind, folders, store and
+    extra hook specs (tests)."""
+    cfg = config_from_dict(config["cfg"])
+    quiet_ray_data_and_train()
+    # In-process (num_workers=0) there is one rank; ray.train.get_context() would raise inside a Tune trial.
+    tctx = ray.train.get_context() if cfg.scaling.num_workers else None
+    ctx = RunContext(cfg=cfg, kind=config["kind"], run_dir=RunDir(config["run_dir"]), data_dir=config["data_dir"],
+                     mask_store=config["mask_store"], rank=tctx.get_world_rank() if tctx else 0,
+                     world=tctx.get_world_size() if tctx else 1)
+    torch.manual_seed(cfg.optim.seed + ctx.rank)
+    share = cfg.scaling.cpus_per_worker if cfg.scaling.num_workers else (os.cpu_count() or 1)
+    torch.set_num_threads(cfg.optim.threads or max(1, math.ceil(share)))
+    device = worker_device(cfg)
+    parts = build_components(cfg, ctx.kind, ctx.data_dir, device, distributed=D.active())
+    hooks = run_hooks(ctx, parts.num_train, extra=["node_info", *config.get("hooks", [])])
+    engine = Engine(ctx, parts, hooks, RayServices(ctx), device)
+    _restore(engine, ctx)
+    train_shard = ray.train.get_dataset_shard("train")
+    test_batches = TestBatches(ray.train.get_dataset_shard("test"), cfg.optim.eval_batch_size)
+
+    def train_batches(epoch: int):
+        return iter_train_batches(train_shard, cfg.optim.batch_size, epoch=epoch, seed=cfg.optim.seed,
+                                  shuffle_buffer=cfg.data.shuffle_buffer)
+
+    return engine.run(train_batches, test_batches)

@@ -1,0 +1,242 @@
+"""The training engine and its hooks, driven by plain Python batch lists: no Ray anywhere in this module."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kcd_ray.config import load_config
+from kcd_ray.data import iter_split, prepare_dataset
+from kcd_ray.data import transforms as T
+from kcd_ray.engine import Engine, Hook, LocalServices, RunContext
+from kcd_ray.engine.build import build_components
+from kcd_ray.engine.parts import run_hooks
+from kcd_ray.engine.rundir import RunDir
+from kcd_ray.models import build_model, load_model, save_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A prepared synthetic set (8x8, 4 classes), its tensors in memory, and a (random) teacher file."""
+    root = tmp_path_factory.mktemp("engine")
+    base = {"model": "resnet8",
+            "data": {"name": "synthetic", "root": str(root / "data"),
+                     "synthetic": {"num_train": 96, "num_test": 40, "num_classes": 4, "image_size": 8}},
+            "optim": {"epochs": 3, "batch_size": 16, "lr": 0.05, "scheduler": "cosine", "threads": 1},
+            "scaling": {"num_workers": 0}, "run": {"verbose": 0},
+            "kcd": {"interval": 1, "stages": 2, "rho": 0.5}}
+    cfg = load_config(base=base)
+    data_dir = prepare_dataset(cfg.data, verbose=False)
+    meta = T.read_meta(data_dir)
+    split = {}
+    for name in ("train", "test"):
+        rows = [b for b in iter_split(data_dir, name)]
+        ids = np.concatenate([b.column("sample_id").to_numpy() for b in rows])
+        labels = np.concatenate([b.column("label").to_numpy() for b in rows])
+        images = [x for b in rows for x in b.column("image").to_pylist()]
+        x = T.eval_transform(T.decode_images(images, meta), meta)
+        split[name] = (torch.as_tensor(ids), torch.as_tensor(labels), x)
+    torch.manual_seed(1)
+    teacher = root / "teacher.pt"
+    save_model(teacher, build_model("resnet8", 4))
+    return {"root": root, "base": base, "data_dir": str(data_dir), "split": split, "teacher": str(teacher)}
+
+
+def _batches(split, batch_size, epoch, keep=None):
+    ids, labels, x = split
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1000 + epoch))
+    if keep is not None:
+        order = order[np.isin(ids[order].numpy(), keep)]
+    for i in range(0, len(order), batch_size):
+        j = order[i:i + batch_size]
+        yield {"image": x[j], "label": labels[j], "sample_id": ids[j]}
+
+
+def _engine(tiny, tmp_path, hooks_extra=(), services=None, kind="distill", **over):
+    flat = [f"{k}={json.dumps(v)}" for k, v in over.items()]
+    cfg = load_config(base={**copy.deepcopy(tiny["base"]), "distill": {"teacher": tiny["teacher"]}}, overrides=flat)
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(cfg=cfg, kind=kind, run_dir=run_dir, data_dir=tiny["data_dir"])
+    torch.manual_seed(cfg.optim.seed)
+    parts = build_components(cfg, kind, ctx.data_dir, torch.device("cpu"), distributed=False)
+    services = services or LocalServices(checkpoint_dir=tmp_path / "run" / "local_checkpoint")
+    hooks = run_hooks(ctx, parts.num_train) + list(hooks_extra)
+    return Engine(ctx, parts, hooks, services, torch.device("cpu"))
+
+
+def _feeds(tiny, engine):
+    """Train batches follow the published mask (as the Ray Data pipeline does); test batches are fixed."""
+    services, bs = engine.services, engine.cfg.optim.batch_size
+
+    def train(epoch):
+        kept, _ = services.mask
+        return _batches(tiny["split"]["train"], bs, epoch, keep=kept)
+
+    return train, lambda: _batches(tiny["split"]["test"], 64, 0)
+
+
+def _run(tiny, engine):
+    return engine.run(*_feeds(tiny, engine))
+
+
+class Recorder(Hook):
+    def __init__(self):
+        self.calls = []
+
+    def before_run(self, engine, start_epoch):
+        self.calls.append(("before_run", start_epoch))
+
+    def before_epoch(self, engine, epoch):
+        self.calls.append(("before_epoch", epoch))
+
+    def after_step(self, engine, batch, output):
+        if not self.calls or self.calls[-1][0] != "after_step":
+            self.calls.append(("after_step", epoch_of(self.calls)))
+
+    def after_epoch(self, engine, epoch, row):
+        assert "top1" in row and "kept_fraction" in row
+        self.calls.append(("after_epoch", epoch))
+
+    def after_checkpoint(self, engine, epoch, row):
+        self.calls.append(("after_checkpoint", epoch))
+
+    def end_run(self, engine, summary):
+        self.calls.append(("end_run", summary is not None))
+
+
+def epoch_of(calls):
+    return next(c[1] for c in reversed(calls) if c[0] == "before_epoch")
+
+
+def test_hooks_are_called_at_their_points_in_order(tiny, tmp_path):
+    rec = Recorder()
+    engine = _engine(tiny, tmp_path, hooks_extra=[rec], **{"optim.epochs": 2})
+    summary = _run(tiny, engine)
+    per_epoch = lambda e: [("before_epoch", e), ("after_step", e), ("after_epoch", e), ("after_checkpoint", e)]
+    assert rec.calls == [("before_run", 0), *per_epoch(0), *per_epoch(1), ("end_run", True)]
+    assert engine.services.epochs == [0, 1]  # the data pipeline is told each epoch before it is read
+    assert summary["epochs"] == 2 and len(engine.history) == 2
+
+
+def test_engine_writes_the_run_folder_and_the_kcd_mask(tiny, tmp_path):
+    engine = _engine(tiny, tmp_path)
+    summary = _run(tiny, engine)
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert [r["kept_fraction"] for r in rows] == [1.0, 0.75, 0.5]  # rho 0.5 in 2 stages, condensing at 1 and 2
+    assert [r["samples_seen"] for r in rows] == [96, 72, 48]
+    assert summary["sample_passes"] == 216 and summary["compute_ratio"] == pytest.approx(216 / 288)
+    assert json.loads((run / "summary.json").read_text())["final_top1"] == summary["final_top1"]
+    assert load_model(run / "final_model.pt").arch == "resnet8"
+    assert [v for v, _, _ in engine.services.masks] == [1, 2]
+    kept = pq.read_table(run / "masks" / "mask_final.parquet").to_pydict()["kept"]
+    assert sum(kept) == 48
+
+
+def test_resume_from_the_engine_checkpoint_matches_the_uninterrupted_run(tiny, tmp_path):
+    ref = _engine(tiny, tmp_path / "ref")
+    ref_summary = _run(tiny, ref)
+
+    class Stop(Hook):
+        def after_checkpoint(self, engine, epoch, row):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    first = _engine(tiny, tmp_path / "cut", hooks_extra=[Stop()])
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny, first)
+    again = _engine(tiny, tmp_path / "cut")
+    again.services.masks[:] = []
+    again.restore(again.services.latest_checkpoint())
+    assert again.start_epoch == 2
+    summary = _run(tiny, again)
+    assert again.services.masks[0][0] == 1  # the checkpoint's mask is served again before training resumes
+    for k, v in ref.distiller.student.state_dict().items():
+        assert torch.allclose(v.float(), again.distiller.student.state_dict()[k].float(), atol=1e-5), k
+    assert summary["final_top1"] == ref_summary["final_top1"]
+    assert summary["sample_passes"] == ref_summary["sample_passes"]
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_counted(tiny, tmp_path):
+    engine = _engine(tiny, tmp_path, **{"optim.epochs": 1})
+    assert engine.parts.fused  # CPU has the fused SGD kernel: the skip needs no host read
+    engine.train_batches = _feeds(tiny, engine)[0]
+    batch = engine.to_device(next(_batches(tiny["split"]["train"], 16, 0)))
+    before = {k: v.clone() for k, v in engine.distiller.student.state_dict().items()}
+    bad = dict(batch, image=batch["image"] * float("nan"))
+    _, _, finite = engine.step(bad, 4.0, 0)
+    assert not bool(finite)
+    after = engine.distiller.student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if after[k].is_floating_point()
+               and "running" not in k)  # BN running stats move on any forward; weights must not
+    _, _, finite = engine.step(batch, 4.0, 0)
+    assert bool(finite)
+    assert not torch.equal(before["fc.weight"], engine.distiller.student.state_dict()["fc.weight"])
+
+
+def test_persistent_non_finite_steps_stop_the_run_naming_the_method(tiny, tmp_path):
+    engine = _engine(tiny, tmp_path, **{"optim.epochs": 1, "optim.lr": 1e30})
+    with pytest.raises(FloatingPointError, match="non-finite gradients.*distill.beta for method 'kd'"):
+        _run(tiny, engine)
+
+
+def test_offline_estep_scores_through_the_services(tiny, tmp_path):
+    seen = []
+
+    def scorer(student_state, epoch):
+        seen.append((epoch, sorted(student_state)[:1]))
+        ids = tiny["split"]["train"][0].numpy()
+        return ids, (ids % 7).astype(np.float32)  # a value that decides the selection
+
+    services = LocalServices(checkpoint_dir=tmp_path / "run" / "local_checkpoint", scorer=scorer)
+    engine = _engine(tiny, tmp_path, services=services, **{"kcd.estep": "offline", "optim.epochs": 2,
+                                                          "kcd.summary": False})
+    _run(tiny, engine)
+    assert [e for e, _ in seen] == [1]
+    kept, _ = services.mask
+    assert len(kept) == 72 and set((kept % 7).tolist()) >= {6, 5, 4}
+    assert not np.isin(kept % 7, [0]).any() or len(kept) > 24 * 3  # low values dropped first
+    assert (tmp_path / "run" / "values" / "values_e0001_offline.parquet").exists()
+
+
+def test_online_values_use_the_seeded_value_context(tiny, tmp_path):
+    """``random`` is a function of (seed, epoch, id): two runs that see batches in other orders keep the same set."""
+    keeps = []
+    for shift in (0, 5):
+        engine = _engine(tiny, tmp_path / f"s{shift}", **{"optim.epochs": 2, "kcd.value_fn": "random"})
+        train, test = _feeds(tiny, engine)
+        engine.run(lambda e, s=shift: _batches(tiny["split"]["train"], 16, e + s), test)
+        keeps.append(engine.services.mask[0])
+    assert np.array_equal(keeps[0], keeps[1])
+
+
+def test_test_hooks_are_registered_classes_not_config(tiny, tmp_path):
+    from kcd_ray.engine.hooks import build_hooks
+
+    fail = build_hooks([("fail", {"epoch": 0, "mode": "raise"})])
+    engine = _engine(tiny, tmp_path, hooks_extra=fail, **{"optim.epochs": 2})
+    with pytest.raises(RuntimeError, match="injected failure after epoch 0"):
+        _run(tiny, engine)
+    assert (tmp_path / "run" / "injected_failure_epoch_0").exists()
+    with pytest.raises(KeyError, match="unknown hook 'nope'"):
+        build_hooks(["nope"])
+
+
+def test_the_engine_and_its_hooks_import_no_ray():
+    import subprocess
+
+    code = ("import sys; import kcd_ray.engine, kcd_ray.engine.parts, kcd_ray.engine.faults, kcd_ray.condense, "
+            "kcd_ray.distill, kcd_ray.models; bad = [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
