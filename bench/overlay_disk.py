@@ -3,7 +3,7 @@
 Runs the condenser's M-step sequence of a CIFAR-sized run without training: the real ``KCDState`` (rho,
 stages, summary blends) with seeded random scores, the real overlay writer (``BlendOverlays.write``) on a
 prepared synthetic set, and after each condensation's checkpoint the pruning the condenser does
-(``BlendOverlays.prune(keep_versions=[current])``). Scores do not change what is written per version
+(``BlendOverlays.prune``: the versions the kept checkpoints reference). Scores do not change what is written per version
 (every condensation blends its whole tail), so the sizes are those of a real run with the same schedule.
 
     .venv/bin/python bench/overlay_disk.py                       # synthetic 50k at 32x32, rho 0.7, 6 stages
@@ -43,8 +43,10 @@ def run(data_dir: str, folder: Path, n: int, args, prune: bool) -> list[int]:
         state.end_epoch()
         result = state.maybe_condense(epoch)
         overlays.write(result.version, result.tail_ids, result.lost_ids, result.weights)
-        if prune:  # what the condenser does once the epoch's checkpoint references the new version
-            overlays.prune(keep_versions=[state.version])
+        if prune:  # what the condenser does once the epoch's checkpoint references the new version: keep the
+            # versions the kept checkpoints reference (run.checkpoints_to_keep; one condensation per epoch here)
+            overlays.prune(keep_versions=list(range(max(1, state.version - args.checkpoints_to_keep + 1),
+                                                    state.version + 1)))
         sizes.append(overlays.disk_bytes())
     return sizes
 
@@ -55,6 +57,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--rho", type=float, default=0.7)
     p.add_argument("--stages", type=int, default=6)
+    p.add_argument("--checkpoints-to-keep", type=int, default=2, help="run.checkpoints_to_keep (default 2)")
     p.add_argument("--workdir", default="")
     args = p.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kcd_overlay_disk_"))
@@ -66,7 +69,7 @@ def main() -> None:
     print(f"prepared {args.num_train} x {args.image_size}x{args.image_size} in {time.perf_counter() - t0:.0f}s "
           f"(train Parquet {mib(data_bytes)}); rho {args.rho}, {args.stages} stages")
     rows = {}
-    for name, prune in (("keep all versions (before)", False), ("pruned after each checkpoint (now)", True)):
+    for name, prune in (("keep all versions (before)", False), (f"pruned to the last {args.checkpoints_to_keep} checkpoints' versions (now)", True)):
         folder = work / ("pruned" if prune else "all")
         shutil.rmtree(folder, ignore_errors=True)
         t0 = time.perf_counter()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 from pathlib import Path
 
@@ -72,7 +71,7 @@ def one_line_naming(err: pytest.ExceptionInfo, f: Path) -> str:
 
 def drop_file_records(path: Path) -> None:
     meta = load_meta(path)
-    del meta["files"]
+    meta.pop("files", None)
     write_meta(path, meta)
 
 
@@ -118,7 +117,8 @@ def test_full_check_detects_same_size_corruption_and_names_file(prepared):
         main_prepare(full_cfg)
     one_line_naming(e, f)
     assert main_prepare(full_cfg, force=True) == path
-    assert verify_prepared(path, full=True)["splits"]["train"]["checksum"] == checksum == compute_checksum(path, "train")
+    assert verify_prepared(path, full=True)["splits"]["train"]["checksum"] == checksum
+    assert compute_checksum(path, "train") == checksum
 
     # content that decodes but differs from meta's checksum (no file records to compare first)
     drop_file_records(path)
@@ -248,7 +248,9 @@ def test_prepare_dataset_on_damaged_set_fails_naming_file(prepared):
     f = train_part(path)
     checksum = load_meta(path)["splits"]["train"]["checksum"]
     stamps = {p: p.stat().st_mtime_ns for p in path.rglob("*")}
+    original = f.read_bytes()
     flip_middle(f, keep_mtime=True)
+    damaged = f.read_bytes()
     # the default (run start-up) path: size and mtime unchanged, so only the cheap check
     assert prepare_dataset(cfg, verbose=False) == path
     # a full check (what `kcd-ray prepare-data` does) fails, and nothing is rebuilt or deleted
@@ -256,13 +258,15 @@ def test_prepare_dataset_on_damaged_set_fails_naming_file(prepared):
         prepare_dataset(cfg, verbose=False, full_check=True)
     one_line_naming(e, f)
     # mtime changed: the default path catches it too
-    flip_middle(f, keep_mtime=False)
-    flip_middle(f, keep_mtime=False)  # (twice: the same bytes as after the first flip)
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000_000))
     with pytest.raises(DatasetDamagedError) as e:
         prepare_dataset(cfg, verbose=False)
     one_line_naming(e, f)
-    assert compute_checksum(path, "train") != checksum  # still the damaged file: no silent rebuild
+    assert f.read_bytes() == damaged != original  # no silent rebuild (nor deletion)
     assert set(stamps) == set(path.rglob("*"))
+    with pytest.raises(DatasetDamagedError) as e:  # compute_checksum names the file too
+        compute_checksum(path, "train")
+    one_line_naming(e, f)
     # the source is a generator, so --force rebuilds the same content
     prepare_dataset(cfg, force=True, verbose=False)
     assert verify_prepared(path, full=True)["splits"]["train"]["checksum"] == checksum
@@ -324,7 +328,7 @@ def test_truncated_images_are_skipped_and_listed(tmp_path, capsys):
     shown = " ".join(str(w.message) for w in rec)
     assert all(str(p) in shown for p in bad) and "does not decode" in shown
     meta = load_meta(path)
-    assert meta["splits"]["train"]["num_rows"] == 16 and meta["splits"]["test"]["num_rows"] == 8
+    assert meta["splits"]["train"]["num_rows"] == 8 and meta["splits"]["test"]["num_rows"] == 4
     assert set(meta["skipped_files"]["train"]) == {str(p) for p in bad if "train" in p.parts}
     assert list(meta["skipped_files"]["test"]) == [str(src / "val" / "dog" / "cut_end.jpg")]
     assert "JPEG does not decode" in meta["skipped_files"]["train"][str(src / "train" / "dog" / "cut.jpg")]

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from kcd_ray.config import DataConfig, SyntheticConfig, load_config
-from kcd_ray.data import (DATASETS, DatasetDamagedError, DatasetError, compute_checksum, dataset_dir, load_meta, main_prepare,
-                          prepare_dataset, split_files)
+from kcd_ray.data import (DATASETS, DatasetDamagedError, DatasetError, compute_checksum, dataset_dir, load_meta,
+                          main_prepare, prepare_dataset, split_files)
 from kcd_ray.data.parquet_io import SplitWriter
 from kcd_ray.data.sources.folder import SkippedFilesWarning
 

@@ -272,17 +272,27 @@ def test_train_and_eval_datasets_serve_every_row_once(ray_local, tmp_path):
     ids, _, imgs = _epoch(eval_dataset(d2, split="test", data_cpus=0.5))
     np.testing.assert_array_equal(ids, np.arange(10))
     np.testing.assert_allclose(imgs, _norm(data2["test"][1]), rtol=1e-5, atol=1e-5)
-    # augmented, through the local-shuffle helper: every id once per epoch, new crops each epoch
-    ds = train_dataset(d, augment="cifar", seed=1)
-    e1, e2 = _epoch(ds, epoch=0), _epoch(ds, epoch=1)
+    # augmented, through the local-shuffle helper: every id once per epoch, new crops each epoch (the plan reads
+    # the epoch from the run's MaskStore at execution time; without a store every execution is epoch 0)
+    from kcd_ray.ray_layer.mask_store import get_mask_store, set_epoch
+
+    name = f"test_epochs_{tmp_path.name}"
+    get_mask_store(name, create=True)
+    ds = train_dataset(d, augment="cifar", seed=1, mask_store_name=name)
+    set_epoch(name, 0)
+    e1 = _epoch(ds, epoch=0)
+    set_epoch(name, 1)
+    e2 = _epoch(ds, epoch=1)
     np.testing.assert_array_equal(e1[0], np.arange(40))
     np.testing.assert_array_equal(e2[0], np.arange(40))
     np.testing.assert_array_equal(e1[1], data["train"][0])
     assert e1[2].shape == (40, 3, 8, 8)
     changed = [not np.array_equal(e1[2][i], e2[2][i]) for i in range(40)]
     assert sum(changed) > 30
-    # same seed, same epoch -> the same crops, whatever the block layout
-    np.testing.assert_array_equal(_epoch(train_dataset(d, augment="cifar", seed=1, shuffle="files"))[2], e1[2])
+    # same seed, same epoch -> the same crops, whatever the block layout and shuffle mode (no store: epoch 0)
+    np.testing.assert_array_equal(_epoch(train_dataset(d, augment="cifar", seed=1, shuffle="block_local_files"))[2],
+                                  e1[2])
+    np.testing.assert_array_equal(_epoch(train_dataset(d, augment="cifar", seed=1))[2], e1[2])
 
 
 @pytest.mark.ray

@@ -215,10 +215,18 @@ def iter_split(data_dir: Union[str, os.PathLike], split: str, columns: Optional[
 
 
 def compute_checksum(data_dir: Union[str, os.PathLike], split: str) -> str:
-    """Recompute a split's content hash from its files (equals meta's checksum when intact)."""
+    """Recompute a split's content hash from its files (equals meta's checksum when intact).
+
+    An unreadable file raises :class:`DatasetDamagedError` naming it.
+    """
     h = ContentHash()
-    for b in iter_split(data_dir, split, columns=["sample_id", "label", "image"]):
-        h.update(b.column(0).to_numpy(), b.column(1).to_numpy(), b.column(2))
+    for f in split_files(data_dir, split):
+        try:
+            for b in pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_GROUP, columns=["sample_id", "label", "image"]):
+                h.update(b.column(0).to_numpy(), b.column(1).to_numpy(), b.column(2))
+        except (OSError, pa.ArrowException, ValueError, KeyError) as e:
+            raise _damaged(f, f"unreadable Parquet data in split {split!r} ({type(e).__name__}: {_oneline(e)})",
+                           Path(data_dir)) from None
     return h.hexdigest()
 
 
@@ -274,7 +282,6 @@ def load_meta(path: Union[str, os.PathLike]) -> dict:
 # --------------------------------------------------------------------------- integrity
 
 FILES_KEY = "files"
-HASH_CHUNK = 8 * 2**20
 
 
 def _rel(split: str, f: Path) -> str:

@@ -99,9 +99,11 @@ class Condenser(Hook):
                    stage=self.state.stage, estep_seconds=self._estep_s, mstep_seconds=self._mstep_s)
 
     def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
-        # The checkpoint just reported references the current version: older blend versions are unreachable.
+        """Keep the blend versions the kept checkpoints reference (a checkpoint's version is its row's stage:
+        one version per condensation), so a fallback to an older intact checkpoint still finds its blends."""
         if engine.ctx.is_chief:
-            self._overlays(engine).prune(keep_versions=[self.state.version])
+            kept = engine.history[-max(1, engine.cfg.run.checkpoints_to_keep):]
+            self._overlays(engine).prune(keep_versions=sorted({r["stage"] for r in kept} | {self.state.version}))
 
     def end_run(self, engine, summary) -> None:
         if engine.ctx.is_chief:

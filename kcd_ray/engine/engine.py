@@ -12,10 +12,12 @@ the step's ``found_inf`` flag (as AMP's grad scaler hands it), so no ``if isfini
 
 from __future__ import annotations
 
+import random
 import time
 import warnings
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 
 from kcd_ray.config import to_dict
@@ -43,6 +45,21 @@ def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Te
     maxk = min(max(ks), logits.shape[1])
     hit = logits.topk(maxk, dim=1).indices.eq(labels.view(-1, 1))
     return torch.stack([hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks])
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Engine:
@@ -88,10 +105,15 @@ class Engine:
         for h in self.hooks:
             if h.name and states.get(h.name) is not None:
                 h.load_state_dict(states[h.name])
+        rng = run.get("rng") or []
+        if len(rng) == self.ctx.world:  # same world size: each rank continues its own streams
+            set_rng_state(rng[self.ctx.rank])
         self.start_epoch = run["epoch"] + 1
         self.sample_passes, self.wall_offset, self.history = run["sample_passes"], run["wall_seconds"], run["history"]
         old_epochs = (state.get("config") or {}).get("optim", {}).get("epochs", self.cfg.optim.epochs)
         if old_epochs != self.cfg.optim.epochs:  # an extended (or shortened) run: the new config's LR schedule
+            for g in self.optimizer.param_groups:  # torch's schedulers start from the group's current rate
+                g["lr"] = g.get("initial_lr", g["lr"])
             self.scheduler = self.parts.scheduler = build_scheduler(self.optimizer, self.cfg.optim)
             with warnings.catch_warnings():  # "step() before optimizer.step()": fast-forwarding, on purpose
                 warnings.simplefilter("ignore", UserWarning)
@@ -183,6 +205,7 @@ class Engine:
         self.begin_data_epoch(epoch)
         hook_s = time.perf_counter() - t_epoch
         T = self.parts.temperature(epoch)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trains with (the scheduler steps after it)
         tr = self.train_epoch(epoch, T)
         keys = sorted(tr["sums"])
         n_seen, skipped, *sums = D.all_sum([tr["local_samples"], tr["skipped"]] + [tr["sums"][k] for k in keys],
@@ -203,7 +226,7 @@ class Engine:
             **ev, "best_top1": best, "kept_fraction": 1.0, "stage": 0,
             "samples_seen": int(n_seen), "sample_passes": self.sample_passes,
             "compute_ratio": self.sample_passes / (self.parts.num_train * (epoch + 1)),
-            "T": T if self.ctx.kind == "distill" else None, "lr": self.optimizer.param_groups[0]["lr"],
+            "T": T if self.ctx.kind == "distill" else None, "lr": lr,
             "train_seconds": train_s, "images_per_s": n_seen / max(train_s, 1e-9),
             "estep_seconds": 0.0, "mstep_seconds": 0.0, "data_wait_seconds": tr["data_wait_seconds"],
             "world_size": self.ctx.world, "local_samples": int(tr["local_samples"]),
@@ -215,10 +238,11 @@ class Engine:
         self.history.append(row)
         return row
 
-    def checkpoint_writer(self, epoch: int, row: dict):
-        """A callable that writes this epoch's run checkpoint into a folder (rank 0 only)."""
+    def checkpoint_writer(self, epoch: int, row: dict, rng: list):
+        """A callable that writes this epoch's run checkpoint into a folder (rank 0 only); ``rng``: every
+        rank's random-generator states, so a resumed run draws what the uninterrupted one would have."""
         run_state = {"epoch": epoch, "sample_passes": self.sample_passes, "wall_seconds": row["wall_seconds"],
-                     "history": self.history, "last_top1": row["top1"]}
+                     "history": self.history, "last_top1": row["top1"], "rng": rng}
         hooks = {h.name: h.state_dict() for h in self.hooks if h.name}
         parts = dict(distiller=self.distiller, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                      run_state=run_state, config=to_dict(self.cfg), hooks=hooks)
@@ -232,7 +256,8 @@ class Engine:
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):
             row = self.run_epoch(epoch, test_batches, t_run)
             report = {k: v for k, v in row.items() if isinstance(v, (int, float, str)) and v is not None}
-            self.services.report(report, self.checkpoint_writer(epoch, row) if self.ctx.is_chief else None, epoch)
+            rng = D.all_gather_objects(rng_state())
+            self.services.report(report, self.checkpoint_writer(epoch, row, rng) if self.ctx.is_chief else None, epoch)
             self._each("after_checkpoint", epoch, row)
         summary = None
         if self.ctx.is_chief and self.history:

@@ -47,3 +47,14 @@ def quiet_ray_data_and_train() -> None:
              if n.startswith(("ray.data", "ray.train", "ray.tune")) or "/ray/train/" in n or "/ray/data/" in n]
     for name in ["ray.data", "ray.train", "ray.tune", *names]:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# Train V2 logs a failing worker's traceback itself (ray.train.v2._internal.util, "Error in training function"),
+# which reaches the driver as ~30 lines before the error does. kcd_ray's driver writes that whole chain to the
+# run folder's error.log and prints one line, so the worker's own echo is silenced.
+WORKER_ERROR_ECHO = "ray.train.v2._internal.util"
+
+
+def quiet_worker_error_echo() -> None:
+    """In a Train worker: the traceback goes to error.log via the driver, not to the console twice."""
+    logging.getLogger(WORKER_ERROR_ECHO).setLevel(logging.CRITICAL)

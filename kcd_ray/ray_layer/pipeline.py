@@ -96,6 +96,7 @@ SHUFFLES = ("auto", "full", "block_local", "block_local_files")
 _RENAMED = {"files": "block_local_files", "blocks": "block_local"}
 BLOCK_SHUFFLE_MAX_BYTES = 2 * 2**30
 READ_BLOCK_BYTES = 16 * 2**20  # smaller read blocks: more map tasks in flight, finer shuffle
+FULL_CACHE_MAX_BYTES = 2 * 2**30  # "full": splits up to this (and 1/4 of the object store) are cached; sorted above
 SORT_PARTITION_BYTES = 64 * 2**20  # sort partitions of at most ~64 MiB of Parquet bytes ...
 MAX_SORT_PARTITIONS = 1024
 PULL_SORT_MAX_BYTES = 4 * 2**30  # ... with the pull-based sort up to 4 GiB splits (see "Shuffling")
@@ -199,16 +200,140 @@ def _augment(ids: np.ndarray, x: np.ndarray, meta: dict, kind: str, seed: Option
     return T.train_transform(x, meta, kind, uniforms=u).numpy()
 
 
-def _order_keys(ids: np.ndarray, seed: Optional[int], epoch: int) -> np.ndarray:
-    if seed is None:
-        return np.random.default_rng().integers(-2**63, 2**63 - 1, len(ids), dtype=np.int64, endpoint=True)
-    return T.sample_keys(ids, (seed, epoch, ORDER))
+def _order_keys(ids: np.ndarray, order_seed: int, epoch: int) -> np.ndarray:
+    return T.sample_keys(ids, (order_seed, epoch, ORDER))
 
 
-# --------------------------------------------------------------------------- shuffle="full"
+def _arrow_images(ids: np.ndarray, column, meta: dict, overlay: Optional[dict]) -> np.ndarray:
+    """uint8 NHWC of a batch from its Arrow image column: overlay images where the manifest has one."""
+    if overlay:
+        from kcd_ray.data.blend import overlay_lookup
+
+        hit, over = overlay_lookup(overlay, ids)
+        if hit.any():
+            h, w, c = T.image_shape(meta)
+            out = np.empty((len(ids), h, w, c), np.uint8)
+            out[hit] = over
+            rest = np.flatnonzero(~hit)
+            if rest.size:
+                out[rest] = _uint8_images(column.take(rest), meta)
+            return out
+    return _uint8_images(column, meta)
 
 
-def _select_map(table, seed: Optional[int], store: Optional[str]):
+def _uint8_images(column, meta: dict) -> np.ndarray:
+    """A binary Arrow column of images -> uint8 NHWC (raw pixels without a per-row copy)."""
+    import pyarrow as pa
+
+    h, w, c = T.image_shape(meta)
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    if meta.get("encoding") == "raw" and n and arr.null_count == 0 and arr.type == pa.binary():
+        offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset: arr.offset + n + 1]
+        if (np.diff(offsets) == h * w * c).all():
+            return np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]: offsets[-1]].reshape(n, h, w, c)
+    return T.decode_images(arr.to_pylist(), meta)
+
+
+# --------------------------------------------------------------------------- shuffle="full", cached split
+
+
+def _cache_split(split_dir: Path) -> dict:
+    """The split's (sample_id, label, image) columns in the object store, one Arrow table per file, owned by
+    this (the driver's) process: read once here instead of once per epoch."""
+    import pyarrow.parquet as pq
+    import ray
+
+    refs, ids, starts, n = [], [], [], 0
+    for f in sorted(split_dir.glob("part-*.parquet")):
+        table = pq.read_table(f, columns=COLUMNS)
+        if not table.num_rows:
+            continue
+        refs.append(ray.put(table))
+        ids.append(table.column("sample_id").to_numpy())
+        starts.append(n)
+        n += table.num_rows
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    return {"tables": refs, "starts": np.asarray(starts, np.int64), "ids": ray.put(ids), "rows": n,
+            "token": os.urandom(8).hex()}
+
+
+_ORDERS: dict = {}  # per worker process: cache token -> (kept array, epoch, order_seed, kept positions in order)
+
+
+def _permutation(cache: dict, ids: np.ndarray, kept, epoch: int, order_seed: int) -> np.ndarray:
+    """Cache positions of the kept rows, in the epoch's order (computed once per worker process and epoch)."""
+    hit = _ORDERS.get(cache["token"])
+    if hit is not None and hit[0] is kept and hit[1:3] == (epoch, order_seed):
+        return hit[3]
+    if kept is None:
+        pos = np.arange(len(ids))
+    else:
+        from kcd_ray.ray_layer.mask_store import is_kept
+
+        pos = np.flatnonzero(is_kept(kept, ids))
+    pos = pos[np.argsort(_order_keys(ids[pos], order_seed, epoch), kind="stable")]
+    _ORDERS[cache["token"]] = (kept, epoch, order_seed, pos)  # holds `kept`: its identity cannot be reused
+    return pos
+
+
+def _gather(cache: dict, pos: np.ndarray):
+    """Rows at cache positions ``pos`` (in that order) as one Arrow table; only the rows are copied."""
+    import pyarrow as pa
+    import ray
+
+    block = np.searchsorted(cache["starts"], pos, side="right") - 1
+    order = np.argsort(block, kind="stable")
+    parts = []
+    for b in np.unique(block):
+        sel = order[block[order] == b]
+        table = ray.get(cache["tables"][b])
+        parts.append(table.take(pa.array(pos[sel] - cache["starts"][b])))
+    rows = pa.concat_tables(parts).combine_chunks()
+    inverse = np.empty(len(pos), np.int64)
+    inverse[order] = np.arange(len(pos))
+    return rows.take(pa.array(inverse))
+
+
+def _chunk_map(batch: dict, cache: dict, rows: int, meta: dict, kind: str, seed: Optional[int], order_seed: int,
+               store: Optional[str]):
+    """One chunk of the epoch's permutation: rows [c*rows, (c+1)*rows) of the kept set's order, decoded,
+    overlaid, augmented, normalised. One MaskStore call (mask, overlay and epoch) per chunk."""
+    import ray
+
+    state = _state(store)
+    ids = ray.get(cache["ids"])
+    pos = _permutation(cache, ids, state.kept, int(state.epoch), order_seed)
+    for c in np.asarray(batch["chunk"], np.int64):
+        sel = pos[c * rows:(c + 1) * rows]
+        if not len(sel):
+            continue  # past the kept set's end (the mask shrank it): no rows
+        table = _gather(cache, sel)
+        cid = table.column("sample_id").to_numpy()
+        x = _arrow_images(cid, table.column("image"), meta, state.overlay)
+        yield {"sample_id": cid.astype(np.int64), "label": table.column("label").to_numpy().astype(np.int64),
+               "image": _augment(cid, x, meta, kind, seed, int(state.epoch))}
+
+
+def _full_cached(split_dir: Path, meta: dict, kind: str, seed: Optional[int], order_seed: int,
+                 store: Optional[str], cpus: float):
+    import ray
+
+    cache = _cache_split(split_dir)
+    rows = _map_batch_rows(meta)
+    n_chunks = max(1, math.ceil(cache["rows"] / rows))
+    ds = ray.data.from_items([{"chunk": c} for c in range(n_chunks)], override_num_blocks=n_chunks)
+    # Exact order for a single consumer (and a deterministic split with Train's train_ingest_options()).
+    ds.context.execution_options.preserve_order = True
+    return ds.map_batches(_chunk_map, fn_kwargs=dict(cache=cache, rows=rows, meta=meta, kind=kind, seed=seed,
+                                                     order_seed=order_seed, store=store),
+                          batch_size=1, batch_format="numpy", num_cpus=cpus, compute=_compute())
+
+
+# --------------------------------------------------------------------------- shuffle="full", Ray Data sort
+
+
+def _select_map(table, order_seed: int, store: Optional[str]):
     """Pre-sort map (pyarrow): mask, overlay pixels of blended rows, epoch and order key. No decoding."""
     import pyarrow as pa
 
@@ -234,20 +359,7 @@ def _select_map(table, seed: Optional[int], store: Optional[str]):
                 over[i] = imgs[j].tobytes()
         table = table.append_column(_OVERLAY, pa.array(over, pa.binary()))
     table = table.append_column(_EPOCH, pa.array(np.full(len(ids), int(state.epoch), np.int64)))
-    yield table.append_column(_KEY, pa.array(_order_keys(ids, seed, int(state.epoch))))
-
-
-def _uint8_images(column, meta: dict) -> np.ndarray:
-    """A binary Arrow column of images -> uint8 NHWC (raw pixels without a per-row copy)."""
-    h, w, c = T.image_shape(meta)
-    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    n = len(arr)
-    if meta.get("encoding") == "raw" and n and arr.null_count == 0 and str(arr.type) == "binary":
-        offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset: arr.offset + n + 1]
-        if (np.diff(offsets) == h * w * c).all():
-            data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]: offsets[-1]]
-            return data.reshape(n, h, w, c)
-    return T.decode_images(arr.to_pylist(), meta)
+    yield table.append_column(_KEY, pa.array(_order_keys(ids, order_seed, int(state.epoch))))
 
 
 def _sorted_map(table, meta: dict, kind: str, seed: Optional[int]):
@@ -277,16 +389,17 @@ def _sort_boundaries(parts: int) -> list:
     return [-2**63 + j * step for j in range(1, parts)]
 
 
-def _full_shuffle(ds, split_bytes: int, meta: dict, kind: str, seed: Optional[int], store: Optional[str],
-                  cpus: float):
+def _full_sorted(split_dir: Path, meta: dict, kind: str, seed: Optional[int], order_seed: int,
+                 store: Optional[str], cpus: float):
     from kcd_ray.ray_layer.compat import pull_based_sort
 
+    split_bytes = _split_bytes(split_dir)
+    ds = _read(split_dir, cpus)
     if split_bytes <= PULL_SORT_MAX_BYTES:
         pull_based_sort(ds.context)
-    # Exact order for a single consumer (and a deterministic split with Train's train_ingest_options()).
     ds.context.execution_options.preserve_order = True
     parts = int(min(MAX_SORT_PARTITIONS, max(_task_cap() or 1, math.ceil(split_bytes / SORT_PARTITION_BYTES))))
-    ds = ds.map_batches(_select_map, fn_kwargs=dict(seed=seed, store=store), batch_size=None,
+    ds = ds.map_batches(_select_map, fn_kwargs=dict(order_seed=order_seed, store=store), batch_size=None,
                         batch_format="pyarrow", num_cpus=cpus, compute=_compute())
     ds = ds.sort(_KEY, boundaries=_sort_boundaries(parts)) if parts > 1 else ds.sort(_KEY)
     return ds.map_batches(_sorted_map, fn_kwargs=dict(meta=meta, kind=kind, seed=seed),
@@ -294,10 +407,18 @@ def _full_shuffle(ds, split_bytes: int, meta: dict, kind: str, seed: Optional[in
                           compute=_compute())
 
 
+def _cache_limit() -> int:
+    """Largest split (Parquet bytes) the "full" shuffle keeps in the object store: 2 GiB, at most a quarter of it."""
+    import ray
+
+    store = ray.cluster_resources().get("object_store_memory") if ray.is_initialized() else None
+    return int(min(FULL_CACHE_MAX_BYTES, 0.25 * store)) if store else FULL_CACHE_MAX_BYTES
+
+
 # --------------------------------------------------------------------------- shuffle="block_local*"
 
 
-def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], store: Optional[str]):
+def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], order_seed: int, store: Optional[str]):
     """One map batch -> at most one output batch, rows permuted inside it (a generator, so dropped-out batches
     emit nothing)."""
     ids = np.asarray(batch["sample_id"], np.int64)
@@ -317,7 +438,7 @@ def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], store: O
     img = _augment(ids, x, meta, kind, seed, int(state.epoch))
     # Row shuffle inside the map task (a Ray Data worker process), not in the trainer: a consumer-side
     # shuffle buffer cost the training process ~15% of its throughput on 2 cores (bench/train_throughput.py).
-    perm = np.argsort(_order_keys(ids, seed, int(state.epoch)), kind="stable")
+    perm = np.argsort(_order_keys(ids, order_seed, int(state.epoch)), kind="stable")
     yield {"sample_id": ids[perm], "label": labels[perm], "image": img[perm]}
 
 
@@ -360,14 +481,18 @@ def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, m
     split_dir = _split_dir(data_dir, "train")
     if seed is not None:
         seed = int(seed)
+    # The row order's key: the seed, or (seed=None) entropy drawn now, the same for every task of the plan.
+    order_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     if mode == "full":
-        return _full_shuffle(_read(split_dir, cpus), _split_bytes(split_dir), meta, kind, seed, mask_store_name, cpus)
+        backend = _full_cached if _split_bytes(split_dir) <= _cache_limit() else _full_sorted
+        return backend(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus)
     ds = _read(split_dir, cpus, shuffle_seed=seed)
     if mode == "block_local" and _split_bytes(split_dir) <= BLOCK_SHUFFLE_MAX_BYTES:
         from ray.data import RandomSeedConfig
 
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    return ds.map_batches(_train_map, fn_kwargs=dict(meta=meta, kind=kind, seed=seed, store=mask_store_name),
+    return ds.map_batches(_train_map, fn_kwargs=dict(meta=meta, kind=kind, seed=seed, order_seed=order_seed,
+                                                     store=mask_store_name),
                           batch_size=_map_batch_rows(meta), batch_format="numpy", num_cpus=cpus,
                           compute=_compute())
 

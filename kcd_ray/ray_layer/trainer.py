@@ -16,7 +16,6 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from kcd_ray import data as data_mod
 from kcd_ray.config import Config, dump_yaml, load_config, to_dict
 from kcd_ray.data import load_meta, prepare_dataset
 from kcd_ray.engine import resume
@@ -62,10 +61,8 @@ def _resolve_paths(cfg: Config) -> Config:
 
 
 def preflight(cfg: Config, kind: str, data_dir: Path) -> None:
-    """What can fail before Ray starts fails here, in a second: the prepared data and the teacher file."""
-    verify = getattr(data_mod, "verify_prepared", None)
-    if verify is not None:
-        verify(data_dir)
+    """What can fail before Ray starts fails here, in a second: the teacher file (the prepared data set was
+    verified by ``prepare_dataset``: footers and row counts, everything when its files changed)."""
     if kind != "distill":
         return
     if not cfg.distill.teacher:

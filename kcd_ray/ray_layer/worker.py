@@ -23,11 +23,13 @@ from kcd_ray.engine import Engine, Hook, RunContext
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.build import build_components
 from kcd_ray.engine.checkpoint import latest_local_checkpoint, replace_checkpoint
+from kcd_ray.engine.metrics import say
+from kcd_ray.models import CheckpointError
 from kcd_ray.engine.hooks import HOOKS
 from kcd_ray.engine.parts import run_hooks
 from kcd_ray.engine.rundir import RunDir
 from kcd_ray.ray_layer import mask_store
-from kcd_ray.ray_layer.logs import quiet_ray_data_and_train
+from kcd_ray.ray_layer.logs import quiet_ray_data_and_train, quiet_worker_error_echo
 from kcd_ray.ray_layer.pipeline import iter_train_batches
 from kcd_ray.ray_layer.resources import use_gpu
 
@@ -115,9 +117,26 @@ def _restore(engine: Engine, ctx: RunContext) -> None:
     ckpt = ray.train.get_checkpoint() if ctx.cfg.scaling.num_workers else None  # in-process: the local one below
     if ckpt is not None:
         with ckpt.as_directory() as folder:  # the folder in storage itself when it is local: no copy to clean
-            engine.restore(folder)
+            try:
+                engine.restore(folder)
+            except CheckpointError as e:
+                _fall_back(engine, ctx, Path(folder), e)
     elif ctx.world == 1 and (local := latest_local_checkpoint(local_checkpoint_dir(ctx.run_dir))) is not None:
         engine.restore(local)
+
+
+def _fall_back(engine: Engine, ctx: RunContext, damaged: Path, error: CheckpointError) -> None:
+    """The newest checkpoint is damaged: resume from the newest intact older one in the run folder, saying so."""
+    older = sorted((d for d in ctx.run_dir.path.glob("checkpoint_epoch_*") if d.name < damaged.name), reverse=True)
+    for folder in older:
+        try:
+            engine.restore(folder)
+        except CheckpointError:
+            continue
+        if ctx.is_chief:
+            say(f"[kcd_ray] {error}; resuming from the older checkpoint {folder} instead")
+        return
+    raise error
 
 
 def train_loop_per_worker(config: dict) -> Optional[dict]:
@@ -125,6 +144,7 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
     extra hook specs (tests)."""
     cfg = config_from_dict(config["cfg"])
     quiet_ray_data_and_train()
+    quiet_worker_error_echo()
     # In-process (num_workers=0) there is one rank; ray.train.get_context() would raise inside a Tune trial.
     tctx = ray.train.get_context() if cfg.scaling.num_workers else None
     ctx = RunContext(cfg=cfg, kind=config["kind"], run_dir=RunDir(config["run_dir"]), data_dir=config["data_dir"],
