@@ -48,6 +48,9 @@ def run(data_dir: str, folder: Path, n: int, args, prune: bool) -> list[int]:
             overlays.prune(keep_versions=list(range(max(1, state.version - args.checkpoints_to_keep + 1),
                                                     state.version + 1)))
         sizes.append(overlays.disk_bytes())
+    if prune:  # the end of the run: only what the final checkpoint references
+        overlays.prune(keep_versions=[state.version])
+        sizes.append(overlays.disk_bytes())
     return sizes
 
 
@@ -74,7 +77,7 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
         t0 = time.perf_counter()
         rows[name] = run(data_dir, folder, args.num_train, args, prune)
-        print(f"{name}: blends folder after each condensation "
+        print(f"{name}: blends folder after each condensation (then at the end of the run) "
               f"{[mib(s) for s in rows[name]]} ({time.perf_counter() - t0:.0f}s)")
     before, after = (rows[k][-1] for k in rows)
     print(f"end of run: {mib(before)} -> {mib(after)} (ratio {after / before:.3f})")

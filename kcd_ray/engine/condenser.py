@@ -3,7 +3,9 @@
 - ``before_epoch``: at a condensation epoch, the offline E-step first (rank 0 asks the services to score all N
   samples; the table reaches the other ranks by ``broadcast_object_list``), then the M-step on every rank
   (each holds an identical ``KCDState``, so the result is identical everywhere); rank 0 writes the VAKS
-  blends (``BlendOverlays``), the mask file, and publishes (kept ids, overlay) through the services.
+  blends (``BlendOverlays``) and the mask file.
+- ``data_selection``: (kept, overlay) of the current version; the engine publishes it (intersected with any
+  other hook's selection) before the epoch's data is read.
 - ``after_step`` (online E-step): instant values of the batch just trained on, kept on the device.
 - ``after_epoch`` (online E-step): one host read, an all-gather by sample id over ranks, folded into the
   accumulator; the value table is written before a condensation epoch.
@@ -24,7 +26,7 @@ from kcd_ray.condense import KCDState
 from kcd_ray.condense.values import VALUE_FNS, make_context
 from kcd_ray.data.blend import BlendOverlays
 from kcd_ray.engine import distributed as D
-from kcd_ray.engine.hooks import HOOKS, Hook
+from kcd_ray.engine.hooks import HOOKS, Hook, Selection
 from kcd_ray.engine.metrics import say
 from kcd_ray.engine.value_tables import write_value_table
 
@@ -42,6 +44,7 @@ class Condenser(Hook):
         self._ids: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
         self._T, self._epoch = 1.0, 0
+        self._overlay: Optional[dict] = None  # the blend manifest in force (rank 0)
         self._mstep_s = self._estep_s = 0.0
 
     # ------------------------------------------------------------------ persistence
@@ -59,12 +62,14 @@ class Condenser(Hook):
 
     # ------------------------------------------------------------------ hooks
     def before_run(self, engine, start_epoch: int) -> None:
-        """Serve the checkpoint's mask: a re-run driver has a new, empty store, and after a worker-group restart
-        the store may hold a newer version published by the lost attempt."""
+        """After a resume: the checkpoint's blends must be intact (named now, not from inside a Ray Data task)."""
         if engine.ctx.is_chief and self.state.version > 0:
-            overlay = self._overlays(engine).manifest(self.state.version, check=True)
-            engine.services.publish_mask(self.state.version, self.state.kept_ids(), overlay)
-        D.barrier()
+            self._overlay = self._overlays(engine).manifest(self.state.version, check=True)
+
+    def data_selection(self, engine) -> Optional[Selection]:
+        if self.state.version == 0:
+            return None
+        return Selection(kept=self.state.kept, overlay=self._overlay)
 
     def before_epoch(self, engine, epoch: int) -> Optional[int]:
         t0 = time.perf_counter()
@@ -75,8 +80,7 @@ class Condenser(Hook):
             self._estep_s = time.perf_counter() - t0
         result = self.state.maybe_condense(epoch)
         if result is not None and engine.ctx.is_chief:
-            self._publish(engine, result)
-        D.barrier()  # nobody iterates the next epoch before the new mask is published
+            self._write(engine, result)
         self._mstep_s = time.perf_counter() - t0 - self._estep_s
         return None if result is None else result.version
 
@@ -108,6 +112,8 @@ class Condenser(Hook):
     def end_run(self, engine, summary) -> None:
         if engine.ctx.is_chief:
             self.state.write_mask(engine.ctx.run_dir.sub("masks", "mask_final.parquet"))
+            # A finished run keeps only the blends its final checkpoint references.
+            self._overlays(engine).prune(keep_versions=[self.state.version])
 
     # ------------------------------------------------------------------ E-step / M-step
     def _gather_online(self) -> tuple[np.ndarray, np.ndarray]:
@@ -138,13 +144,14 @@ class Condenser(Hook):
         self.state.observe(ids, vals)
         self.state.end_epoch()
 
-    def _publish(self, engine, result) -> None:
+    def _write(self, engine, result) -> None:
+        """The M-step's files (blends, mask); the engine publishes the new selection before the epoch's data."""
         overlays = self._overlays(engine)
         overlay = overlays.manifest(result.version - 1)
         if len(result.tail_ids):
             overlay = overlays.write(result.version, result.tail_ids, result.lost_ids, result.weights)
+        self._overlay = overlay
         self.state.write_mask(self._mask_path(engine, result.version))
-        engine.services.publish_mask(result.version, self.state.kept_ids(), overlay)
         if engine.ctx.verbose:
             s = self.state
             say(f"[kcd_ray] condensation v{result.version} (stage {result.stage}): kept {len(s.kept_ids())}/"

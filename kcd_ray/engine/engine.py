@@ -12,6 +12,7 @@ the step's ``found_inf`` flag (as AMP's grad scaler hands it), so no ``if isfini
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import warnings
@@ -73,6 +74,7 @@ class Engine:
         self.history: list[dict] = []
         self.train_batches: Optional[Batches] = None
         self._last_eval: Optional[dict] = None
+        self._published, self._selection_version = (None, json.dumps(None)), 0  # nothing published: all samples
         names = [h.name for h in self.hooks if h.name]
         if len(names) != len(set(names)):
             raise ValueError(f"hooks: duplicate names {names}")
@@ -85,10 +87,28 @@ class Engine:
         return [getattr(h, method)(self, *args) for h in self.hooks]
 
     def begin_data_epoch(self, epoch: int) -> None:
-        """Tell the data pipeline which epoch it serves next (its shuffle and augmentation are seeded by it)."""
+        """Tell the data pipeline what it serves next: the samples every hook's selection keeps (published when
+        it changed) and the epoch (its shuffle and augmentation are seeded by it). Rank 0, then a barrier."""
         if self.ctx.is_chief:
+            self._publish_selection()
             self.services.set_data_epoch(epoch)
         D.barrier()
+
+    def _publish_selection(self) -> None:
+        kept, overlay = None, None
+        for sel in (h.data_selection(self) for h in self.hooks):
+            if sel is None:
+                continue
+            if sel.kept is not None:
+                kept = sel.kept.copy() if kept is None else kept & sel.kept
+            overlay = sel.overlay if sel.overlay is not None else overlay
+        key = (None if kept is None else hash(np.packbits(kept).tobytes()), json.dumps(overlay, sort_keys=True))
+        if key == self._published:
+            return
+        self._published = key
+        self._selection_version += 1
+        ids = np.arange(self.parts.num_train, dtype=np.int64) if kept is None else np.flatnonzero(kept)
+        self.services.publish_mask(self._selection_version, ids, overlay)
 
     def to_device(self, batch: dict) -> dict:
         out = {k: batch[k].to(self.device, non_blocking=True) for k in BATCH_KEYS if k in batch}

@@ -3,7 +3,9 @@
 A hook is one registered class. The engine calls, in order of the hook list:
 
 - ``before_run(engine, start_epoch)``   after a resume restored every state, before the first epoch
-- ``before_epoch(engine, epoch)``       before the epoch's data is read; may return a new data (mask) version
+- ``before_epoch(engine, epoch)``       before the epoch's data is read
+- ``data_selection(engine)``            (rank 0, after ``before_epoch``) which samples the epoch serves: a
+                                         :class:`Selection`; the engine intersects every hook's and publishes it
 - ``after_step(engine, batch, output)`` after each optimiser step (no host synchronisation here on a GPU)
 - ``after_epoch(engine, epoch, row)``   after training and evaluation; may add fields to the metrics row
 - ``after_checkpoint(engine, epoch, row)`` after the epoch's checkpoint was reported
@@ -19,12 +21,24 @@ Adding one: subclass :class:`Hook`, decorate with ``@HOOKS.register("name")``, a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
 
 from kcd_ray.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from kcd_ray.engine.engine import Engine
+
+
+@dataclass
+class Selection:
+    """What one hook wants the data pipeline to serve: ``kept`` (bool[N] by sample id, None = all) and the blend
+    ``overlay`` manifest (KCD's summary images, or None)."""
+
+    kept: Optional[np.ndarray] = None
+    overlay: Optional[dict] = None
 
 
 class Hook:
@@ -34,6 +48,9 @@ class Hook:
         pass
 
     def before_epoch(self, engine: "Engine", epoch: int) -> Optional[int]:
+        return None
+
+    def data_selection(self, engine: "Engine") -> Optional[Selection]:
         return None
 
     def after_step(self, engine: "Engine", batch: dict, output: Any) -> None:
