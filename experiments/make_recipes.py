@@ -135,6 +135,21 @@ def recipes() -> dict[str, str]:
              "run": {**DIGITS_RUN, "name": f"digits-{variant}"},
              "distill": {**KD, "teacher": "./runs/digits/digits-teacher/final_model.pt", "teacher_model": ""},
              "kcd": {**KCD, "interval": 3, "enabled": variant == "kcd"}})
+    out["ed/digits.yaml"] = _render(
+        ["Education distillation (ED.md) on digits: resnet8 grown over 3 grades (classes 0-2, 3-5, 6-9), 18 epochs,",
+         "the optimiser of digits/kd.yaml. One resnet20 teacher per class group (15 epochs on its classes, local labels)",
+         "is trained first when missing (runs/digits/edteacher-*/final_model.pt) and reused after.",
+         "Even grades with the flagged per_grade learning rate: the spec's CIFAR reading (lr_mode global, grade_epochs",
+         "149/30/61 of 240) trains far worse on 18 epochs (bench/ed_compare.py, BENCHMARKS.md). Mixed batches: the Ray",
+         "Data pipeline's order (ED's sequential passes are not available on it).",
+         "Run: kcd-ray distill --config experiments/ed/digits.yaml"],
+        {"model": "resnet8", "data": DIGITS_DATA, "optim": {**DIGITS_OPTIM, "epochs": 18}, "scaling": DIGITS_SCALING,
+         "run": {**DIGITS_RUN, "name": "digits-ed"},
+         "distill": {"method": "ed", "temperature": {"schedule": "constant", "T": 4.0}},
+         "kcd": {"enabled": False},
+         "curriculum": {"name": "ed", "groups": 3, "grade_epochs": [6, 6, 6], "lr_mode": "per_grade", "alpha": 0.3,
+                        "mix_groups": True, "teacher_source": "per_group", "teacher_model": "resnet20",
+                        "teacher_epochs": 15}})
     return out
 
 

@@ -99,6 +99,13 @@ class RunConfig:
     resume: str = _f("auto", choices=("auto", "force", "never"),
                      help="re-running a run name: auto resumes if the config matches (run.*, scaling.*, optim.epochs may "
                           "change), force resumes with any change, never starts afresh (the old folder is moved aside)")
+    trackers: list[str] = _f(factory=list, choices=("tensorboard", "mlflow"),
+                             help="experiment trackers rank 0 logs to (pip install 'kcd_ray[tracking]'): tensorboard "
+                                  "(events in <run folder>/tensorboard), mlflow (metrics, config, artifacts)")
+    tracking_uri: str = _f("", help="MLflow tracking URI (sqlite:///..., http://server:5000, databricks); '' = "
+                                    "sqlite:///<run folder>/mlflow.db, for a sweep's trials <sweep folder>/mlflow.db")
+    experiment: str = _f("", help="MLflow experiment; '' = the sweep's name for a sweep's trials, else kcd_ray")
+    sweep: str = _f("", help="set by `kcd-ray sweep` on each trial: the sweep's name (trackers group trials by it)")
 
 
 @dataclass
@@ -121,6 +128,47 @@ class DistillConfig:
     temperature: TemperatureConfig = _f(factory=TemperatureConfig)
     options: dict = _f(factory=dict, help="method-specific options (e.g. feat_dim, nce_k)")
     init_epochs: int = _f(30, ge=0, help="initialisation stage for AB, FT and FSP")
+    teachers: list[str] = _f(factory=list, help="mtkd: full-label teacher checkpoints (equal-weight mean of their KD "
+                                                "losses); teacher_model names their architecture for RepDistiller files")
+
+
+@dataclass
+class CurriculumConfig:
+    """Class groups and education distillation (ED.md): grades of classes, a growing student, one teacher per group."""
+
+    name: str = _f("none", choices=("none", "ed"), help="ed: education distillation (distill.method=ed); none: a fixed "
+                                                         "student (only_groups still restricts the classes)")
+    groups: int = _f(3, ge=1, help="G, the number of class groups (grades)")
+    group_sizes: list[int] = _f(factory=list, help="explicit group sizes summing to the number of classes; empty = "
+                                                   "floor(K/G) each, the remainder to the last (CIFAR-100: 33/33/34)")
+    class_order: str = _f("identity", choices=("identity", "permuted"), help="groups of contiguous label ids, or of "
+                                                                             "a permutation seeded by curriculum.seed")
+    seed: int = _f(0, help="seed of the permuted class order")
+    only_groups: list[int] = _f(factory=list, help="train and evaluate on these groups' classes only (1-based; a "
+                                                   "group teacher's run); empty = every class")
+    labels: str = _f("global", choices=("global", "local"), help="with only_groups: local labels (position within "
+                                                                 "the chosen groups, y - o_g for one group) and that "
+                                                                 "many outputs, or the global labels")
+    grade_epochs: list[int] = _f(factory=lambda: [149, 30, 61], help="epochs of each grade; they sum to optim.epochs "
+                                                                     "(ED.md 7: grades change at the first milestones)")
+    lr_mode: str = _f("global", choices=("global", "per_grade"), help="global: optim's schedule runs through the "
+                                                                      "grades; per_grade (flagged): restart at optim.lr "
+                                                                      "each grade, x lr_decay at 62.5/75/87.5% of it")
+    alpha: float = _f(0.3, ge=0.0, le=1.0, help="ed loss: alpha * CE over the K_g logits + (1 - alpha) * T^2 * KL to "
+                                                "the sample's group teacher (T: distill.temperature)")
+    mix_groups: bool = _f(False, help="true: batches mix the active groups, each sample routed to its group's "
+                                      "teacher (what the Ray Data pipeline runs); false: sequential passes over "
+                                      "D_1..D_g per epoch (ED's code; in-process feeds only)")
+    teacher_source: str = _f("per_group", choices=("per_group", "sliced"), help="per_group: one teacher per group "
+                                                                               "(local labels, n_g outputs); sliced "
+                                                                               "(deviation): distill.teacher's logit "
+                                                                               "slice of each group")
+    teachers: list[str] = _f(factory=list, help="per_group: the G group teachers' checkpoints; missing ones are "
+                                                "trained first (empty = <run.storage_path>/<derived name>/final_model.pt)")
+    teacher_model: str = _f("", help="architecture of the group teachers (trained when missing; RepDistiller files)")
+    teacher_epochs: int = _f(0, ge=0, help="epochs of a group teacher's training; 0 = optim.epochs")
+    tr_relu: bool = _f(True, help="ReLU in the teaching-reference heads (ED.md 5.3)")
+    tr1_grid: int = _f(1, ge=1, help="pooling grid of the grade-1 head: 1 = global; 4 = the code's resnet20 head")
 
 
 @dataclass
@@ -145,6 +193,44 @@ class KCDConfig:
 
 
 @dataclass
+class InfoBatchConfig:
+    ratio: float = _f(0.5, ge=0.0, le=0.9, help="prune probability r of a sample whose last loss is below the mean; "
+                                                "the kept ones weigh 1/(1-r)")
+    delta: float = _f(0.875, gt=0.0, le=1.0, help="prune while epoch <= delta * optim.epochs (the reference code's "
+                                                  "parameterisation): the last ~(1 - delta) of the epochs train on all")
+
+
+@dataclass
+class UnixKDConfig:
+    ratio: float = _f(0.75, gt=0.0, le=1.0, help="training rows per candidate row (the reference: 48 of 64)")
+    batch_size: int = _f(0, ge=0, help="training batch per worker; 0 = candidate batches of optim.batch_size and "
+                                       "training batches of ratio * that (the reference); else candidates of "
+                                       "batch_size / ratio")
+    pure_fraction: float = _f(0.5, ge=0.0, le=1.0, help="share of a candidate batch, the most uncertain, trained "
+                                                        "unmixed (the reference: 32 of 64)")
+    sharpness: float = _f(1000.0, gt=0.0, help="steepness of the sigmoid between unmixed and mixed ranks")
+    mixup_alpha: float = _f(1.0, gt=0.0, help="mixup weight lambda ~ Beta(alpha, alpha), one per batch")
+    score: str = _f("entropy", choices=("entropy", "confidence", "margin", "random"), help="uncertainty ranking")
+
+
+@dataclass
+class RandomSubsetConfig:
+    fraction: float = _f(0.5, gt=0.0, le=1.0, help="kept fraction of the training set, redrawn every epoch")
+    follow_kcd_schedule: bool = _f(False, help="kept size per epoch from KCD's schedule (kcd.rho, interval, stages, "
+                                               "warmup, shape) instead of fraction: KCD's compute, random samples")
+
+
+@dataclass
+class SelectionConfig:
+    strategy: str = _f("auto", choices="strategies", help="data selection: auto (kcd if kcd.enabled, else none), "
+                                                          "none (plain KD), kcd, infobatch, unixkd, random")
+    seed: Optional[int] = _f(None, help="seed of the strategies' per-epoch draws; None = optim.seed")
+    infobatch: InfoBatchConfig = _f(factory=InfoBatchConfig)
+    unixkd: UnixKDConfig = _f(factory=UnixKDConfig)
+    random: RandomSubsetConfig = _f(factory=RandomSubsetConfig)
+
+
+@dataclass
 class Config:
     model: str = _f("resnet8x4", choices="models", help="the trained network (student, or teacher in train-teacher)")
     data: DataConfig = _f(factory=DataConfig)
@@ -153,6 +239,8 @@ class Config:
     run: RunConfig = _f(factory=RunConfig)
     distill: DistillConfig = _f(factory=DistillConfig)
     kcd: KCDConfig = _f(factory=KCDConfig)
+    curriculum: CurriculumConfig = _f(factory=CurriculumConfig)
+    selection: SelectionConfig = _f(factory=SelectionConfig)
 
 
 # --------------------------------------------------------------------------- building
@@ -236,8 +324,9 @@ def _check(value: Any, f: dataclasses.Field, key: str) -> None:
     choices = m.get("choices")
     if choices is not None:
         allowed = _registry_names(choices) if isinstance(choices, str) else list(choices)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of: {', '.join(map(str, allowed))}")
+        for item in value if isinstance(value, list) else [value]:  # a list field: every item is a choice
+            if item not in allowed:
+                raise ConfigError(f"{key}: {item!r} is not one of: {', '.join(map(str, allowed))}")
     for bound, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"), ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
         b = m.get(bound)
         if b is not None and isinstance(value, (int, float)) and not op(float(value), float(b)):

@@ -55,6 +55,7 @@ REGISTRIES = {
     "distillers": "kcd_ray.distill:DISTILLERS",
     "temperatures": "kcd_ray.distill.temperature:TEMPERATURES",
     "value_fns": "kcd_ray.condense.values:VALUE_FNS",
+    "strategies": "kcd_ray.engine.selection:STRATEGIES",
 }
 
 

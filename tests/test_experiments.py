@@ -14,7 +14,7 @@ from kcd_ray.models import build_model, list_models
 from kcd_ray.ray_layer.tune.spec import load_sweep
 
 EXP = Path(__file__).resolve().parent.parent / "experiments"
-RECIPES = sorted(p for p in EXP.rglob("*.yaml") if "sweeps" not in p.parts)
+RECIPES = sorted(p for p in EXP.rglob("*.yaml") if not {"sweeps", "kuberay"} & set(p.parts))  # kuberay: manifests
 SWEEPS = sorted((EXP / "sweeps").glob("*.yaml"))
 PAIRS = [("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_16_2"), ("resnet56", "resnet20"), ("resnet110", "resnet32"),
          ("vgg13", "vgg8"), ("ResNet50", "MobileNetV2"), ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"),

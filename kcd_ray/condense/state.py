@@ -128,11 +128,15 @@ class KCDState:
         return self.accumulator.end_epoch()
 
     # ------------------------------------------------------------------ M-step
-    def maybe_condense(self, epoch: int) -> CondensationResult | None:
+    def maybe_condense(self, epoch: int, universe=None) -> CondensationResult | None:
         """Run the M-step if ``epoch`` is a condensation epoch, else return None.
 
         Idempotent per epoch: after a resume, calling it again for an epoch that already
         condensed (or an earlier one) returns None. Disabled KCD (plain KD) always returns None.
+
+        ``universe`` (bool[N], optional: a curriculum's active classes) restricts the condensation to the
+        samples in it that have values: the sizes follow the schedule on that count, and every other sample is
+        kept as it is (not ranked against them). A group that just joined is kept whole until it has values.
         """
         epoch = int(epoch)
         if not self.enabled or not self.schedule.is_condense_epoch(epoch) or epoch <= self.last_condense_epoch:
@@ -142,7 +146,10 @@ class KCDState:
                                "call end_epoch() after each epoch, before condensing")
         scores = self.accumulator.scores()
         stage, k_old = self.stage + 1, self.k
-        k_new = self.schedule.next_size(k_old, stage)
+        if universe is None:
+            k_new = self.schedule.next_size(k_old, stage)
+        else:
+            scores, k_old, k_new = self._within(universe, scores, stage)
         # Ties (equal scores) break by a permutation seeded from (seed, stage): reproducible on resume.
         ranking, kept_ids = select(scores, k_new, tie_break_rng(self.seed, stage))
         if self.params["summary"]:
@@ -158,6 +165,27 @@ class KCDState:
         self.stage, self.k, self.last_condense_epoch = stage, k_new, epoch
         self.version += 1
         return CondensationResult(epoch, stage, self.version, k_old, k_new, kept_ids, ranking, scores, tail, lost, weights)
+
+    def _within(self, universe, scores: np.ndarray, stage: int) -> tuple[np.ndarray, int, int]:
+        """Scores and (k_old, k_new) for a condensation inside ``universe``: the samples outside it (or never
+        valued) rank first (kept samples above dropped ones), so the top ``k_new`` keep every kept one of
+        them and the schedule's size of the valued universe."""
+        u = np.asarray(universe, dtype=bool).reshape(-1)
+        if u.shape != (self.num_samples,):
+            raise ValueError(f"maybe_condense: universe has {u.size} entries for {self.num_samples} samples")
+        u = u & (self.accumulator.count > 0)
+        n_u = int(u.sum())
+        if n_u == 0:  # nothing valued yet: the same kept set
+            return self.kept.astype(np.float64), self.k, self.k
+        p = self.params
+        sched = CondensationSchedule(n_u, rho=p["rho"], stages=p["stages"], interval=p["interval"],
+                                     warmup=p["warmup"], shape=p["shape"])
+        k_in_old = int((self.kept & u).sum())
+        k_in_new = sched.next_size(k_in_old, stage)
+        outside_kept = int((self.kept & ~u).sum())
+        top = float(scores[u].max()) + 1.0
+        ranked = np.where(u, scores, np.where(self.kept, top + 1.0, -1.0))
+        return ranked, outside_kept + k_in_old, outside_kept + k_in_new
 
     def kept_ids(self) -> np.ndarray:
         return np.flatnonzero(self.kept).astype(np.int64)

@@ -23,6 +23,8 @@ ft              200     factor transfer (init stage trains the paraphraser)     
 fsp             50      flow of solution procedure (init stage)                    staged
 crd             0.8     contrastive representation distillation (memory bank)      contrastive
 hkd             3       holistic KD: instance graph + GNN + contrastive            holistic
+mtkd            --      multi-teacher KD: mean of KD over distill.teachers        multi_teacher
+ed              --      education distillation (curriculum.name=ed), ED.md 6      multi_teacher
 ==============  ======  =========================================================  ==================
 """
 
@@ -37,7 +39,7 @@ from kcd_ray.distill.base import DISTILLERS, Distiller, StepOutput, kd_kl, regis
 from kcd_ray.distill.temperature import TEMPERATURES, build_temperature
 
 # Importing the method modules registers them.
-from kcd_ray.distill import contrastive, feature_maps, holistic, logit_kd, relational, staged  # noqa: E402,F401
+from kcd_ray.distill import contrastive, feature_maps, holistic, logit_kd, multi_teacher, relational, staged  # noqa: E402,F401
 
 
 def build_distiller(cfg: DistillConfig, student: nn.Module, teacher: Optional[nn.Module], num_classes: int,

@@ -11,9 +11,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from kcd_ray.data import load_meta
+from kcd_ray.data.groups import subset_num_classes
 from kcd_ray.distill import build_distiller
 from kcd_ray.distill.temperature import build_temperature
 from kcd_ray.models import build_model, load_model
+from kcd_ray.engine.curriculum import MULTI_TEACHER, check_curriculum, distiller_kwargs, load_teachers
 
 
 @dataclass
@@ -75,17 +77,23 @@ def load_teacher(dcfg, num_classes: int) -> torch.nn.Module:
 
 def build_components(cfg, kind: str, data_dir: str, device: torch.device, distributed: bool) -> Components:
     meta = load_meta(data_dir)
-    num_classes = int(meta["num_classes"])
     num_train = int(meta["splits"]["train"]["num_rows"])
+    check_curriculum(cfg, kind)
+    # A class-subset run with local labels (a group teacher) has that many outputs.
+    num_classes = subset_num_classes(cfg.curriculum, int(meta["num_classes"]))
     student = build_model(cfg.model, num_classes)
+    extra = {}
     if kind == "teacher":
         dcfg = dataclasses.replace(cfg.distill, method="ce", gamma=1.0, alpha=0.0, beta=0.0)
         teacher = None
+    elif cfg.distill.method in MULTI_TEACHER:  # mtkd, ed: a list of teachers (ed: with the class groups)
+        dcfg = cfg.distill
+        teacher, extra = load_teachers(cfg, num_classes), distiller_kwargs(cfg, num_classes)
     else:
         dcfg = cfg.distill
         teacher = load_teacher(dcfg, num_classes)
     distiller = build_distiller(dcfg, student, teacher, num_classes, num_samples=num_train,
-                                image_size=int(meta["image_shape"][0])).to(device)
+                                image_size=int(meta["image_shape"][0]), **extra).to(device)
     model = distiller
     if distributed:
         model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,

@@ -46,6 +46,12 @@ class Condenser(Hook):
         self._T, self._epoch = 1.0, 0
         self._overlay: Optional[dict] = None  # the blend manifest in force (rank 0)
         self._mstep_s = self._estep_s = 0.0
+        self._offline_passes = 0  # samples the offline E-step scored on this rank since the ledger last asked
+
+    def pop_compute_counts(self) -> dict:
+        """Extra forward passes for the compute ledger: the offline E-step's student (and teacher) forwards."""
+        n, self._offline_passes = self._offline_passes, 0
+        return {"student_forward_only": n, "teacher_forward": n if getattr(self.value_fn, "needs_teacher", False) else 0}
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
@@ -78,11 +84,22 @@ class Condenser(Hook):
         if not self.online and self.state.schedule.is_condense_epoch(epoch) and epoch > self.state.last_condense_epoch:
             self._offline_estep(engine, epoch)
             self._estep_s = time.perf_counter() - t0
-        result = self.state.maybe_condense(epoch)
+        universe = self._universe(engine)
+        result = self.state.maybe_condense(epoch) if universe is None else self.state.maybe_condense(epoch, universe)
         if result is not None and engine.ctx.is_chief:
             self._write(engine, result)
         self._mstep_s = time.perf_counter() - t0 - self._estep_s
         return None if result is None else result.version
+
+    def _universe(self, engine) -> Optional[np.ndarray]:
+        """The samples a curriculum lets this epoch train on (hooks with ``universe(engine)``, e.g. ED's active
+        groups): the M-step condenses within them. None: no curriculum (all N samples)."""
+        out = None
+        for h in engine.hooks:
+            u = h.universe(engine) if h is not self and hasattr(h, "universe") else None
+            if u is not None:
+                out = u.copy() if out is None else out & u
+        return out
 
     def after_step(self, engine, batch: dict, output) -> None:
         if not self.online:
@@ -135,6 +152,7 @@ class Condenser(Hook):
         if engine.ctx.is_chief:
             student = {k: v.detach().cpu() for k, v in engine.distiller.student.state_dict().items()}
             ids, vals = engine.services.score_offline(student, epoch)
+            self._offline_passes += len(ids)
             write_value_table(engine.ctx.run_dir, epoch, ids, vals, source="offline")
             table = (ids, vals)
         ids, vals = D.broadcast_object(table)

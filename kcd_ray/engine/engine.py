@@ -75,6 +75,9 @@ class Engine:
         self.train_batches: Optional[Batches] = None
         self._last_eval: Optional[dict] = None
         self._published, self._selection_version = (None, json.dumps(None)), 0  # nothing published: all samples
+        # Per-step hook points are called only on the hooks that override them (nothing to pay otherwise).
+        self._batch_hooks = [h for h in self.hooks if type(h).before_step is not Hook.before_step]
+        self._loss_hooks = [h for h in self.hooks if type(h).adjust_loss is not Hook.adjust_loss]
         names = [h.name for h in self.hooks if h.name]
         if len(names) != len(set(names)):
             raise ValueError(f"hooks: duplicate names {names}")
@@ -147,6 +150,8 @@ class Engine:
         with self.parts.amp_ctx:
             out = self.model(batch, T=T, epoch=epoch)
             loss = sum(out.losses.values())
+            for h in self._loss_hooks:
+                loss = h.adjust_loss(self, batch, out, loss)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -177,6 +182,8 @@ class Engine:
         for raw in self.train_batches(epoch):
             data_wait += time.perf_counter() - t_wait
             batch = self.to_device(raw)
+            for h in self._batch_hooks:
+                batch = h.before_step(self, batch) or batch
             out, loss, finite = self.step(batch, T, epoch)
             n = batch["label"].shape[0]
             for k, v in out.losses.items():

@@ -52,3 +52,25 @@ class RecordIds(Hook):
         ids = torch.cat(self._ids).numpy() if self._ids else np.zeros(0, np.int64)
         self._ids = []
         np.save(engine.ctx.run_dir.sub("ids", f"e{epoch:04d}_r{engine.ctx.rank}.npy"), ids)
+
+
+@HOOKS.register("record_selection")
+class RecordSelection(Hook):
+    """Write, per rank and epoch, the data-selection strategy's state after the epoch (``selection/e<epoch>_r<rank>.npz``:
+    ``kept`` bool[N], and InfoBatch's ``weights`` and ``scores``), so a test can check that every rank holds the same."""
+
+    def after_epoch(self, engine, epoch: int, row: dict) -> None:
+        from kcd_ray.engine.selection import STRATEGY_HOOK_NAMES
+
+        hook = next((h for h in engine.hooks if h.name in STRATEGY_HOOK_NAMES), None)
+        if hook is None:
+            return
+        n = engine.parts.num_train
+        kept = getattr(hook, "kept", None)
+        if kept is None and hasattr(hook, "state"):  # KCD
+            kept = hook.state.kept if hook.state.version else None
+        arrays = {"kept": np.ones(n, bool) if kept is None else np.asarray(kept, bool)}
+        for name in ("weights", "scores"):
+            if getattr(hook, name, None) is not None:
+                arrays[name] = np.asarray(getattr(hook, name))
+        np.savez(engine.ctx.run_dir.sub("selection", f"e{epoch:04d}_r{engine.ctx.rank}.npz"), **arrays)

@@ -6,6 +6,8 @@ A hook is one registered class. The engine calls, in order of the hook list:
 - ``before_epoch(engine, epoch)``       before the epoch's data is read
 - ``data_selection(engine)``            (rank 0, after ``before_epoch``) which samples the epoch serves: a
                                          :class:`Selection`; the engine intersects every hook's and publishes it
+- ``before_step(engine, batch)``        may return a replacement batch (on the device), e.g. UNIXKD's selection+mixup
+- ``adjust_loss(engine, batch, output, loss)`` may return a new loss tensor (e.g. InfoBatch's rescaling)
 - ``after_step(engine, batch, output)`` after each optimiser step (no host synchronisation here on a GPU)
 - ``after_epoch(engine, epoch, row)``   after training and evaluation; may add fields to the metrics row
 - ``after_checkpoint(engine, epoch, row)`` after the epoch's checkpoint was reported
@@ -51,6 +53,12 @@ class Hook:
         return None
 
     def data_selection(self, engine: "Engine") -> Optional[Selection]:
+        return None
+
+    def before_step(self, engine: "Engine", batch: dict) -> Optional[dict]:
+        return None
+
+    def adjust_loss(self, engine: "Engine", batch: dict, output: Any, loss: Any) -> Any:
         return None
 
     def after_step(self, engine: "Engine", batch: dict, output: Any) -> None:

@@ -55,6 +55,8 @@ def format_epoch(m: dict) -> str:
     if m.get("kcd_enabled"):
         parts.append(f"kept {100 * m['kept_fraction']:.1f}%")
         parts.append(f"stage {m['stage']}")
+    elif m.get("strategy") not in (None, "none", "kcd"):
+        parts.append(f"{m['strategy']} {100 * m['kept_fraction']:.1f}%")
     if m.get("T") is not None and m.get("kind") == "distill":
         parts.append(f"T {m['T']:.2f}")
     parts += [f"lr {m['lr']:.4g}", f"{m['images_per_s']:.0f} img/s", f"{m['epoch_seconds']:.1f}s"]
@@ -65,17 +67,31 @@ def summarize(history: list[dict], *, kind: str, kcd_enabled: bool, num_train: i
     if not history:
         raise ValueError("no epochs recorded: nothing to summarise")
     best = max(history, key=lambda m: m["top1"])
-    passes = int(history[-1]["sample_passes"])
+    last = history[-1]
+    passes = int(last["sample_passes"])
     full = int(num_train) * int(epochs)
+    sample_ratio = passes / full if full else 0.0
+    # The compute ledger (kcd_ray.engine.ledger): compute_ratio is FLOPs against plain KD (every sample, every
+    # epoch, the same networks); without the ledger's fields (older runs) it is the sample-pass ratio.
+    per_kd = sum(float(last.get(k) or 0.0) for k in ("flops_student_forward", "flops_student_backward",
+                                                     "flops_teacher_forward"))
+    full_flops = full * per_kd
+    ledger = {k: last[k] for k in ("student_forward_only_passes", "teacher_forward_passes", "flops_total",
+                                    "flops_student_forward", "flops_student_backward", "flops_teacher_forward")
+              if k in last}
     return {
-        "final_top1": history[-1]["top1"],
-        "final_top5": history[-1]["top5"],
+        "final_top1": last["top1"],
+        "final_top5": last["top5"],
         "best_top1": best["top1"],
         "best_epoch": best["epoch"],
         "sample_passes": passes,
         "full_sample_passes": full,
-        "compute_ratio": passes / full if full else 0.0,
-        "wall_seconds": history[-1]["wall_seconds"],
+        "compute_ratio": last["flops_total"] / full_flops if "flops_total" in last and full_flops > 0 else sample_ratio,
+        "sample_pass_ratio": sample_ratio,
+        **ledger,
+        "full_flops": full_flops,
+        "strategy": last.get("strategy", "kcd" if kcd_enabled else "none"),
+        "wall_seconds": last["wall_seconds"],
         "epochs": epochs,
         "kind": kind,
         "kcd_enabled": kcd_enabled,

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from kcd_ray.engine.condenser import Condenser
+from kcd_ray.engine.condenser import Condenser  # noqa: F401 - registers the "kcd" hook
 from kcd_ray.engine.context import RunContext
+from kcd_ray.engine.curriculum import curriculum_hooks
 from kcd_ray.engine.hooks import HOOKS, Hook, build_hooks
+from kcd_ray.engine.ledger import ComputeLedger
 from kcd_ray.engine.metrics import format_epoch, say
+from kcd_ray.engine.selection import STRATEGY_HOOK_NAMES, build_strategy
 from kcd_ray.models import save_model
 
 
@@ -60,7 +63,8 @@ class MetricsWriter(Hook):
             return
         run_dir = engine.ctx.run_dir
         run_dir.write_metrics(engine.history)
-        if row["evaluated"] and row["top1"] >= row["best_top1"]:
+        # complete_model is False before ED's last grade: the student's native head is not trained yet.
+        if row["evaluated"] and row["top1"] >= row["best_top1"] and row.get("complete_model", True):
             save_model(run_dir.path / "best_model.pt", engine.distiller.student, extra={"epoch": epoch, "top1": row["top1"]})
         if engine.ctx.verbose:
             say("[kcd_ray] " + format_epoch(row))
@@ -75,10 +79,24 @@ class MetricsWriter(Hook):
 
 
 def run_hooks(ctx: RunContext, num_train: int, extra: list | None = None) -> list[Hook]:
-    """The hook list of a run: init stage, KCD (distillation with ``kcd.enabled``), the metrics writer (after
-    the hooks that fill in the row), then extras (test hooks such as ``fail`` act after the row is written)."""
+    """The hook list of a run: init stage, the one data-selection strategy (``selection.strategy``; ``auto``:
+    KCD with ``kcd.enabled``, else none; see ``kcd_ray.engine.selection``), the compute ledger, the metrics
+    writer (after the hooks that fill in the row), then extras (test hooks such as ``fail`` act after the row
+    is written)."""
     hooks: list[Hook] = [InitStage()]
-    if ctx.kind == "distill" and ctx.cfg.kcd.enabled:
-        hooks.append(Condenser(ctx.cfg.kcd, num_train))
+    # A curriculum (ED's grades, a class subset) before the strategy: KCD condenses within its selection.
+    hooks += curriculum_hooks(ctx.cfg, ctx.kind, ctx.data_dir)
+    strategy = build_strategy(ctx, num_train)
+    if strategy is not None:
+        hooks.append(strategy)
+    hooks.append(ComputeLedger())
     hooks.append(MetricsWriter())
-    return hooks + build_hooks(extra or [])
+    if ctx.cfg.run.trackers:  # after the writer: its files (metrics, final model, summary) exist when logged
+        from kcd_ray.engine.trackers import Trackers
+
+        hooks.append(Trackers(ctx.cfg.run.trackers, chief=ctx.is_chief))
+    extras = build_hooks(extra or [])
+    clash = [h.name for h in extras if h.name in STRATEGY_HOOK_NAMES]
+    if clash:
+        raise ValueError(f"hooks: {clash} would run a second data-selection strategy; choose it with selection.strategy")
+    return hooks + extras

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +21,10 @@ from kcd_ray.config import Config, dump_yaml, load_config, to_dict
 from kcd_ray.data import load_meta, prepare_dataset
 from kcd_ray.engine import resume
 from kcd_ray.engine.resume import check_resume
+from kcd_ray.engine.curriculum import (MULTI_TEACHER, check_curriculum, check_pipeline, group_teacher_paths,
+                                      load_teachers, with_teachers)
 from kcd_ray.engine.rundir import RunDir, resolve_storage, slug
+from kcd_ray.engine.selection import resolve_strategy
 from kcd_ray.errors import as_run_error, one_line
 from kcd_ray.ray_layer.logs import quiet_ray_data_and_train, skip_known_ray_noise
 from kcd_ray.ray_layer.mask_store import get_mask_store
@@ -36,12 +40,15 @@ def init_ray(cfg: Config) -> None:
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ctx = ray.init(address=address, log_to_driver=True)
     else:
         # "local" never attaches to a stray cluster someone else left running (RAY.md).
-        ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False,
-                 log_to_driver=True, configure_logging=True, logging_level="WARNING")
-    skip_known_ray_noise(state_api_missing=not address or importlib.util.find_spec("aiohttp") is None)
+        ctx = ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False,
+                       log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    # The State API is the cluster's dashboard (ray[default]): a cluster started without one (ray start
+    # --include-dashboard=false) has none even where aiohttp is installed, and its warning is noise there too.
+    has_state_api = bool(ctx.address_info.get("webui_url")) and importlib.util.find_spec("aiohttp") is not None
+    skip_known_ray_noise(state_api_missing=not address or not has_state_api)
 
 
 def default_run_name(cfg: Config, kind: str) -> str:
@@ -49,21 +56,57 @@ def default_run_name(cfg: Config, kind: str) -> str:
     d = to_dict(cfg)
     del d["run"]  # run.* (storage, verbosity, failures) never changes the experiment
     digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    tag = "kcd" if kind == "distill" and cfg.kcd.enabled else ("kd" if kind == "distill" else "teacher")
+    strategy = resolve_strategy(cfg, kind)  # kcd (kcd.enabled), kd (plain), infobatch, unixkd, random
+    tag = ({"none": "kd"}.get(strategy, strategy)) if kind == "distill" else "teacher"
     return slug(f"{tag}-{cfg.distill.method if kind == 'distill' else 'ce'}-{cfg.model}-{cfg.data.name}-{digest}")
 
 
 def _resolve_paths(cfg: Config) -> Config:
-    if not cfg.distill.teacher:  # workers run in the run folder: relative paths must be resolved here
+    # Workers run in the run folder: relative paths must be resolved here.
+    def absolute(p: str) -> str:
+        return str(Path(os.path.expanduser(p)).resolve()) if p else p
+
+    d, cur = cfg.distill, cfg.curriculum
+    if not (d.teacher or d.teachers or cur.teachers):
         return cfg
-    teacher = str(Path(os.path.expanduser(cfg.distill.teacher)).resolve())
-    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher=teacher))
+    return dataclasses.replace(
+        cfg, distill=dataclasses.replace(d, teacher=absolute(d.teacher), teachers=[absolute(p) for p in d.teachers]),
+        curriculum=dataclasses.replace(cur, teachers=[absolute(p) for p in cur.teachers]))
+
+
+def ensure_group_teachers(cfg: Config) -> Config:
+    """ED's per-group teachers (ED.md 4): reuse the checkpoints that exist, train the missing ones first, one
+    Ray Train run per group in sequence (local labels, n_g outputs); the config then lists all G."""
+    check_curriculum(cfg, "distill")  # one-line errors before any teacher trains
+    check_pipeline(cfg)
+    paths = []
+    for g, path, tcfg in group_teacher_paths(cfg):
+        if not path.exists():
+            if cfg.run.verbose:
+                print(f"[kcd_ray] ed: training the teacher of group {g}/{cfg.curriculum.groups} ({tcfg.model}, "
+                      f"run {tcfg.run.name}) -> {path}", flush=True)
+            made = Path(fit(tcfg, kind="teacher")["run_dir"]) / "final_model.pt"
+            if made.resolve() != path:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(made, path)
+        paths.append(path)
+    return with_teachers(cfg, paths)
 
 
 def preflight(cfg: Config, kind: str, data_dir: Path) -> None:
     """What can fail before Ray starts fails here, in a second: the teacher file (the prepared data set was
     verified by ``prepare_dataset``: footers and row counts, everything when its files changed)."""
+    check_curriculum(cfg, kind)
     if kind != "distill":
+        return
+    check_pipeline(cfg)
+    if cfg.distill.method in MULTI_TEACHER:  # mtkd, ed: every listed teacher loads and fits its output width
+        for key, paths in (("distill.teachers", cfg.distill.teachers), ("curriculum.teachers", cfg.curriculum.teachers),
+                           ("distill.teacher", [cfg.distill.teacher] if cfg.distill.teacher else [])):
+            for p in paths:
+                if not Path(p).exists():
+                    raise FileNotFoundError(f"{key}: {p} does not exist")
+        load_teachers(cfg, int(load_meta(data_dir)["num_classes"]))
         return
     if not cfg.distill.teacher:
         raise ValueError("distill.teacher: a teacher checkpoint is required for distillation "
@@ -150,6 +193,8 @@ def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, ho
         raise ValueError(f"kind: {kind!r} is not one of: teacher, distill")
     cfg = _resolve_paths(cfg)
     data_dir = Path(prepare_dataset(cfg.data, verbose=cfg.run.verbose > 0)).resolve()
+    if kind == "distill" and cfg.curriculum.name == "ed" and cfg.curriculum.teacher_source == "per_group":
+        cfg = ensure_group_teachers(cfg)
     preflight(cfg, kind, data_dir)
     meta = load_meta(data_dir)
     name = cfg.run.name or default_run_name(cfg, kind)

@@ -19,6 +19,7 @@ import ray.train
 import torch
 
 from kcd_ray.config import config_from_dict
+from kcd_ray.data.groups import local_label_feeds
 from kcd_ray.engine import Engine, Hook, RunContext
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.build import build_components
@@ -165,4 +166,7 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
         return iter_train_batches(train_shard, cfg.optim.batch_size, epoch=epoch, seed=cfg.optim.seed,
                                   shuffle_buffer=cfg.data.shuffle_buffer)
 
+    if cfg.curriculum.only_groups and cfg.curriculum.labels == "local":  # a group teacher: local labels
+        train_batches, test_batches = local_label_feeds(cfg.curriculum, ctx.data_dir, train_batches, test_batches)
+    engine.test_batches = test_batches  # for hooks that evaluate on their own (ED's seen-class accuracy)
     return engine.run(train_batches, test_batches)

@@ -98,6 +98,8 @@ def _variant(run: dict) -> str:
     s, c = run["summary"], run["config"]
     if s.get("kind") == "teacher":
         return "teacher"
+    if s.get("strategy"):  # selection.strategy (the compute ledger writes it): none is plain KD
+        return {"none": "kd"}.get(s["strategy"], s["strategy"])
     enabled = s.get("kcd_enabled", c.get("kcd", {}).get("enabled", True))
     return "kcd" if enabled else "kd"
 

@@ -51,11 +51,15 @@ PATH_KEYS = ("data.root", "data.source", "distill.teacher", "run.storage_path")
 EPOCH_METRICS = ("epoch", "epochs", "train_loss", "top1", "top5", "val_loss", "val_samples", "best_top1",
                  "kept_fraction", "stage", "samples_seen", "sample_passes", "compute_ratio", "T", "lr",
                  "train_seconds", "images_per_s", "estep_seconds", "mstep_seconds", "data_wait_seconds",
-                 "world_size", "local_samples", "skipped_steps", "epoch_seconds", "wall_seconds")
+                 "world_size", "local_samples", "skipped_steps", "epoch_seconds", "wall_seconds",
+                 # the compute ledger (kcd_ray.engine.ledger.LEDGER_FIELDS)
+                 "student_forward_only_samples", "teacher_forward_samples", "flops", "student_forward_only_passes",
+                 "teacher_forward_passes", "flops_total", "flops_student_forward", "flops_student_backward",
+                 "flops_teacher_forward", "sample_pass_ratio")
 LOSS_PREFIX = "loss_"
 # Reported once more at the end of each trial, from the run summary (``kcd_ray.ray_layer.tune.sweep._trial``).
 SUMMARY_KEYS = ("final_top1", "final_top5", "best_top1", "best_epoch", "compute_ratio", "sample_passes",
-                "full_sample_passes", "wall_seconds")
+                "full_sample_passes", "wall_seconds", "sample_pass_ratio", "flops_total", "full_flops")
 REPORTED_METRICS = tuple(dict.fromkeys(EPOCH_METRICS + SUMMARY_KEYS))
 
 
@@ -242,9 +246,10 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     baseline = raw.get("include_kd_baseline", False)
     if not isinstance(baseline, bool):
         raise _err(where, f"include_kd_baseline: expected true or false, got {baseline!r}")
-    if baseline and (kind != "distill" or not base["kcd"]["enabled"]):
-        raise _err(where, "include_kd_baseline: needs kind distill with kcd.enabled true in the base recipe "
-                          "(the baseline is the same recipe with kcd.enabled=false)")
+    strategy = (base.get("selection") or {}).get("strategy", "auto")
+    if baseline and (kind != "distill" or strategy == "none" or (strategy == "auto" and not base["kcd"]["enabled"])):
+        raise _err(where, "include_kd_baseline: needs kind distill with a data-selection strategy in the base recipe "
+                          "(kcd.enabled true or selection.strategy; the baseline is the same recipe without it)")
     asha = _parse_asha(raw.get("asha", False), base, where)
     try:
         max_conc = int(raw.get("max_concurrent_trials", 0))

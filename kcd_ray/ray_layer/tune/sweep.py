@@ -6,6 +6,11 @@ Layout of a sweep folder ``<storage_path>/<name>/``:
 - ``tune/``       Ray Tune's experiment (trial state, searcher state): what restoring reads
 - ``runs/<name>_<trial_id>/``  each trial's kcd_ray run folder (config.yaml, metrics.jsonl, summary.json, masks/)
 
+A trial calls ``fit()`` as a run does. With Train workers (``scaling.num_workers >= 1``) rank 0's per-epoch
+reports reach Tune through Train's ``TuneReportCallback``; an in-process trial (``num_workers=0``: the loop runs
+inside the trial, the fastest way to sweep on a small machine) reports through an engine hook
+(``kcd_ray.ray_layer.tune.hooks``). Either way Tune gets one result per epoch, then the run's summary.
+
 Re-running the same command restores an interrupted sweep (``Tuner.restore``): finished trials are
 kept, unfinished and errored ones resume from their own Train checkpoints, because a trial's run
 name is derived from its trial id and Train V2 resumes a run of the same name.
@@ -39,10 +44,12 @@ def trial_config(config: dict, payload: dict, trial_id: str) -> Config:
     values = {k: v for k, v in config.items() if k != "variant"}
     variant = config.get("variant")
     data = apply_values(payload["base"], values)
-    if variant == "kd":
+    if variant == "kd":  # plain KD, whichever selection strategy the base recipe runs
         data["kcd"]["enabled"] = False
+        data.setdefault("selection", {})["strategy"] = "none"
     data["run"]["name"] = run_name(payload["name"], trial_id, variant)
     data["run"]["storage_path"] = payload["runs_dir"]
+    data["run"]["sweep"] = payload["name"]  # run.trackers: trials tagged and grouped by sweep (engine/trackers.py)
     if data["scaling"]["num_workers"] == 0 and not data["optim"]["threads"]:
         # In-process trials share the machine: each gets the threads of its CPU reservation (as a Train worker
         # does), not one per core of the machine.
@@ -128,7 +135,10 @@ def _search_alg(sw: Sweep, baseline: dict | None, max_concurrent: int):
 
 
 def _param_space(sw: Sweep) -> dict:
-    variant = "teacher" if sw.kind == "teacher" else ("kcd" if sw.base["kcd"]["enabled"] else "kd")
+    strategy = (sw.base.get("selection") or {}).get("strategy", "auto")
+    if strategy == "auto":
+        strategy = "kcd" if sw.base["kcd"]["enabled"] else "none"
+    variant = "teacher" if sw.kind == "teacher" else {"none": "kd"}.get(strategy, strategy)
     return {**{d.key: d.to_tune() for d in sw.dims}, "variant": variant}
 
 

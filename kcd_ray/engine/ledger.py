@@ -1,0 +1,165 @@
+"""One compute ledger for every strategy: passes by kind and an estimated FLOPs total, per epoch and for the run.
+
+Counted (over all ranks):
+
+- student forward+backward sample-passes: the engine's ``samples_seen`` / ``sample_passes`` (the trained rows);
+- student forward-only passes: whatever a hook reports through ``pop_compute_counts()`` (UNIXKD's ranking
+  forward over each candidate batch, KCD's offline E-step over all N samples);
+- teacher forward passes: the rows of every step whose output carries teacher logits, plus hooks' reports
+  (the offline E-step with a teacher-based value function). A teacher-output cache would simply report fewer.
+
+FLOPs per sample are measured once, with ``torch.utils.flop_counter.FlopCounterMode`` on a meta-device copy of
+each network (no memory, no random draws, no effect on the run) at the first trained batch's input size: the
+student's forward and backward (train mode) and the teacher's forward (eval mode; with several teachers, the sum
+of theirs: a "teacher forward" of a row is one pass through every teacher). Connectors, loss terms, optimiser and
+data work are not counted: an estimate of the dominant cost.
+
+Row fields: ``student_forward_only_samples``, ``teacher_forward_samples``, ``flops`` (this epoch);
+``student_forward_only_passes``, ``teacher_forward_passes``, ``flops_total`` (cumulative);
+``flops_student_forward``, ``flops_student_backward``, ``flops_teacher_forward`` (per sample);
+``compute_ratio`` (FLOPs against plain KD: every sample, every epoch, with the same networks) and
+``sample_pass_ratio`` (trained sample-passes against plain KD's, the former ``compute_ratio``); ``strategy``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+from kcd_ray.engine import distributed as D
+from kcd_ray.engine.hooks import HOOKS, Hook
+from kcd_ray.engine.metrics import say
+
+LEDGER_FIELDS = ("student_forward_only_samples", "teacher_forward_samples", "flops", "student_forward_only_passes",
+                 "teacher_forward_passes", "flops_total", "flops_student_forward", "flops_student_backward",
+                 "flops_teacher_forward", "sample_pass_ratio")
+
+
+def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    arch, classes = getattr(model, "arch", None), getattr(model, "num_classes", None)
+    if arch and classes:
+        from kcd_ray.models import build_model
+
+        with torch.device("meta"):
+            return build_model(arch, int(classes))
+    return copy.deepcopy(model).to("meta")
+
+
+def _logits(out):
+    return out[-1] if isinstance(out, (tuple, list)) else out
+
+
+def _count(net: torch.nn.Module, device: str, input_shape, backward: bool, train: bool) -> tuple[float, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net.train(train)
+    if not backward:
+        net.requires_grad_(False)
+    x = torch.zeros((2, *[int(s) for s in input_shape]), device=device)
+    with FlopCounterMode(display=False) as fc:
+        out = _logits(net(x))
+    fwd = fc.get_total_flops() / 2.0
+    bwd = 0.0
+    if backward:
+        with FlopCounterMode(display=False) as fc:
+            out.float().sum().backward()
+        bwd = fc.get_total_flops() / 2.0
+    return float(fwd), float(bwd)
+
+
+def measure_flops(model: torch.nn.Module, input_shape, backward: bool, train: bool) -> tuple[float, float]:
+    """(forward, backward) FLOPs per sample of ``model`` at ``input_shape`` (C, H, W): counted on a meta-device
+    copy (or, for a model that does not run on meta, a CPU copy), never on the model itself."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return _count(_meta_copy(model), "meta", input_shape, backward, train)
+        except Exception:
+            return _count(copy.deepcopy(model).cpu(), "cpu", input_shape, backward, train)
+
+
+@HOOKS.register("ledger")
+class ComputeLedger(Hook):
+    name = "ledger"
+
+    def __init__(self):
+        self.per_sample: Optional[dict] = None  # {"student_forward", "student_backward", "teacher_forward"}
+        self.totals = {"student_forward_only_passes": 0, "teacher_forward_passes": 0, "flops_total": 0.0}
+        self._teacher = 0
+        self._loaded = False
+        self._backfill = 0  # trained samples of epochs before a resume from a checkpoint without a ledger
+
+    def state_dict(self) -> dict:
+        return {"per_sample": self.per_sample, "totals": dict(self.totals)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.per_sample = state.get("per_sample")
+        self.totals = dict(state["totals"])
+        self._loaded = True
+
+    def before_run(self, engine, start_epoch: int) -> None:
+        if start_epoch > 0 and not self._loaded:  # resumed from a checkpoint written before the ledger existed
+            self._backfill = sum(int(r.get("samples_seen", 0)) for r in engine.history[:start_epoch])
+
+    def measure(self, engine, input_shape) -> dict:
+        d = engine.distiller
+        try:
+            sf, sb = measure_flops(d.student, input_shape, backward=True, train=True)
+            teachers = list(getattr(d, "teachers", None) or [])  # multi-teacher distillers (mtkd, ed): all of them
+            if not teachers and getattr(d, "teacher", None) is not None:
+                teachers = [d.teacher]
+            tf = sum(measure_flops(t, input_shape, backward=False, train=False)[0] for t in teachers)
+        except Exception as e:  # never fail a run over an estimate
+            if engine.ctx.verbose:
+                say(f"[kcd_ray] compute ledger: FLOPs not measured ({type(e).__name__}: {e}); ratios by sample-passes")
+            sf = sb = tf = 0.0
+        return {"student_forward": sf, "student_backward": sb, "teacher_forward": tf}
+
+    def after_step(self, engine, batch: dict, output) -> None:
+        if self.per_sample is None:
+            self.per_sample = self.measure(engine, tuple(batch["image"].shape[1:]))
+        if output.teacher_logits is not None:
+            self._teacher += int(batch["label"].shape[0])
+
+    def after_epoch(self, engine, epoch: int, row: dict) -> None:
+        fwd_only, teacher = 0, self._teacher
+        self._teacher = 0
+        for h in engine.hooks:
+            pop = getattr(h, "pop_compute_counts", None)
+            if pop is not None and h is not self:
+                c = pop() or {}
+                fwd_only += int(c.get("student_forward_only", 0))
+                teacher += int(c.get("teacher_forward", 0))
+        fwd_only, teacher = (int(v) for v in D.all_sum([fwd_only, teacher], engine.device))
+        if self.per_sample is None:  # this rank trained no batch: the model's own input size
+            d = engine.distiller
+            self.per_sample = self.measure(engine, (getattr(d, "in_channels", 3), d.image_size, d.image_size))
+        ps = self.per_sample
+        t = self.totals
+        if self._backfill:  # those epochs as plain training steps (forward-only passes unknown: none counted)
+            with_teacher = self._backfill if ps["teacher_forward"] > 0 else 0
+            t["teacher_forward_passes"] += with_teacher
+            t["flops_total"] += self._backfill * (ps["student_forward"] + ps["student_backward"]) \
+                + with_teacher * ps["teacher_forward"]
+            self._backfill = 0
+        trained = int(row["samples_seen"])
+        flops = trained * (ps["student_forward"] + ps["student_backward"]) + fwd_only * ps["student_forward"] \
+            + teacher * ps["teacher_forward"]
+        t["student_forward_only_passes"] += fwd_only
+        t["teacher_forward_passes"] += teacher
+        t["flops_total"] += flops
+        n_ref = engine.parts.num_train * (epoch + 1)
+        sample_ratio = row["sample_passes"] / max(n_ref, 1)
+        kd_per_sample = ps["student_forward"] + ps["student_backward"] + ps["teacher_forward"]
+        from kcd_ray.engine.selection import resolve_strategy
+
+        row.update(
+            strategy=resolve_strategy(engine.cfg, engine.ctx.kind),
+            student_forward_only_samples=fwd_only, teacher_forward_samples=teacher, flops=flops,
+            student_forward_only_passes=t["student_forward_only_passes"],
+            teacher_forward_passes=t["teacher_forward_passes"], flops_total=t["flops_total"],
+            flops_student_forward=ps["student_forward"], flops_student_backward=ps["student_backward"],
+            flops_teacher_forward=ps["teacher_forward"], sample_pass_ratio=sample_ratio,
+            compute_ratio=t["flops_total"] / (n_ref * kd_per_sample) if kd_per_sample > 0 else sample_ratio,
+        )
