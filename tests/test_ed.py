@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine_harness import batches, prepare_tiny
 from kcd_ray.config import ConfigError, load_config
-from kcd_ray.data import iter_split, prepare_dataset
-from kcd_ray.data import transforms as T
 from kcd_ray.data.groups import ClassGroups, group_sizes, relabel_batches, sequential_order, subset_num_classes
 from kcd_ray.distill import build_distiller
 from kcd_ray.engine import Engine, Hook, LocalServices, RunContext
@@ -285,31 +284,15 @@ def tiny(tmp_path_factory):
             "scaling": {"num_workers": 0}, "run": {"verbose": 0}, "kcd": {"enabled": False},
             "distill": {"method": "ed"},
             "curriculum": {"name": "ed", "groups": 3, "grade_epochs": [2, 2, 2], "mix_groups": True}}
-    data_dir = prepare_dataset(load_config(base=base).data, verbose=False)
-    meta = T.read_meta(data_dir)
-    split = {}
-    for name in ("train", "test"):
-        rows = list(iter_split(data_dir, name))
-        ids = np.concatenate([b.column("sample_id").to_numpy() for b in rows])
-        labels = np.concatenate([b.column("label").to_numpy() for b in rows])
-        x = T.eval_transform(T.decode_images([i for b in rows for i in b.column("image").to_pylist()], meta), meta)
-        split[name] = (torch.as_tensor(ids), torch.as_tensor(labels), x)
     teachers = []
     for g in range(3):
         torch.manual_seed(10 + g)
         teachers.append(str(save_model(root / f"group{g + 1}.pt", build_model("resnet8", 2))))
     base["curriculum"]["teachers"] = teachers
-    return {"base": base, "data_dir": str(data_dir), "split": split}
+    return prepare_tiny(root, base)
 
 
-def _batches(split, bs, epoch, keep=None):
-    ids, labels, x = split
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1000 + epoch))
-    if keep is not None:
-        order = order[np.isin(ids[order].numpy(), keep)]
-    for i in range(0, len(order), bs):
-        j = order[i:i + bs]
-        yield {"image": x[j], "label": labels[j], "sample_id": ids[j]}
+_batches = batches
 
 
 def _engine(tiny, folder, hooks_extra=(), **over):

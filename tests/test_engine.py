@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 
@@ -11,13 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kcd_ray.config import load_config
-from kcd_ray.data import iter_split, prepare_dataset
-from kcd_ray.data import transforms as T
-from kcd_ray.engine import Engine, Hook, LocalServices, RunContext
-from kcd_ray.engine.build import build_components
-from kcd_ray.engine.parts import run_hooks
-from kcd_ray.engine.rundir import RunDir
+from engine_harness import batches, config, feeds, make_engine, prepare_tiny
+from kcd_ray.engine import Hook, LocalServices
 from kcd_ray.models import build_model, load_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,61 +21,22 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def tiny(tmp_path_factory):
     """A prepared synthetic set (8x8, 4 classes), its tensors in memory, and a (random) teacher file."""
     root = tmp_path_factory.mktemp("engine")
+    torch.manual_seed(1)
+    teacher = save_model(root / "teacher.pt", build_model("resnet8", 4))
     base = {"model": "resnet8",
             "data": {"name": "synthetic", "root": str(root / "data"),
                      "synthetic": {"num_train": 96, "num_test": 40, "num_classes": 4, "image_size": 8}},
             "optim": {"epochs": 3, "batch_size": 16, "lr": 0.05, "scheduler": "cosine", "threads": 1},
-            "scaling": {"num_workers": 0}, "run": {"verbose": 0},
+            "scaling": {"num_workers": 0}, "run": {"verbose": 0}, "distill": {"teacher": str(teacher)},
             "kcd": {"interval": 1, "stages": 2, "rho": 0.5}}
-    cfg = load_config(base=base)
-    data_dir = prepare_dataset(cfg.data, verbose=False)
-    meta = T.read_meta(data_dir)
-    split = {}
-    for name in ("train", "test"):
-        rows = [b for b in iter_split(data_dir, name)]
-        ids = np.concatenate([b.column("sample_id").to_numpy() for b in rows])
-        labels = np.concatenate([b.column("label").to_numpy() for b in rows])
-        images = [x for b in rows for x in b.column("image").to_pylist()]
-        x = T.eval_transform(T.decode_images(images, meta), meta)
-        split[name] = (torch.as_tensor(ids), torch.as_tensor(labels), x)
-    torch.manual_seed(1)
-    teacher = root / "teacher.pt"
-    save_model(teacher, build_model("resnet8", 4))
-    return {"root": root, "base": base, "data_dir": str(data_dir), "split": split, "teacher": str(teacher)}
-
-
-def _batches(split, batch_size, epoch, keep=None):
-    ids, labels, x = split
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1000 + epoch))
-    if keep is not None:
-        order = order[np.isin(ids[order].numpy(), keep)]
-    for i in range(0, len(order), batch_size):
-        j = order[i:i + batch_size]
-        yield {"image": x[j], "label": labels[j], "sample_id": ids[j]}
+    return prepare_tiny(root, base)
 
 
 def _engine(tiny, tmp_path, hooks_extra=(), services=None, kind="distill", **over):
-    flat = [f"{k}={json.dumps(v)}" for k, v in over.items()]
-    cfg = load_config(base={**copy.deepcopy(tiny["base"]), "distill": {"teacher": tiny["teacher"]}}, overrides=flat)
-    run_dir = RunDir(tmp_path / "run")
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, kind=kind, run_dir=run_dir, data_dir=tiny["data_dir"])
-    torch.manual_seed(cfg.optim.seed)
-    parts = build_components(cfg, kind, ctx.data_dir, torch.device("cpu"), distributed=False)
-    services = services or LocalServices(checkpoint_dir=tmp_path / "run" / "local_checkpoint")
-    hooks = run_hooks(ctx, parts.num_train) + list(hooks_extra)
-    return Engine(ctx, parts, hooks, services, torch.device("cpu"))
+    return make_engine(tiny, tmp_path / "run", config(tiny, **over), hooks_extra, services, kind)
 
 
-def _feeds(tiny, engine):
-    """Train batches follow the published mask (as the Ray Data pipeline does); test batches are fixed."""
-    services, bs = engine.services, engine.cfg.optim.batch_size
-
-    def train(epoch):
-        kept, _ = services.mask
-        return _batches(tiny["split"]["train"], bs, epoch, keep=kept)
-
-    return train, lambda: _batches(tiny["split"]["test"], 64, 0)
+_batches, _feeds = batches, feeds
 
 
 def _run(tiny, engine):

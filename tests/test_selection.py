@@ -16,9 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine_harness import batches, prepare_tiny
 from kcd_ray.config import load_config
-from kcd_ray.data import iter_split, prepare_dataset
-from kcd_ray.data import transforms as T
 from kcd_ray.distill.base import StepOutput, kd_kl
 from kcd_ray.engine import Engine, Hook, LocalServices, RunContext
 from kcd_ray.engine.build import build_components
@@ -223,30 +222,13 @@ def tiny(tmp_path_factory):
                      "synthetic": {"num_train": 96, "num_test": 40, "num_classes": 4, "image_size": 8}},
             "optim": {"epochs": 2, "batch_size": 16, "lr": 0.05, "scheduler": "cosine", "threads": 1},
             "scaling": {"num_workers": 0}, "run": {"verbose": 0}}
-    cfg = load_config(base=base)
-    data_dir = prepare_dataset(cfg.data, verbose=False)
-    meta = T.read_meta(data_dir)
-    split = {}
-    for name in ("train", "test"):
-        rows = list(iter_split(data_dir, name))
-        ids = np.concatenate([b.column("sample_id").to_numpy() for b in rows])
-        labels = np.concatenate([b.column("label").to_numpy() for b in rows])
-        images = [x for b in rows for x in b.column("image").to_pylist()]
-        split[name] = (torch.as_tensor(ids), torch.as_tensor(labels), T.eval_transform(T.decode_images(images, meta), meta))
     torch.manual_seed(1)
     teacher = root / "teacher.pt"
     save_model(teacher, build_model("resnet8", 4))
-    return {"base": base, "data_dir": str(data_dir), "split": split, "teacher": str(teacher)}
+    return {**prepare_tiny(root, base), "teacher": str(teacher)}
 
 
-def _batches(split, batch_size, epoch, keep=None):
-    ids, labels, x = split
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1000 + epoch))
-    if keep is not None:
-        order = order[np.isin(ids[order].numpy(), keep)]
-    for i in range(0, len(order), batch_size):
-        j = order[i:i + batch_size]
-        yield {"image": x[j], "label": labels[j], "sample_id": ids[j]}
+_batches = batches
 
 
 def _engine(tiny, path, hooks_extra=(), services=None, **over):

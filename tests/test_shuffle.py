@@ -242,6 +242,33 @@ def test_equal_streaming_split_serves_the_permuted_kept_set(data, store, backend
 
 
 @pytest.mark.ray
+def test_full_shuffle_needs_no_whole_free_cpu(data, ray_session):
+    """With 1.5 of the 2 CPUs held (two Tune trials' drivers and workers), the default (cached) "full" shuffle
+    still runs: its tasks take ``data_cpus``. (Ray's sort, the large-split back end, needs a whole CPU.)"""
+    from kcd_ray.ray_layer.pipeline import train_dataset
+
+    d, _ = data
+    ds = train_dataset(d, augment="cifar", seed=SEED, data_cpus=0.25)
+
+    @ray_session.remote(num_cpus=1.5)
+    class Hog:
+        def ping(self):
+            return 1
+
+    hog = Hog.remote()
+    try:
+        ray_session.get(hog.ping.remote())
+        got = {}
+        t = threading.Thread(target=lambda: got.update(ids=np.concatenate(_run(ds)[0])), daemon=True)
+        t.start()
+        t.join(timeout=120)
+        assert "ids" in got, "the full shuffle did not finish with 0.5 CPU free"
+        np.testing.assert_array_equal(got["ids"], _order(np.arange(N), 0))
+    finally:
+        ray_session.kill(hog)
+
+
+@pytest.mark.ray
 def test_seed_none_still_serves_each_row_once(data):
     from kcd_ray.ray_layer.pipeline import train_dataset
 

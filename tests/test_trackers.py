@@ -11,13 +11,11 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from engine_harness import batches, prepare_tiny
 from kcd_ray.config import ConfigError, load_config, to_dict
-from kcd_ray.data import iter_split, prepare_dataset
-from kcd_ray.data import transforms as T
 from kcd_ray.engine import Engine, LocalServices, RunContext, build_hooks
 from kcd_ray.engine.build import build_components
 from kcd_ray.engine.parts import run_hooks
@@ -39,34 +37,17 @@ def tiny(tmp_path_factory):
             "optim": {"epochs": EPOCHS, "batch_size": 16, "lr": 0.05, "scheduler": "cosine", "threads": 1},
             "scaling": {"num_workers": 0}, "run": {"verbose": 0, "trackers": ["tensorboard", "mlflow"]},
             "kcd": {"interval": 1, "stages": 2, "rho": 0.5}}
-    data_dir = prepare_dataset(load_config(base=base).data, verbose=False)
-    meta = T.read_meta(data_dir)
-    split = {}
-    for name in ("train", "test"):
-        rows = list(iter_split(data_dir, name))
-        ids = np.concatenate([b.column("sample_id").to_numpy() for b in rows])
-        labels = np.concatenate([b.column("label").to_numpy() for b in rows])
-        images = [x for b in rows for x in b.column("image").to_pylist()]
-        split[name] = (torch.as_tensor(ids), torch.as_tensor(labels),
-                       T.eval_transform(T.decode_images(images, meta), meta))
     torch.manual_seed(1)
     save_model(root / "teacher.pt", build_model("resnet8", 4))
     base["distill"] = {"teacher": str(root / "teacher.pt")}
-    return {"base": base, "data_dir": str(data_dir), "split": split}
+    return prepare_tiny(root, base)
 
 
 def _cfg(tiny, **over):
     return load_config(base=copy.deepcopy(tiny["base"]), overrides=[f"{k}={json.dumps(v)}" for k, v in over.items()])
 
 
-def _batches(split, bs, epoch, keep=None):
-    ids, labels, x = split
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1000 + epoch))
-    if keep is not None:
-        order = order[np.isin(ids[order].numpy(), keep)]
-    for i in range(0, len(order), bs):
-        j = order[i:i + bs]
-        yield {"image": x[j], "label": labels[j], "sample_id": ids[j]}
+_batches = batches
 
 
 def _engine(tiny, cfg, run_dir: Path, before_trackers=()):

@@ -73,6 +73,7 @@ class Engine:
         self.start_epoch, self.sample_passes, self.wall_offset = 0, 0, 0.0
         self.history: list[dict] = []
         self.train_batches: Optional[Batches] = None
+        self.test_batches: Optional[Callable[[], Iterable[dict]]] = None
         self._last_eval: Optional[dict] = None
         self._published, self._selection_version = (None, json.dumps(None)), 0  # nothing published: all samples
         # Per-step hook points are called only on the hooks that override them (nothing to pay otherwise).
@@ -277,7 +278,7 @@ class Engine:
 
     def run(self, train_batches: Batches, test_batches: Callable[[], Iterable[dict]]) -> Optional[dict]:
         """Train from ``start_epoch`` to the end; rank 0 returns the summary, other ranks None."""
-        self.train_batches = train_batches
+        self.train_batches, self.test_batches = train_batches, test_batches
         self._each("before_run", self.start_epoch)
         t_run = time.perf_counter()
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):

@@ -6,6 +6,8 @@ A hook is one registered class. The engine calls, in order of the hook list:
 - ``before_epoch(engine, epoch)``       before the epoch's data is read
 - ``data_selection(engine)``            (rank 0, after ``before_epoch``) which samples the epoch serves: a
                                          :class:`Selection`; the engine intersects every hook's and publishes it
+- ``universe(engine)`` (optional, not on the base class) bool[N] or None: the samples a data-selection strategy
+                                         may select from this epoch (a curriculum's active classes; KCD condenses within it)
 - ``before_step(engine, batch)``        may return a replacement batch (on the device), e.g. UNIXKD's selection+mixup
 - ``adjust_loss(engine, batch, output, loss)`` may return a new loss tensor (e.g. InfoBatch's rescaling)
 - ``after_step(engine, batch, output)`` after each optimiser step (no host synchronisation here on a GPU)

@@ -59,6 +59,9 @@ def format_epoch(m: dict) -> str:
         parts.append(f"{m['strategy']} {100 * m['kept_fraction']:.1f}%")
     if m.get("T") is not None and m.get("kind") == "distill":
         parts.append(f"T {m['T']:.2f}")
+    if m.get("grade") is not None:  # education distillation (engine/curriculum.py)
+        seen = m.get("seen_class_top1")
+        parts.append(f"grade {m['grade']}/{m['grades']}" + ("" if seen is None else f" seen-class top1 {seen:.2f}"))
     parts += [f"lr {m['lr']:.4g}", f"{m['images_per_s']:.0f} img/s", f"{m['epoch_seconds']:.1f}s"]
     return " | ".join(parts)
 

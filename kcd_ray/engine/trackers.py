@@ -25,7 +25,6 @@ server that does not answer) fail the run at its start; a failed per-epoch write
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import tempfile

@@ -4,56 +4,65 @@ Batches, as ``iter_torch_batches`` hands them to Train workers:
 ``{"sample_id": int64[B], "label": int64[B], "image": float32[B, C, H, W]}`` (normalised with
 meta's mean/std). Extra Parquet columns (``is_duplicate`` ...) are never read.
 
-Train plan (built once, re-executed by Ray Data every epoch), default ``shuffle="full"``::
+Train plan (built once, re-executed by Ray Data every epoch), default ``shuffle="full"``, splits up to
+``FULL_CACHE_MAX_BYTES`` (2 GiB; at most a quarter of the object store)::
 
-    read_parquet -> map: store state -> mask -> overlay bytes -> order key (seed, epoch, id)
-      -> sort(order key)  [all-to-all; rows still undecoded bytes]
-      -> map: decode -> augment (seed, epoch, id) -> normalise
+    [built once: the split's Parquet rows read on the driver, one Arrow table per file, ray.put]
+    chunk indices 0..ceil(N/B)-1 -> map (one task per chunk of B <= 1024 rows, data_cpus each):
+      store state -> permutation of the kept rows -> gather the chunk's rows -> decode/overlay
+      -> augment (seed, epoch, id) -> normalise
 
-The first map asks the run's MaskStore for its *current* state in ONE actor call per map batch
-(``mask_store.read_state``: mask version, kept array (cached per version), overlay manifest,
-epoch), so a mask published or an epoch set between two executions changes the next epoch for
-every worker, shards included (``streaming_split`` runs after the plan). Rows the mask drops are
+Each map batch asks the run's MaskStore for its *current* state in ONE actor call
+(``mask_store.read_state``: mask version, kept array (cached per version), overlay manifest, epoch),
+so a mask published or an epoch set between two executions changes the next epoch for every
+worker, shards included (``streaming_split`` runs after the plan). Rows the mask drops are
 removed; kept rows with a blend overlay image get it instead of their base image (the base image
-is then not even decoded).
+is then not even decoded). Publish masks and set epochs between epochs, never during one.
 
 Epoch. The plan does not know which epoch it serves: the trainer creates a MaskStore for every
 training run (KCD on or off), passes its name as ``mask_store_name``, and its rank-0 worker calls
-``mask_store.set_epoch(store, e)`` (then a barrier) before iterating epoch e; the first map reads
-it and carries it to the rows (``_epoch`` column) so the post-sort map uses the same value.
-Without a store (benchmarks, some tests) every execution is epoch 0: the same order and the same
-augmentation every time the plan runs.
+``mask_store.set_epoch(store, e)`` (then a barrier) before iterating epoch e. Without a store
+(benchmarks, some tests) every execution is epoch 0: the same order and the same augmentation
+every time the plan runs.
 
 Shuffling (``shuffle``; ``"auto"`` = ``"full"``).
 
 - ``"full"``: every epoch, the kept rows in a uniformly scrambled order that is a pure function of
-  (seed, epoch, kept ids), as ``DataLoader(shuffle=True)`` gives. Each row gets the key
-  ``transforms.sample_keys(id, (seed, epoch, ORDER))``, a keyed bijection of the id (no ties), and
-  Ray Data's distributed sort (range partitions on fixed, equal-width key boundaries: keys are
-  uniform, so no sampling stage) puts rows in key order. The sort moves the rows' undecoded Parquet
-  bytes (uint8 raw pixels, 4x smaller than the float32 it serves; JPEG files for encoded sets) and
-  the overlay pixels of blended rows; decoding, augmentation and normalisation run after it, so they
-  stream alongside training instead of delaying the first batch. Measured on 2 cores (2048 CIFAR
-  rows, re-executed per epoch): the sort costs 0.1-0.3 s per epoch with Ray's pull-based sort; 2.60's
-  default SHUFFLE_V2 sort took 1-8 s (its tasks start and reap dedicated worker processes), so the
-  plan uses the pull-based one for splits up to ``PULL_SORT_MAX_BYTES`` (4 GiB, O(blocks x
-  partitions) objects) and Ray's default above (``compat.pull_based_sort``). The sort is a barrier:
-  each epoch's first batch waits until the whole split was read and partitioned, and the object
-  store holds the kept split's bytes meanwhile (Ray spills to disk beyond its capacity).
-  Resources: Ray's sort tasks take 1 whole CPU each (not configurable in 2.60), so at least one CPU
-  must stay free of Train workers (e.g. 2 cores: one worker at <= 1 CPU, or two at 0.5 each).
+  (seed, epoch, kept ids), as ``DataLoader(shuffle=True)`` gives: sorted by the key
+  ``transforms.sample_keys(id, (seed, epoch, ORDER))``, a keyed bijection of the id (no ties).
+  Two back ends produce exactly that order:
+
+  * cached (splits up to ``FULL_CACHE_MAX_BYTES``): the split's undecoded rows stay in the object
+    store for the dataset's lifetime (read once, when the dataset is built, instead of once per
+    epoch). Every chunk task computes the epoch's permutation of the kept set (once per worker
+    process and epoch: an argsort of N keys), takes its B rows from the cached tables (zero-copy
+    reads from shared memory; only the B rows are copied) and decodes/augments them. No barrier:
+    the first batch of an epoch waits for one chunk task. Its tasks take ``data_cpus``.
+  * sorted (larger splits): per epoch, read_parquet -> a map adding the key (and the epoch, and
+    blended rows' overlay pixels) to the undecoded rows -> Ray Data's distributed sort on the key
+    (range partitions on fixed equal-width boundaries: the keys are uniform over int64, so no
+    sampling stage) -> decode/augment/normalise after the sort (rows move through the sort as
+    Parquet bytes: raw uint8 pixels, 4x smaller than float32, or JPEG files). The sort is a barrier
+    (an epoch's first batch waits until the whole kept split was read and partitioned) and its
+    tasks take one whole CPU each (not configurable in Ray 2.60): with less than one CPU free of
+    Train workers and Tune trial drivers, it waits forever. Below ``PULL_SORT_MAX_BYTES`` (4 GiB)
+    it uses Ray's pull-based sort: 2.60's default SHUFFLE_V2 sort starts and reaps dedicated worker
+    processes, and took 1-8 s per epoch on 2 cores where the pull-based one took 0.1-0.3 s.
+
+  Why the cache by default: measured on 2 cores (4000 rows re-executed per epoch, no Train), an
+  epoch took 0.18-0.22 s cached, 0.33-0.35 s sorted; and with 1.5 of 2 CPUs held (two Tune trials)
+  the sorted plan hung while the cached one ran.
 - ``"block_local"`` (the former default): rows are only permuted inside each map batch (up to 1024
   rows: a minibatch is always drawn from one such block), with file order reshuffled every epoch and
-  block order too for splits up to 2 GiB on disk (a barrier that holds the split's bytes). No
-  sort; cheapest; but not a uniform permutation of the data set.
+  block order too for splits up to 2 GiB on disk (a barrier that holds the split's bytes). Not a
+  uniform permutation of the data set.
 - ``"block_local_files"`` (the former ``"files"``): as ``"block_local"`` without the block-order
   randomisation (no barrier at all).
 
-``equal=True`` splits (Ray Train's "train" dataset with >1 workers) drop the last
-``kept % num_workers`` rows of each epoch's order (< num_workers rows; with ``"full"`` they are
-different rows every epoch). A consumer-side local shuffle buffer is still available
-(``iter_train_batches(shuffle_buffer=...)``, ``data.shuffle_buffer``), off by default: it cost the
-training process ~15% throughput on 2 cores.
+``equal=True`` splits (Ray Train's "train" dataset with >1 workers) drop ``kept % num_workers`` rows
+of each epoch (< num_workers rows, different ones every epoch with ``"full"``). A consumer-side local
+shuffle buffer is still available (``iter_train_batches(shuffle_buffer=...)``, ``data.shuffle_buffer``),
+off by default: it cost the training process ~15% throughput on 2 cores.
 
 Worker processes. Map and read tasks take ``data_cpus`` (fractional) CPUs each so Train
 workers are never starved, but at most as many run at once as the cluster has CPUs: beyond
@@ -62,16 +71,18 @@ cost 41 s instead of 1.3 s per 20k-row epoch on 2 cores.
 
 Determinism. With an integer ``seed``, sample i's augmentation in epoch e is a pure function of
 (seed, e, i) via ``transforms.sample_uniforms`` (key ``(seed, e)``): independent of the mask
-version, block layout, task placement, worker count, shuffle mode, and of how many times a Ray
-Data plan ran in this process (a run resumed at epoch k sees the same epoch-k images as the
-uninterrupted run). With ``"full"`` the order of the kept rows is a pure function of (seed, e, kept
-ids); the plan sets ``preserve_order`` on its own execution options so a single consumer sees
-exactly that order. Ray Train replaces a dataset's execution options with its ``DataConfig``'s:
-pass ``DataConfig(execution_options=train_ingest_options())`` to keep the order exact per worker
-(the split then hands out blocks deterministically; without it, neighbouring blocks of ~1024 rows
-may swap). With ``"block_local*"`` the in-batch permutation is keyed on (seed, e) too, but file and
-block order come from Ray's per-execution reseeding (not reproducible across processes).
-``seed=None``: fresh OS entropy for the order and each batch's augmentation.
+version, block layout, task placement, worker count, shuffle mode and back end, and of how many
+times a Ray Data plan ran in this process (a run resumed at epoch k sees the same epoch-k images
+as the uninterrupted run). With ``"full"`` the order of the kept rows is a pure function of (seed,
+e, kept ids), and its chunks (B rows, a multiple of usual batch sizes) are exact sets whatever the
+timing; the plan sets ``preserve_order`` on its own execution options so a single consumer also
+sees the chunks in order. Ray Train replaces a dataset's execution options with its
+``DataConfig``'s: pass ``DataConfig(execution_options=train_ingest_options())`` to keep the order
+exact, and each worker's share of an ``equal=True`` split deterministic, under Train. With
+``"block_local*"`` the in-batch permutation is keyed on (seed, e) too, but file and block order come
+from Ray's per-execution reseeding (not reproducible across processes).
+``seed=None``: the order's key is OS entropy drawn when the dataset is built (a different
+permutation every epoch and every build), the augmentation fresh entropy per batch.
 """
 
 from __future__ import annotations
@@ -273,6 +284,8 @@ def _permutation(cache: dict, ids: np.ndarray, kept, epoch: int, order_seed: int
 
         pos = np.flatnonzero(is_kept(kept, ids))
     pos = pos[np.argsort(_order_keys(ids[pos], order_seed, epoch), kind="stable")]
+    if len(_ORDERS) >= 8:  # a long-lived worker process that served many datasets (tests)
+        _ORDERS.clear()
     _ORDERS[cache["token"]] = (kept, epoch, order_seed, pos)  # holds `kept`: its identity cannot be reused
     return pos
 
@@ -537,7 +550,8 @@ def scoring_dataset(data_dir, *, data_cpus: float = 0.25, mask_store_name: Optio
 def iter_train_batches(shard, batch_size: int, *, epoch: int = 0, seed: Optional[int] = 0,
                        shuffle_buffer: Optional[int] = None, drop_last: bool = False, **kwargs):
     """``shard.iter_torch_batches`` with an optional local shuffle buffer reseeded per epoch (off by default:
-    rows are already permuted in the map tasks; see the module docstring).
+    the dataset is shuffled already; see the module docstring). ``epoch`` seeds only that buffer: the
+    dataset's own epoch comes from its MaskStore (``mask_store.set_epoch``).
 
     The buffer holds ``shuffle_buffer`` decoded float rows per worker (256 CIFAR rows = 3 MiB;
     1024 ImageNet rows = 600 MiB).

@@ -29,6 +29,7 @@ from kcd_ray.models import CheckpointError
 from kcd_ray.engine.hooks import HOOKS
 from kcd_ray.engine.parts import run_hooks
 from kcd_ray.engine.rundir import RunDir
+from kcd_ray.engine.selection import feed_batch_size
 from kcd_ray.ray_layer import mask_store
 from kcd_ray.ray_layer.logs import quiet_ray_data_and_train, quiet_worker_error_echo
 from kcd_ray.ray_layer.pipeline import iter_train_batches
@@ -162,11 +163,12 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
     train_shard = ray.train.get_dataset_shard("train")
     test_batches = TestBatches(ray.train.get_dataset_shard("test"), cfg.optim.eval_batch_size)
 
+    feed = feed_batch_size(cfg, ctx.kind)  # UNIXKD's candidate batch, else optim.batch_size
+
     def train_batches(epoch: int):
-        return iter_train_batches(train_shard, cfg.optim.batch_size, epoch=epoch, seed=cfg.optim.seed,
+        return iter_train_batches(train_shard, feed, epoch=epoch, seed=cfg.optim.seed,
                                   shuffle_buffer=cfg.data.shuffle_buffer)
 
     if cfg.curriculum.only_groups and cfg.curriculum.labels == "local":  # a group teacher: local labels
         train_batches, test_batches = local_label_feeds(cfg.curriculum, ctx.data_dir, train_batches, test_batches)
-    engine.test_batches = test_batches  # for hooks that evaluate on their own (ED's seen-class accuracy)
     return engine.run(train_batches, test_batches)

@@ -1,0 +1,77 @@
+"""Shared by the engine-level tests: a prepared tiny synthetic set held in memory, batch feeds, an engine.
+
+The engine is driven with plain Python batch lists here (no Ray), as ``kcd_ray.ray_layer.worker`` drives it with
+Ray Data shards.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kcd_ray.config import load_config
+from kcd_ray.data import iter_split, prepare_dataset
+from kcd_ray.data import transforms as T
+from kcd_ray.engine import Engine, LocalServices, RunContext
+from kcd_ray.engine.build import build_components
+from kcd_ray.engine.parts import run_hooks
+from kcd_ray.engine.rundir import RunDir
+
+
+def load_split(data_dir, name: str):
+    """(ids, labels, normalised float images) of one split, all in memory."""
+    meta = T.read_meta(data_dir)
+    rows = list(iter_split(data_dir, name))
+    ids = np.concatenate([b.column("sample_id").to_numpy() for b in rows])
+    labels = np.concatenate([b.column("label").to_numpy() for b in rows])
+    images = [x for b in rows for x in b.column("image").to_pylist()]
+    return torch.as_tensor(ids), torch.as_tensor(labels), T.eval_transform(T.decode_images(images, meta), meta)
+
+
+def prepare_tiny(root: Path, base: dict) -> dict:
+    """Prepare ``base``'s data set under ``root`` and load both splits: ``{"base", "data_dir", "split"}``."""
+    data_dir = prepare_dataset(load_config(base=copy.deepcopy(base)).data, verbose=False)
+    return {"base": base, "data_dir": str(data_dir),
+            "split": {name: load_split(data_dir, name) for name in ("train", "test")}}
+
+
+def batches(split, batch_size: int, epoch: int, keep=None):
+    """A seeded shuffle per epoch, restricted to the ``keep`` ids (the published mask) when given."""
+    ids, labels, x = split
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(1000 + epoch))
+    if keep is not None:
+        order = order[np.isin(ids[order].numpy(), keep)]
+    for i in range(0, len(order), batch_size):
+        j = order[i:i + batch_size]
+        yield {"image": x[j], "label": labels[j], "sample_id": ids[j]}
+
+
+def config(tiny: dict, **over):
+    return load_config(base=copy.deepcopy(tiny["base"]), overrides=[f"{k}={json.dumps(v)}" for k, v in over.items()])
+
+
+def make_engine(tiny: dict, folder: Path, cfg=None, hooks_extra=(), services=None, kind: str = "distill") -> Engine:
+    """An engine with the production hooks (+ ``hooks_extra``) writing its run folder to ``folder``."""
+    cfg = cfg or config(tiny)
+    run_dir = RunDir(folder)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(cfg=cfg, kind=kind, run_dir=run_dir, data_dir=tiny["data_dir"])
+    torch.manual_seed(cfg.optim.seed)
+    parts = build_components(cfg, kind, ctx.data_dir, torch.device("cpu"), distributed=False)
+    services = services or LocalServices(checkpoint_dir=Path(folder) / "local_checkpoint")
+    return Engine(ctx, parts, run_hooks(ctx, parts.num_train) + list(hooks_extra), services, torch.device("cpu"))
+
+
+def feeds(tiny: dict, engine: Engine, test_batch_size: int = 64):
+    """Train batches follow the published mask (as the Ray Data pipeline does); test batches are fixed."""
+    services, bs = engine.services, engine.cfg.optim.batch_size
+
+    def train(epoch):
+        kept = services.masks[-1][1] if services.masks else None
+        return batches(tiny["split"]["train"], bs, epoch, keep=kept)
+
+    return train, lambda: batches(tiny["split"]["test"], test_batch_size, 0)
