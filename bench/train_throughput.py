@@ -157,13 +157,14 @@ def main() -> None:
     ap.add_argument("--skip-plain", action="store_true", help="only the kcd_ray side (reuse a plain rate measured before)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kcd_bench_"))
+    # A fresh run name every time: re-using one would resume the finished run and report its old metrics.
     cfg = load_config(base={
         "model": args.model,
         "data": {"name": "synthetic", "root": str(work / "data"), "shuffle": args.shuffle,
                  "synthetic": {"num_train": args.num_train, "num_test": 256, "num_classes": 100, "image_size": 32}},
         "optim": {"epochs": args.epochs, "batch_size": args.batch_size, "threads": args.threads, "scheduler": "constant"},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1.0, "data_cpus": 0.25},
-        "run": {"storage_path": str(work / "runs"), "name": "bench", "verbose": 0, "num_cpus": os.cpu_count() or 2},
+        "run": {"storage_path": str(work / "runs"), "name": f"bench-{os.getpid()}", "verbose": 0, "num_cpus": os.cpu_count() or 2},
     })
     data_dir = prepare_dataset(cfg.data, verbose=False)
     base = None if args.skip_plain else plain_pytorch(data_dir, args.model, args.batch_size, args.epochs, args.threads)

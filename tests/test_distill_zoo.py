@@ -21,7 +21,7 @@ from kcd_ray.distill.logit_kd import dkd_terms
 
 N = 64  # training-set size for memory banks
 SMALL = {"nce_k": 16, "feat_dim": 16, "knn": 4}
-ALL = DISTILLERS.names()
+ALL = [m for m in DISTILLERS.names() if m not in ("ed", "mtkd")]  # several teachers: tests/test_ed.py
 STAGED = ["ab", "fsp", "ft"]
 HAS_OWN_TERM = [m for m in ALL if m not in ("ce", "kd", "ab", "fsp")]  # AB/FSP: init stage only by default
 

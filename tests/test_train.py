@@ -136,23 +136,6 @@ def test_resume_ends_with_the_same_kept_set(teacher, tmp_path):
     assert _final_kept(run_dir) == _final_kept(ref["run_dir"])
 
 
-def test_killed_worker_restarts_from_checkpoint(teacher, tmp_path):
-    """FailureConfig(max_failures=1): a Train worker process killed mid-run resumes from its last checkpoint."""
-    from kcd_ray.ray_layer.trainer import fit
-
-    _, tdir = teacher
-    over = {**KCD_RESUME, "distill.teacher": str(tdir / "final_model.pt")}
-    ref = fit(_cfg(tmp_path, **over, **{"run.name": "ref"}), kind="distill")
-    cfg = _cfg(tmp_path, **over, **{"run.name": "killed", "scaling.num_workers": 1, "run.max_failures": 1})
-    summary = fit(cfg, kind="distill", hooks=[("fail", {"epoch": 1, "mode": "exit"})])
-    run_dir = Path(summary["run_dir"])
-    assert (run_dir / "injected_failure_epoch_1").exists()  # the worker really died
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == list(range(5))
-    assert summary["sample_passes"] == ref["sample_passes"]
-    assert _final_kept(run_dir) == _final_kept(ref["run_dir"])
-
-
 def test_corrupt_checkpoint_names_the_file_and_keeps_the_run(teacher, tmp_path):
     from kcd_ray.ray_layer.trainer import fit
 

@@ -54,6 +54,7 @@ def read_meta(data_dir) -> dict:
     for k in ("mean", "std"):
         if not (isinstance(meta.get(k), list) and len(meta[k]) == c):
             raise ValueError(f"{p}: {k} {meta.get(k)!r}; expected {c} per-channel values (0..1 scale)")
+    meta["_data_dir"] = str(Path(data_dir).expanduser())  # for decode errors that name the Parquet file
     return meta
 
 

@@ -70,3 +70,15 @@ def pull_based_sort(ctx) -> bool:
     except (ImportError, AttributeError, ValueError):  # pragma: no cover - a Ray without the strategy
         return False
     return True
+
+
+def keep_default_sigint(trainer) -> None:
+    """Ctrl-C during ``trainer.fit()`` raises KeyboardInterrupt in the driver, as in-process runs do.
+
+    Private: ``DataParallelTrainer._register_sigint_handler`` (Train V2, 2.60) installs a handler that aborts the
+    controller and then ``sys.exit``s with no message (exit code 1 in practice). kcd_ray's driver turns the
+    KeyboardInterrupt into one line naming the last checkpoint and exit code 130; the job's actors and workers
+    end with the driver (none is detached), and every reported checkpoint is already in storage.
+    """
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = lambda controller: None

@@ -1,7 +1,7 @@
 """The condensation mask and the epoch served to the Ray Data plan: a named actor holding the current state.
 
-``MaskStore`` keeps ``(version, kept, overlay)`` and the current training ``epoch``. ``kept`` is a bool array indexed by sample id,
-put in the object store by the actor itself (so it lives as long as the actor and every
+``MaskStore`` keeps ``(version, kept, overlay)`` and the current training ``epoch``. ``kept`` is a
+bool array indexed by sample id, put in the object store by the actor itself (so it lives as long as the actor and every
 reader maps it zero-copy from shared memory); ``overlay`` is the blend-overlay manifest
 (a small JSON-able dict, see ``kcd_ray.data.blend``) or None. Version 0 (nothing published)
 means every sample is kept and no image is blended; ``current()`` then returns
@@ -16,7 +16,8 @@ id). :func:`read_mask` is the same without the epoch. Versions must increase, ex
 Epoch. The train plan is built once and re-executed by Ray Data every epoch, so the epoch that
 seeds the row order and the augmentation is read from here at execution time: the training
 worker on rank 0 calls :func:`set_epoch` before iterating each epoch (then a barrier), so every
-map task of that execution sees it. Any int is accepted (negative ones for an initialisation
+map task of that execution sees it. Set it (and publish masks) between epochs only: the map
+tasks of one execution read the store at different times. Any int is accepted (negative ones for an initialisation
 stage, smaller ones after a resume); nothing is derived from how often a plan ran. A store that
 was never given an epoch serves 0.
 
@@ -35,7 +36,7 @@ import ray
 
 @ray.remote(num_cpus=0, max_concurrency=8)
 class MaskStore:
-    """Named actor: the current condensation mask version (see the module docstring)."""
+    """Named actor: the current condensation mask version and data epoch (see the module docstring)."""
 
     def __init__(self):
         self._version = 0

@@ -101,6 +101,8 @@ from kcd_ray.data import transforms as T
 # small file gives them a single block, and Ray Data then warns that the cap is higher than the block count.
 warnings.filterwarnings("ignore", message=r"The maximum number of concurrent tasks for .* only received",
                         category=UserWarning)
+# Ray Data's own ExecutionOptions constructor passes its deprecated exclude_resources (2.60); nothing to change here.
+warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources.* is deprecated")
 
 COLUMNS = ["sample_id", "label", "image"]
 SHUFFLES = ("auto", "full", "block_local", "block_local_files")
@@ -157,10 +159,11 @@ def _read(split_dir: Path, data_cpus: float, shuffle_seed=False):
     return ds
 
 
-def _compute():
+def _compute(inputs: Optional[int] = None):
     from ray.data import TaskPoolStrategy
 
-    return TaskPoolStrategy(size=_task_cap())
+    cap = _task_cap()
+    return TaskPoolStrategy(size=min(cap, inputs) if cap and inputs else cap)
 
 
 def _check_cpus(data_cpus: float) -> float:
@@ -169,22 +172,27 @@ def _check_cpus(data_cpus: float) -> float:
     return float(data_cpus)
 
 
-def _images(ids: np.ndarray, images, meta: dict, overlay: Optional[dict]) -> np.ndarray:
+def _images(ids: np.ndarray, images, meta: dict, overlay: Optional[dict], split: str = "train") -> np.ndarray:
     """uint8 NHWC of a batch: overlay images where the manifest has one, decoded base images elsewhere."""
     if not overlay:
-        return T.decode_images(images, meta)
+        return _decode(images, meta, ids, split)
     from kcd_ray.data.blend import overlay_lookup
 
     hit, over = overlay_lookup(overlay, ids)
     if not hit.any():
-        return T.decode_images(images, meta)
+        return _decode(images, meta, ids, split)
     h, w, c = T.image_shape(meta)
     out = np.empty((len(ids), h, w, c), np.uint8)
     out[hit] = over
     rest = np.flatnonzero(~hit)
     if rest.size:
-        out[rest] = T.decode_images([images[i] for i in rest], meta)
+        out[rest] = _decode([images[i] for i in rest], meta, ids[rest])
     return out
+
+
+def _decode(images, meta: dict, ids, split: str = "train") -> np.ndarray:
+    """``decode_images`` whose errors name the sample id, the split's Parquet file and the source image."""
+    return T.decode_images(images, meta, sample_ids=ids, split=split, data_dir=meta.get("_data_dir"))
 
 
 class _NoStore:
@@ -227,12 +235,12 @@ def _arrow_images(ids: np.ndarray, column, meta: dict, overlay: Optional[dict]) 
             out[hit] = over
             rest = np.flatnonzero(~hit)
             if rest.size:
-                out[rest] = _uint8_images(column.take(rest), meta)
+                out[rest] = _uint8_images(column.take(rest), meta, ids[rest])
             return out
-    return _uint8_images(column, meta)
+    return _uint8_images(column, meta, ids)
 
 
-def _uint8_images(column, meta: dict) -> np.ndarray:
+def _uint8_images(column, meta: dict, ids=None) -> np.ndarray:
     """A binary Arrow column of images -> uint8 NHWC (raw pixels without a per-row copy)."""
     import pyarrow as pa
 
@@ -243,7 +251,7 @@ def _uint8_images(column, meta: dict) -> np.ndarray:
         offsets = np.frombuffer(arr.buffers()[1], np.int32)[arr.offset: arr.offset + n + 1]
         if (np.diff(offsets) == h * w * c).all():
             return np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]: offsets[-1]].reshape(n, h, w, c)
-    return T.decode_images(arr.to_pylist(), meta)
+    return _decode(arr.to_pylist(), meta, ids)
 
 
 # --------------------------------------------------------------------------- shuffle="full", cached split
@@ -340,7 +348,7 @@ def _full_cached(split_dir: Path, meta: dict, kind: str, seed: Optional[int], or
     ds.context.execution_options.preserve_order = True
     return ds.map_batches(_chunk_map, fn_kwargs=dict(cache=cache, rows=rows, meta=meta, kind=kind, seed=seed,
                                                      order_seed=order_seed, store=store),
-                          batch_size=1, batch_format="numpy", num_cpus=cpus, compute=_compute())
+                          batch_size=1, batch_format="numpy", num_cpus=cpus, compute=_compute(n_chunks))
 
 
 # --------------------------------------------------------------------------- shuffle="full", Ray Data sort
@@ -389,9 +397,9 @@ def _sorted_map(table, meta: dict, kind: str, seed: Optional[int]):
         x[hit] = np.frombuffer(b"".join(over.filter(hit).to_pylist()), np.uint8).reshape(-1, h, w, c)
         rest = np.flatnonzero(~hit)
         if rest.size:
-            x[rest] = _uint8_images(table.column("image").take(rest), meta)
+            x[rest] = _uint8_images(table.column("image").take(rest), meta, ids[rest])
     else:
-        x = _uint8_images(table.column("image"), meta)
+        x = _uint8_images(table.column("image"), meta, ids)
     yield {"sample_id": ids.astype(np.int64), "label": table.column("label").to_numpy().astype(np.int64),
            "image": _augment(ids, x, meta, kind, seed, epoch)}
 
@@ -455,7 +463,7 @@ def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], order_se
     yield {"sample_id": ids[perm], "label": labels[perm], "image": img[perm]}
 
 
-def eval_batch(batch: dict, meta: dict, store: Optional[str] = None) -> dict:
+def eval_batch(batch: dict, meta: dict, store: Optional[str] = None, split: str = "train") -> dict:
     """Decode (overlay images first, with ``store``) and normalise one raw Parquet batch, no augmentation."""
     ids = np.asarray(batch["sample_id"], np.int64)
     overlay = None
@@ -463,7 +471,7 @@ def eval_batch(batch: dict, meta: dict, store: Optional[str] = None) -> dict:
         from kcd_ray.ray_layer.mask_store import read_mask
 
         overlay = read_mask(store)[2]
-    x = _images(ids, batch["image"], meta, overlay)
+    x = _images(ids, batch["image"], meta, overlay, split)
     img = T.eval_transform(x, meta)
     return {"sample_id": ids, "label": np.asarray(batch["label"], np.int64), "image": img.numpy()}
 
@@ -530,7 +538,7 @@ def eval_dataset(data_dir, split: str = "test", data_cpus: float = 0.25, *, mask
     meta = T.read_meta(data_dir)
     cpus = _check_cpus(data_cpus)
     ds = _read(_split_dir(data_dir, split), cpus)
-    return ds.map_batches(eval_batch, fn_kwargs=dict(meta=meta, store=mask_store_name),
+    return ds.map_batches(eval_batch, fn_kwargs=dict(meta=meta, store=mask_store_name, split=split),
                           batch_size=_map_batch_rows(meta), batch_format="numpy", num_cpus=cpus,
                           compute=_compute())
 

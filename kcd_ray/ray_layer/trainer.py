@@ -26,9 +26,10 @@ from kcd_ray.engine.curriculum import (MULTI_TEACHER, check_curriculum, check_pi
 from kcd_ray.engine.rundir import RunDir, resolve_storage, slug
 from kcd_ray.engine.selection import resolve_strategy
 from kcd_ray.errors import as_run_error, one_line
+from kcd_ray.ray_layer import compat
 from kcd_ray.ray_layer.logs import quiet_ray_data_and_train, skip_known_ray_noise
 from kcd_ray.ray_layer.mask_store import get_mask_store
-from kcd_ray.ray_layer.pipeline import eval_dataset, train_dataset
+from kcd_ray.ray_layer.pipeline import eval_dataset, train_dataset, train_ingest_options
 from kcd_ray.ray_layer.resources import use_gpu, worker_resources
 from kcd_ray.ray_layer.worker import train_loop_per_worker
 
@@ -208,7 +209,9 @@ def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, ho
     t0 = time.perf_counter()
     try:
         init_ray(cfg)
-        result = _trainer(cfg, kind, name, run_dir, data_dir, callbacks, hooks).fit()
+        trainer = _trainer(cfg, kind, name, run_dir, data_dir, callbacks, hooks)
+        compat.keep_default_sigint(trainer)
+        result = trainer.fit()
     except KeyboardInterrupt:
         _undo_if_nothing_trained(run_dir, *before)
         _finish(run_dir, "interrupted")
@@ -265,5 +268,7 @@ def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path,
         datasets=datasets,
         # One worker needs no split: iterating the dataset directly skips the SplitCoordinator hop
         # (bench/train_throughput.py). The test split is never split: each rank evaluates every world-th batch.
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if cfg.scaling.num_workers > 1 else []),
+        # preserve_order: each worker sees the (seed, epoch) permutation exactly (Train would reset it otherwise).
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if cfg.scaling.num_workers > 1 else [],
+                                            execution_options=train_ingest_options()),
     )
