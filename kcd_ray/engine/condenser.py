@@ -135,12 +135,8 @@ class Condenser(Hook):
     # ------------------------------------------------------------------ E-step / M-step
     def _gather_online(self) -> tuple[np.ndarray, np.ndarray]:
         """All-gather (ids, values) of this epoch from every rank and fold them into the accumulator."""
-        ids = torch.cat(self._ids).numpy().astype(np.int64) if self._ids else np.zeros(0, np.int64)
-        vals = torch.cat(self._values).float().cpu().numpy() if self._values else np.zeros(0, np.float32)
+        ids, vals = D.gather_per_sample(self._ids, self._values)
         self._ids, self._values = [], []
-        parts = D.all_gather_objects((ids, vals))
-        ids = np.concatenate([p[0] for p in parts])
-        vals = np.concatenate([p[1] for p in parts])
         if len(ids):
             self.state.observe(ids, vals)
             self.state.end_epoch()

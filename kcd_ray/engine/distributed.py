@@ -46,3 +46,14 @@ def all_gather_objects(obj: Any) -> list:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, obj)
     return parts
+
+
+def gather_per_sample(ids: list, values: list):
+    """One epoch's per-step (host id tensor, device value tensor) lists -> (ids int64, values float32) of every
+    rank, concatenated in rank order: one host read, one all-gather."""
+    import numpy as np
+
+    local_ids = torch.cat(ids).numpy().astype(np.int64) if ids else np.zeros(0, np.int64)
+    local_vals = torch.cat(values).float().cpu().numpy() if values else np.zeros(0, np.float32)
+    parts = all_gather_objects((local_ids, local_vals))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

@@ -213,12 +213,8 @@ class InfoBatch(Hook):
         return loss + ((w - 1.0) * l_i).mean()
 
     def after_epoch(self, engine, epoch: int, row: dict) -> None:
-        ids = torch.cat(self._ids).numpy().astype(np.int64) if self._ids else np.zeros(0, np.int64)
-        vals = torch.cat(self._losses).float().cpu().numpy() if self._losses else np.zeros(0, np.float32)
+        ids, vals = D.gather_per_sample(self._ids, self._losses)
         self._ids, self._losses = [], []
-        parts = D.all_gather_objects((ids, vals))
-        ids = np.concatenate([p[0] for p in parts])
-        vals = np.concatenate([p[1] for p in parts])
         self.scores[ids] = vals
         self.seen[ids] = True
         kept = self.num_samples if self.kept is None else int(self.kept.sum())
