@@ -8,7 +8,10 @@ It checks that a training step (forward through the distiller, backward, the fus
 non-finite skip, the per-step loss/skip accumulation and KCD's online value recording) makes no host
 synchronisation: any ``.item()``/``float(tensor)``/``bool(tensor)`` inside the step raises under the debug
 mode. It then reports the engine's img/s against a plain PyTorch KD loop with the data resident on the GPU
-(same student, teacher, batch), fp32 and AMP.
+(same student, teacher, batch), fp32 and AMP. Last, the teacher-output cache (issue 12): it builds a small exact
+cache with the Ray Data actor pass on the GPU, checks a sample of it against the teacher, and reports the KD
+step's img/s with the cached logits against the teacher in the loop (the ratio ``bench/teacher_cache.py
+throughput`` measures on CPU).
 """
 
 from __future__ import annotations
@@ -104,6 +107,64 @@ def plain_rate(amp: bool, steps: int, batch_size: int) -> float:
     return steps * batch_size / (time.perf_counter() - t0)
 
 
+def cache_check(work: Path, steps: int, batch_size: int) -> None:
+    import dataclasses
+
+    import ray
+
+    from kcd_ray.cache.store import TeacherLookup
+    from kcd_ray.config import load_config
+    from kcd_ray.data import prepare_dataset
+    from kcd_ray.models import load_model
+    from kcd_ray.models import build_model, save_model
+    from kcd_ray.ray_layer.teacher_cache import ensure_teacher_cache
+
+    if not (work / "teacher.pt").exists():
+        save_model(work / "teacher.pt", build_model("resnet32x4", 100))
+    cfg = load_config(base={
+        "model": "resnet8x4", "data": {"name": "synthetic", "root": str(work / "data"),
+                                       "synthetic": {"num_train": 512, "num_test": 64, "num_classes": 100}},
+        "optim": {"epochs": 2, "batch_size": batch_size}, "run": {"verbose": 0}, "kcd": {"enabled": False},
+        "distill": {"teacher": str(work / "teacher.pt"), "cache": "exact"}, "scaling": {"use_gpu": "true"}})
+    data_dir = prepare_dataset(cfg.data, verbose=False)
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    t0 = time.perf_counter()
+    spec = ensure_teacher_cache(cfg, data_dir, verbose=False)
+    built = time.perf_counter() - t0
+    ray.shutdown()
+    z = TeacherLookup(spec, 100).columns(list(range(8)), 0, plain=False)["t_logits"]
+    print(f"teacher cache: built 2 units x 512 rows on the GPU in {built:.1f}s; {spec.dir}; sample logits finite: "
+          f"{bool(torch.isfinite(torch.from_numpy(z).float()).all())}")
+    live = _engine(work, False, batch_size)
+    teacher = load_model(work / "teacher.pt").cuda().eval()
+    cached_cfg = live.cfg
+    from kcd_ray.engine import Engine, LocalServices
+    from kcd_ray.engine.build import build_components
+    from kcd_ray.engine.parts import run_hooks
+
+    ctx = dataclasses.replace(live.ctx, cfg=dataclasses.replace(cached_cfg, kcd=dataclasses.replace(cached_cfg.kcd, enabled=False)))
+    parts = build_components(ctx.cfg, "distill", ctx.data_dir, torch.device("cuda"), distributed=False, teacher_cache=spec)
+    cached = Engine(ctx, parts, run_hooks(ctx, parts.num_train), LocalServices(), torch.device("cuda"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 3, 32, 32, generator=g)
+    host = {"image": x, "label": torch.randint(0, 100, (batch_size,), generator=g), "sample_id": torch.arange(batch_size)}
+    with torch.no_grad():
+        host_cached = {**host, "t_logits": teacher(x.cuda()).half().cpu()}
+    rates = {}
+    for name, eng, b in (("teacher in the loop", live, host), ("cached logits", cached, host_cached)):
+        eng.distiller.train()
+        for _ in range(5):
+            eng.step(eng.to_device(b), 4.0, 0)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step(eng.to_device(b), 4.0, 0)
+        torch.cuda.synchronize()
+        rates[name] = steps * batch_size / (time.perf_counter() - t0)
+    print(f"KD step with the teacher-output cache: {rates['cached logits']:.0f} img/s vs teacher in the loop "
+          f"{rates['teacher in the loop']:.0f} img/s, ratio {rates['cached logits'] / rates['teacher in the loop']:.3f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
@@ -119,6 +180,7 @@ def main() -> int:
         base = plain_rate(amp, args.steps, args.batch_size)
         print(f"KD+KCD step, amp={amp}: engine {ours:.0f} img/s (no host sync in {args.steps} steps), "
               f"plain PyTorch KD loop {base:.0f} img/s, ratio {ours / base:.3f}")
+    cache_check(work, args.steps, args.batch_size)
     return 0
 
 

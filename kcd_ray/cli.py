@@ -40,6 +40,13 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_cache_teacher(args) -> int:
+    from kcd_ray.ray_layer.teacher_cache import build_for_config
+
+    build_for_config(_cfg(args))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from kcd_ray.demo import run_demo
 
@@ -76,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(s)
     s.set_defaults(func=cmd_distill)
 
+    s = sub.add_parser("cache-teacher", help="build the teacher-output cache a distill config reads (distill.cache)",
+                       description="Ray Data batch inference of the teacher over every view a run shows (exact: each "
+                                   "epoch's augmentation; views: K per sample); resumable, shared by runs and sweeps.")
+    _add_config_args(s)
+    s.set_defaults(func=cmd_cache_teacher)
+
     s = sub.add_parser("demo", help="offline end-to-end demo on the digits data: teacher, KD and KCD, table and plot",
                        description="Trains (or reuses) a teacher on scikit-learn's digits, distils a student with plain KD and "
                                    "with KCD, prints a comparison table and writes a PNG.")
@@ -100,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         _sweep.add_sweep_arguments(s)
         s.set_defaults(func=_sweep.main_sweep)
         s = sub.add_parser("report", help="table, CSV, Pareto plot and best config of a sweep or run folder",
-                           description="Summarise a sweep folder (Pareto front of top-1 vs compute) or a single run.")
+                           description="Summarise a sweep folder (Pareto front of top-1 vs compute) or a single run; "
+                                       "several sweep folders: one Pareto plot of the strategies, seeds averaged.")
         _report.add_report_arguments(s)
         s.set_defaults(func=_report.main_report)
     return p

@@ -130,6 +130,13 @@ class DistillConfig:
     init_epochs: int = _f(30, ge=0, help="initialisation stage for AB, FT and FSP")
     teachers: list[str] = _f(factory=list, help="mtkd: full-label teacher checkpoints (equal-weight mean of their KD "
                                                 "losses); teacher_model names their architecture for RepDistiller files")
+    cache: str = _f("off", choices=("off", "exact", "views"), help="teacher-output cache: exact (the teacher's output "
+                                                                   "on every epoch's augmented view), views (K seeded "
+                                                                   "views per sample, FKD-style) or off (teacher in "
+                                                                   "the loop)")
+    cache_views: int = _f(8, ge=1, help="views mode: K views per sample (K x N teacher forwards in all)")
+    cache_topk: int = _f(0, ge=0, help="0: every logit in fp16; k > 0: the k largest logits and the rest's mass (FKD)")
+    cache_dir: str = _f("", help="the cache folder; empty = <data dir>/teacher_cache/<key> (shared by runs and trials)")
 
 
 @dataclass

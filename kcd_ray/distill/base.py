@@ -54,11 +54,25 @@ class Distiller(nn.Module):
     has_init_stage: ClassVar[bool] = False  # AB, FT, FSP
     default_beta: ClassVar[float] = 0.0
     known_options: ClassVar[tuple[str, ...]] = ()  # keys of distill.options this method reads
+    # What of the teacher a teacher-output cache must hold for this method: ("logits",), ("logits", "feat")
+    # (feats[-1] only), or None: feature maps, so the teacher stays in the loop. Unset: by needs_features.
+    teacher_outputs: ClassVar[Optional[tuple[str, ...]]] = ()
+
+    @classmethod
+    def cache_outputs(cls) -> Optional[tuple[str, ...]]:
+        if cls.teacher_outputs != ():
+            return cls.teacher_outputs
+        return None if cls.needs_features else ("logits",)
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: DistillConfig, num_classes: int,
-                 *, image_size: int = 32, in_channels: int = 3, num_samples: Optional[int] = None):
+                 *, image_size: int = 32, in_channels: int = 3, num_samples: Optional[int] = None,
+                 teacher_cache=None):
         super().__init__()
-        if self.needs_teacher and teacher is None:
+        # teacher_cache: the run's CacheSpec: batches carry the teacher's outputs (t_logits, t_feat); the teacher
+        # itself is loaded only when some rows are not cached (KCD blends), else it is None.
+        self.teacher_cache = teacher_cache
+        self.teacher_rows = 0  # rows forwarded through the teacher (the compute ledger reads it)
+        if self.needs_teacher and teacher is None and teacher_cache is None:
             raise ConfigError(f"distill.teacher: method {cfg.method!r} needs a teacher checkpoint")
         self.student = student
         object.__setattr__(self, "_teacher", teacher)  # hidden from parameters()/state_dict(): see module doc
@@ -70,7 +84,7 @@ class Distiller(nn.Module):
         self.options = dict(cfg.options or {})
         _check_option_names(self.options)
         self.gamma = float(cfg.gamma)
-        self.alpha = float(cfg.alpha) if teacher is not None else 0.0
+        self.alpha = float(cfg.alpha) if (teacher is not None or teacher_cache is not None) else 0.0
         self.beta = float(self.default_beta if cfg.beta is None else cfg.beta)
         if cfg.beta is not None and cfg.beta < 0:
             raise ConfigError(f"distill.beta: {cfg.beta!r} is out of range; expected >= 0")
@@ -127,13 +141,16 @@ class Distiller(nn.Module):
         device = param.device if param is not None else torch.device("cpu")
         x = torch.zeros(2, self.in_channels, self.image_size, self.image_size, device=device)
         shapes = []
-        for net in (self.student, self._teacher):
+        cached = self.teacher_cache is not None and self._teacher is None
+        for net in (self.student,) if cached else (self.student, self._teacher):
             was_training = net.training
             net.eval()
             with torch.no_grad():
                 feats, _ = net(x, is_feat=True, preact=self.needs_preact)
             net.train(was_training)
             shapes.append([f.shape[1:] for f in feats])
+        if cached:  # recorded by the cache build: the teacher is not loaded
+            shapes.append([torch.Size(s) for s in self.teacher_cache.teacher_shapes])
         return shapes[0], shapes[1]
 
     def run_student(self, image: torch.Tensor, features: Optional[bool] = None):
@@ -146,11 +163,37 @@ class Distiller(nn.Module):
         if self._teacher is None:
             return None, None
         features = self.needs_features if features is None else features
+        self.teacher_rows += int(image.shape[0])
         with torch.no_grad():
             if features:
                 feats, logits = self._teacher(image, is_feat=True, preact=self.needs_preact)
                 return [f.detach() for f in feats], logits.detach()
             return None, self._teacher(image).detach()
+
+    def teacher_outputs_of(self, batch: dict, features: Optional[bool] = None):
+        """(feats, logits) of the teacher for this batch: from the cache columns when the batch has them (the
+        rows marked ``t_missing``, KCD's blends, through the teacher), else from the teacher."""
+        features = self.needs_features if features is None else features
+        cached = batch.get("t_logits")
+        if cached is None:
+            return self.run_teacher(batch["image"], features)
+        logits = cached.float()
+        feats = None
+        if features:
+            feat = batch.get("t_feat")
+            if feat is None:
+                raise ValueError(f"distill.cache: method {self.name!r} needs feats[-1] but the cache holds none")
+            feats = [feat.float().view(-1, *self.t_shapes[-1])]
+        missing = batch.get("t_missing_cpu")
+        if missing is not None and bool(missing.any()):  # a host tensor: no device sync
+            if self._teacher is None:
+                raise ValueError("distill.cache: rows without a cached teacher output (KCD blends) need the teacher")
+            idx = torch.nonzero(missing).flatten().to(logits.device)
+            f, z = self.run_teacher(batch["image"].index_select(0, idx), features)
+            logits = logits.index_copy(0, idx, z.float())
+            if features:
+                feats = [feats[0].index_copy(0, idx, f[-1].float())]
+        return feats, logits
 
     def forward(self, batch: dict, T: float, epoch: int, init_stage: bool = False) -> StepOutput:
         """One step. ``init_stage=True`` gives the init-stage losses (AB/FT/FSP) through the same call,
@@ -159,7 +202,7 @@ class Distiller(nn.Module):
             return StepOutput(None, self.init_stage_losses(batch), None)
         image, label = batch["image"], batch["label"]
         s_feats, s_logits = self.run_student(image)
-        t_feats, t_logits = self.run_teacher(image)
+        t_feats, t_logits = self.teacher_outputs_of(batch)
         losses: dict[str, torch.Tensor] = {}
         if self.gamma > 0:
             losses["ce"] = self.gamma * F.cross_entropy(f32(s_logits), label)

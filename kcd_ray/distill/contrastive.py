@@ -91,6 +91,7 @@ class CRDHead(nn.Module):
 
 @register_distiller("crd")
 class CRD(Distiller):
+    teacher_outputs = ("logits", "feat")  # feats[-1] only: a teacher-output cache can serve it
     needs_features = True
     default_beta = 0.8
     known_options = ("feat_dim", "nce_k", "nce_t", "nce_m", "negatives", "seed")

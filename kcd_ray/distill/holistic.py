@@ -190,6 +190,7 @@ def draw_negatives(known_labels: torch.Tensor, ids: torch.Tensor, labels: torch.
 
 @register_distiller("hkd")
 class HKD(Distiller):
+    teacher_outputs = ("logits", "feat")  # feats[-1] only: a teacher-output cache can serve it
     needs_features = True
     default_beta = 3.0  # HKD's CIFAR-100 script: -b 3
     default_gamma = 1.0  # train_student.py: -r 1

@@ -18,7 +18,7 @@ class CrossEntropy(Distiller):
 
     def forward(self, batch: dict, T: float, epoch: int, init_stage: bool = False) -> StepOutput:
         logits = self.student(batch["image"])
-        _, t_logits = self.run_teacher(batch["image"], features=False)
+        _, t_logits = self.teacher_outputs_of(batch, features=False)
         return StepOutput(logits, {"ce": F.cross_entropy(f32(logits), batch["label"])}, t_logits)
 
 

@@ -39,6 +39,7 @@ from kcd_ray.distill.connectors import f32
 
 class _Teachers(Distiller):
     """Base for distillers holding a list of frozen teachers (hidden from parameters and state dicts)."""
+    teacher_outputs = None  # several teachers: no teacher-output cache
 
     needs_teacher = False
 

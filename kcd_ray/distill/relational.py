@@ -33,6 +33,7 @@ class CC(Distiller):
     """Correlation congruence, in RepDistiller's form: linear embeddings (option ``feat_dim``,
     default 128) of both pooled vectors; mean over consecutive sample pairs of
     sum_d |e_s - e_t|_i * |e_s - e_t|_{i+1}."""
+    teacher_outputs = ("logits", "feat")  # feats[-1] only: a teacher-output cache can serve it
 
     needs_features = True
     default_beta = 0.02
@@ -64,6 +65,7 @@ def _angles(e: torch.Tensor) -> torch.Tensor:
 class RKD(Distiller):
     """Relational KD on the pooled vectors: Huber loss between mean-normalised pairwise distances
     (weight ``w_d``, default 25) plus between triplet angles (weight ``w_a``, default 50)."""
+    teacher_outputs = ("logits", "feat")  # feats[-1] only: a teacher-output cache can serve it
 
     needs_features = True
     default_beta = 1.0
@@ -96,6 +98,7 @@ def _cosine_probabilities(x: torch.Tensor, eps: float) -> torch.Tensor:
 class PKT(Distiller):
     """Probabilistic knowledge transfer: KL between the conditional distributions that the cosine
     similarities of the pooled vectors induce over the batch."""
+    teacher_outputs = ("logits", "feat")  # feats[-1] only: a teacher-output cache can serve it
 
     needs_features = True
     default_beta = 30000.0

@@ -69,13 +69,26 @@ def _amp(cfg, device):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def teacher_in_loop(cfg, kind: str, teacher_cache) -> bool:
+    """Whether a worker loads the teacher: without a cache, or when KCD's summary blends (images the cache never
+    saw) can reach the batches; those rows alone then go through it."""
+    from kcd_ray.engine.selection import resolve_strategy
+
+    if teacher_cache is None:
+        return True
+    return resolve_strategy(cfg, kind) == "kcd" and bool(cfg.kcd.summary)
+
+
 def load_teacher(dcfg, num_classes: int) -> torch.nn.Module:
     if not dcfg.teacher:
         raise ValueError("distill.teacher: a teacher checkpoint is required for distillation (train one with `kcd-ray train-teacher`)")
     return load_model(dcfg.teacher, name=dcfg.teacher_model or None, num_classes=num_classes)
 
 
-def build_components(cfg, kind: str, data_dir: str, device: torch.device, distributed: bool) -> Components:
+def build_components(cfg, kind: str, data_dir: str, device: torch.device, distributed: bool,
+                     teacher_cache=None) -> Components:
+    """``teacher_cache``: the run's CacheSpec when batches carry the teacher's outputs; the teacher is then
+    loaded only if some rows can miss the cache (KCD's summary blends), see ``teacher_in_loop``."""
     meta = load_meta(data_dir)
     num_train = int(meta["splits"]["train"]["num_rows"])
     check_curriculum(cfg, kind)
@@ -91,7 +104,9 @@ def build_components(cfg, kind: str, data_dir: str, device: torch.device, distri
         teacher, extra = load_teachers(cfg, num_classes), distiller_kwargs(cfg, num_classes)
     else:
         dcfg = cfg.distill
-        teacher = load_teacher(dcfg, num_classes)
+        teacher = load_teacher(dcfg, num_classes) if teacher_in_loop(cfg, kind, teacher_cache) else None
+        if teacher_cache is not None:
+            extra["teacher_cache"] = teacher_cache
     distiller = build_distiller(dcfg, student, teacher, num_classes, num_samples=num_train,
                                 image_size=int(meta["image_shape"][0]), **extra).to(device)
     model = distiller

@@ -47,11 +47,13 @@ class Condenser(Hook):
         self._overlay: Optional[dict] = None  # the blend manifest in force (rank 0)
         self._mstep_s = self._estep_s = 0.0
         self._offline_passes = 0  # samples the offline E-step scored on this rank since the ledger last asked
+        self._offline_teacher = 0  # ... and of those, the ones the teacher saw (a cache serves the rest)
 
     def pop_compute_counts(self) -> dict:
         """Extra forward passes for the compute ledger: the offline E-step's student (and teacher) forwards."""
         n, self._offline_passes = self._offline_passes, 0
-        return {"student_forward_only": n, "teacher_forward": n if getattr(self.value_fn, "needs_teacher", False) else 0}
+        t, self._offline_teacher = self._offline_teacher, 0
+        return {"student_forward_only": n, "teacher_forward": t if getattr(self.value_fn, "needs_teacher", False) else 0}
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
@@ -149,6 +151,10 @@ class Condenser(Hook):
             student = {k: v.detach().cpu() for k, v in engine.distiller.student.state_dict().items()}
             ids, vals = engine.services.score_offline(student, epoch)
             self._offline_passes += len(ids)
+            cache = getattr(engine.distiller, "teacher_cache", None)
+            # With the cache's un-augmented unit only blended rows (images it never saw) go through the teacher.
+            cached = cache is not None and cache.plain
+            self._offline_teacher += int((self._overlay or {}).get("num_ids", 0)) if cached else len(ids)
             write_value_table(engine.ctx.run_dir, epoch, ids, vals, source="offline")
             table = (ids, vals)
         ids, vals = D.broadcast_object(table)

@@ -31,7 +31,7 @@ from kcd_ray.engine.metrics import Progress, say, summarize
 
 Batches = Callable[[int], Iterable[dict]]
 PROGRESS_EVERY_S = 30.0
-BATCH_KEYS = ("image", "label", "sample_id")
+BATCH_KEYS = ("image", "label", "sample_id", "t_logits", "t_feat", "t_missing")  # t_*: teacher-output cache
 
 
 def grad_norm(params) -> torch.Tensor:
@@ -117,6 +117,8 @@ class Engine:
     def to_device(self, batch: dict) -> dict:
         out = {k: batch[k].to(self.device, non_blocking=True) for k in BATCH_KEYS if k in batch}
         out["sample_id_cpu"] = batch["sample_id"]  # ids for host-side bookkeeping, without a device read
+        if "t_missing" in batch:  # which rows need the teacher in the loop, readable without a device sync
+            out["t_missing_cpu"] = batch["t_missing"]
         return out
 
     # ------------------------------------------------------------------ resume

@@ -110,6 +110,9 @@ class ComputeLedger(Hook):
             if not teachers and getattr(d, "teacher", None) is not None:
                 teachers = [d.teacher]
             tf = sum(measure_flops(t, input_shape, backward=False, train=False)[0] for t in teachers)
+            cache = getattr(d, "teacher_cache", None)
+            if not teachers and cache is not None:  # teacher not loaded: its FLOPs as the cache build measured them
+                tf = float(cache.teacher_flops)
         except Exception as e:  # never fail a run over an estimate
             if engine.ctx.verbose:
                 say(f"[kcd_ray] compute ledger: FLOPs not measured ({type(e).__name__}: {e}); ratios by sample-passes")
@@ -119,8 +122,9 @@ class ComputeLedger(Hook):
     def after_step(self, engine, batch: dict, output) -> None:
         if self.per_sample is None:
             self.per_sample = self.measure(engine, tuple(batch["image"].shape[1:]))
-        if output.teacher_logits is not None:
-            self._teacher += int(batch["label"].shape[0])
+        if output.teacher_logits is not None:  # rows the teacher saw: with a cache, only the uncached (blends)
+            missing = batch.get("t_missing_cpu")
+            self._teacher += int(batch["label"].shape[0]) if missing is None else int(missing.sum())
 
     def after_epoch(self, engine, epoch: int, row: dict) -> None:
         fwd_only, teacher = 0, self._teacher

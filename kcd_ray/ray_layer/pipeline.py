@@ -209,14 +209,45 @@ def _state(store: Optional[str]):
     return read_state(store)
 
 
-def _augment(ids: np.ndarray, x: np.ndarray, meta: dict, kind: str, seed: Optional[int], epoch: int) -> np.ndarray:
-    """Augment + normalise uint8 NHWC -> float32 NCHW; sample i's draws depend on (seed, epoch, i) only."""
+def _augment(ids: np.ndarray, x: np.ndarray, meta: dict, kind: str, seed: Optional[int], epoch: int,
+             tcache: Optional[dict] = None) -> np.ndarray:
+    """Augment + normalise uint8 NHWC -> float32 NCHW; sample i's draws depend on (seed, epoch, i) only
+    (views-mode teacher cache: on (seed, its view that epoch), one of K)."""
     k = T.n_uniforms(kind)
     if seed is None:
         u = np.random.default_rng().random((len(ids), k))
     else:
-        u = T.sample_uniforms(ids, k, (seed, epoch))
+        from kcd_ray.cache.store import augment_uniforms
+
+        u = augment_uniforms(ids, k, seed, epoch, views=(tcache or {}).get("views", 0))
     return T.train_transform(x, meta, kind, uniforms=u).numpy()
+
+
+_LOOKUPS: dict = {}  # per process: cache folder -> TeacherLookup (units loaded once)
+
+
+def _rows(ids: np.ndarray, labels: np.ndarray, x: np.ndarray, meta: dict, kind: str, seed: Optional[int], epoch: int,
+          tcache: Optional[dict], blended: Optional[np.ndarray] = None) -> dict:
+    """The output rows of a train map: augmented images, and with a teacher-output cache the teacher's cached
+    outputs for (epoch, id) joined to them (``t_missing``: KCD blends, which the cache has never seen)."""
+    out = {"sample_id": ids.astype(np.int64), "label": labels.astype(np.int64),
+           "image": _augment(ids, x, meta, kind, seed, epoch, tcache)}
+    if tcache is not None:
+        from kcd_ray.cache.store import CacheSpec, TeacherLookup
+
+        lookup = _LOOKUPS.get(tcache["dir"])
+        if lookup is None:
+            lookup = _LOOKUPS[tcache["dir"]] = TeacherLookup(CacheSpec.from_dict(tcache), int(meta["num_classes"]))
+        out.update(lookup.columns(ids, epoch, blended))
+    return out
+
+
+def _blended(ids: np.ndarray, overlay: Optional[dict], tcache: Optional[dict]) -> Optional[np.ndarray]:
+    if tcache is None or not overlay:
+        return None
+    from kcd_ray.data.blend import overlay_lookup
+
+    return overlay_lookup(overlay, ids)[0]  # bucket files are cached per process: the second read is free
 
 
 def _order_keys(ids: np.ndarray, order_seed: int, epoch: int) -> np.ndarray:
@@ -317,7 +348,7 @@ def _gather(cache: dict, pos: np.ndarray):
 
 
 def _chunk_map(batch: dict, cache: dict, rows: int, meta: dict, kind: str, seed: Optional[int], order_seed: int,
-               store: Optional[str]):
+               store: Optional[str], tcache: Optional[dict] = None):
     """One chunk of the epoch's permutation: rows [c*rows, (c+1)*rows) of the kept set's order, decoded,
     overlaid, augmented, normalised. One MaskStore call (mask, overlay and epoch) per chunk."""
     import ray
@@ -332,12 +363,12 @@ def _chunk_map(batch: dict, cache: dict, rows: int, meta: dict, kind: str, seed:
         table = _gather(cache, sel)
         cid = table.column("sample_id").to_numpy()
         x = _arrow_images(cid, table.column("image"), meta, state.overlay)
-        yield {"sample_id": cid.astype(np.int64), "label": table.column("label").to_numpy().astype(np.int64),
-               "image": _augment(cid, x, meta, kind, seed, int(state.epoch))}
+        yield _rows(cid, table.column("label").to_numpy(), x, meta, kind, seed, int(state.epoch), tcache,
+                    _blended(cid, state.overlay, tcache))
 
 
 def _full_cached(split_dir: Path, meta: dict, kind: str, seed: Optional[int], order_seed: int,
-                 store: Optional[str], cpus: float):
+                 store: Optional[str], cpus: float, tcache: Optional[dict] = None):
     import ray
 
     cache = _cache_split(split_dir)
@@ -347,7 +378,7 @@ def _full_cached(split_dir: Path, meta: dict, kind: str, seed: Optional[int], or
     # Exact order for a single consumer (and a deterministic split with Train's train_ingest_options()).
     ds.context.execution_options.preserve_order = True
     return ds.map_batches(_chunk_map, fn_kwargs=dict(cache=cache, rows=rows, meta=meta, kind=kind, seed=seed,
-                                                     order_seed=order_seed, store=store),
+                                                     order_seed=order_seed, store=store, tcache=tcache),
                           batch_size=1, batch_format="numpy", num_cpus=cpus, compute=_compute(n_chunks))
 
 
@@ -383,12 +414,13 @@ def _select_map(table, order_seed: int, store: Optional[str]):
     yield table.append_column(_KEY, pa.array(_order_keys(ids, order_seed, int(state.epoch))))
 
 
-def _sorted_map(table, meta: dict, kind: str, seed: Optional[int]):
+def _sorted_map(table, meta: dict, kind: str, seed: Optional[int], tcache: Optional[dict] = None):
     """Post-sort map (rows in permutation order): decode (or overlay) -> augment -> normalise."""
     ids = table.column("sample_id").to_numpy()
     if len(ids) == 0:
         return
     epoch = int(table.column(_EPOCH)[0].as_py())
+    hit = None
     if _OVERLAY in table.column_names and table.column(_OVERLAY).null_count < len(ids):
         over = table.column(_OVERLAY).combine_chunks()
         hit = ~np.asarray(over.is_null().to_numpy(zero_copy_only=False), bool)
@@ -400,8 +432,7 @@ def _sorted_map(table, meta: dict, kind: str, seed: Optional[int]):
             x[rest] = _uint8_images(table.column("image").take(rest), meta, ids[rest])
     else:
         x = _uint8_images(table.column("image"), meta, ids)
-    yield {"sample_id": ids.astype(np.int64), "label": table.column("label").to_numpy().astype(np.int64),
-           "image": _augment(ids, x, meta, kind, seed, epoch)}
+    yield _rows(ids, table.column("label").to_numpy(), x, meta, kind, seed, epoch, tcache, hit)
 
 
 def _sort_boundaries(parts: int) -> list:
@@ -411,7 +442,7 @@ def _sort_boundaries(parts: int) -> list:
 
 
 def _full_sorted(split_dir: Path, meta: dict, kind: str, seed: Optional[int], order_seed: int,
-                 store: Optional[str], cpus: float):
+                 store: Optional[str], cpus: float, tcache: Optional[dict] = None):
     from kcd_ray.ray_layer.compat import pull_based_sort
 
     split_bytes = _split_bytes(split_dir)
@@ -423,7 +454,7 @@ def _full_sorted(split_dir: Path, meta: dict, kind: str, seed: Optional[int], or
     ds = ds.map_batches(_select_map, fn_kwargs=dict(order_seed=order_seed, store=store), batch_size=None,
                         batch_format="pyarrow", num_cpus=cpus, compute=_compute())
     ds = ds.sort(_KEY, boundaries=_sort_boundaries(parts)) if parts > 1 else ds.sort(_KEY)
-    return ds.map_batches(_sorted_map, fn_kwargs=dict(meta=meta, kind=kind, seed=seed),
+    return ds.map_batches(_sorted_map, fn_kwargs=dict(meta=meta, kind=kind, seed=seed, tcache=tcache),
                           batch_size=_map_batch_rows(meta), batch_format="pyarrow", num_cpus=cpus,
                           compute=_compute())
 
@@ -439,7 +470,8 @@ def _cache_limit() -> int:
 # --------------------------------------------------------------------------- shuffle="block_local*"
 
 
-def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], order_seed: int, store: Optional[str]):
+def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], order_seed: int, store: Optional[str],
+               tcache: Optional[dict] = None):
     """One map batch -> at most one output batch, rows permuted inside it (a generator, so dropped-out batches
     emit nothing)."""
     ids = np.asarray(batch["sample_id"], np.int64)
@@ -456,15 +488,16 @@ def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], order_se
     if len(ids) == 0:
         return  # yield nothing: an empty float tensor column would fall back to a pickled column
     x = _images(ids, images, meta, state.overlay)
-    img = _augment(ids, x, meta, kind, seed, int(state.epoch))
+    out = _rows(ids, labels, x, meta, kind, seed, int(state.epoch), tcache, _blended(ids, state.overlay, tcache))
     # Row shuffle inside the map task (a Ray Data worker process), not in the trainer: a consumer-side
     # shuffle buffer cost the training process ~15% of its throughput on 2 cores (bench/train_throughput.py).
     perm = np.argsort(_order_keys(ids, order_seed, int(state.epoch)), kind="stable")
-    yield {"sample_id": ids[perm], "label": labels[perm], "image": img[perm]}
+    yield {k: v[perm] for k, v in out.items()}
 
 
-def eval_batch(batch: dict, meta: dict, store: Optional[str] = None, split: str = "train") -> dict:
-    """Decode (overlay images first, with ``store``) and normalise one raw Parquet batch, no augmentation."""
+def eval_batch(batch: dict, meta: dict, store: Optional[str] = None, split: str = "train", blended: bool = False) -> dict:
+    """Decode (overlay images first, with ``store``) and normalise one raw Parquet batch, no augmentation.
+    ``blended``: also a bool column saying which rows show an overlay (teacher-output cache: those miss it)."""
     ids = np.asarray(batch["sample_id"], np.int64)
     overlay = None
     if store:
@@ -473,7 +506,10 @@ def eval_batch(batch: dict, meta: dict, store: Optional[str] = None, split: str 
         overlay = read_mask(store)[2]
     x = _images(ids, batch["image"], meta, overlay, split)
     img = T.eval_transform(x, meta)
-    return {"sample_id": ids, "label": np.asarray(batch["label"], np.int64), "image": img.numpy()}
+    out = {"sample_id": ids, "label": np.asarray(batch["label"], np.int64), "image": img.numpy()}
+    if blended:
+        out["blended"] = _blended(ids, overlay, {}) if overlay else np.zeros(len(ids), bool)
+    return out
 
 
 def _resolve_shuffle(shuffle: str) -> str:
@@ -486,7 +522,7 @@ def _resolve_shuffle(shuffle: str) -> str:
 
 
 def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, mask_store_name: Optional[str] = None,
-                  data_cpus: float = 0.25, shuffle: str = "auto"):
+                  data_cpus: float = 0.25, shuffle: str = "auto", teacher_cache: Optional[dict] = None):
     """The training set as a Ray Dataset: masked, shuffled, blended, augmented and normalised at execution time.
 
     ``mask_store_name``: the run's MaskStore (``mask_store.get_mask_store(name, create=True)`` on the driver);
@@ -494,8 +530,12 @@ def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, m
     row kept, no overlay, epoch 0 in every execution. ``shuffle``: ``"auto"``/``"full"`` (a uniform
     permutation of the kept rows per (seed, epoch)), ``"block_local"``, ``"block_local_files"`` (module
     docstring). ``seed``: int for reproducible order and augmentation, None for OS entropy.
+    ``teacher_cache``: a ``CacheSpec.to_dict()``: every row also carries the teacher's cached outputs for its
+    (epoch, id) (``t_logits``, ``t_feat``, ``t_missing``), joined in the same map that applies the mask.
     """
     meta = T.read_meta(data_dir)
+    if teacher_cache is not None and seed is None:
+        raise ValueError("optim.seed: a teacher-output cache needs an integer seed (augmentation must be reproducible)")
     kind = T.resolve_augment(augment, meta)
     cpus = _check_cpus(data_cpus)
     mode = _resolve_shuffle(shuffle)
@@ -506,14 +546,14 @@ def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, m
     order_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
     if mode == "full":
         backend = _full_cached if _split_bytes(split_dir) <= _cache_limit() else _full_sorted
-        return backend(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus)
+        return backend(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus, teacher_cache)
     ds = _read(split_dir, cpus, shuffle_seed=seed)
     if mode == "block_local" and _split_bytes(split_dir) <= BLOCK_SHUFFLE_MAX_BYTES:
         from ray.data import RandomSeedConfig
 
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return ds.map_batches(_train_map, fn_kwargs=dict(meta=meta, kind=kind, seed=seed, order_seed=order_seed,
-                                                     store=mask_store_name),
+                                                     store=mask_store_name, tcache=teacher_cache),
                           batch_size=_map_batch_rows(meta), batch_format="numpy", num_cpus=cpus,
                           compute=_compute())
 
@@ -529,7 +569,8 @@ def train_ingest_options():
     return opts
 
 
-def eval_dataset(data_dir, split: str = "test", data_cpus: float = 0.25, *, mask_store_name: Optional[str] = None):
+def eval_dataset(data_dir, split: str = "test", data_cpus: float = 0.25, *, mask_store_name: Optional[str] = None,
+                 blended: bool = False):
     """A split decoded and normalised, no augmentation, no shuffle (every row once).
 
     With ``mask_store_name`` (train split only makes sense), rows show their current overlay
@@ -538,12 +579,13 @@ def eval_dataset(data_dir, split: str = "test", data_cpus: float = 0.25, *, mask
     meta = T.read_meta(data_dir)
     cpus = _check_cpus(data_cpus)
     ds = _read(_split_dir(data_dir, split), cpus)
-    return ds.map_batches(eval_batch, fn_kwargs=dict(meta=meta, store=mask_store_name, split=split),
+    return ds.map_batches(eval_batch, fn_kwargs=dict(meta=meta, store=mask_store_name, split=split, blended=blended),
                           batch_size=_map_batch_rows(meta), batch_format="numpy", num_cpus=cpus,
                           compute=_compute())
 
 
-def scoring_dataset(data_dir, *, data_cpus: float = 0.25, mask_store_name: Optional[str] = None, decode: bool = True):
+def scoring_dataset(data_dir, *, data_cpus: float = 0.25, mask_store_name: Optional[str] = None, decode: bool = True,
+                    blended: bool = False):
     """Every training sample once, un-augmented (condensed-away ones included), for the offline E-step.
 
     Base images by default; with ``mask_store_name`` the current blended images where they exist.
@@ -551,7 +593,7 @@ def scoring_dataset(data_dir, *, data_cpus: float = 0.25, mask_store_name: Optio
     (the CPU scorer does, so decoded float images never cross a process boundary).
     """
     if decode:
-        return eval_dataset(data_dir, "train", data_cpus, mask_store_name=mask_store_name)
+        return eval_dataset(data_dir, "train", data_cpus, mask_store_name=mask_store_name, blended=blended)
     return _read(_split_dir(data_dir, "train"), _check_cpus(data_cpus))
 
 

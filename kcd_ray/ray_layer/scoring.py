@@ -30,7 +30,8 @@ class Scorer:
     """
 
     def __init__(self, student_arch: str, num_classes: int, student_state, teacher_path: str, teacher_model: str,
-                 value_fn: str, use_gpu: bool, context: dict, threads: int = 1, decode: dict | None = None):
+                 value_fn: str, use_gpu: bool, context: dict, threads: int = 1, decode: dict | None = None,
+                 teacher_cache: dict | None = None):
         import ray
 
         # Ray pins fractional-CPU actors to 1 OpenMP thread; the trainers idle during this pass, so use their share.
@@ -45,8 +46,15 @@ class Scorer:
         self.student.load_state_dict(state)
         self.student.to(self.device).eval()
         self.teacher = None
-        if needs_teacher(value_fn):
-            self.teacher = load_model(teacher_path, name=teacher_model or None, num_classes=num_classes).to(self.device).eval()
+        self.lookup = None  # teacher-output cache: the teacher's outputs on the un-augmented images ("plain")
+        if needs_teacher(value_fn) and teacher_cache is not None:
+            from kcd_ray.cache.store import CacheSpec, TeacherLookup
+
+            self.lookup = TeacherLookup(CacheSpec.from_dict(teacher_cache), num_classes)
+        self.load_teacher = lambda: load_model(teacher_path, name=teacher_model or None,
+                                               num_classes=num_classes).to(self.device).eval()
+        if needs_teacher(value_fn) and self.lookup is None:
+            self.teacher = self.load_teacher()
         self.fn = VALUE_FNS.get(value_fn)
         self.context = dict(context)  # epoch, seed, T, value_T: the same value function as online
         self.decode = None
@@ -56,7 +64,8 @@ class Scorer:
             from kcd_ray.data import transforms as T
             from kcd_ray.ray_layer.pipeline import eval_batch
 
-            self.decode = partial(eval_batch, meta=T.read_meta(decode["data_dir"]), store=decode.get("store"))
+            self.decode = partial(eval_batch, meta=T.read_meta(decode["data_dir"]), store=decode.get("store"),
+                                  blended=self.lookup is not None)
 
     def __call__(self, batch: dict) -> dict:
         if self.decode is not None:
@@ -65,14 +74,28 @@ class Scorer:
             x = torch.from_numpy(_writable(batch["image"])).to(self.device)
             y = torch.from_numpy(_writable(batch["label"])).to(self.device)
             zs = self.student(x).float()
-            zt = self.teacher(x).float() if self.teacher is not None else None
             ids = np.asarray(batch["sample_id"], np.int64)
+            zt = (self._teacher_logits(x, ids, batch.get("blended"))
+                  if self.teacher is not None or self.lookup is not None else None)
             v = self.fn(zs, zt, y, make_context(ids, **self.context))
         return {"sample_id": np.asarray(batch["sample_id"], np.int64), "value": v.cpu().numpy().astype(np.float32)}
 
 
+    def _teacher_logits(self, x: torch.Tensor, ids: np.ndarray, blended) -> torch.Tensor:
+        """The teacher's logits: cached (blended rows, images the cache never saw, through the teacher), or live."""
+        if self.lookup is None:
+            return self.teacher(x).float()
+        z = torch.from_numpy(self.lookup.columns(ids, 0, plain=True)["t_logits"]).float().to(self.device)
+        if blended is not None and np.asarray(blended).any():
+            if self.teacher is None:
+                self.teacher = self.load_teacher()
+            rows = torch.from_numpy(np.flatnonzero(np.asarray(blended))).to(self.device)
+            z[rows] = self.teacher(x[rows]).float()
+        return z
+
+
 def offline_scores(data_dir: str, cfg, student_state: dict, *, epoch: int, mask_store: str | None = None,
-                   decode_in_actor: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   decode_in_actor: bool | None = None, teacher_cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Distributed scoring of the whole training set on an actor pool: (sample ids, values), sorted by id.
 
     ``decode_in_actor``: None picks it (CPU actors decode their own batches, GPU actors get decoded ones).
@@ -90,7 +113,10 @@ def offline_scores(data_dir: str, cfg, student_state: dict, *, epoch: int, mask_
         decode_in_actor = not gpu
     T = build_temperature(cfg.distill.temperature, cfg.optim.epochs)(epoch)
     context = dict(epoch=int(epoch), seed=cfg.kcd.seed, T=T, value_T=cfg.kcd.value_T)
-    ds = scoring_dataset(data_dir, data_cpus=cfg.scaling.data_cpus, mask_store_name=mask_store, decode=not decode_in_actor)
+    if teacher_cache is not None and not teacher_cache.get("plain"):
+        teacher_cache = None  # built without the un-augmented unit: the scorers run the teacher
+    ds = scoring_dataset(data_dir, data_cpus=cfg.scaling.data_cpus, mask_store_name=mask_store,
+                         decode=not decode_in_actor, blended=teacher_cache is not None)
     scored = ds.map_batches(
         Scorer,
         fn_constructor_kwargs=dict(student_arch=cfg.model, num_classes=int(load_meta(data_dir)["num_classes"]),
@@ -98,7 +124,8 @@ def offline_scores(data_dir: str, cfg, student_state: dict, *, epoch: int, mask_
                                    teacher_model=cfg.distill.teacher_model, value_fn=cfg.kcd.value_fn, use_gpu=gpu,
                                    context=context,
                                    threads=cfg.optim.threads or math.ceil(cfg.scaling.cpus_per_worker),
-                                   decode=dict(data_dir=str(data_dir), store=mask_store) if decode_in_actor else None),
+                                   decode=dict(data_dir=str(data_dir), store=mask_store) if decode_in_actor else None,
+                                   teacher_cache=teacher_cache),
         batch_size=cfg.kcd.offline_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.kcd.offline_actors),
         **res,

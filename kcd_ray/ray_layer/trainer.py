@@ -68,10 +68,11 @@ def _resolve_paths(cfg: Config) -> Config:
         return str(Path(os.path.expanduser(p)).resolve()) if p else p
 
     d, cur = cfg.distill, cfg.curriculum
-    if not (d.teacher or d.teachers or cur.teachers):
+    if not (d.teacher or d.teachers or cur.teachers or d.cache_dir):
         return cfg
     return dataclasses.replace(
-        cfg, distill=dataclasses.replace(d, teacher=absolute(d.teacher), teachers=[absolute(p) for p in d.teachers]),
+        cfg, distill=dataclasses.replace(d, teacher=absolute(d.teacher), teachers=[absolute(p) for p in d.teachers],
+                                         cache_dir=absolute(d.cache_dir)),
         curriculum=dataclasses.replace(cur, teachers=[absolute(p) for p in cur.teachers]))
 
 
@@ -209,7 +210,10 @@ def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, ho
     t0 = time.perf_counter()
     try:
         init_ray(cfg)
-        trainer = _trainer(cfg, kind, name, run_dir, data_dir, callbacks, hooks)
+        from kcd_ray.ray_layer.teacher_cache import ensure_teacher_cache
+
+        tcache = ensure_teacher_cache(cfg, data_dir, kind, verbose=cfg.run.verbose > 0) if kind == "distill" else None
+        trainer = _trainer(cfg, kind, name, run_dir, data_dir, callbacks, hooks, tcache)
         compat.keep_default_sigint(trainer)
         result = trainer.fit()
     except KeyboardInterrupt:
@@ -240,18 +244,21 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"interrupted: {where}; re-run the same command to resume (run folder {run_dir.path})")
 
 
-def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path, callbacks, hooks) -> TorchTrainer:
+def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path, callbacks, hooks,
+             tcache=None) -> TorchTrainer:
     quiet_ray_data_and_train()
     # Every run has a store: it serves the data epoch (shuffle and augmentation seeds) and KCD's mask.
     mask_store = f"kcd_mask_{name}_{uuid.uuid4().hex[:8]}"
     get_mask_store(mask_store, create=True)
     datasets = {
         "train": train_dataset(str(data_dir), augment=cfg.data.augment, seed=cfg.optim.seed,
-                               mask_store_name=mask_store, data_cpus=cfg.scaling.data_cpus, shuffle=cfg.data.shuffle),
+                               mask_store_name=mask_store, data_cpus=cfg.scaling.data_cpus, shuffle=cfg.data.shuffle,
+                               teacher_cache=tcache.to_dict() if tcache is not None else None),
         "test": eval_dataset(str(data_dir), split="test", data_cpus=cfg.scaling.data_cpus),
     }
     loop_config = {"cfg": to_dict(cfg), "kind": kind, "run_dir": str(run_dir.path), "data_dir": str(data_dir),
-                   "mask_store": mask_store, "hooks": list(hooks or [])}
+                   "mask_store": mask_store, "hooks": list(hooks or []),
+                   "teacher_cache": tcache.to_dict() if tcache is not None else None}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

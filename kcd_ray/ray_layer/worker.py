@@ -18,6 +18,7 @@ import ray
 import ray.train
 import torch
 
+from kcd_ray.cache import CacheSpec
 from kcd_ray.config import config_from_dict
 from kcd_ray.data.groups import local_label_feeds
 from kcd_ray.engine import Engine, Hook, RunContext
@@ -45,6 +46,7 @@ class RayServices:
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
         self.in_process = ctx.cfg.scaling.num_workers == 0
+        self.teacher_cache: Optional[dict] = None  # the offline E-step reads the cache's un-augmented unit
 
     def publish_mask(self, version, kept_ids, overlay) -> None:
         # replace: after a worker-group restart the store may already hold this version from the lost attempt.
@@ -57,7 +59,8 @@ class RayServices:
         from kcd_ray.ray_layer.scoring import offline_scores
 
         cfg = self.ctx.cfg
-        return offline_scores(self.ctx.data_dir, cfg, student_state, epoch=epoch, mask_store=self.ctx.mask_store)
+        return offline_scores(self.ctx.data_dir, cfg, student_state, epoch=epoch, mask_store=self.ctx.mask_store,
+                              teacher_cache=self.teacher_cache)
 
     def report(self, metrics: dict, checkpoint, epoch: int) -> None:
         name = f"checkpoint_epoch_{epoch:04d}"
@@ -156,9 +159,12 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
     share = cfg.scaling.cpus_per_worker if cfg.scaling.num_workers else (os.cpu_count() or 1)
     torch.set_num_threads(cfg.optim.threads or max(1, math.ceil(share)))
     device = worker_device(cfg)
-    parts = build_components(cfg, ctx.kind, ctx.data_dir, device, distributed=D.active())
+    tcache = CacheSpec.from_dict(config["teacher_cache"]) if config.get("teacher_cache") else None
+    parts = build_components(cfg, ctx.kind, ctx.data_dir, device, distributed=D.active(), teacher_cache=tcache)
     hooks = run_hooks(ctx, parts.num_train, extra=["node_info", *config.get("hooks", [])])
-    engine = Engine(ctx, parts, hooks, RayServices(ctx), device)
+    services = RayServices(ctx)
+    services.teacher_cache = config.get("teacher_cache")
+    engine = Engine(ctx, parts, hooks, services, device)
     _restore(engine, ctx)
     train_shard = ray.train.get_dataset_shard("train")
     test_batches = TestBatches(ray.train.get_dataset_shard("test"), cfg.optim.eval_batch_size)

@@ -22,8 +22,22 @@ def reportable(row: dict) -> dict:
 
 @HOOKS.register(TUNE_REPORT)
 class TuneReport(Hook):
-    def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
-        if engine.ctx.is_chief:
-            from ray import tune
+    """``checkpoint=True`` (Population Based Training): each report carries the run checkpoint the engine just
+    wrote (model, optimiser, scheduler, every hook's state: KCD's whole state), which Tune hands to the trials
+    that exploit this one."""
 
+    def __init__(self, checkpoint: bool = False):
+        self.checkpoint = bool(checkpoint)
+
+    def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
+        if not engine.ctx.is_chief:
+            return
+        from ray import tune
+
+        if not self.checkpoint:
             tune.report(reportable(row))
+            return
+        from kcd_ray.ray_layer.worker import local_checkpoint_dir
+
+        result = {**reportable(row), "run_dir": str(engine.ctx.run_dir.path)}  # a PBT trial sends no final result
+        tune.report(result, checkpoint=tune.Checkpoint.from_directory(str(local_checkpoint_dir(engine.ctx.run_dir))))

@@ -16,28 +16,45 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def pareto_plot(rows: list[dict], y_key: str, path: Path, title: str) -> Path:
-    """Top-1 against compute_ratio for every trial; the Pareto front joined, the plain-KD trial starred."""
-    fig = Figure(figsize=(6.4, 4.6))
+# One colour per data-selection strategy, the same in every plot; plain KD is the red star.
+STRATEGY_STYLE = {"kcd": ("tab:blue", "KCD"), "infobatch": ("tab:green", "InfoBatch"),
+                  "unixkd": ("tab:purple", "UNIXKD"), "random": ("tab:gray", "random subset")}
+_SPARE_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def pareto_plot(rows: list[dict], y_key: str, path: Path, title: str, *, err_key: str | None = None,
+                group_key: str = "variant") -> Path:
+    """Top-1 against compute_ratio for every row (a trial, or a point averaged over seeds with ``err_key`` its
+    error bar), one colour per strategy (``group_key``); the Pareto front (rows flagged ``pareto``) joined, plain
+    KD (group ``kd``) starred with a dashed line at its top-1."""
+    fig = Figure(figsize=(7.2, 5.0))
     ax = fig.add_subplot(1, 1, 1)
     pts = [r for r in rows if r.get("compute_ratio") is not None and r.get(y_key) is not None]
-    kcd = [r for r in pts if r["variant"] != "kd"]
-    kd = [r for r in pts if r["variant"] == "kd"]
-    if kcd:
-        ax.scatter([r["compute_ratio"] for r in kcd], [r[y_key] for r in kcd], s=28, color="tab:blue",
-                   alpha=0.75, label="KCD trials" if kd else "trials")
+    groups = list(dict.fromkeys(r.get(group_key) for r in pts))
+    spare = iter(_SPARE_COLOURS * 4)
+    for g in groups:
+        members = [r for r in pts if r.get(group_key) == g]
+        xs, ys = [r["compute_ratio"] for r in members], [r[y_key] for r in members]
+        errs = [r.get(err_key) or 0.0 for r in members] if err_key else None
+        if g == "kd":
+            style = dict(marker="*", s=220, color="tab:red", zorder=5, label="plain KD (baseline)")
+            for y in ys:
+                ax.axhline(y, color="tab:red", lw=0.8, ls="--", alpha=0.6)
+        else:
+            colour, label = STRATEGY_STYLE.get(g, (None, str(g)))
+            style = dict(s=30, color=colour or next(spare), alpha=0.8, zorder=3, label=label)
+        if errs and any(errs):
+            ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor=style["color"], elinewidth=1, capsize=3, alpha=0.8,
+                        zorder=2)
+        ax.scatter(xs, ys, **style)
     front = sorted((r for r in pts if r.get("pareto")), key=lambda r: r["compute_ratio"])
     if front:
         ax.step([r["compute_ratio"] for r in front], [r[y_key] for r in front], where="post", color="tab:orange",
-                lw=1.5, label="Pareto front")
-        ax.scatter([r["compute_ratio"] for r in front], [r[y_key] for r in front], s=46, facecolors="none",
-                   edgecolors="tab:orange", lw=1.5)
-    for r in kd:
-        ax.scatter([r["compute_ratio"]], [r[y_key]], marker="*", s=220, color="tab:red", zorder=5,
-                   label="plain KD (baseline)")
-        ax.axhline(r[y_key], color="tab:red", lw=0.8, ls="--", alpha=0.6)
-    ax.set_xlabel("compute ratio (sample-passes / plain KD's)")
-    ax.set_ylabel(f"{y_key} (%)")
+                lw=1.5, label="Pareto front", zorder=1)
+        ax.scatter([r["compute_ratio"] for r in front], [r[y_key] for r in front], s=80, facecolors="none",
+                   edgecolors="tab:orange", lw=1.5, zorder=4)
+    ax.set_xlabel("compute ratio (FLOPs / plain KD's)")
+    ax.set_ylabel(f"{y_key} (%)" + (" (mean +- SE over seeds)" if err_key else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if pts:

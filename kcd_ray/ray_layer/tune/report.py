@@ -5,6 +5,10 @@
   front, plain-KD trial starred) and ``best_config.yaml``: the best run's resolved config, renamed and
   pointed back at the sweep's own storage, which `kcd-ray distill --config` runs as is.
 - One run folder: the per-epoch table, ``epochs.csv`` and ``curves.png`` (top-1, kept fraction, T, loss).
+- Several folders (``kcd-ray report runs/sweeps/rho runs/sweeps/infobatch runs/sweeps/random_subset``), or one with
+  ``--compare``: one point per strategy and setting, runs that differ only in ``optim.seed`` averaged (final top-1
+  mean and standard error, mean compute_ratio), a table of the points with the Pareto front marked,
+  ``compare_points.csv`` and ``compare_pareto.png`` (one colour per strategy, error bars, plain KD starred).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import yaml
@@ -57,7 +62,8 @@ def load_run(p: Path) -> dict:
             summary = {"final_top1": last.get("top1"), "best_top1": best.get("top1"), "best_epoch": best.get("epoch"),
                        "compute_ratio": last.get("compute_ratio"), "sample_passes": last.get("sample_passes"),
                        "wall_seconds": last.get("wall_seconds"), "epochs": (config or {}).get("optim", {}).get("epochs"),
-                       "kcd_enabled": last.get("kcd_enabled", (config or {}).get("kcd", {}).get("enabled"))}
+                       "kcd_enabled": last.get("kcd_enabled", (config or {}).get("kcd", {}).get("enabled")),
+                       "strategy": last.get("strategy"), "sample_pass_ratio": last.get("sample_pass_ratio")}
         status = "incomplete"
     else:
         status = "done"
@@ -152,19 +158,25 @@ def pareto_flags(points: list[tuple[float, float]]) -> list[bool]:
     return flags
 
 
-def _sweep_report(path: Path, out: Path) -> dict:
+def _load_folder(path: Path) -> tuple[dict, str, Path, list[dict]]:
+    """A sweep folder or a folder of runs: (its sweep.yaml or {}, name, runs folder, runs with Tune's status)."""
     meta = yaml.safe_load((path / "sweep.yaml").read_text()) if (path / "sweep.yaml").is_file() else {}
     runs_root = path / "runs" if (path / "runs").is_dir() else path
     runs = [load_run(d) for d in sorted(runs_root.iterdir()) if d.is_dir() and _is_run(d)]
     if not runs:
-        raise ValueError(f"{path}: no run folders found (expected runs/<name>/metrics.jsonl or summary.json, "
-                         "or a single run folder)")
-    name = meta.get("name", path.name)
+        raise ValueError(f"{path}: not a sweep or run folder: no run folders found (expected "
+                         "runs/<name>/metrics.jsonl or summary.json, or a single run folder)")
+    name = (meta or {}).get("name", path.name)
     states = _tune_states(path / "tune")
     for r in runs:  # run folder <sweep name>_<trial folder>
         state = states.get(r["name"][len(name) + 1:]) if r["name"].startswith(name + "_") else None
         if r["status"] != "done" and state in _UNFINISHED:
             r["status"] = _UNFINISHED[state]
+    return meta or {}, name, runs_root, runs
+
+
+def _sweep_report(path: Path, out: Path) -> dict:
+    meta, name, runs_root, runs = _load_folder(path)
     metric, mode = meta.get("metric", "best_top1"), meta.get("mode", "max")
     flat = [_flatten(r["config"]) for r in runs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
@@ -243,9 +255,180 @@ def _run_report(path: Path, out: Path) -> dict:
             "png": str(png), "text": "\n".join(text)}
 
 
-def report(path, out_dir=None) -> dict:
-    """Report on a sweep folder, a folder of run folders, or one run folder; files go to ``out_dir`` (default: path)."""
-    p = Path(path).expanduser()
+# --------------------------------------------------------------------------- several sweeps: one Pareto plot
+
+# Config keys that never make two runs different experiments when grouping runs into points: the seed (a point
+# averages over it), the strategy (its own column) and bookkeeping. run.* is all bookkeeping.
+GROUP_IGNORED = ("optim.seed", "optim.threads", "selection.strategy", "kcd.enabled")
+STRATEGY_ORDER = ("kd", "kcd", "infobatch", "unixkd", "random")
+POINT_COLUMNS = ("strategy", "setting", "compute_ratio", "sample_pass_ratio", "final_top1_mean", "final_top1_se",
+                 "n_seeds", "seeds", "n_runs", "best_top1_mean", "pareto", "folders")
+
+
+def _relevant(flat: dict, variant: str) -> dict:
+    """The config values that can change a run of this strategy: kcd.* only for KCD (or a random subset on KCD's
+    schedule), selection.<strategy>.* only for that strategy; seed, strategy and run.* bookkeeping left out."""
+    follow = variant == "random" and bool(flat.get("selection.random.follow_kcd_schedule"))
+    out = {}
+    for k, v in flat.items():
+        parts = k.split(".")
+        if parts[0] == "run" or k in GROUP_IGNORED:
+            continue
+        if parts[0] == "kcd" and variant != "kcd" and not follow:
+            continue
+        if parts[0] == "selection" and len(parts) > 2 and parts[1] != variant:
+            continue
+        if k == "selection.seed" and variant in ("kd", "kcd"):
+            continue
+        out[k] = v
+    return out
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n)); no SE from one value."""
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n)
+
+
+def _seed_order(seed):
+    return (0, seed, "") if isinstance(seed, (int, float)) else (1, 0, str(seed))
+
+
+def aggregate_points(runs: list[dict]) -> list[dict]:
+    """Finished distillation runs -> one point per (strategy, setting): runs that differ only in ``optim.seed``
+    (and bookkeeping) are one point, its final top-1 the mean over seeds with the standard error, its compute
+    ratio the mean. Runs of the same seed (plain-KD baselines of several sweeps) are averaged first, so ``n_seeds``
+    counts distinct seeds. ``setting`` names the config values that tell the point from its strategy's others."""
+    groups: dict[tuple, dict] = {}
+    for r in runs:
+        variant = _variant(r)
+        flat = _flatten(r["config"])
+        rel = _relevant(flat, variant)
+        key = (variant, json.dumps(rel, sort_keys=True, default=str))
+        g = groups.setdefault(key, {"strategy": variant, "values": rel, "runs": []})
+        g["runs"].append((flat.get("optim.seed"), r))
+    by_strategy: dict[str, list[dict]] = {}
+    for g in groups.values():
+        by_strategy.setdefault(g["strategy"], []).append(g)
+    points = []
+    for variant, gs in by_strategy.items():
+        keys = list(dict.fromkeys(k for g in gs for k in g["values"]))
+        varying = [k for k in keys if len({json.dumps(g["values"].get(k), sort_keys=True, default=str)
+                                           for g in gs}) > 1]
+        for g in gs:
+            per_seed: dict = {}
+            for seed, r in g["runs"]:
+                per_seed.setdefault(json.dumps(seed), []).append(r["summary"])
+
+            def seed_means(key):
+                vals = [[s.get(key) for s in ss] for ss in per_seed.values()]
+                if any(v is None for vs in vals for v in vs):
+                    return None
+                return [sum(vs) / len(vs) for vs in vals]
+
+            top1, cr = seed_means("final_top1"), seed_means("compute_ratio")
+            spr, best = seed_means("sample_pass_ratio"), seed_means("best_top1")
+            mean, se = _mean_se(top1)
+            points.append({
+                "strategy": variant,
+                "setting": ", ".join(f"{k}={_fmt(g['values'].get(k))}" for k in varying) or "-",
+                "compute_ratio": sum(cr) / len(cr), "sample_pass_ratio": None if spr is None else sum(spr) / len(spr),
+                "final_top1_mean": mean, "final_top1_se": se, "n_seeds": len(per_seed),
+                "seeds": sorted((json.loads(k) for k in per_seed), key=_seed_order),
+                "n_runs": len(g["runs"]), "best_top1_mean": None if best is None else sum(best) / len(best),
+                "folders": sorted({str(r.get("folder", r["path"].parent)) for _, r in g["runs"]}),
+                "runs": [r["name"] for _, r in g["runs"]], "values": {k: g["values"].get(k) for k in varying},
+            })
+    order = {s: i for i, s in enumerate(STRATEGY_ORDER)}
+    points.sort(key=lambda p: (order.get(p["strategy"], len(order)), p["strategy"], p["compute_ratio"], p["setting"]))
+    for p, flag in zip(points, pareto_flags([(p["compute_ratio"], p["final_top1_mean"]) for p in points])):
+        p["pareto"] = flag
+    return points
+
+
+def _collect(path: Path) -> tuple[str, list[dict]]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such folder (expected a sweep folder or a run folder)")
+    if _is_run(path):
+        return path.name, [load_run(path)]
+    _, name, _, runs = _load_folder(path)
+    return name, runs
+
+
+def compare_report(paths, out_dir=None) -> dict:
+    """Several sweep folders (or run folders) -> one Pareto plot of final top-1 against compute ratio, one colour
+    per strategy, points averaged over seeds (error bars: standard error), plain KD starred; the points as a text
+    table and ``compare_points.csv``, the plot ``compare_pareto.png`` (in ``out_dir``, default: the folders'
+    common parent). Only finished distillation runs count; unfinished ones and teachers are listed as skipped."""
+    folders = [Path(p).expanduser() for p in paths]
+    if not folders:
+        raise ValueError("report: no folders given")
+    seen, runs, lines, skipped = set(), [], [], {"unfinished": 0, "teacher": 0, "no compute_ratio or top-1": 0}
+    for f in folders:
+        name, found = _collect(f)
+        counts: dict[str, int] = {}
+        for r in found:
+            where = r["path"].resolve()
+            if where in seen:
+                continue
+            seen.add(where)
+            if r["status"] != "done":
+                skipped["unfinished"] += 1
+            elif _variant(r) == "teacher":
+                skipped["teacher"] += 1
+            elif r["summary"].get("compute_ratio") is None or r["summary"].get("final_top1") is None:
+                skipped["no compute_ratio or top-1"] += 1
+            else:
+                runs.append(dict(r, folder=f))
+                counts[_variant(r)] = counts.get(_variant(r), 0) + 1
+        lines.append(f"  {f} ({name}): {len(found)} runs, {sum(counts.values())} used"
+                     + "".join(f"; {v} x{n}" for v, n in counts.items()))
+    if not runs:
+        raise ValueError(f"{', '.join(map(str, folders))}: no finished distillation runs to compare")
+    points = aggregate_points(runs)
+    if out_dir:
+        out = Path(out_dir).expanduser()
+    else:
+        resolved = [f.resolve() for f in folders]
+        out = resolved[0] if len(resolved) == 1 else Path(os.path.commonpath(resolved))
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = _write_csv(points, list(POINT_COLUMNS), out / "compare_points.csv")
+    from kcd_ray.ray_layer.tune.plots import pareto_plot
+
+    shown = [dict(p, final_top1=p["final_top1_mean"]) for p in points]
+    png = pareto_plot(shown, "final_top1", out / "compare_pareto.png",
+                      "final top-1 vs compute: " + ", ".join(dict.fromkeys(p["strategy"] for p in points)),
+                      err_key="final_top1_se", group_key="strategy")
+    rows = [dict(p, top1=_fmt(p["final_top1_mean"]) + ("" if p["final_top1_se"] is None
+                                                       else f" +- {_fmt(p['final_top1_se'])}"),
+                 pareto="yes" if p["pareto"] else "") for p in points]
+    columns = ["strategy", "setting", "compute_ratio", "top1", "n_seeds", "n_runs", "pareto"]
+    front = [p for p in sorted(points, key=lambda p: p["compute_ratio"]) if p["pareto"]]
+    text = [f"compare {len(folders)} folder(s): {len(runs)} finished runs -> {len(points)} points "
+            "(final top-1: mean +- standard error over seeds)", *lines]
+    if any(skipped.values()):
+        text.append("skipped: " + ", ".join(f"{n} {k}" for k, n in skipped.items() if n))
+    text += [format_table(rows, columns),
+             "Pareto front (cheapest first): " + "; ".join(
+                 f"{p['strategy']}{'' if p['setting'] == '-' else ' ' + p['setting']} "
+                 f"({_fmt(p['compute_ratio'])}, {_fmt(p['final_top1_mean'])})"
+                 for p in front),
+             f"CSV: {csv_path}", f"plot: {png}"]
+    return {"kind": "compare", "paths": [str(f) for f in folders], "points": points,
+            "pareto": front, "skipped": skipped, "csv": str(csv_path), "png": str(png), "text": "\n".join(text)}
+
+
+def report(path, out_dir=None, *, compare: bool = False) -> dict:
+    """Report on a sweep folder, a folder of run folders, or one run folder; files go to ``out_dir`` (default: path).
+
+    Several folders (a list), or ``compare=True``: :func:`compare_report`, one Pareto plot over all of them."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if compare or len(paths) > 1:
+        return compare_report(paths, out_dir)
+    p = Path(paths[0]).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such folder (expected a sweep folder or a run folder)")
     out = Path(out_dir).expanduser() if out_dir else p
@@ -253,10 +436,17 @@ def report(path, out_dir=None) -> dict:
 
 
 def add_report_arguments(p) -> None:
-    p.add_argument("path", help="a sweep folder (<storage>/<sweep name>), a folder of runs, or one run folder")
-    p.add_argument("--out-dir", default=None, help="where the CSV, PNG and best_config.yaml go (default: the folder)")
+    p.add_argument("paths", nargs="+", metavar="path",
+                   help="a sweep folder (<storage>/<sweep name>), a folder of runs, or one run folder; several "
+                        "folders: one Pareto plot comparing them (e.g. runs/sweeps/rho runs/sweeps/infobatch)")
+    p.add_argument("--out-dir", default=None,
+                   help="where the CSV, PNG and best_config.yaml go (default: the folder; for several folders, "
+                        "their common parent: compare_points.csv, compare_pareto.png)")
+    p.add_argument("--compare", action="store_true",
+                   help="for one folder too: average runs over seeds into points and compare strategies, as for "
+                        "several folders")
 
 
 def main_report(args) -> int:
-    print(report(args.path, args.out_dir)["text"], flush=True)
+    print(report(args.paths, args.out_dir, compare=args.compare)["text"], flush=True)
     return 0

@@ -12,6 +12,8 @@ num_samples: 1                   # grid: repeats of the whole grid; random/optun
 metric: best_top1                # a metric the runs report (REPORTED_METRICS: best_top1, top1, val_loss, ...)
 mode: max
 asha: false                      # true, or {grace_period, reduction_factor, max_t, metric}
+pbt: false                       # true, or {interval, metric, quantile, resample_probability, mutate}: Population
+                                 # Based Training over the space while the trials train (in-process trials)
 include_kd_baseline: true        # one extra plain-KD trial (kcd.enabled=false) for the report
 storage_path: ./runs/sweeps      # the sweep folder is <storage_path>/<name>
 max_concurrent_trials: 0         # 0: derived from the cluster's resources
@@ -38,11 +40,12 @@ from kcd_ray.config import ConfigError, parse_scalar, read_yaml_mapping, apply_o
 from kcd_ray.ray_layer.tune.space import Dim, field_kind, parse_space, set_dotted
 
 SWEEP_KEYS = ("name", "description", "base", "kind", "overrides", "space", "search", "num_samples", "metric", "mode",
-              "asha", "include_kd_baseline", "storage_path", "max_concurrent_trials", "trial_cpus", "seed")
+              "asha", "pbt", "include_kd_baseline", "storage_path", "max_concurrent_trials", "trial_cpus", "seed")
+PBT_KEYS = ("interval", "metric", "quantile", "resample_probability", "mutate")
 SEARCHES = ("grid", "random", "optuna")
 ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "metric")
 # Config fields holding paths: made absolute up front, because Tune trials run in their own folder.
-PATH_KEYS = ("data.root", "data.source", "distill.teacher", "run.storage_path")
+PATH_KEYS = ("data.root", "data.source", "distill.teacher", "distill.cache_dir", "run.storage_path")
 
 # What a trial reports to Tune, i.e. what ``metric`` (and ``asha.metric``) may name. Kept in step with the
 # engine's metrics row (``kcd_ray.engine.engine.Engine.run_epoch``, and the rows of every metrics.jsonl; the
@@ -88,6 +91,7 @@ class Sweep:
     metric: str = "best_top1"
     mode: str = "max"
     asha: dict | None = None
+    pbt: dict | None = None
     include_kd_baseline: bool = False
     storage_path: str = ""
     max_concurrent_trials: int = 0
@@ -107,7 +111,7 @@ class Sweep:
         """What makes two invocations the same sweep (compared before restoring a sweep folder)."""
         d = {"kind": self.kind, "base": self.base, "space": [dataclasses.asdict(x) for x in self.dims],
              "search": self.search, "num_samples": self.num_samples, "metric": self.metric, "mode": self.mode,
-             "asha": self.asha, "include_kd_baseline": self.include_kd_baseline, "seed": self.seed}
+             "asha": self.asha, "pbt": self.pbt, "include_kd_baseline": self.include_kd_baseline, "seed": self.seed}
         return json.loads(json.dumps(d, default=list))
 
     def to_yaml(self) -> str:
@@ -251,6 +255,9 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
         raise _err(where, "include_kd_baseline: needs kind distill with a data-selection strategy in the base recipe "
                           "(kcd.enabled true or selection.strategy; the baseline is the same recipe without it)")
     asha = _parse_asha(raw.get("asha", False), base, where)
+    pbt = _parse_pbt(raw.get("pbt", False), base, dims, where)
+    if pbt and asha:
+        raise _err(where, "pbt and asha: pick one scheduler")
     try:
         max_conc = int(raw.get("max_concurrent_trials", 0))
         trial_cpus = float(raw.get("trial_cpus", 0.25))
@@ -264,7 +271,7 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
         raise _err(where, f"storage_path: {storage!r} is a URI; use a file-system path (an NFS/EFS mount on a cluster)")
     name = str(raw.get("name") or stem)
     return Sweep(name=name, source=where, kind=kind, base=base, dims=dims, search=search, num_samples=num_samples,
-                 metric=metric, mode=mode, asha=asha, include_kd_baseline=baseline,
+                 metric=metric, mode=mode, asha=asha, pbt=pbt, include_kd_baseline=baseline,
                  storage_path=_abs_path(str(storage), cwd), max_concurrent_trials=max_conc, trial_cpus=trial_cpus,
                  seed=seed, description=str(raw.get("description", "")))
 
@@ -288,6 +295,40 @@ def _parse_asha(asha: Any, base: dict, where: str) -> dict | None:
     if not isinstance(out["metric"], str) or not is_epoch_metric(out["metric"]):
         raise _err(where, f"asha.metric: {out['metric']!r} is not a metric the runs report every epoch; "
                           f"one of: {_metric_list(EPOCH_METRICS)}")
+    return out
+
+
+def _parse_pbt(pbt: Any, base: dict, dims: list, where: str) -> dict | None:
+    """Population Based Training: every ``interval`` epochs the bottom ``quantile`` of trials copy a top trial's
+    checkpoint (weights, optimiser and the whole KCD state) and perturb the ``mutate`` keys of the space."""
+    if pbt in (False, None):
+        return None
+    pbt = {} if pbt is True else pbt
+    if not isinstance(pbt, dict):
+        raise _err(where, f"pbt: expected true/false or a mapping of {', '.join(PBT_KEYS)}, got {pbt!r}")
+    for k in pbt:
+        if k not in PBT_KEYS:
+            raise _err(where, f"pbt.{k}: unknown key; allowed: {', '.join(PBT_KEYS)}")
+    keys = [d.key for d in dims]
+    out = {"interval": 2, "metric": "top1", "quantile": 0.25, "resample_probability": 0.25, "mutate": keys, **pbt}
+    if not (isinstance(out["interval"], int) and 0 < out["interval"] < base["optim"]["epochs"]):
+        raise _err(where, f"pbt.interval: expected an integer in 1..optim.epochs-1 ({base['optim']['epochs'] - 1}), "
+                          f"got {out['interval']!r}")
+    if not (isinstance(out["quantile"], (int, float)) and 0 < out["quantile"] <= 0.5):
+        raise _err(where, f"pbt.quantile: expected a fraction in (0, 0.5], got {out['quantile']!r}")
+    if not isinstance(out["metric"], str) or not is_epoch_metric(out["metric"]):
+        raise _err(where, f"pbt.metric: {out['metric']!r} is not a metric the runs report every epoch; "
+                          f"one of: {_metric_list(EPOCH_METRICS)}")
+    bad = [k for k in out["mutate"] if k not in keys]
+    if bad or not out["mutate"]:
+        raise _err(where, f"pbt.mutate: {bad or out['mutate']!r}: expected keys of space ({', '.join(keys) or 'empty'})")
+    if base["scaling"]["num_workers"] != 0:
+        raise _err(where, "pbt: needs in-process trials (scaling.num_workers=0): trials hand each other their "
+                          "checkpoints through Tune")
+    kcd_on = base["kcd"]["enabled"] or (base.get("selection") or {}).get("strategy") == "kcd"
+    if kcd_on and base["kcd"]["summary"]:
+        raise _err(where, "pbt: set kcd.summary=false: KCD's summary blends live in each trial's run folder and do "
+                          "not travel with an exploited checkpoint")
     return out
 
 

@@ -50,6 +50,8 @@ def trial_config(config: dict, payload: dict, trial_id: str) -> Config:
     data["run"]["name"] = run_name(payload["name"], trial_id, variant)
     data["run"]["storage_path"] = payload["runs_dir"]
     data["run"]["sweep"] = payload["name"]  # run.trackers: trials tagged and grouped by sweep (engine/trackers.py)
+    if payload.get("pbt"):  # an exploited trial continues another trial's checkpoint under a perturbed config
+        data["run"]["resume"] = "force"
     if data["scaling"]["num_workers"] == 0 and not data["optim"]["threads"]:
         # In-process trials share the machine: each gets the threads of its CPU reservation (as a Train worker
         # does), not one per core of the machine.
@@ -71,10 +73,40 @@ def _trial(config: dict, payload: dict) -> None:
     else:
         from kcd_ray.ray_layer.tune.hooks import TUNE_REPORT  # registers the hook in this (the trial's) process
 
-        summary = fit(cfg, payload["kind"], hooks=[TUNE_REPORT])
+        pbt = bool(payload.get("pbt"))
+        if pbt:
+            _take_over_checkpoint(cfg)
+        summary = fit(cfg, payload["kind"], hooks=[(TUNE_REPORT, {"checkpoint": pbt})])
+        if pbt:  # no extra result: PBT would read it as another epoch at the barrier and restart the trial forever
+            return
     final = {k: summary[k] for k in SUMMARY_KEYS if k in summary}
     final.update(top1=summary["final_top1"], epoch=summary["epochs"] - 1, run_dir=str(summary.get("run_dir", "")))
     tune.report(final)
+
+
+def _take_over_checkpoint(cfg: Config) -> None:
+    """PBT: when Tune restarts this trial from another trial's checkpoint, put it where an in-process run resumes
+    from (``<run folder>/local_checkpoint``); the run then continues that trial's epochs under this config."""
+    import shutil
+
+    from ray import tune
+
+    from kcd_ray.engine.rundir import RunDir, resolve_storage
+    from kcd_ray.ray_layer.worker import local_checkpoint_dir
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return
+    target = local_checkpoint_dir(RunDir(resolve_storage(cfg.run.storage_path) / cfg.run.name))
+    with ckpt.as_directory() as src:
+        if Path(src).resolve() == target.resolve():
+            return
+        tmp = target.with_name(target.name + ".incoming")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+    shutil.rmtree(target.with_name(target.name + ".prev"), ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 # --------------------------------------------------------------------------- resources
@@ -134,6 +166,21 @@ def _search_alg(sw: Sweep, baseline: dict | None, max_concurrent: int):
     return BaselineFirst(searcher, baseline) if baseline else searcher
 
 
+def _pbt(sw: Sweep):
+    """Ray Tune's PBT over the sweep's ``pbt.mutate`` keys: lists are resampled/shifted among their values, ranges
+    resampled from their distribution (Tune's explore: x0.8/x1.2 or a new sample)."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    p = sw.pbt
+    dims = {d.key: d for d in sw.dims}
+    mutations = {k: (list(dims[k].values) if dims[k].kind in ("grid", "choice") else dims[k].to_tune())
+                 for k in p["mutate"]}
+    return PopulationBasedTraining(time_attr="epoch", metric=p["metric"], mode=sw.mode,
+                                   perturbation_interval=p["interval"], hyperparam_mutations=mutations,
+                                   quantile_fraction=p["quantile"], resample_probability=p["resample_probability"],
+                                   synch=True)
+
+
 def _param_space(sw: Sweep) -> dict:
     strategy = (sw.base.get("selection") or {}).get("strategy", "auto")
     if strategy == "auto":
@@ -187,10 +234,15 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
     # Prepare the base data set once here, rather than in every trial at the same time.
     from kcd_ray.data import prepare_dataset
 
-    prepare_dataset(base_cfg.data)
+    data_dir = prepare_dataset(base_cfg.data)
+    if sw.kind == "distill":  # the teacher-output cache, built once here: every trial then only reads it
+        from kcd_ray.ray_layer.teacher_cache import ensure_teacher_cache
+        from kcd_ray.ray_layer.trainer import _resolve_paths
+
+        ensure_teacher_cache(_resolve_paths(base_cfg), data_dir, verbose=base_cfg.run.verbose > 0)
     cluster = ray.cluster_resources()
     max_conc = sw.max_concurrent_trials or derive_concurrency(base_cfg, sw.trial_cpus, cluster)
-    payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": str(sw.runs_dir)}
+    payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": str(sw.runs_dir), "pbt": sw.pbt}
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),
                                     trial_resources(base_cfg, sw.trial_cpus, cluster))
 
@@ -200,7 +252,7 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
     else:
         baseline = {**base_point(sw.dims, sw.base), "variant": "kd"} if sw.include_kd_baseline else None
         num_samples = sw.num_samples + (1 if baseline else 0)
-        scheduler = None
+        scheduler = _pbt(sw) if sw.pbt else None
         if sw.asha:
             from ray.tune.schedulers import ASHAScheduler
 
@@ -222,6 +274,10 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
             run_config=tune.RunConfig(name="tune", storage_path=str(sw.folder), verbose=base_cfg.run.verbose),
         )
     results = tuner.fit()
+    if sw.pbt:
+        from kcd_ray.ray_layer.tune.schedules import write_pbt_schedule
+
+        write_pbt_schedule(sw.folder, results, sw.pbt["metric"])
     errors = [r for r in results if r.error is not None]
     if errors and len(errors) == len(results):
         raise RuntimeError(f"sweep {sw.name}: every trial failed; first error ({errors[0].path}): {errors[0].error}")

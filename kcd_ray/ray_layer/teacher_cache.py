@@ -1,0 +1,196 @@
+"""Building the teacher-output cache: one Ray Data batch-inference pass on an actor pool (a GPU per actor when
+the run uses GPUs, a fractional CPU here), writing one Parquet shard per unit (``kcd_ray.cache.store``).
+
+Work items are (unit, row range) pairs; the driver streams the results, and as soon as a unit has every training
+row it writes that unit's shard and records it in the manifest. An interrupted build therefore restarts at the
+first unfinished unit; a finished one is never recomputed. A file lock on the cache folder makes concurrent
+callers (the trials of a sweep started without the driver-side build) wait for one builder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import ray
+import ray.data
+import torch
+
+from kcd_ray.cache.store import (CacheSpec, cache_key, cache_spec, check_manifest, default_dir, file_sha256,
+                                 read_manifest, shard_table, unit_uniform_key, write_manifest, write_shard)
+from kcd_ray.data import load_meta
+from kcd_ray.data import transforms as T
+from kcd_ray.ray_layer.resources import scorer_resources
+
+ITEM_ROWS = 512  # rows per work item: small enough for steady progress, large enough for a full teacher batch
+
+
+def say(msg: str) -> None:
+    print(f"[kcd_ray] teacher cache: {msg}", flush=True)
+
+
+@contextmanager
+def _locked(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # blocks while another process builds this cache
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class TeacherForward:
+    """Ray Data actor: the teacher loaded once, the training split in memory; each work item is a row range of
+    one unit, augmented exactly as the training pipeline augments it for that unit, then one teacher forward."""
+
+    def __init__(self, teacher_path: str, teacher_model: str, num_classes: int, data_dir: str, augment: str,
+                 seed: int, feat: bool, use_gpu: bool, threads: int):
+        import pyarrow.parquet as pq
+
+        from kcd_ray.models import load_model
+        from kcd_ray.ray_layer.pipeline import _uint8_images
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.teacher = load_model(teacher_path, name=teacher_model or None, num_classes=num_classes)
+        self.teacher.to(self.device).eval()
+        self.meta, self.kind, self.seed, self.feat = T.read_meta(data_dir), augment, int(seed), feat
+        table = pq.read_table(str(Path(data_dir) / "train"), columns=["sample_id", "image"])
+        self.ids = table.column("sample_id").to_numpy().astype(np.int64)
+        self.images = _uint8_images(table.column("image"), self.meta, self.ids)
+
+    def __call__(self, batch: dict) -> dict:
+        unit, start, stop = str(batch["unit"][0]), int(batch["start"][0]), int(batch["stop"][0])
+        ids, x = self.ids[start:stop], self.images[start:stop]
+        key = unit_uniform_key(unit, self.seed)
+        if key is None:
+            img = T.eval_transform(x, self.meta)
+        else:
+            img = T.train_transform(x, self.meta, self.kind, uniforms=T.sample_uniforms(ids, T.n_uniforms(self.kind), key))
+        with torch.no_grad():
+            img = img.to(self.device)
+            if self.feat:
+                feats, z = self.teacher(img, is_feat=True)
+                f = feats[-1].flatten(1).float().cpu().numpy()
+            else:
+                z, f = self.teacher(img), np.zeros((len(ids), 0), np.float32)
+        return {"unit": np.array([unit] * len(ids)), "sample_id": ids, "logits": z.float().cpu().numpy(), "feat": f}
+
+
+def _probe(teacher_path: str, teacher_model: str, num_classes: int, meta: dict) -> dict:
+    """What a worker that never loads the teacher needs from it: feature shapes and forward FLOPs per sample."""
+    from kcd_ray.engine.ledger import measure_flops
+    from kcd_ray.models import load_model
+
+    teacher = load_model(teacher_path, name=teacher_model or None, num_classes=num_classes).eval()
+    h, w, c = T.image_shape(meta)
+    with torch.no_grad():
+        feats, _ = teacher(torch.zeros(2, c, h, w), is_feat=True)
+    try:
+        flops = measure_flops(teacher, (c, h, w), backward=False, train=False)[0]
+    except Exception:  # noqa: BLE001 - an estimate never fails a build
+        flops = 0.0
+    return {"teacher_shapes": [list(f.shape[1:]) for f in feats], "teacher_flops": float(flops)}
+
+
+def _build(cfg, spec: CacheSpec, data_dir: Path, meta: dict, manifest: dict, todo: list[str], verbose: bool) -> None:
+    from kcd_ray.ray_layer.logs import quiet_ray_data_and_train
+
+    quiet_ray_data_and_train()
+    n = int(meta["splits"]["train"]["num_rows"])
+    items = [{"unit": u, "start": s, "stop": min(s + ITEM_ROWS, n)} for u in todo for s in range(0, n, ITEM_ROWS)]
+    res = scorer_resources(cfg.scaling)
+    actors = max(1, int(cfg.kcd.offline_actors))
+    # The build runs before any trainer (or waits for it under the lock): its CPU actors may use the free cores.
+    free = float(ray.available_resources().get("CPU", 1.0))
+    threads = max(1, math.ceil(cfg.scaling.cpus_per_worker), int(free // actors))
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        TeacherForward, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+        fn_constructor_kwargs=dict(teacher_path=cfg.distill.teacher, teacher_model=cfg.distill.teacher_model,
+                                   num_classes=int(meta["num_classes"]), data_dir=str(data_dir), augment=spec.augment,
+                                   seed=spec.seed, feat=spec.feat, use_gpu=res["num_gpus"] > 0, threads=threads),
+        **res)
+    parts: dict[str, list] = {u: [] for u in todo}
+    rows = dict.fromkeys(todo, 0)
+    t0, done = time.perf_counter(), 0
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        u = str(b["unit"][0])
+        parts[u].append((b["sample_id"], b["logits"], b["feat"]))
+        rows[u] += len(b["sample_id"])
+        if rows[u] < n:
+            continue
+        ids, logits, feat = (np.concatenate(x) for x in zip(*parts.pop(u)))
+        entry = write_shard(spec.dir, u, shard_table(ids, logits, feat if spec.feat else None, spec.topk))
+        manifest["units"][u] = entry
+        write_manifest(spec.dir, manifest)
+        done += 1
+        if verbose:
+            el = time.perf_counter() - t0
+            say(f"unit {u} done ({done}/{len(todo)}, {n} rows, {done * n / el:.0f} samples/s, "
+                f"~{el / done * (len(todo) - done):.0f}s left)")
+
+
+def ensure_teacher_cache(cfg, data_dir, kind: str = "distill", *, verbose: bool = True) -> Optional[CacheSpec]:
+    """The run's CacheSpec, building whatever units are missing first; None when the run keeps the teacher in
+    the loop (``distill.cache=off``, or a method the cache cannot serve: said in one line)."""
+    spec, reason = cache_spec(cfg, data_dir, kind)
+    if reason is not None:
+        if verbose:
+            say(f"distill.cache={cfg.distill.cache} not used: {reason}; the teacher stays in the loop")
+        return None
+    if spec is None:
+        return None
+    data_dir = Path(data_dir)
+    meta = load_meta(data_dir)
+    num_classes = int(meta["num_classes"])
+    key = cache_key(teacher_sha256=file_sha256(cfg.distill.teacher), teacher_model=cfg.distill.teacher_model,
+                    meta=meta, num_classes=num_classes, spec=spec)
+    folder = Path(spec.dir).expanduser() if spec.dir else default_dir(data_dir, key)
+    spec = dataclasses.replace(spec, dir=str(folder.resolve()))
+    with _locked(folder):
+        manifest = read_manifest(folder) or {"key": key, "units": {}, "builds": []}
+        check_manifest(manifest, key, folder)
+        if "teacher_shapes" not in manifest:
+            manifest.update(_probe(cfg.distill.teacher, cfg.distill.teacher_model, num_classes, meta))
+        todo = [u for u in spec.units() if u not in manifest["units"]]
+        if todo:
+            if verbose:
+                say(f"building {len(todo)} unit(s) x {meta['splits']['train']['num_rows']} rows in {folder}")
+            t0 = time.perf_counter()
+            _build(cfg, spec, data_dir, meta, manifest, todo, verbose)
+            manifest.setdefault("builds", []).append(
+                {"units": todo, "teacher_forwards": len(todo) * int(meta["splits"]["train"]["num_rows"]),
+                 "seconds": round(time.perf_counter() - t0, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            write_manifest(folder, manifest)
+        elif verbose:
+            say(f"reusing {folder} ({len(spec.units())} unit(s))")
+    shapes = manifest["teacher_shapes"]
+    return dataclasses.replace(spec, teacher_shapes=tuple(tuple(s) for s in shapes),
+                               feat_shape=tuple(shapes[-1]), teacher_flops=float(manifest["teacher_flops"]))
+
+
+def build_for_config(cfg) -> CacheSpec:
+    """``kcd-ray cache-teacher``: prepare the data, start Ray, build the cache (``distill.cache=off`` -> exact)."""
+    from kcd_ray.config import ConfigError
+    from kcd_ray.data import prepare_dataset
+    from kcd_ray.ray_layer.trainer import _resolve_paths, init_ray, preflight
+
+    if cfg.distill.cache == "off":
+        cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, cache="exact"))
+    cfg = _resolve_paths(cfg)
+    data_dir = Path(prepare_dataset(cfg.data, verbose=cfg.run.verbose > 0)).resolve()
+    preflight(cfg, "distill", data_dir)
+    init_ray(cfg)
+    spec = ensure_teacher_cache(cfg, data_dir, verbose=True)
+    if spec is None:
+        _, reason = cache_spec(cfg, data_dir)
+        raise ConfigError(f"distill.cache: nothing to build: {reason}")
+    say(f"ready: {spec.dir}")
+    return spec
