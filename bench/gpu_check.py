@@ -11,12 +11,14 @@ mode. It then reports the engine's img/s against a plain PyTorch KD loop with th
 (same student, teacher, batch), fp32 and AMP. Last, the teacher-output cache (issue 12): it builds a small exact
 cache with the Ray Data actor pass on the GPU, checks a sample of it against the teacher, and reports the KD
 step's img/s with the cached logits against the teacher in the loop (the ratio ``bench/teacher_cache.py
-throughput`` measures on CPU).
+throughput`` measures on CPU). Then KD and KD+KCD through ``fit()`` on one Ray Train GPU worker (NCCL process
+group, AMP, the Ray Data pipeline) with KCD's offline E-step on a GPU actor, against the plain loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -165,10 +167,43 @@ def cache_check(work: Path, steps: int, batch_size: int) -> None:
           f"{rates['teacher in the loop']:.0f} img/s, ratio {rates['cached logits'] / rates['teacher in the loop']:.3f}")
 
 
+def ray_train_check(work: Path, batch_size: int, samples: int, epochs: int, steps: int) -> None:
+    """KD and KD+KCD (offline E-step on a GPU actor) through ``fit()``: one Ray Train worker on the GPU (Train's
+    torch backend: NCCL), AMP, the Ray Data pipeline; img/s of the last epoch against the plain loop's."""
+    import ray
+
+    from kcd_ray.config import load_config
+    from kcd_ray.models import build_model, save_model
+    from kcd_ray.ray_layer.trainer import fit
+
+    if not (work / "teacher.pt").exists():
+        save_model(work / "teacher.pt", build_model("resnet32x4", 100))
+    base = {"model": "resnet8x4", "data": {"name": "synthetic", "root": str(work / "data_fit"),
+                                           "synthetic": {"num_train": samples, "num_test": 256, "num_classes": 100}},
+            "optim": {"epochs": epochs, "batch_size": batch_size, "amp": True},
+            "scaling": {"num_workers": 1, "use_gpu": "true", "cpus_per_worker": 2, "data_cpus": 1},
+            "distill": {"teacher": str(work / "teacher.pt")}, "run": {"verbose": 0, "storage_path": str(work / "runs")}}
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    plain = plain_rate(True, steps, batch_size)
+    for name, kcd in (("KD", {"enabled": False}),
+                      ("KD+KCD (offline E-step on a GPU actor)", {"enabled": True, "estep": "offline",
+                                                                  "value_fn": "kd", "interval": 1, "stages": 2})):
+        cfg = load_config(base={**base, "kcd": kcd, "run": {**base["run"], "name": name.split()[0]}})
+        s = fit(cfg)
+        rows = [json.loads(x) for x in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        rate = rows[-1]["images_per_s"]
+        print(f"Ray Train, 1 GPU worker, AMP, {name}: {rate:.0f} img/s (last epoch; top1 {s['final_top1']:.2f}), "
+              f"plain PyTorch KD loop (AMP, data on the GPU) {plain:.0f} img/s, ratio {rate / plain:.3f}")
+    ray.shutdown()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--fit-samples", type=int, default=8192, help="training rows of the Ray Train runs")
+    p.add_argument("--fit-epochs", type=int, default=3)
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; skipped (run it on a machine with a GPU)")
@@ -181,6 +216,7 @@ def main() -> int:
         print(f"KD+KCD step, amp={amp}: engine {ours:.0f} img/s (no host sync in {args.steps} steps), "
               f"plain PyTorch KD loop {base:.0f} img/s, ratio {ours / base:.3f}")
     cache_check(work, args.steps, args.batch_size)
+    ray_train_check(work, args.batch_size, args.fit_samples, args.fit_epochs, args.steps)
     return 0
 
 

@@ -61,3 +61,27 @@ def test_a_folder_without_state_is_not_a_checkpoint(tmp_path):
     with pytest.raises(Exception, match="state.pt"):
         load_run_checkpoint(tmp_path / "local_checkpoint")
 
+
+
+class _RunsCode:
+    """A pickle that would run code when loaded with weights_only=False."""
+
+    def __reduce__(self):
+        return (os.makedirs, (os.environ["KCD_TEST_MARKER"],))
+
+
+def test_run_state_loads_weights_only_and_refuses_code(tmp_path, monkeypatch):
+    from kcd_ray.models import CheckpointError
+
+    folder = tmp_path / "local_checkpoint"
+    save_local_checkpoint(folder, **_parts(3))
+    state = load_run_checkpoint(folder)  # numpy arrays of the KCD state are allow-listed
+    assert isinstance(state["hooks"]["kcd"]["kept"], np.ndarray) and state["run"]["epoch"] == 3
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("KCD_TEST_MARKER", str(marker))
+    bad = torch.load(folder / "state.pt", weights_only=False)
+    bad["run"]["payload"] = _RunsCode()
+    torch.save(bad, folder / "state.pt")
+    with pytest.raises(CheckpointError, match=r"state.pt: refused: loading it would import os.makedirs \(only tensors"):
+        load_run_checkpoint(folder)
+    assert not marker.exists()  # nothing ran

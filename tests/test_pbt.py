@@ -27,6 +27,7 @@ def test_pbt_settings_are_checked_with_one_line_each():
              ({"pbt": {"mutate": ["optim.lr"]}}, r"pbt.mutate: \['optim.lr'\]: expected keys of space"),
              ({"pbt": {"metric": "final_top1"}}, "pbt.metric: 'final_top1' is not a metric the runs report every epoch"),
              ({"pbt": True, "asha": True}, "pick one scheduler"),
+             ({"pbt": True, "include_kd_baseline": True}, "the baseline would join the population"),
              ({"pbt": True, "base": {**BASE, "kcd": {"enabled": True}}}, "pbt: set kcd.summary=false"),
              ({"pbt": True, "base": {**BASE, "scaling": {"num_workers": 1}}}, r"pbt: needs in-process trials")]
     for extra, needle in cases:

@@ -104,6 +104,7 @@ class MultiTeacherKD(_Teachers):
 class EducationDistiller(_Teachers):
     """ED's loss over a growing student (module doc). Built with ``groups`` (a ClassGroups) and ``curriculum``
     (the CurriculumConfig: alpha, teacher_source, tr_relu, tr1_grid) as keyword arguments."""
+    routes_rows = True  # a row goes through its group's teacher only: one teacher forward per row (ledger)
 
     def __init__(self, student, teacher, cfg, num_classes, *, groups=None, curriculum=None, **kw):
         from kcd_ray.models.growing import GrowingStudent

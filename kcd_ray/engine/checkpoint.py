@@ -80,6 +80,24 @@ def latest_local_checkpoint(folder: str | os.PathLike) -> Path | None:
     return None
 
 
+def _numpy_globals() -> list:
+    """The numpy reconstructors a run state pickles (arrays, dtypes, scalars), allow-listed for weights_only loads."""
+    import numpy as np
+
+    mod = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    found = [mod._reconstruct, mod.scalar, np.ndarray, np.dtype]
+    return found + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+
+
+def _load_failure(e: Exception, what: str = "kcd_ray run state") -> str:
+    msg = str(e)
+    if "Weights only load failed" in msg and "GLOBAL " in msg:  # refused an import: never loaded, never executed
+        name = msg.split("GLOBAL ", 1)[1].split(" ", 1)[0]
+        return (f"refused: loading it would import {name} (only tensors, Python values and numpy arrays are "
+                f"allowed in a {what})")
+    return f"not a readable {what} ({type(e).__name__}: {msg.splitlines()[0] if msg else ''})"
+
+
 def load_run_checkpoint(path: str | os.PathLike) -> dict:
     """Read ``state.pt`` (+ the student weights) from a checkpoint folder; errors name the file."""
     path = Path(path)
@@ -87,17 +105,19 @@ def load_run_checkpoint(path: str | os.PathLike) -> dict:
     if not f.is_file():
         raise CheckpointError(f"{f}: missing; a kcd_ray run checkpoint folder holds model.pt and state.pt")
     try:
-        # Our own file, written by save_run_checkpoint (holds numpy arrays of the KCD state).
-        state = torch.load(f, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise CheckpointError(f"{f}: not a readable kcd_ray run state ({type(e).__name__}: {e})") from None
+        # weights_only: a checkpoint in shared storage must not run code on the workers that resume from it. The
+        # run state holds tensors, Python values and the KCD state's numpy arrays: only those numpy types are allowed.
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt (or unsafe) file
+        raise CheckpointError(f"{f}: {_load_failure(e)}") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{f}: not a kcd_ray run state (expected format {STATE_FORMAT!r})")
     m = path / "model.pt"
     try:
-        state["student"] = torch.load(m, map_location="cpu", weights_only=False)["model"]
+        state["student"] = torch.load(m, map_location="cpu", weights_only=True)["model"]
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{m}: not a readable student checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{m}: {_load_failure(e, 'student checkpoint')}") from None
     return state
 
 

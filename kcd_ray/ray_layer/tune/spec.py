@@ -258,6 +258,9 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     pbt = _parse_pbt(raw.get("pbt", False), base, dims, where)
     if pbt and asha:
         raise _err(where, "pbt and asha: pick one scheduler")
+    if pbt and baseline:
+        raise _err(where, "pbt and include_kd_baseline: the baseline would join the population and be exploited; "
+                          "run plain KD as its own sweep or run")
     try:
         max_conc = int(raw.get("max_concurrent_trials", 0))
         trial_cpus = float(raw.get("trial_cpus", 0.25))
