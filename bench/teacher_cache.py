@@ -3,6 +3,7 @@
     .venv/bin/python bench/teacher_cache.py throughput [--steps 30] [--threads 2]
     .venv/bin/python bench/teacher_cache.py sweep [--trials 4] [--epochs 3]
     .venv/bin/python bench/teacher_cache.py views [--seeds 0 1 2] [--ks 4 8 16] [--epochs 15] [--data synthetic digits]
+    .venv/bin/python bench/teacher_cache.py blends [--epochs 18]
 
 ``throughput``: KD steps, resnet32x4 -> resnet8x4, batch 64, 32x32 CIFAR-shaped inputs, on the engine (the same
 step a Train worker runs): the teacher in the loop against batches that carry the cached fp16 logits (what the Ray
@@ -219,6 +220,40 @@ def views(args) -> dict:
     return results
 
 
+# --------------------------------------------------------------------------- KCD blends with a cache
+
+
+def blends(args) -> dict:
+    """KCD (the digits recipe: rho 0.7, 6 stages of 3 epochs, summary blends) with the cache: the blended rows are
+    the only teacher forwards left; their share of the trained rows, and the wall time against the teacher in the
+    loop (a real in-process ``fit`` on Ray Data)."""
+    from kcd_ray.ray_layer.trainer import fit
+
+    out = Path(args.out)
+    teacher = out / "digits" / "teacher" / "final_model.pt"
+    if not teacher.exists():
+        raise SystemExit(f"{teacher}: run the views part first (it trains the digits teacher)")
+    res = {}
+    for mode in ("off", "exact"):
+        cfg = load_config("experiments/digits/kcd.yaml", [
+            f"distill.teacher={teacher}", f"distill.cache={mode}", f"optim.epochs={args.epochs}",
+            "kcd.interval=3", "scaling.num_workers=0", "optim.threads=2", f"data.root={out / 'data'}",
+            f"run.storage_path={out / 'blends'}", f"run.name=kcd_{mode}", "run.resume=never", "run.verbose=0"])
+        t0 = time.perf_counter()
+        s = fit(cfg)
+        wall = time.perf_counter() - t0
+        rows = [json.loads(x) for x in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        trained = sum(r["samples_seen"] for r in rows)
+        teacher_rows = sum(r["teacher_forward_samples"] for r in rows)
+        res[mode] = {"wall_s": wall, "final_top1": s["final_top1"], "samples_trained": trained,
+                     "teacher_forward_samples": teacher_rows, "teacher_share": teacher_rows / trained}
+        print(f"KCD cache={mode}: {wall:.1f}s, top1 {s['final_top1']:.2f}, teacher forwards {teacher_rows} for "
+              f"{trained} trained rows ({100 * teacher_rows / trained:.1f}%)", flush=True)
+    res["ratio"] = res["off"]["wall_s"] / res["exact"]["wall_s"]
+    print(json.dumps(res), flush=True)
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="part", required=True)
@@ -236,8 +271,11 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-epochs", type=int, default=20)
     p.add_argument("--data", nargs="+", default=["synthetic", "digits"])
     p.add_argument("--out", default=str(ROOT / "runs" / "bench_tcache"))
+    p = sub.add_parser("blends")
+    p.add_argument("--epochs", type=int, default=18)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_tcache"))
     args = ap.parse_args(argv)
-    {"throughput": throughput, "sweep": sweep, "views": views}[args.part](args)
+    {"throughput": throughput, "sweep": sweep, "views": views, "blends": blends}[args.part](args)
     return 0
 
 

@@ -5,6 +5,17 @@ import pytest
 # Keep Ray's session files away from other Ray users of the machine, and never attach to a stray cluster.
 os.environ.setdefault("RAY_TMPDIR", "/tmp/kcd_ray_tests")
 os.environ.pop("RAY_ADDRESS", None)
+# Ray Train's controller polls its workers every 2 s: a finished (or failed) run is noticed up to 2 s late, and
+# every fit pays that at least once. A quicker poll costs nothing on a local test cluster. The preemption watcher
+# (an extra actor process per worker group, watching for node drains) has nothing to watch here. Set before any
+# ray.init, so the local clusters, the CLI subprocesses and `ray start` nodes of the tests all inherit them.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray keeps at most num_cpus (2) idle worker processes and kills the rest a second after they go idle, so every run
+# started ~8 fresh Python workers for its Ray Data tasks (0.25 CPU each), each importing pyarrow, numpy and kcd_ray
+# again: measured on 2 cores, a second 2-worker fit took 20 s, 13 s with up to 8 idle workers kept for reuse (as a
+# long-lived cluster reuses them). Only the local test clusters' process pool changes, not what a run does.
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
 
 
 @pytest.fixture(scope="session")

@@ -90,7 +90,7 @@ def test_ray_job_submit_runs_kcd_ray_distill(head):
     entrypoint = ["kcd-ray", "distill", "--config", "experiments/digits/kcd.yaml",
                   f"data.root={shared / 'data'}", f"distill.teacher={shared / 'teacher.pt'}",
                   f"run.storage_path={shared / 'runs'}", "run.name=job", "optim.epochs=1", "optim.threads=1",
-                  "optim.batch_size=128", "scaling.num_workers=0", "scaling.cpus_per_worker=0.5",
+                  "optim.batch_size=128", "data.image_size=8", "scaling.num_workers=0", "scaling.cpus_per_worker=0.5",
                   "run.trackers=[tensorboard,mlflow]"]
     cmd = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps(runtime_env), "--", *entrypoint]

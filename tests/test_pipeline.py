@@ -267,11 +267,12 @@ def test_train_and_eval_datasets_serve_every_row_once(ray_local, tmp_path):
     ids, labels, imgs = _epoch(eval_dataset(d, split="test"))
     np.testing.assert_array_equal(ids, np.arange(12))
     np.testing.assert_allclose(imgs, _norm(data["test"][1]), rtol=1e-5, atol=1e-5)
-    # encoded (PNG) files decode to the same pixels
+    # encoded (PNG) files: the standard eval view of the decoded file (resize to S*256/224, centre crop S)
     d2, data2 = make_prepared(tmp_path / "png", n_train=8, n_test=10, encoding="encoded", seed=5)
     ids, _, imgs = _epoch(eval_dataset(d2, split="test", data_cpus=0.5))
     np.testing.assert_array_equal(ids, np.arange(10))
-    np.testing.assert_allclose(imgs, _norm(data2["test"][1]), rtol=1e-5, atol=1e-5)
+    expect = T.eval_transform([_png(v) for v in data2["test"][1]], T.read_meta(d2)).numpy()
+    np.testing.assert_allclose(imgs, expect, rtol=1e-5, atol=1e-5)
     # augmented, through the local-shuffle helper: every id once per epoch, new crops each epoch (the plan reads
     # the epoch from the run's MaskStore at execution time; without a store every execution is epoch 0)
     from kcd_ray.ray_layer.mask_store import get_mask_store, set_epoch

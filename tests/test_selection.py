@@ -1,7 +1,7 @@
 """Data-selection strategies (InfoBatch, UNIXKD, random subsets, KCD) and the compute ledger.
 
 The rules on fixed inputs, the ledger's counts on tiny engine runs (plain Python batches, LocalServices), resume
-of InfoBatch, and one short run of each strategy with 2 Ray Train workers.
+of InfoBatch, and one short real run of each strategy (InfoBatch and UNIXKD with 2 Ray Train workers).
 """
 
 from __future__ import annotations
@@ -201,6 +201,9 @@ def test_random_subset_fraction_seeding_and_kcd_schedule():
     hook = RandomSubset(cfg.selection.random, cfg.kcd, 1000, 5, seed=0)
     hook.before_epoch(None, 2)
     assert np.array_equal(hook.kept, kept)
+    other_rank = RandomSubset(cfg.selection.random, cfg.kcd, 1000, 5, seed=0)
+    other_rank.before_epoch(SimpleNamespace(ctx=SimpleNamespace(rank=1, world=2)), 2)
+    assert np.array_equal(other_rank.kept, kept)  # every rank draws the same subset (no all-gather needed)
     cfg = _cfg("selection.random.follow_kcd_schedule=true", "kcd.interval=1", "kcd.stages=2", "kcd.rho=0.5")
     hook = RandomSubset(cfg.selection.random, cfg.kcd, 100, 4, seed=0)
     sizes = []
@@ -362,10 +365,15 @@ def test_infobatch_prunes_in_the_loop_and_resume_continues_exactly(tiny, tmp_pat
 
 @pytest.mark.ray
 def test_each_strategy_runs_with_two_workers(ray_session, tmp_path):
-    """unixkd and random one epoch, infobatch two (its first prunes nothing), with 2 Train workers on digits: the
+    """unixkd and random one epoch, infobatch two (its first prunes nothing), on digits through fit(): the
     selection reaches the pipeline (no worker trains a sample outside it), every rank holds the same selection
-    state (InfoBatch's all-gathered scores and its weights too), the ledger counts. KCD with 2 workers (the same
-    hook, built through selection.strategy) is tests/test_train.py::test_two_workers_kcd_mask_sharding_and_values."""
+    state (InfoBatch's all-gathered scores and its weights too), the ledger counts. InfoBatch and UNIXKD (the
+    all-gather; the ranking forward through DDP) run 2 Train workers. Random runs in-process (the same fit(), the
+    same Ray Data pipeline): its kept set reaches the pipeline as InfoBatch's does (``data_selection`` -> the mask
+    store -> the split), and needs nothing from the other ranks (test_random_subset_...: rank-independent), so a
+    third 2-worker run (~20 s of Train start-up on 2 cores) would check that path twice. KCD with 2 workers (the
+    same hook, built through selection.strategy) is
+    tests/test_train.py::test_two_workers_kcd_mask_sharding_and_values."""
     from kcd_ray.ray_layer.trainer import fit
 
     teacher = tmp_path / "teacher.pt"
@@ -376,21 +384,22 @@ def test_each_strategy_runs_with_two_workers(ray_session, tmp_path):
             "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.25},
             "run": {"storage_path": str(tmp_path / "runs"), "verbose": 0},
             "distill": {"teacher": str(teacher)}}
-    runs = {"infobatch": ["optim.epochs=2"], "random": ["selection.random.fraction=0.4"], "unixkd": []}
-    for strategy, extra in runs.items():
-        cfg = load_config(base=base, overrides=[f"selection.strategy={strategy}", f"run.name={strategy}", *extra])
+    runs = {"infobatch": (2, ["optim.epochs=2"]), "random": (0, ["selection.random.fraction=0.4"]), "unixkd": (2, [])}
+    for strategy, (workers, extra) in runs.items():
+        cfg = load_config(base=base, overrides=[f"selection.strategy={strategy}", f"run.name={strategy}",
+                                                f"scaling.num_workers={workers}", *extra])
         summary = fit(cfg, kind="distill", hooks=["record_ids", "record_selection"])
-        run_dir, n = Path(summary["run_dir"]), summary["num_train"]
+        run_dir, n, world = Path(summary["run_dir"]), summary["num_train"], max(workers, 1)
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert summary["strategy"] == strategy and [r["strategy"] for r in rows] == [strategy] * cfg.optim.epochs
         for e, row in enumerate(rows):
-            parts = [np.load(run_dir / "ids" / f"e{e:04d}_r{r}.npy") for r in range(2)]
+            parts = [np.load(run_dir / "ids" / f"e{e:04d}_r{r}.npy") for r in range(world)]
             seen = np.concatenate(parts)
             assert len(np.unique(seen)) == len(seen), (strategy, e)
             assert row["samples_seen"] == len(seen)
-            sel = [np.load(run_dir / "selection" / f"e{e:04d}_r{r}.npz") for r in range(2)]
+            sel = [np.load(run_dir / "selection" / f"e{e:04d}_r{r}.npz") for r in range(world)]
             for key in sel[0].files:  # identical selection state on both ranks
-                assert np.array_equal(sel[0][key], sel[1][key]), (strategy, e, key)
+                assert all(np.array_equal(sel[0][key], other[key]) for other in sel[1:]), (strategy, e, key)
             kept = sel[0]["kept"]
             assert kept[seen].all(), (strategy, e)  # nothing outside the selection was trained on
             if strategy != "unixkd":

@@ -286,7 +286,7 @@ def test_two_trial_sweep_and_report(tmp_path, ray_local):
     epochs = 2
     sweep = {
         "name": "tiny", "storage_path": str(tmp_path / "sweeps"), "include_kd_baseline": True,
-        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 16, "root": str(tmp_path / "data")},
+        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data")},
                  "optim": {"epochs": epochs, "batch_size": 128, "eval_batch_size": 512},
                  "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
                  "run": {"verbose": 0},

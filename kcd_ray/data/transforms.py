@@ -6,6 +6,14 @@ uint8), uint8 -> normalised float32 NCHW is one fused multiply-add, and the rand
 crop resizes every crop box of the batch in one ``roi_align`` call. Only encoded files
 (PNG/JPEG) are decoded one by one, which no codec avoids.
 
+Encoded data (``meta["encoding"] == "encoded"``) follows torchvision's ImageNet recipe on each
+image at its decoded size (:func:`decode_full`): train = random-resized crop of the whole image
+-> S x S (+ flip), eval = shorter side to round(S * 256 / 224) + centre crop S x S, both resized
+with antialiasing in uint8, one image at a time. The ``cifar``/``none`` kinds first bring each
+image to S x S as :func:`decode_images` does. Raw data is stored at S x S and transformed as a
+batch. KCD's blend overlays of encoded data are stored at S x S (:func:`decode_images`' size) and
+go through the encoded recipe as images of that size, whatever else their batch holds.
+
 Randomness comes either from a ``torch.Generator`` or from ``uniforms``: a float array
 [B, n_uniforms(kind)] in [0, 1) that fixes every random choice per sample. The Ray pipeline
 draws those from :func:`sample_uniforms` (a counter-based hash of a key and the sample id),
@@ -28,6 +36,7 @@ CIFAR_PAD = 4
 RRC_SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop defaults
 RRC_RATIO = (3 / 4, 4 / 3)
 RRC_TRIES = 10
+EVAL_RESIZE = 256 / 224  # encoded data's eval: shorter side to round(S * 256 / 224), then centre crop S
 _UNIFORMS = {"cifar": 3, "imagenet": 4 * RRC_TRIES + 1, "none": 0}
 
 
@@ -97,7 +106,9 @@ def decode_images(images: Union[Sequence[bytes], np.ndarray], meta: dict, *, sam
 
     ``raw``: each value holds exactly H*W*C bytes (HWC order). ``encoded``: PNG/JPEG file bytes,
     decoded with torchvision and brought to H x W by a shorter-side resize and a centre crop
-    (aspect ratio kept). A uint8 array already shaped [B, H, W, C] passes through.
+    (aspect ratio kept): the fixed-size images blends are made of. The transforms take encoded
+    data at its decoded size instead (:func:`decode_full`). A uint8 array already shaped
+    [B, H, W, C] passes through.
 
     ``sample_ids`` (the batch's ids), ``split`` and ``data_dir`` only serve error messages: an image
     that does not decode raises :class:`ImageDecodeError` naming its sample id, split, Parquet
@@ -122,21 +133,62 @@ def decode_images(images: Union[Sequence[bytes], np.ndarray], meta: dict, *, sam
         return np.frombuffer(buf, np.uint8).reshape(n, h, w, c)
     if enc == "encoded":
         out = np.empty((n, h, w, c), np.uint8)
-        for i, v in enumerate(images):
-            try:
-                out[i] = _decode_file(v, h, w, c, i)
-            except ImageDecodeError as e:
-                if sample_ids is None:
-                    raise
-                where, sid = _where(i, sample_ids, split, data_dir)
-                raise ImageDecodeError(f"{where}: {e.reason}", i, sid, e.reason) from None
+        for i, img in _decode_each(images, meta, True, sample_ids, split, data_dir):
+            out[i] = img
         return out
     raise ValueError(f"meta.encoding: expected 'raw' or 'encoded', got {enc!r}")
 
 
-def _decode_file(data: bytes, h: int, w: int, c: int, index: int) -> np.ndarray:
+def decode_full(images, meta: dict, *, sample_ids=None, split: Optional[str] = None,
+                data_dir=None) -> Union[np.ndarray, list]:
+    """The images of a batch as :func:`train_transform` / :func:`eval_transform` take them.
+
+    ``encoded``: a list of uint8 [h_i, w_i, C] arrays, each file decoded at its own size (no
+    resize); values that are uint8 arrays already (blend overlays) are kept, and a uint8 array or
+    tensor [B, h, w, C] passes through. ``raw``: :func:`decode_images`. Errors as there.
+    """
+    if meta.get("encoding") != "encoded":
+        return decode_images(images, meta, sample_ids=sample_ids, split=split, data_dir=data_dir)
+    if isinstance(images, torch.Tensor) or (isinstance(images, np.ndarray) and images.dtype == np.uint8):
+        return _as_uint8_nhwc(images)
+    return [img for _, img in _decode_each(images, meta, False, sample_ids, split, data_dir)]
+
+
+def with_overlays(hit, over: np.ndarray, rest) -> Union[np.ndarray, list]:
+    """A batch's images: ``over`` (uint8 [k, H, W, C] blend overlays, in row order) where ``hit``, ``rest``
+    (the other rows' :func:`decode_full` images, in row order) elsewhere. A uint8 [B, H, W, C] array
+    when ``rest`` is one or empty, else a list (encoded images keep their own size, overlays H x W)."""
+    hit = np.asarray(hit, bool)
+    if isinstance(rest, np.ndarray) or not len(rest):
+        out = np.empty((hit.size,) + over.shape[1:], np.uint8)
+        out[hit] = over
+        if len(rest):
+            out[~hit] = rest
+        return out
+    overs, others = iter(over), iter(rest)
+    return [next(overs) if h else next(others) for h in hit]
+
+
+def _decode_each(images, meta: dict, fit: bool, sample_ids, split, data_dir):
+    """(index, uint8 HWC) per encoded value: brought to H x W (``fit``) or at its own size."""
+    h, w, c = image_shape(meta)
+    for i, v in enumerate(images):
+        if not fit and isinstance(v, np.ndarray) and v.dtype == np.uint8:  # an overlay image
+            if v.ndim != 3 or v.shape[2] != c:
+                raise ValueError(f"images[{i}]: expected uint8 [h, w, {c}], got {tuple(v.shape)}")
+            yield i, v
+            continue
+        try:
+            yield i, _decode_file(v, h, w, c, i, fit)
+        except ImageDecodeError as e:
+            if sample_ids is None:
+                raise
+            where, sid = _where(i, sample_ids, split, data_dir)
+            raise ImageDecodeError(f"{where}: {e.reason}", i, sid, e.reason) from None
+
+
+def _decode_file(data: bytes, h: int, w: int, c: int, index: int, fit: bool = True) -> np.ndarray:
     from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2 import functional as TF
 
     mode = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}.get(c)
     if mode is None:
@@ -146,11 +198,18 @@ def _decode_file(data: bytes, h: int, w: int, c: int, index: int) -> np.ndarray:
     except (RuntimeError, ValueError) as e:
         reason = f"not a decodable PNG/JPEG file ({' '.join(str(e).split())})"
         raise ImageDecodeError(f"image[{index}]: {reason}", index, reason=reason) from None
+    return (_fit(img, h, w) if fit else img).permute(1, 2, 0).numpy()
+
+
+def _fit(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """uint8 [C, h', w'] -> [C, h, w]: shorter-side resize (aspect ratio kept) + centre crop."""
+    from torchvision.transforms.v2 import functional as TF
+
     if img.shape[1:] != (h, w):
         scale = max(h / img.shape[1], w / img.shape[2])
         size = [max(h, round(img.shape[1] * scale)), max(w, round(img.shape[2] * scale))]
         img = TF.center_crop(TF.resize(img, size, antialias=True), [h, w])
-    return img.permute(1, 2, 0).numpy()
+    return img
 
 
 # --------------------------------------------------------------------------- randomness
@@ -342,6 +401,69 @@ def _random_resized_crop(x: np.ndarray, u: torch.Tensor) -> torch.Tensor:
     return out.clamp_(0.0, 1.0).contiguous()
 
 
+# --------------------------------------------------------------------------- encoded data, per image
+
+
+def _chw(a: np.ndarray) -> torch.Tensor:
+    """uint8 [h, w, C] -> contiguous [C, h, w] (no copy for decode_full's images, views of one)."""
+    t = np.ascontiguousarray(np.asarray(a).transpose(2, 0, 1))
+    return torch.from_numpy(t if t.flags.writeable else t.copy())
+
+
+def _per_image(images, h: int, w: int, c: int, fn) -> np.ndarray:
+    """uint8 [B, h, w, C] of ``fn(i, [C, h_i, w_i] tensor) -> [C, h, w]`` over the images."""
+    out = np.empty((len(images), h, w, c), np.uint8)
+    for i, a in enumerate(images):
+        out[i] = fn(i, _chw(a)).permute(1, 2, 0).numpy()
+    return out
+
+
+def _rrc_full(images, u: torch.Tensor, h: int, w: int, c: int) -> np.ndarray:
+    """Random-resized crop of each whole image (:func:`rrc_boxes` on its own size) -> h x w, then the
+    flip: torchvision's RandomResizedCrop (bilinear, antialias, uint8) + RandomHorizontalFlip."""
+    from torchvision.transforms.v2 import functional as TF
+
+    def crop(i, img):
+        x1, y1, x2, y2 = (int(v) for v in rrc_boxes(u[i:i + 1], img.shape[1], img.shape[2])[0][0])
+        return TF.resized_crop(img, y1, x1, y2 - y1, x2 - x1, [h, w], antialias=True)
+
+    out = _per_image(images, h, w, c, crop)
+    flip = (u[:, 4 * RRC_TRIES] < 0.5).numpy()
+    out[flip] = out[flip, :, ::-1]
+    return out
+
+
+def eval_resize_size(ih: int, iw: int, h: int, w: int) -> list[int]:
+    """[h', w'] the eval resize brings an ih x iw image to before its centre crop to h x w: for square
+    outputs torchvision's ``Resize(round(S * 256 / 224))`` (shorter side; the longer one truncated as
+    there); otherwise the smallest aspect-kept size covering round(h * 256 / 224) x round(w * 256 / 224)."""
+    th, tw = round(h * EVAL_RESIZE), round(w * EVAL_RESIZE)
+    if th / ih >= tw / iw:
+        return [th, max(tw, int(th * iw / ih))]
+    return [max(th, int(tw * ih / iw)), tw]
+
+
+def _eval_full(images, h: int, w: int, c: int) -> np.ndarray:
+    from torchvision.transforms.v2 import functional as TF
+
+    def view(_, img):
+        size = eval_resize_size(img.shape[1], img.shape[2], h, w)
+        return TF.center_crop(TF.resize(img, size, antialias=True), [h, w])
+
+    return _per_image(images, h, w, c, view)
+
+
+def _train_encoded(x, meta: dict, kind: str, generator, uniforms) -> torch.Tensor:
+    h, w, c = image_shape(meta)
+    images = decode_full(x, meta)
+    if kind == "imagenet":
+        out = _rrc_full(images, _uniforms(len(images), kind, generator, uniforms), h, w, c)
+    else:  # cifar/none: as for raw data, on the images brought to h x w as decode_images does
+        out = augment_uint8(_per_image(images, h, w, c, lambda _, img: _fit(img, h, w)), kind, generator,
+                            uniforms=uniforms)
+    return to_float_nchw(out, meta["mean"], meta["std"])
+
+
 # --------------------------------------------------------------------------- normalisation
 
 
@@ -363,15 +485,28 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
 
 
 def eval_transform(x, meta: dict) -> torch.Tensor:
-    """uint8 [B, H, W, C] (or the image column's bytes) -> normalised float32 [B, C, H, W]."""
+    """uint8 [B, H, W, C] (or the image column's bytes) -> normalised float32 [B, C, H, W].
+
+    Encoded data: ``x`` as :func:`decode_full` takes it (images at their decoded size, or the bytes),
+    each image's shorter side resized to round(S * 256 / 224) and centre-cropped to S x S.
+    """
+    if meta.get("encoding") == "encoded":
+        h, w, c = image_shape(meta)
+        return to_float_nchw(_eval_full(decode_full(x, meta), h, w, c), meta["mean"], meta["std"])
     x = decode_images(x, meta) if not isinstance(x, torch.Tensor) else x
     return to_float_nchw(x, meta["mean"], meta["std"])
 
 
 def train_transform(x, meta: dict, kind: str, generator: Optional[torch.Generator] = None, *,
                     uniforms=None) -> torch.Tensor:
-    """Decode (if bytes), augment and normalise one batch: what the Ray pipeline serves."""
+    """Decode (if bytes), augment and normalise one batch: what the Ray pipeline serves.
+
+    Encoded data: ``x`` as :func:`decode_full` takes it; ``imagenet`` crops each whole image (see
+    the module docstring), ``cifar``/``none`` act on it brought to S x S as :func:`decode_images` does.
+    """
     _check_kind(kind)
+    if meta.get("encoding") == "encoded":
+        return _train_encoded(x, meta, kind, generator, uniforms)
     x = decode_images(x, meta) if not isinstance(x, torch.Tensor) else x
     if kind == "imagenet":
         return normalize(augment_batch(x, kind, generator, uniforms=uniforms), meta["mean"], meta["std"])

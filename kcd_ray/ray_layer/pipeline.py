@@ -181,18 +181,14 @@ def _images(ids: np.ndarray, images, meta: dict, overlay: Optional[dict], split:
     hit, over = overlay_lookup(overlay, ids)
     if not hit.any():
         return _decode(images, meta, ids, split)
-    h, w, c = T.image_shape(meta)
-    out = np.empty((len(ids), h, w, c), np.uint8)
-    out[hit] = over
     rest = np.flatnonzero(~hit)
-    if rest.size:
-        out[rest] = _decode([images[i] for i in rest], meta, ids[rest])
-    return out
+    return T.with_overlays(hit, over, _decode([images[i] for i in rest], meta, ids[rest]) if rest.size else ())
 
 
-def _decode(images, meta: dict, ids, split: str = "train") -> np.ndarray:
-    """``decode_images`` whose errors name the sample id, the split's Parquet file and the source image."""
-    return T.decode_images(images, meta, sample_ids=ids, split=split, data_dir=meta.get("_data_dir"))
+def _decode(images, meta: dict, ids, split: str = "train"):
+    """``decode_full`` (encoded images at their own size, a list) whose errors name the sample id, the split's
+    Parquet file and the source image."""
+    return T.decode_full(images, meta, sample_ids=ids, split=split, data_dir=meta.get("_data_dir"))
 
 
 class _NoStore:
@@ -261,18 +257,14 @@ def _arrow_images(ids: np.ndarray, column, meta: dict, overlay: Optional[dict]) 
 
         hit, over = overlay_lookup(overlay, ids)
         if hit.any():
-            h, w, c = T.image_shape(meta)
-            out = np.empty((len(ids), h, w, c), np.uint8)
-            out[hit] = over
             rest = np.flatnonzero(~hit)
-            if rest.size:
-                out[rest] = _uint8_images(column.take(rest), meta, ids[rest])
-            return out
+            return T.with_overlays(hit, over, _uint8_images(column.take(rest), meta, ids[rest]) if rest.size else ())
     return _uint8_images(column, meta, ids)
 
 
 def _uint8_images(column, meta: dict, ids=None) -> np.ndarray:
-    """A binary Arrow column of images -> uint8 NHWC (raw pixels without a per-row copy)."""
+    """A binary Arrow column of images -> uint8 NHWC (raw pixels without a per-row copy); encoded images: a list
+    of each at its own size (``transforms.decode_full``), for ``T.train_transform``/``T.eval_transform``."""
     import pyarrow as pa
 
     h, w, c = T.image_shape(meta)
@@ -425,11 +417,10 @@ def _sorted_map(table, meta: dict, kind: str, seed: Optional[int], tcache: Optio
         over = table.column(_OVERLAY).combine_chunks()
         hit = ~np.asarray(over.is_null().to_numpy(zero_copy_only=False), bool)
         h, w, c = T.image_shape(meta)
-        x = np.empty((len(ids), h, w, c), np.uint8)
-        x[hit] = np.frombuffer(b"".join(over.filter(hit).to_pylist()), np.uint8).reshape(-1, h, w, c)
+        imgs = np.frombuffer(b"".join(over.filter(hit).to_pylist()), np.uint8).reshape(-1, h, w, c)
         rest = np.flatnonzero(~hit)
-        if rest.size:
-            x[rest] = _uint8_images(table.column("image").take(rest), meta, ids[rest])
+        x = T.with_overlays(hit, imgs, _uint8_images(table.column("image").take(rest), meta, ids[rest])
+                            if rest.size else ())
     else:
         x = _uint8_images(table.column("image"), meta, ids)
     yield _rows(ids, table.column("label").to_numpy(), x, meta, kind, seed, epoch, tcache, hit)
