@@ -300,9 +300,14 @@ def _coerce(value: Any, tp, key: str) -> Any:
         if not isinstance(value, str):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return str(value)
+            if isinstance(value, bool) and key in OFF_ON_KEYS:  # YAML 1.1 reads a bare `off` as false
+                return "on" if value else "off"
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     return value
+
+
+OFF_ON_KEYS = {"distill.cache"}  # string fields with an "off" choice
 
 
 def _float(value: Any, key: str) -> float:

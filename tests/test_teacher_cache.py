@@ -272,3 +272,13 @@ def test_cache_teacher_command_builds_or_reuses_and_names_what_it_cannot_serve(s
     assert main(["cache-teacher", "--config", str(f), "distill.method=fitnet"]) == 2
     err = capsys.readouterr().err
     assert "distill.cache: nothing to build: method 'fitnet' needs the teacher's feature maps" in err
+
+
+def test_a_bare_yaml_off_is_the_off_mode(tmp_path):
+    import yaml
+
+    f = tmp_path / "c.yaml"
+    f.write_text("distill:\n  cache: off\n")  # YAML 1.1: a boolean false
+    assert yaml.safe_load(f.read_text())["distill"]["cache"] is False
+    assert load_config(str(f)).distill.cache == "off"
+    assert _cfg({}, **{"distill.cache": "views"}).distill.cache == "views"
