@@ -172,15 +172,24 @@ def _check_cpus(data_cpus: float) -> float:
     return float(data_cpus)
 
 
-def _images(ids: np.ndarray, images, meta: dict, overlay: Optional[dict], split: str = "train") -> np.ndarray:
-    """uint8 NHWC of a batch: overlay images where the manifest has one, decoded base images elsewhere."""
+def _lookup(ids: np.ndarray, overlay: Optional[dict]):
+    """(hit, overlay images) of a batch's rows, None without an overlay. Looked up once per batch: it serves the
+    pixels and the teacher-output cache's ``t_missing``."""
     if not overlay:
-        return _decode(images, meta, ids, split)
+        return None
     from kcd_ray.data.blend import overlay_lookup
 
-    hit, over = overlay_lookup(overlay, ids)
-    if not hit.any():
+    return overlay_lookup(overlay, ids)
+
+
+def _images(ids: np.ndarray, images, meta: dict, overlay: Optional[dict], split: str = "train",
+            looked=None) -> np.ndarray:
+    """uint8 NHWC of a batch: overlay images where the manifest has one, decoded base images elsewhere.
+    ``looked``: the batch's :func:`_lookup`, when the caller has it already."""
+    looked = looked if looked is not None else _lookup(ids, overlay)
+    if looked is None or not looked[0].any():
         return _decode(images, meta, ids, split)
+    hit, over = looked
     rest = np.flatnonzero(~hit)
     return T.with_overlays(hit, over, _decode([images[i] for i in rest], meta, ids[rest]) if rest.size else ())
 
@@ -238,24 +247,20 @@ def _rows(ids: np.ndarray, labels: np.ndarray, x: np.ndarray, meta: dict, kind: 
     return out
 
 
-def _blended(ids: np.ndarray, overlay: Optional[dict], tcache: Optional[dict]) -> Optional[np.ndarray]:
-    if tcache is None or not overlay:
-        return None
-    from kcd_ray.data.blend import overlay_lookup
-
-    return overlay_lookup(overlay, ids)[0]  # bucket files are cached per process: the second read is free
+def _blended(looked, tcache: Optional[dict]) -> Optional[np.ndarray]:
+    """The rows showing an overlay (from the batch's :func:`_lookup`), when a teacher-output cache needs them."""
+    return looked[0] if tcache is not None and looked is not None else None
 
 
 def _order_keys(ids: np.ndarray, order_seed: int, epoch: int) -> np.ndarray:
     return T.sample_keys(ids, (order_seed, epoch, ORDER))
 
 
-def _arrow_images(ids: np.ndarray, column, meta: dict, overlay: Optional[dict]) -> np.ndarray:
+def _arrow_images(ids: np.ndarray, column, meta: dict, overlay: Optional[dict], looked=None) -> np.ndarray:
     """uint8 NHWC of a batch from its Arrow image column: overlay images where the manifest has one."""
-    if overlay:
-        from kcd_ray.data.blend import overlay_lookup
-
-        hit, over = overlay_lookup(overlay, ids)
+    looked = looked if looked is not None else _lookup(ids, overlay)
+    if looked is not None:
+        hit, over = looked
         if hit.any():
             rest = np.flatnonzero(~hit)
             return T.with_overlays(hit, over, _uint8_images(column.take(rest), meta, ids[rest]) if rest.size else ())
@@ -354,9 +359,10 @@ def _chunk_map(batch: dict, cache: dict, rows: int, meta: dict, kind: str, seed:
             continue  # past the kept set's end (the mask shrank it): no rows
         table = _gather(cache, sel)
         cid = table.column("sample_id").to_numpy()
-        x = _arrow_images(cid, table.column("image"), meta, state.overlay)
+        looked = _lookup(cid, state.overlay)
+        x = _arrow_images(cid, table.column("image"), meta, state.overlay, looked)
         yield _rows(cid, table.column("label").to_numpy(), x, meta, kind, seed, int(state.epoch), tcache,
-                    _blended(cid, state.overlay, tcache))
+                    _blended(looked, tcache))
 
 
 def _full_cached(split_dir: Path, meta: dict, kind: str, seed: Optional[int], order_seed: int,
@@ -478,8 +484,9 @@ def _train_map(batch: dict, meta: dict, kind: str, seed: Optional[int], order_se
             ids, labels, images = ids[idx], labels[idx], [images[i] for i in idx]
     if len(ids) == 0:
         return  # yield nothing: an empty float tensor column would fall back to a pickled column
-    x = _images(ids, images, meta, state.overlay)
-    out = _rows(ids, labels, x, meta, kind, seed, int(state.epoch), tcache, _blended(ids, state.overlay, tcache))
+    looked = _lookup(ids, state.overlay)
+    x = _images(ids, images, meta, state.overlay, looked=looked)
+    out = _rows(ids, labels, x, meta, kind, seed, int(state.epoch), tcache, _blended(looked, tcache))
     # Row shuffle inside the map task (a Ray Data worker process), not in the trainer: a consumer-side
     # shuffle buffer cost the training process ~15% of its throughput on 2 cores (bench/train_throughput.py).
     perm = np.argsort(_order_keys(ids, order_seed, int(state.epoch)), kind="stable")
@@ -495,11 +502,12 @@ def eval_batch(batch: dict, meta: dict, store: Optional[str] = None, split: str 
         from kcd_ray.ray_layer.mask_store import read_mask
 
         overlay = read_mask(store)[2]
-    x = _images(ids, batch["image"], meta, overlay, split)
+    looked = _lookup(ids, overlay)
+    x = _images(ids, batch["image"], meta, overlay, split, looked=looked)
     img = T.eval_transform(x, meta)
     out = {"sample_id": ids, "label": np.asarray(batch["label"], np.int64), "image": img.numpy()}
     if blended:
-        out["blended"] = _blended(ids, overlay, {}) if overlay else np.zeros(len(ids), bool)
+        out["blended"] = looked[0] if looked is not None else np.zeros(len(ids), bool)
     return out
 
 

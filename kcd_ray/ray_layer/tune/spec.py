@@ -254,13 +254,7 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     if baseline and (kind != "distill" or strategy == "none" or (strategy == "auto" and not base["kcd"]["enabled"])):
         raise _err(where, "include_kd_baseline: needs kind distill with a data-selection strategy in the base recipe "
                           "(kcd.enabled true or selection.strategy; the baseline is the same recipe without it)")
-    asha = _parse_asha(raw.get("asha", False), base, where)
-    pbt = _parse_pbt(raw.get("pbt", False), base, dims, where)
-    if pbt and asha:
-        raise _err(where, "pbt and asha: pick one scheduler")
-    if pbt and baseline:
-        raise _err(where, "pbt and include_kd_baseline: the baseline would join the population and be exploited; "
-                          "run plain KD as its own sweep or run")
+    asha, pbt = _parse_schedulers(raw, base, dims, baseline, where)
     try:
         max_conc = int(raw.get("max_concurrent_trials", 0))
         trial_cpus = float(raw.get("trial_cpus", 0.25))
@@ -299,6 +293,18 @@ def _parse_asha(asha: Any, base: dict, where: str) -> dict | None:
         raise _err(where, f"asha.metric: {out['metric']!r} is not a metric the runs report every epoch; "
                           f"one of: {_metric_list(EPOCH_METRICS)}")
     return out
+
+
+def _parse_schedulers(raw: dict, base: dict, dims: list, baseline: bool, where: str) -> tuple:
+    """(asha, pbt): at most one of them; PBT without the fixed KD baseline trial."""
+    asha = _parse_asha(raw.get("asha", False), base, where)
+    pbt = _parse_pbt(raw.get("pbt", False), base, dims, where)
+    if pbt and asha:
+        raise _err(where, "pbt and asha: pick one scheduler")
+    if pbt and baseline:
+        raise _err(where, "pbt and include_kd_baseline: the baseline would join the population and be exploited; "
+                          "run plain KD as its own sweep or run")
+    return asha, pbt
 
 
 def _parse_pbt(pbt: Any, base: dict, dims: list, where: str) -> dict | None:
