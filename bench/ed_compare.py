@@ -46,6 +46,7 @@ from kcd_ray.engine.parts import run_hooks  # noqa: E402
 from kcd_ray.engine.rundir import RunDir  # noqa: E402
 
 G = 3
+DATA = {"name": "digits", "image_size": 16}  # --data synthetic: a CIFAR-shaped set with --classes classes
 OPTIM = {"batch_size": 64, "lr": 0.05, "scheduler": "cosine", "eval_batch_size": 512, "threads": 1}
 KD = {"method": "kd", "gamma": 0.1, "alpha": 0.9, "beta": 0.0, "temperature": {"schedule": "constant", "T": 4.0}}
 
@@ -113,7 +114,8 @@ def run(cfg, kind, data, folder: Path, seed: int, sequential=False, local=False)
 
 def group_top1(student, data, cfg):
     """Per-group top-1 of the final model (argmax over all classes) on the test split: forgetting, for every method."""
-    groups = ClassGroups.build(10, G)
+    k = int(data["test"]["meta"]["num_classes"])
+    groups = ClassGroups.build(k, G)
     g_of = groups.group_of_label
     student.eval()
     hits, counts = np.zeros(G), np.zeros(G)
@@ -121,7 +123,7 @@ def group_top1(student, data, cfg):
         for i in range(0, len(data["test"]["ids"]), 512):
             x = T.eval_transform(data["test"]["raw"][i:i + 512], data["test"]["meta"])
             y = data["test"]["labels"][i:i + 512]
-            if getattr(student, "num_classes", 10) != 10:
+            if getattr(student, "num_classes", k) != k:
                 return None
             pred = student(x).argmax(1).numpy()
             for h in range(G):
@@ -132,7 +134,7 @@ def group_top1(student, data, cfg):
 
 
 def base(root: Path, epochs: int, seed: int, **sections) -> dict:
-    d = {"model": "resnet8", "data": {"name": "digits", "image_size": 16, "root": str(root / "data")},
+    d = {"model": "resnet8", "data": {**DATA, "root": str(root / "data")},
          "optim": {**OPTIM, "epochs": epochs, "seed": seed}, "scaling": {"num_workers": 0},
          "run": {"verbose": 0}, "kcd": {"enabled": False}}
     for k, v in sections.items():
@@ -157,7 +159,14 @@ def main(argv=None) -> int:
     ap.add_argument("--teacher-epochs", type=int, default=15)
     ap.add_argument("--methods", nargs="+", default=["kd", "mtkd", "ed_spec", "ed", "ed_seq", "ed_kcd"])
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_ed"))
+    ap.add_argument("--data", choices=("digits", "synthetic"), default="digits")
+    ap.add_argument("--classes", type=int, default=30, help="synthetic: classes (CIFAR-shaped 32x32)")
+    ap.add_argument("--per-class", type=int, default=60, help="synthetic: training samples per class")
     args = ap.parse_args(argv)
+    if args.data == "synthetic":
+        DATA.clear()
+        DATA.update(name="synthetic", synthetic={"num_train": args.classes * args.per_class, "num_test":
+                                                 args.classes * 20, "num_classes": args.classes, "image_size": 32})
     torch.set_num_threads(1)
     out = Path(args.out)
     data_dir = prepare_dataset(load_config(base=base(out, 1, 0)).data, verbose=False)
@@ -219,7 +228,10 @@ def main(argv=None) -> int:
                   f"{s['bench_wall_seconds']:.1f}s", flush=True)
 
     print()
-    print(f"digits (1347 train / 450 test, 10 classes in {G} groups 3/3/4), student resnet8, {args.epochs} epochs, "
+    meta = data["train"]["meta"]
+    sizes = "/".join(str(n) for n in ClassGroups.build(int(meta["num_classes"]), G).sizes)
+    print(f"{args.data} ({len(data['train']['ids'])} train / {len(data['test']['ids'])} test, {meta['num_classes']} "
+          f"classes in {G} groups {sizes}), student resnet8, {args.epochs} epochs, "
           f"seeds {args.seeds}; teachers resnet20 x {args.teacher_epochs} epochs; ed_spec grades {spec_grades} global, "
           f"ed/ed_seq/ed_kcd grades {args.grade_epochs} {args.lr_mode}")
     print(f"teacher training wall: {G} group teachers {teacher_wall['group']:.0f}s (0 if reused), "

@@ -12,7 +12,9 @@ mode. It then reports the engine's img/s against a plain PyTorch KD loop with th
 cache with the Ray Data actor pass on the GPU, checks a sample of it against the teacher, and reports the KD
 step's img/s with the cached logits against the teacher in the loop (the ratio ``bench/teacher_cache.py
 throughput`` measures on CPU). Then KD and KD+KCD through ``fit()`` on one Ray Train GPU worker (NCCL process
-group, AMP, the Ray Data pipeline) with KCD's offline E-step on a GPU actor, against the plain loop.
+group, AMP, the Ray Data pipeline) with KCD's offline E-step on a GPU actor, against the plain loop; KD also with
+channels-last, with the augmentation in Ray Data instead of on the GPU (``data.augment_on``), and on every GPU
+when there are several. Before that (issue 16), the input stage on the GPU against the CPU path.
 """
 
 from __future__ import annotations
@@ -167,6 +169,32 @@ def cache_check(work: Path, steps: int, batch_size: int) -> None:
           f"{rates['teacher in the loop']:.0f} img/s, ratio {rates['cached logits'] / rates['teacher in the loop']:.3f}")
 
 
+def input_check(batch_size: int, steps: int) -> None:
+    """Issue 16: the worker's finishing stage on the GPU (uint8 batch -> crop/flip or random-resized crop ->
+    normalised float) equals the CPU numpy path for the same draws, and its img/s on the device."""
+    import numpy as np
+
+    from kcd_ray.data import transforms as T
+    from kcd_ray.data.device_augment import device_stage
+
+    meta = {"image_shape": [32, 32, 3], "encoding": "raw", "mean": [0.5, 0.48, 0.44], "std": [0.27, 0.26, 0.28]}
+    x = np.random.default_rng(0).integers(0, 256, (batch_size, 32, 32, 3), dtype=np.uint8)
+    for kind in ("cifar", "imagenet"):
+        u = T.sample_uniforms(np.arange(batch_size), T.n_uniforms(kind), (0, 1))
+        cpu = T.train_transform(x, meta, kind, uniforms=u)
+        xg, ug = torch.from_numpy(x).cuda(), torch.from_numpy(u).cuda()
+        gpu = device_stage(xg, ug, meta, kind)
+        diff = float((gpu.cpu() - cpu).abs().max())
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            device_stage(xg, ug, meta, kind, channels_last=True)
+        torch.cuda.synchronize()
+        rate = steps * batch_size / (time.perf_counter() - t0)
+        print(f"input stage on the GPU, {kind}: max |GPU - CPU| = {diff:.2e} ({'ok' if diff < 1e-4 else 'MISMATCH'}), "
+              f"{rate:.0f} img/s")
+
+
 def ray_train_check(work: Path, batch_size: int, samples: int, epochs: int, steps: int) -> None:
     """KD and KD+KCD (offline E-step on a GPU actor) through ``fit()``: one Ray Train worker on the GPU (Train's
     torch backend: NCCL), AMP, the Ray Data pipeline; img/s of the last epoch against the plain loop's."""
@@ -186,14 +214,21 @@ def ray_train_check(work: Path, batch_size: int, samples: int, epochs: int, step
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, logging_level="WARNING")
     plain = plain_rate(True, steps, batch_size)
-    for name, kcd in (("KD", {"enabled": False}),
-                      ("KD+KCD (offline E-step on a GPU actor)", {"enabled": True, "estep": "offline",
-                                                                  "value_fn": "kd", "interval": 1, "stages": 2})):
-        cfg = load_config(base={**base, "kcd": kcd, "run": {**base["run"], "name": name.split()[0]}})
+    gpus = torch.cuda.device_count()
+    kd, kcd_offline = {"enabled": False}, {"enabled": True, "estep": "offline", "value_fn": "kd", "interval": 1,
+                                           "stages": 2}
+    variants = [("KD", kd, {}), ("KD, channels-last", kd, {"optim.channels_last": True}),
+                ("KD, augmentation in Ray Data (float rows)", kd, {"data.augment_on": "pipeline"}),
+                ("KD+KCD (offline E-step on a GPU actor)", kcd_offline, {})]
+    if gpus > 1:
+        variants.append((f"KD, {gpus} GPU workers (NCCL)", kd, {"scaling.num_workers": gpus}))
+    for i, (name, kcd, extra) in enumerate(variants):
+        cfg = load_config(base={**base, "kcd": kcd, "run": {**base["run"], "name": f"v{i}"}},
+                          overrides=[f"{k}={v}" for k, v in extra.items()])
         s = fit(cfg)
         rows = [json.loads(x) for x in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         rate = rows[-1]["images_per_s"]
-        print(f"Ray Train, 1 GPU worker, AMP, {name}: {rate:.0f} img/s (last epoch; top1 {s['final_top1']:.2f}), "
+        print(f"Ray Train, AMP, {name}: {rate:.0f} img/s (last epoch; top1 {s['final_top1']:.2f}), "
               f"plain PyTorch KD loop (AMP, data on the GPU) {plain:.0f} img/s, ratio {rate / plain:.3f}")
     ray.shutdown()
 
@@ -215,6 +250,7 @@ def main() -> int:
         base = plain_rate(amp, args.steps, args.batch_size)
         print(f"KD+KCD step, amp={amp}: engine {ours:.0f} img/s (no host sync in {args.steps} steps), "
               f"plain PyTorch KD loop {base:.0f} img/s, ratio {ours / base:.3f}")
+    input_check(args.batch_size, args.steps)
     cache_check(work, args.steps, args.batch_size)
     ray_train_check(work, args.batch_size, args.fit_samples, args.fit_epochs, args.steps)
     return 0

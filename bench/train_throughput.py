@@ -152,6 +152,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--shuffle", default="auto", help="data.shuffle of the kcd_ray side (auto = full)")
+    ap.add_argument("--augment-on", default="auto", choices=("auto", "worker", "pipeline"),
+                    help="data.augment_on of the kcd_ray side (where the crop/flip/normalisation runs)")
     ap.add_argument("--path", choices=("fit", "pipeline"), default="fit",
                     help="fit: kcd_ray's training entry point; pipeline: a minimal Ray Train loop over the pipeline")
     ap.add_argument("--skip-plain", action="store_true", help="only the kcd_ray side (reuse a plain rate measured before)")
@@ -160,7 +162,7 @@ def main() -> None:
     # A fresh run name every time: re-using one would resume the finished run and report its old metrics.
     cfg = load_config(base={
         "model": args.model,
-        "data": {"name": "synthetic", "root": str(work / "data"), "shuffle": args.shuffle,
+        "data": {"name": "synthetic", "root": str(work / "data"), "shuffle": args.shuffle, "augment_on": args.augment_on,
                  "synthetic": {"num_train": args.num_train, "num_test": 256, "num_classes": 100, "image_size": 32}},
         "optim": {"epochs": args.epochs, "batch_size": args.batch_size, "threads": args.threads, "scheduler": "constant"},
         "scaling": {"num_workers": 1, "cpus_per_worker": 1.0, "data_cpus": 0.25},
@@ -171,7 +173,8 @@ def main() -> None:
     ours = kcd_ray_path(cfg, args.epochs) if args.path == "fit" else pipeline_path(cfg, data_dir, args.epochs)
     o = statistics.median(ours[1:])
     print(f"model {args.model}, batch {args.batch_size}, {args.num_train} CIFAR-shaped images, {args.threads} torch threads")
-    print(f"kcd_ray (Ray Train + Ray Data, path {args.path}, shuffle {args.shuffle}) img/s per epoch: {[round(r) for r in ours]}")
+    print(f"kcd_ray (Ray Train + Ray Data, path {args.path}, shuffle {args.shuffle}, augment_on {args.augment_on}) "
+          f"img/s per epoch: {[round(r) for r in ours]}")
     if base is None:
         print(f"steady state: kcd_ray {o:.0f} img/s")
         return

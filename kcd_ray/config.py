@@ -55,6 +55,10 @@ class DataConfig:
     download: bool = _f(False, help="CIFAR: let torchvision fetch the archive when the folder is missing")
     shuffle: str = _f("auto", choices=("auto", "full", "block_local", "block_local_files"), help="per-epoch row order: full (= auto) a uniform permutation of the kept set seeded by (seed, epoch); block_local: rows mixed only inside 1024-row blocks, file and block order reshuffled (block order up to 2 GiB); block_local_files: the same without block order")
     shuffle_buffer: int = _f(0, ge=0, help="rows of an extra consumer-side shuffle buffer per worker (costs trainer CPU)")
+    augment_on: str = _f("auto", choices=("auto", "worker", "pipeline"),
+                         help="where training augmentation runs: worker (uint8 rows cross Ray Data, crop/flip and "
+                              "normalisation on the worker's device), pipeline (in Ray Data's tasks, float rows), "
+                              "auto = worker on GPU workers, the measured faster one on CPU")
     synthetic: SyntheticConfig = _f(factory=SyntheticConfig)
 
 
@@ -71,6 +75,7 @@ class OptimConfig:
     lr_decay: float = _f(0.1, gt=0.0, le=1.0)
     warmup_epochs: int = _f(0, ge=0, help="linear LR warm-up epochs")
     amp: bool = _f(False, help="mixed precision on GPU (bf16 if supported, else fp16 with a grad scaler)")
+    channels_last: bool = _f(False, help="GPU: channels-last memory format for the models and the batches")
     seed: int = 0
     eval_every: int = _f(1, ge=1)
     eval_batch_size: int = _f(256, ge=1)
@@ -174,6 +179,8 @@ class CurriculumConfig:
                                                 "trained first (empty = <run.storage_path>/<derived name>/final_model.pt)")
     teacher_model: str = _f("", help="architecture of the group teachers (trained when missing; RepDistiller files)")
     teacher_epochs: int = _f(0, ge=0, help="epochs of a group teacher's training; 0 = optim.epochs")
+    teacher_concurrency: int = _f(0, ge=0, help="group teachers trained at once when missing: 0 = as many as the "
+                                                "cluster's free CPUs/GPUs hold, 1 = one after another")
     tr_relu: bool = _f(True, help="ReLU in the teaching-reference heads (ED.md 5.3)")
     tr1_grid: int = _f(1, ge=1, help="pooling grid of the grade-1 head: 1 = global; 4 = the code's resnet20 head")
 

@@ -242,9 +242,10 @@ def test_config_errors_are_one_line():
         with pytest.raises(ConfigError, match=msg) as e:
             check_curriculum(c, "distill")
         assert "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="mix_groups"):
-        check_pipeline(cfg())
-    check_pipeline(cfg("curriculum.mix_groups=true"))
+    with pytest.raises(ConfigError, match="mix_groups.*data.shuffle=full"):
+        check_pipeline(cfg("data.shuffle=block_local"))
+    check_pipeline(cfg())  # sequential passes: served by the cached full shuffle
+    check_pipeline(cfg("curriculum.mix_groups=true", "data.shuffle=block_local"))
 
 
 def test_group_teacher_config():
@@ -474,7 +475,9 @@ def test_two_ray_train_workers_pass_a_grade_change(ray_session, tmp_path):
     for g in range(2):
         torch.manual_seed(g)
         paths.append(str(save_model(tmp_path / f"t{g}.pt", build_model("resnet8", 5))))
-    cfg = _ray_cfg(tmp_path, **{"scaling.num_workers": 2, "run.name": "ed2w", "curriculum.teachers": paths})
+    # ED's sequential passes over D_1..D_g (mix_groups=false) across 2 workers' shards
+    cfg = _ray_cfg(tmp_path, **{"scaling.num_workers": 2, "run.name": "ed2w", "curriculum.teachers": paths,
+                                "curriculum.mix_groups": False})
     summary = fit(cfg, kind="distill")
     run_dir = Path(summary["run_dir"])
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -500,6 +503,14 @@ def test_distill_trains_the_missing_group_teachers_then_the_student(ray_session,
         assert rows[0]["active_classes"] == 5 and rows[0]["samples_seen"] < summary["num_train"]
         evaluated.append(rows[0]["val_samples"])  # its own group's test samples
     assert sum(evaluated) == 450 and min(evaluated) > 0  # digits' test split, split between the two groups
+    # 2 CPUs hold both in-process teacher runs (0.75 CPU each): they trained at once (each started before the
+    # other had its final model), as concurrent Ray tasks
+    import datetime as dt
+
+    started = [dt.datetime.strptime(json.loads((tmp_path / "runs" / t / "history.jsonl").read_text().splitlines()[0])
+                                    ["time"], "%Y-%m-%dT%H:%M:%S%z").timestamp() for t in teachers]
+    done = [(tmp_path / "runs" / t / "final_model.pt").stat().st_mtime for t in teachers]
+    assert started[0] + 1 < done[1] and started[1] + 1 < done[0]  # history times are whole seconds
     stored = load_config(Path(summary["run_dir"]) / "config.yaml")
     assert len(stored.curriculum.teachers) == 2 and summary["curriculum"]["group_sizes"] == [5, 5]
     again = fit(cfg, kind="distill")  # reuses the teachers, resumes the finished run: nothing new trains

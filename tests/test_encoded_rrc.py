@@ -279,7 +279,7 @@ def test_pipeline_mixes_overlays_with_encoded_rows(files, overlays):
     assert isinstance(x1, list) and [a.shape[:2] for a in x1] == [(S, S) if int(i) in overlays else SIZES[j]
                                                                   for j, i in enumerate(ids)]
     for x in (x1, x2):
-        out = P._augment(ids, x, ENC, kind, seed, epoch)
+        out = P._augmented(ids, x, ENC, kind, seed, epoch)["image"]
         np.testing.assert_array_equal(out, torch.stack(alone).numpy())
     over_col = pa.array([overlays[int(i)].tobytes() if int(i) in overlays else None for i in ids], pa.binary())
     table = pa.table({"sample_id": ids, "label": labels, "image": column, P._OVERLAY: over_col,
@@ -288,9 +288,9 @@ def test_pipeline_mixes_overlays_with_encoded_rows(files, overlays):
     np.testing.assert_array_equal(rows["image"], torch.stack(alone).numpy())
     # every row an overlay, or none: the same per-row results
     only = np.array([11, 14])
-    np.testing.assert_array_equal(P._augment(only, P._arrow_images(only, column.take([1, 4]), ENC, manifest), ENC,
-                                             kind, seed, epoch), torch.stack([alone[1], alone[4]]).numpy())
-    np.testing.assert_array_equal(P._augment(ids, P._arrow_images(ids, column, ENC, None), ENC, kind, seed, epoch)[0],
+    np.testing.assert_array_equal(P._augmented(only, P._arrow_images(only, column.take([1, 4]), ENC, manifest), ENC,
+                                               kind, seed, epoch)["image"], torch.stack([alone[1], alone[4]]).numpy())
+    np.testing.assert_array_equal(P._augmented(ids, P._arrow_images(ids, column, ENC, None), ENC, kind, seed, epoch)["image"][0],
                                   alone[0].numpy())
     # eval: what eval_batch serves (decode with overlays, then eval_transform)
     assert torch.equal(T.eval_transform(x1, ENC), torch.stack(eval_alone))
@@ -313,7 +313,7 @@ def test_teacher_cache_flow_matches_the_pipeline(files):
     cached = T.train_transform(x, ENC, "imagenet",
                                uniforms=T.sample_uniforms(ids[start:stop], T.n_uniforms("imagenet"),
                                                           unit_uniform_key(f"e{epoch}", seed)))
-    served = P._augment(ids, P._arrow_images(ids, column, ENC, None), ENC, "imagenet", seed, epoch)
+    served = P._augmented(ids, P._arrow_images(ids, column, ENC, None), ENC, "imagenet", seed, epoch)["image"]
     np.testing.assert_array_equal(cached.numpy(), served[start:stop])
     plain = T.eval_transform(x, ENC)
     batch = {"sample_id": ids, "label": np.zeros(len(ids)), "image": np.array(data, dtype=object)}

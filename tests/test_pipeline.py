@@ -239,11 +239,12 @@ def ray_local():
     yield ray
 
 
-def _epoch(ds, epoch=None):
+def _epoch(ds, epoch=None, finish=None):
     from kcd_ray.ray_layer.pipeline import iter_train_batches
 
     ids, labels, imgs = [], [], []
-    it = ds.iter_torch_batches(batch_size=16) if epoch is None else iter_train_batches(ds, 8, epoch=epoch)
+    it = ds.iter_torch_batches(batch_size=16) if epoch is None else iter_train_batches(ds, 8, epoch=epoch,
+                                                                                      finish=finish)
     for b in it:
         ids.append(b["sample_id"].numpy())
         labels.append(b["label"].numpy())
@@ -294,6 +295,70 @@ def test_train_and_eval_datasets_serve_every_row_once(ray_local, tmp_path):
     np.testing.assert_array_equal(_epoch(train_dataset(d, augment="cifar", seed=1, shuffle="block_local_files"))[2],
                                   e1[2])
     np.testing.assert_array_equal(_epoch(train_dataset(d, augment="cifar", seed=1))[2], e1[2])
+
+
+@pytest.mark.ray
+def test_worker_augmentation_serves_the_pipelines_images(ray_local, tmp_path, monkeypatch):
+    """``augment_on="worker"``: uint8 rows and their draws cross Ray Data, and the worker's finishing stage
+    gives the images the pipeline serves itself for the same (seed, epoch, id): on every back end (the sorted
+    one forced by a zero cache limit) and on encoded data, whose random-resized crop stays in Ray Data."""
+    from kcd_ray.data.device_augment import BatchFinisher
+    from kcd_ray.ray_layer import pipeline as P
+    from kcd_ray.ray_layer.mask_store import get_mask_store, set_epoch
+
+    d, _ = make_prepared(tmp_path / "ds", n_train=40, n_test=4)
+    d2, _ = make_prepared(tmp_path / "png", n_train=12, n_test=4, encoding="encoded", seed=3)
+    name = f"test_worker_aug_{tmp_path.name}"
+    get_mask_store(name, create=True)
+    set_epoch(name, 2)
+    cases = [(d, "cifar", "full"), (d, "imagenet", "block_local_files"), (d, "cifar", "sorted"),
+             (d2, "imagenet", "full")]
+    for data_dir, kind, shuffle in cases:
+        if shuffle == "sorted":
+            monkeypatch.setattr(P, "_cache_limit", lambda: 0)
+        kw = dict(augment=kind, seed=1, mask_store_name=name, shuffle="full" if shuffle == "sorted" else shuffle)
+        want = _epoch(P.train_dataset(data_dir, **kw), epoch=2)
+        ds = P.train_dataset(data_dir, augment_on="worker", **kw)
+        raw = next(iter(ds.iter_torch_batches(batch_size=4)))
+        assert raw["image"].dtype == torch.uint8 and raw["image"].shape[1:] == (8, 8, 3)
+        k = 0 if data_dir == d2 else T.n_uniforms(kind)  # encoded: cropped in Ray Data, the worker normalises
+        assert ("aug" in raw) == bool(k) and (not k or raw["aug"].shape == (4, k))
+        got = _epoch(ds, epoch=2, finish=BatchFinisher(T.read_meta(data_dir), kind))
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[2], want[2], rtol=0, atol=1e-5, err_msg=f"{kind} {shuffle}")
+    with pytest.raises(ValueError, match="data.augment_on"):
+        P.train_dataset(d, augment_on="gpu")
+
+
+@pytest.mark.ray
+def test_sequential_passes_serve_each_group_in_turn(ray_local, tmp_path):
+    """ED's sequential passes (``passes``): every epoch the kept rows of group 1 in a shuffled order, then group 2's,
+    ...; each pass reshuffled per epoch; batches cut at pass boundaries; refused where the order cannot be served."""
+    from kcd_ray.ray_layer import pipeline as P
+    from kcd_ray.ray_layer.mask_store import get_mask_store, publish_mask, set_epoch
+
+    d, data = make_prepared(tmp_path / "ds", n_train=40, n_test=4)
+    labels = data["train"][0]
+    k = int(labels.max()) + 1
+    passes = np.array([1 + (c * 3) // k for c in range(k)])  # 3 groups of classes
+    name = f"test_passes_{tmp_path.name}"
+    get_mask_store(name, create=True)
+    kept = np.flatnonzero(passes[labels] < 3)  # the grade's union (groups 1-2), as ED publishes it
+    publish_mask(name, 1, kept, None)
+    ds = P.train_dataset(d, augment="none", seed=3, mask_store_name=name, passes=passes, augment_on="worker")
+    orders = []
+    for epoch in (0, 1):
+        set_epoch(name, epoch)
+        batches = list(P.split_passes(P.iter_train_batches(ds, 8, epoch=epoch), passes))
+        ids = np.concatenate([b["sample_id"].numpy() for b in batches])
+        g = passes[labels[ids]]
+        assert sorted(ids.tolist()) == kept.tolist()
+        assert (np.diff(g) >= 0).all() and set(g.tolist()) == {1, 2}  # all of group 1, then all of group 2
+        assert all(len(set(passes[b["label"].numpy()].tolist())) == 1 for b in batches)  # none straddles
+        orders.append(ids)
+    assert not np.array_equal(orders[0], orders[1])  # reshuffled within each pass every epoch
+    with pytest.raises(ValueError, match="curriculum.mix_groups"):
+        P.train_dataset(d, shuffle="block_local", passes=passes)
 
 
 @pytest.mark.ray

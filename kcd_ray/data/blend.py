@@ -14,7 +14,8 @@ bucketed by ``sample_id // bucket_size``::
 
 The manifest (a JSON-able dict, published through the MaskStore) maps bucket -> file, relative
 to its ``root``. A version rewrites only the buckets holding one of its tail ids; the others
-keep pointing at the files of earlier versions.
+keep pointing at the files of earlier versions. A run in an object store adds ``remote_root`` (the
+URI of the uploaded overlay folder): readers on any node then read the files from there.
 
 Cost. The overridden ids are the union of all tails, at most K_0 - K_final = (1 - rho) N, so
 the files one manifest references hold at most (1-rho)N images (CIFAR-100 at rho=0.7: 15k x
@@ -27,6 +28,7 @@ each about 32 MiB at the default bucket size.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -38,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kcd_ray import storage
 from kcd_ray.data.transforms import decode_images, image_shape, read_meta
 
 try:  # the reference arithmetic: the core and the overlay cannot disagree on rounding
@@ -66,16 +69,29 @@ def _ids(name: str, a) -> np.ndarray:
     return a.astype(np.int64).reshape(-1)
 
 
-def _bucket_path(manifest: dict, bucket: int) -> Optional[Path]:
+def _file(manifest: dict, rel: str):
+    """A manifest's file: a local path, or its URI when the overlay lives in an object store."""
+    if manifest.get("remote_root"):
+        return storage.join(manifest["remote_root"], rel)
+    return Path(manifest["root"]) / rel
+
+
+def _readable(f):
+    """What pyarrow.parquet / numpy read: the path itself, or a seekable file opened in the store."""
+    return storage.open_input(f) if isinstance(f, str) else f
+
+
+def _bucket_path(manifest: dict, bucket: int):
     rel = manifest["buckets"].get(str(bucket))
-    return None if rel is None else Path(manifest["root"]) / rel
+    return None if rel is None else _file(manifest, rel)
 
 
 def overlay_ids(manifest: Optional[dict]) -> np.ndarray:
     """All overridden sample ids of a manifest (sorted)."""
     if not manifest or not manifest.get("ids_file"):
         return np.zeros(0, np.int64)
-    return np.load(Path(manifest["root"]) / manifest["ids_file"])
+    f = _file(manifest, manifest["ids_file"])
+    return np.load(io.BytesIO(storage.read_bytes(f)) if isinstance(f, str) else f)
 
 
 def check_overlay(manifest: Optional[dict]) -> None:
@@ -86,7 +102,7 @@ def check_overlay(manifest: Optional[dict]) -> None:
     for b in manifest["buckets"]:
         f = _bucket_path(manifest, b)
         try:
-            md = pq.read_metadata(f)
+            md = pq.read_metadata(_readable(f))
         except Exception as e:  # noqa: BLE001 - missing, truncated or not Parquet
             raise ValueError(f"{f}: unreadable blend overlay file of version {manifest.get('version')} "
                              f"({type(e).__name__}: {e}); start a new run.name or restore the run folder") from None
@@ -95,13 +111,13 @@ def check_overlay(manifest: Optional[dict]) -> None:
     try:
         overlay_ids(manifest)
     except Exception as e:  # noqa: BLE001
-        f = Path(manifest["root"]) / manifest["ids_file"]
+        f = _file(manifest, manifest["ids_file"])
         raise ValueError(f"{f}: unreadable blend overlay id list ({type(e).__name__}: {e})") from None
 
 
-def _read_bucket_file(path: Path, shape) -> tuple[np.ndarray, np.ndarray]:
+def _read_bucket_file(path, shape) -> tuple[np.ndarray, np.ndarray]:
     try:
-        t = pq.read_table(path, columns=["sample_id", "image"])
+        t = pq.read_table(_readable(path), columns=["sample_id", "image"])
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path}: unreadable blend overlay file ({type(e).__name__}: {e})") from None
     ids = t.column("sample_id").to_numpy()
@@ -323,8 +339,15 @@ class BlendOverlays:
     and the next checkpoint, what the previous checkpoint still needs).
     """
 
-    def __init__(self, folder, data_dir):
+    def __init__(self, folder, data_dir, remote: str = "", sync=None):
         self.folder, self.data_dir = Path(folder), data_dir
+        # a run in an object store: the folder's URI, and sync() uploads the folder's new files (and deletions)
+        self.remote, self.sync = remote, sync
+
+    def _remote(self, m: Optional[dict]) -> Optional[dict]:
+        if m is not None and self.remote:
+            m["remote_root"] = self.remote
+        return m
 
     def versions(self) -> list[int]:
         if not self.folder.is_dir():
@@ -337,7 +360,7 @@ class BlendOverlays:
             return None
         p = self.folder / f"v{found[-1]:06d}" / "manifest.json"
         try:
-            m = load_overlay(self.folder, found[-1])
+            m = self._remote(load_overlay(self.folder, found[-1]))
         except json.JSONDecodeError:
             raise ValueError(f"{p}: corrupt blend manifest (not JSON)") from None
         if check:
@@ -345,8 +368,11 @@ class BlendOverlays:
         return m
 
     def write(self, version: int, tail_ids, lost_ids, weights) -> dict:
-        return write_blend_overlay(self.data_dir, self.folder, version, tail_ids, lost_ids, weights,
-                                   prev_overlay=self.manifest(int(version) - 1))
+        m = write_blend_overlay(self.data_dir, self.folder, version, tail_ids, lost_ids, weights,
+                                prev_overlay=self.manifest(int(version) - 1))
+        if self.sync is not None:  # in the store before the mask that uses it is published
+            self.sync()
+        return self._remote(m)
 
     def prune(self, keep_versions) -> int:
         keep = [m for m in (self.manifest(v) for v in keep_versions) if m is not None]

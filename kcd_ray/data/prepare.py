@@ -7,10 +7,17 @@ rebuilt silently: the call fails with one line naming the damaged file and askin
 into a temporary sibling folder, fully verified, and renamed into place at the end, so an
 interrupted prepare leaves no half-written ``<key>`` behind, and two processes preparing the
 same key at once both end up with one complete folder.
+
+A root in an object store (``data.root=s3://bucket/data``, :mod:`kcd_ray.storage`): the data set is built in a
+local working copy (``storage.stage_dir``), verified, and uploaded with ``meta.json`` last, so a data set in the
+store is complete exactly when its ``meta.json`` is there. Every node that needs it fetches it once into its own
+working copy (:func:`fetch_prepared`, verified in full after the download); the Ray Data read tasks read the
+Parquet files from the store itself (``storage.parquet_source``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -19,8 +26,9 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from kcd_ray.data.parquet_io import (FILES_KEY, FORMAT_VERSION, DatasetError, check_prepared, file_records,
-                                     load_meta, verify_prepared, write_meta)
+from kcd_ray import storage
+from kcd_ray.data.parquet_io import (FILES_KEY, FORMAT_VERSION, META_FILE, DatasetError, check_prepared,
+                                     file_records, load_meta, verify_prepared, write_meta)
 from kcd_ray.data.sources import DATASETS, Source
 from kcd_ray.data.sources.base import log
 
@@ -73,6 +81,8 @@ def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True, full_ch
     damaged folder raises ``DatasetDamagedError`` naming the file; ``force=True`` rebuilds it (and
     any existing folder) from the source.
     """
+    if storage.is_uri(data_cfg.root):
+        return _prepare_in_store(data_cfg, force, verbose, full_check)
     src = get_source(data_cfg)
     key = src.key()
     root = src.root
@@ -100,6 +110,50 @@ def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True, full_ch
     say(f"prepared {target} in {time.time() - t0:.1f}s: "
         + ", ".join(f"{s} {meta['splits'][s]['num_rows']} rows" for s in ("train", "test")))
     return target
+
+
+def _prepare_in_store(data_cfg, force: bool, verbose: bool, full_check: Optional[bool]) -> Path:
+    """``prepare_dataset`` for a root in an object store; returns this node's verified working copy."""
+    storage.check(data_cfg.root, "data.root")
+    uri = storage.join(data_cfg.root, get_source(data_cfg).key())
+    if not force and storage.exists(storage.join(uri, META_FILE)):
+        return fetch_prepared(uri, verbose=verbose, full_check=full_check)
+    stage = storage.stage_dir(uri)
+    path = prepare_dataset(dataclasses.replace(data_cfg, root=str(stage.parent)), force=force, verbose=verbose,
+                           full_check=full_check)
+    files = [f for f in storage.list_files(path) if f == META_FILE or f.startswith(("train/", "test/"))]
+    (log if verbose else (lambda msg: None))(f"uploading {len(files)} files -> {uri}")
+    storage.upload_tree(path, uri, files, last=[META_FILE])  # meta.json last: its presence means complete
+    storage.mark_staged(path, uri, storage.sha256(storage.read_bytes(storage.join(uri, META_FILE))))
+    return path
+
+
+def fetch_prepared(uri: str, verbose: bool = True, full_check: Optional[bool] = None) -> Path:
+    """This node's working copy of the prepared data set at ``uri``: reused while the store's meta.json is the one
+    it was fetched with, else downloaded next to it, verified in full and renamed into place."""
+    stage = storage.stage_dir(uri)
+    try:
+        digest = storage.sha256(storage.read_bytes(storage.join(uri, META_FILE)))
+    except FileNotFoundError:
+        raise DatasetError(f"{uri}: no prepared data set there (no {META_FILE}); run `kcd-ray prepare-data` "
+                           "with this data.root first") from None
+    if storage.staged_from(stage, digest=True) == (uri, digest):
+        verify_prepared(stage, full=full_check)
+        return stage
+    stage.parent.mkdir(parents=True, exist_ok=True)
+    tmp = stage.parent / f"{TMP_PREFIX}{stage.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    (log if verbose else (lambda msg: None))(f"fetching {uri} -> {stage}")
+    try:
+        for rel in storage.list_files(uri):
+            if rel == META_FILE or rel.startswith(("train/", "test/")):
+                storage.download(storage.join(uri, rel), tmp / rel)
+        verify_prepared(tmp, full=True)  # every byte against meta.json's checksums
+        storage.mark_staged(tmp, uri, digest)
+        _install(tmp, stage, replace=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stage
 
 
 def _complete(path: Path) -> bool:

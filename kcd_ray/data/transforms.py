@@ -453,15 +453,19 @@ def _eval_full(images, h: int, w: int, c: int) -> np.ndarray:
     return _per_image(images, h, w, c, view)
 
 
-def _train_encoded(x, meta: dict, kind: str, generator, uniforms) -> torch.Tensor:
+def train_uint8_encoded(x, meta: dict, kind: str, uniforms=None, generator=None) -> np.ndarray:
+    """Encoded data's training augmentation up to the normalisation: uint8 [B, S, S, C]."""
     h, w, c = image_shape(meta)
     images = decode_full(x, meta)
     if kind == "imagenet":
-        out = _rrc_full(images, _uniforms(len(images), kind, generator, uniforms), h, w, c)
-    else:  # cifar/none: as for raw data, on the images brought to h x w as decode_images does
-        out = augment_uint8(_per_image(images, h, w, c, lambda _, img: _fit(img, h, w)), kind, generator,
-                            uniforms=uniforms)
-    return to_float_nchw(out, meta["mean"], meta["std"])
+        return _rrc_full(images, _uniforms(len(images), kind, generator, uniforms), h, w, c)
+    # cifar/none: as for raw data, on the images brought to h x w as decode_images does
+    return augment_uint8(_per_image(images, h, w, c, lambda _, img: _fit(img, h, w)), kind, generator,
+                         uniforms=uniforms)
+
+
+def _train_encoded(x, meta: dict, kind: str, generator, uniforms) -> torch.Tensor:
+    return to_float_nchw(train_uint8_encoded(x, meta, kind, uniforms, generator), meta["mean"], meta["std"])
 
 
 # --------------------------------------------------------------------------- normalisation

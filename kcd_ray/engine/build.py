@@ -109,6 +109,8 @@ def build_components(cfg, kind: str, data_dir: str, device: torch.device, distri
             extra["teacher_cache"] = teacher_cache
     distiller = build_distiller(dcfg, student, teacher, num_classes, num_samples=num_train,
                                 image_size=int(meta["image_shape"][0]), **extra).to(device)
+    if cfg.optim.channels_last and device.type == "cuda":  # NHWC kernels (cuDNN); the batches come NHWC too
+        distiller.to(memory_format=torch.channels_last)
     model = distiller
     if distributed:
         model = DistributedDataParallel(distiller, device_ids=[device.index] if device.type == "cuda" else None,

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from kcd_ray import storage
 from kcd_ray.condense import KCDState
 from kcd_ray.condense.values import VALUE_FNS, make_context
 from kcd_ray.data.blend import BlendOverlays
@@ -63,7 +64,11 @@ class Condenser(Hook):
         self.state.load_state_dict(state)
 
     def _overlays(self, engine) -> BlendOverlays:
-        return BlendOverlays(engine.ctx.run_dir.path / "blends", engine.ctx.data_dir)
+        run_dir = engine.ctx.run_dir
+        if not run_dir.remote:
+            return BlendOverlays(run_dir.path / "blends", engine.ctx.data_dir)
+        return BlendOverlays(run_dir.path / "blends", engine.ctx.data_dir, remote=storage.join(run_dir.remote, "blends"),
+                             sync=lambda: run_dir.sync_up("blends"))
 
     def _mask_path(self, engine, version):
         return engine.ctx.run_dir.sub("masks", f"mask_v{version:03d}.parquet")

@@ -81,10 +81,17 @@ def check_curriculum(cfg: Config, kind: str) -> None:
 
 def check_pipeline(cfg: Config) -> None:
     """What the Ray Data pipeline cannot serve (checked by the driver)."""
-    if cfg.curriculum.name == "ed" and not cfg.curriculum.mix_groups:
-        raise ConfigError("curriculum.mix_groups: false (ED's sequential passes over D_1..D_g in each epoch) is not "
-                          "available on the Ray Data pipeline yet, which serves one shuffled pass over the grade's "
-                          "union; set curriculum.mix_groups=true (each sample still meets its own group's teacher)")
+    if cfg.curriculum.name == "ed" and not cfg.curriculum.mix_groups and cfg.data.shuffle not in ("auto", "full"):
+        raise ConfigError(f"curriculum.mix_groups: false (ED's sequential passes over D_1..D_g in each epoch) needs "
+                          f"data.shuffle=full, got {cfg.data.shuffle!r}; or set curriculum.mix_groups=true")
+
+
+def sequential_passes(cfg: Config, num_classes: int) -> Optional[np.ndarray]:
+    """int[K]: the pass (group 1..G) of each class when ED trains in sequential passes over D_1..D_g
+    (``curriculum.mix_groups=false``), else None (one shuffled pass over the grade's union)."""
+    if cfg.curriculum.name != "ed" or cfg.curriculum.mix_groups:
+        return None
+    return np.asarray(ClassGroups.from_config(cfg.curriculum, num_classes).group_of_label, np.int64)
 
 
 def run_groups(cfg: Config, num_classes: int) -> Optional[ClassGroups]:

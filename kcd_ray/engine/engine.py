@@ -293,7 +293,7 @@ class Engine:
         if self.ctx.is_chief and self.history:
             summary = summarize(self.history, kind=self.ctx.kind, kcd_enabled=self.history[-1]["kcd_enabled"],
                                 num_train=self.parts.num_train, epochs=self.cfg.optim.epochs,
-                                run_dir=str(self.ctx.run_dir.path), config=to_dict(self.cfg))
+                                run_dir=self.ctx.run_dir.where, config=to_dict(self.cfg))
         self._each("end_run", summary)
         return summary
 

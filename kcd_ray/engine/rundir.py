@@ -2,7 +2,13 @@
 
 Layout: ``config.yaml``, ``metrics.jsonl`` (one JSON object per epoch), ``summary.json``,
 ``masks/mask_v<k>.parquet``, ``values/`` (E-step value tables) and ``blends/`` (the VAKS overlay).
-Paths must be file-system paths (local disk, or NFS/EFS shared by every node on a cluster).
+
+``run.storage_path`` is a file-system path (local disk, or NFS/EFS shared by every node on a cluster) or an
+object-store URI (``s3://bucket/prefix``, :mod:`kcd_ray.storage`). With a URI, ``RunDir.path`` is a local working
+copy (``storage.stage_dir``) and ``RunDir.remote`` the run's URI: files are written locally as with a path, and
+:meth:`RunDir.sync_up` uploads what changed since the last sync (and deletes what was removed) at the points
+where they are complete; :meth:`RunDir.sync_down` fetches the run's files before a resume. Ray Train writes the
+checkpoints (``checkpoint_*``) to the URI itself; they are never part of the working copy.
 """
 
 from __future__ import annotations
@@ -10,16 +16,36 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
+
+from kcd_ray import storage
+
+_PARTIAL = re.compile(r"\.tmp[0-9a-f-]*$|\.partial$")  # being written: never uploaded
 
 
 def resolve_storage(storage_path: str) -> Path:
-    if "://" in storage_path:
+    """A file-system ``storage_path`` as an absolute path (what needs a folder: sweeps, ED's teacher paths)."""
+    if storage.is_uri(storage_path):
         raise ValueError(
-            f"run.storage_path: {storage_path!r} is a URI; kcd_ray writes masks and blends next to the checkpoints and "
-            "needs a file-system path (a local folder, or an NFS/EFS mount shared by all nodes)"
+            f"run.storage_path: {storage_path!r} is a URI; this needs a file-system path (a local folder, or an "
+            "NFS/EFS mount shared by all nodes)"
         )
-    return Path(os.path.expanduser(storage_path)).resolve()
+    return storage.local_path(storage_path).resolve()
+
+
+def run_folder(storage_path: str, name: str) -> "RunDir":
+    """The run folder ``<storage_path>/<name>``: a local folder, or a working copy of an object-store URI."""
+    if storage.is_uri(storage_path):
+        uri = storage.join(storage_path, name)
+        return RunDir(storage.stage_dir(uri), remote=uri)
+    return RunDir(resolve_storage(storage_path) / name)
+
+
+def ray_owned(rel: str) -> bool:
+    """Files Ray Train writes into the run's URI itself (checkpoints, its markers): not in the working copy."""
+    top = rel.split("/", 1)[0]
+    return top.startswith(("checkpoint_", ".validate_storage_marker"))
 
 
 def slug(text: str) -> str:
@@ -27,8 +53,65 @@ def slug(text: str) -> str:
 
 
 class RunDir:
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, remote: str = ""):
         self.path = Path(path)
+        self.remote = remote  # the run's URI when run.storage_path is an object store, else ""
+        self._synced: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) as last uploaded/downloaded
+
+    def __getstate__(self):  # the sync bookkeeping is per process
+        return {"path": self.path, "remote": self.remote, "_synced": {}}
+
+    @property
+    def where(self) -> str:
+        """The run folder as a user sees it: its URI, or its path."""
+        return self.remote or str(self.path)
+
+    def _sig(self, f: Path) -> tuple[int, int]:
+        st = f.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def sync_up(self, under: str = "") -> int:
+        """Upload the files (under ``under``) changed since the last sync, delete the removed ones; returns the
+        number of objects written or deleted. A no-op for a local run folder."""
+        if not self.remote:
+            return 0
+        base = self.path / under if under else self.path
+        files = [base] if base.is_file() else (base.rglob("*") if base.is_dir() else [])
+        now = {f.relative_to(self.path).as_posix(): self._sig(f) for f in files
+               if f.is_file() and f.name != storage.STAGE_MARK and not any(_PARTIAL.search(p) for p in f.parts)}
+        changed = [rel for rel, sig in now.items() if self._synced.get(rel) != sig]
+        for rel in changed:
+            storage.upload(self.path / rel, storage.join(self.remote, rel))
+            self._synced[rel] = now[rel]
+        prefix = under.rstrip("/") + "/" if under else ""
+        gone = [rel for rel in self._synced if rel not in now and (rel == under or rel.startswith(prefix))]
+        for rel in gone:
+            storage.delete(storage.join(self.remote, rel))
+            del self._synced[rel]
+        return len(changed) + len(gone)
+
+    def sync_down(self, fresh: bool = False) -> int:
+        """Fetch the run's files (not Ray Train's checkpoints) into the working copy; ``fresh`` first empties it,
+        so it mirrors the store exactly (a driver opening a run); otherwise files only here are kept."""
+        if not self.remote:
+            return 0
+        if fresh:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        rels = [r for r in storage.list_files(self.remote) if not ray_owned(r)]
+        for rel in rels:
+            storage.download(storage.join(self.remote, rel), self.path / rel)
+            self._synced[rel] = self._sig(self.path / rel)
+        return len(rels)
+
+    def checkpoint_names(self) -> list[str]:
+        """Ray Train checkpoint folders holding a ``state.pt`` (in the store for a remote run), sorted."""
+        if self.remote:
+            rels = storage.list_files(self.remote)
+        else:
+            rels = [p.relative_to(self.path).as_posix() for p in self.path.glob("checkpoint_epoch_*/state.pt")]
+        return sorted(r.split("/", 1)[0] for r in rels if r.startswith("checkpoint_epoch_") and r.endswith("/state.pt")
+                      and r.count("/") == 1)
 
     def sub(self, *parts: str) -> Path:
         p = self.path.joinpath(*parts)

@@ -1,8 +1,11 @@
 """Ray Data pipelines over a prepared data set: the condensed, augmented train set and eval sets.
 
-Batches, as ``iter_torch_batches`` hands them to Train workers:
-``{"sample_id": int64[B], "label": int64[B], "image": float32[B, C, H, W]}`` (normalised with
-meta's mean/std). Extra Parquet columns (``is_duplicate`` ...) are never read.
+Batches, as ``iter_torch_batches`` hands them to Train workers (``augment_on``, config ``data.augment_on``):
+``"worker"`` (runs' default): ``{"sample_id": int64[B], "label": int64[B], "image": uint8[B, H, W, C],
+"aug": float64[B, k]}`` (each row's augmentation draws; encoded data arrives already cropped, without ``aug``),
+finished on the worker's device by ``iter_train_batches(finish=BatchFinisher(...))``
+(``kcd_ray.data.device_augment``); ``"pipeline"``: ``"image": float32[B, C, H, W]`` augmented and normalised
+with meta's mean/std in the map tasks. Extra Parquet columns (``is_duplicate`` ...) are never read.
 
 Train plan (built once, re-executed by Ray Data every epoch), default ``shuffle="full"``, splits up to
 ``FULL_CACHE_MAX_BYTES`` (2 GiB; at most a quarter of the object store)::
@@ -106,6 +109,8 @@ warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resource
 
 COLUMNS = ["sample_id", "label", "image"]
 SHUFFLES = ("auto", "full", "block_local", "block_local_files")
+AUGMENT_ON = ("pipeline", "worker")  # resolved values of data.augment_on (augment_stage)
+CPU_AUGMENT_ON = "worker"  # data.augment_on=auto on CPU workers too: see augment_stage
 _RENAMED = {"files": "block_local_files", "blocks": "block_local"}
 BLOCK_SHUFFLE_MAX_BYTES = 2 * 2**30
 READ_BLOCK_BYTES = 16 * 2**20  # smaller read blocks: more map tasks in flight, finer shuffle
@@ -129,8 +134,13 @@ def _split_bytes(split_dir: Path) -> int:
 
 
 def _map_batch_rows(meta: dict) -> int:
+    """Rows per map task: ~16 MiB of output (float32 rows; uint8 rows for ``augment_on="worker"``, up to 4096).
+    Each task costs ~35 ms of Ray overhead on 2 cores whatever its size (bench/data_ceiling.py: uint8 CIFAR rows
+    at 1024/2048/4096 per task: 25k/28k/43k img/s), so fewer, larger tasks where the output stays small."""
     h, w, c = T.image_shape(meta)
-    return int(max(16, min(1024, 2**24 // (h * w * c * 4))))  # ~16 MiB of float32 output
+    if meta.get("_augment_on") == "worker":
+        return int(max(16, min(4096, 2**24 // (h * w * c))))
+    return int(max(16, min(1024, 2**24 // (h * w * c * 4))))
 
 
 def _task_cap() -> Optional[int]:
@@ -147,13 +157,15 @@ def _read(split_dir: Path, data_cpus: float, shuffle_seed=False):
     from ray.data import FileShuffleConfig
 
     from kcd_ray.ray_layer.compat import parquet_reader_v1
+    from kcd_ray.storage import parquet_source
 
     shuffle = None
     if shuffle_seed is not False:
         shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else "files"
     n_files = len(list(split_dir.glob("part-*.parquet")))
+    fs, where = parquet_source(split_dir)  # a working copy of a data set in an object store: read from the store
     with parquet_reader_v1(ray.data.DataContext.get_current()):
-        ds = ray.data.read_parquet(str(split_dir), columns=COLUMNS, shuffle=shuffle, num_cpus=data_cpus,
+        ds = ray.data.read_parquet(where, filesystem=fs, columns=COLUMNS, shuffle=shuffle, num_cpus=data_cpus,
                                    concurrency=min(_task_cap() or n_files, n_files))
     ds.context.target_max_block_size = min(ds.context.target_max_block_size or READ_BLOCK_BYTES, READ_BLOCK_BYTES)
     return ds
@@ -214,18 +226,31 @@ def _state(store: Optional[str]):
     return read_state(store)
 
 
-def _augment(ids: np.ndarray, x: np.ndarray, meta: dict, kind: str, seed: Optional[int], epoch: int,
-             tcache: Optional[dict] = None) -> np.ndarray:
-    """Augment + normalise uint8 NHWC -> float32 NCHW; sample i's draws depend on (seed, epoch, i) only
-    (views-mode teacher cache: on (seed, its view that epoch), one of K)."""
+def _draws(ids: np.ndarray, kind: str, seed: Optional[int], epoch: int, tcache: Optional[dict]) -> np.ndarray:
+    """Each row's augmentation draws [B, n_uniforms(kind)]: a pure function of (seed, epoch, id) (views-mode
+    teacher cache: of (seed, its view that epoch), one of K); fresh entropy per batch with ``seed=None``."""
     k = T.n_uniforms(kind)
     if seed is None:
-        u = np.random.default_rng().random((len(ids), k))
-    else:
-        from kcd_ray.cache.store import augment_uniforms
+        return np.random.default_rng().random((len(ids), k))
+    from kcd_ray.cache.store import augment_uniforms
 
-        u = augment_uniforms(ids, k, seed, epoch, views=(tcache or {}).get("views", 0))
-    return T.train_transform(x, meta, kind, uniforms=u).numpy()
+    return augment_uniforms(ids, k, seed, epoch, views=(tcache or {}).get("views", 0))
+
+
+def _augmented(ids: np.ndarray, x, meta: dict, kind: str, seed: Optional[int], epoch: int,
+               tcache: Optional[dict] = None) -> dict:
+    """The image columns of a train map. ``augment_on="pipeline"``: augmented, normalised float32 NCHW.
+    ``"worker"`` (``meta["_augment_on"]``): uint8 NHWC (encoded data already cropped) and the draws ``aug``
+    the Train worker's :class:`kcd_ray.data.device_augment.BatchFinisher` needs: 4x fewer bytes cross Ray Data."""
+    u = _draws(ids, kind, seed, epoch, tcache)
+    if meta.get("_augment_on") != "worker":
+        return {"image": T.train_transform(x, meta, kind, uniforms=u).numpy()}
+    from kcd_ray.data.device_augment import device_kind, host_stage
+
+    out = {"image": host_stage(x, meta, kind, u)}
+    if T.n_uniforms(device_kind(meta, kind)):
+        out["aug"] = u
+    return out
 
 
 _LOOKUPS: dict = {}  # per process: cache folder -> TeacherLookup (units loaded once)
@@ -236,7 +261,7 @@ def _rows(ids: np.ndarray, labels: np.ndarray, x: np.ndarray, meta: dict, kind: 
     """The output rows of a train map: augmented images, and with a teacher-output cache the teacher's cached
     outputs for (epoch, id) joined to them (``t_missing``: KCD blends, which the cache has never seen)."""
     out = {"sample_id": ids.astype(np.int64), "label": labels.astype(np.int64),
-           "image": _augment(ids, x, meta, kind, seed, epoch, tcache)}
+           **_augmented(ids, x, meta, kind, seed, epoch, tcache)}
     if tcache is not None:
         from kcd_ray.cache.store import CacheSpec, TeacherLookup
 
@@ -291,18 +316,20 @@ def _cache_split(split_dir: Path) -> dict:
     import pyarrow.parquet as pq
     import ray
 
-    refs, ids, starts, n = [], [], [], 0
+    refs, ids, labels, starts, n = [], [], [], [], 0
     for f in sorted(split_dir.glob("part-*.parquet")):
         table = pq.read_table(f, columns=COLUMNS)
         if not table.num_rows:
             continue
         refs.append(ray.put(table))
         ids.append(table.column("sample_id").to_numpy())
+        labels.append(table.column("label").to_numpy())
         starts.append(n)
         n += table.num_rows
     ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     return {"tables": refs, "starts": np.asarray(starts, np.int64), "ids": ray.put(ids), "rows": n,
-            "token": os.urandom(8).hex()}
+            "labels": ray.put(labels), "token": os.urandom(8).hex()}
 
 
 _ORDERS: dict = {}  # per worker process: cache token -> (kept array, epoch, order_seed, kept positions in order)
@@ -319,7 +346,14 @@ def _permutation(cache: dict, ids: np.ndarray, kept, epoch: int, order_seed: int
         from kcd_ray.ray_layer.mask_store import is_kept
 
         pos = np.flatnonzero(is_kept(kept, ids))
-    pos = pos[np.argsort(_order_keys(ids[pos], order_seed, epoch), kind="stable")]
+    keys = _order_keys(ids[pos], order_seed, epoch)
+    if cache.get("passes") is None:
+        pos = pos[np.argsort(keys, kind="stable")]
+    else:  # sequential passes: group 1's rows in their shuffled order, then group 2's, ... (ED's code)
+        import ray
+
+        group = np.asarray(cache["passes"])[ray.get(cache["labels"])[pos]]
+        pos = pos[np.lexsort((keys, group))]
     if len(_ORDERS) >= 8:  # a long-lived worker process that served many datasets (tests)
         _ORDERS.clear()
     _ORDERS[cache["token"]] = (kept, epoch, order_seed, pos)  # holds `kept`: its identity cannot be reused
@@ -366,10 +400,11 @@ def _chunk_map(batch: dict, cache: dict, rows: int, meta: dict, kind: str, seed:
 
 
 def _full_cached(split_dir: Path, meta: dict, kind: str, seed: Optional[int], order_seed: int,
-                 store: Optional[str], cpus: float, tcache: Optional[dict] = None):
+                 store: Optional[str], cpus: float, tcache: Optional[dict] = None, passes=None):
     import ray
 
     cache = _cache_split(split_dir)
+    cache["passes"] = None if passes is None else np.asarray(passes, np.int64)
     rows = _map_batch_rows(meta)
     n_chunks = max(1, math.ceil(cache["rows"] / rows))
     ds = ray.data.from_items([{"chunk": c} for c in range(n_chunks)], override_num_blocks=n_chunks)
@@ -521,7 +556,8 @@ def _resolve_shuffle(shuffle: str) -> str:
 
 
 def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, mask_store_name: Optional[str] = None,
-                  data_cpus: float = 0.25, shuffle: str = "auto", teacher_cache: Optional[dict] = None):
+                  data_cpus: float = 0.25, shuffle: str = "auto", teacher_cache: Optional[dict] = None,
+                  augment_on: str = "pipeline", passes=None):
     """The training set as a Ray Dataset: masked, shuffled, blended, augmented and normalised at execution time.
 
     ``mask_store_name``: the run's MaskStore (``mask_store.get_mask_store(name, create=True)`` on the driver);
@@ -531,8 +567,19 @@ def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, m
     docstring). ``seed``: int for reproducible order and augmentation, None for OS entropy.
     ``teacher_cache``: a ``CacheSpec.to_dict()``: every row also carries the teacher's cached outputs for its
     (epoch, id) (``t_logits``, ``t_feat``, ``t_missing``), joined in the same map that applies the mask.
+    ``augment_on``: ``"pipeline"`` serves normalised float32 NCHW images; ``"worker"`` uint8 NHWC images and
+    their draws ``aug``, which :func:`iter_train_batches` (``finish=BatchFinisher(...)``) turns into the same
+    float images on the worker's device (``kcd_ray.data.device_augment``).
+    ``passes``: int[K], the pass (1..G) of each label: every epoch then serves the kept rows of pass 1 in their
+    shuffled order, then those of pass 2, ... (ED's sequential passes over D_1..D_g, ``curriculum.mix_groups=
+    false``; a single consumer splits the batches at pass boundaries: :func:`split_passes`). Needs the cached
+    ``"full"`` back end (splits up to ``FULL_CACHE_MAX_BYTES``).
     """
+    if augment_on not in AUGMENT_ON:
+        raise ValueError(f"data.augment_on: {augment_on!r} is not one of: {', '.join(AUGMENT_ON)}")
     meta = T.read_meta(data_dir)
+    if augment_on == "worker":
+        meta = {**meta, "_augment_on": "worker"}  # read by _augmented in the map tasks
     if teacher_cache is not None and seed is None:
         raise ValueError("optim.seed: a teacher-output cache needs an integer seed (augmentation must be reproducible)")
     kind = T.resolve_augment(augment, meta)
@@ -543,9 +590,15 @@ def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, m
         seed = int(seed)
     # The row order's key: the seed, or (seed=None) entropy drawn now, the same for every task of the plan.
     order_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+    cached = mode == "full" and _split_bytes(split_dir) <= _cache_limit()
+    if passes is not None and not cached:
+        raise ValueError(f"curriculum.mix_groups: false (sequential passes over the groups) needs data.shuffle=full "
+                         f"on a split of at most {_cache_limit() / 2**30:.2f} GiB; got shuffle {shuffle!r} and "
+                         f"{_split_bytes(split_dir) / 2**30:.2f} GiB: set curriculum.mix_groups=true")
+    if cached:
+        return _full_cached(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus, teacher_cache, passes)
     if mode == "full":
-        backend = _full_cached if _split_bytes(split_dir) <= _cache_limit() else _full_sorted
-        return backend(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus, teacher_cache)
+        return _full_sorted(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus, teacher_cache)
     ds = _read(split_dir, cpus, shuffle_seed=seed)
     if mode == "block_local" and _split_bytes(split_dir) <= BLOCK_SHUFFLE_MAX_BYTES:
         from ray.data import RandomSeedConfig
@@ -597,16 +650,49 @@ def scoring_dataset(data_dir, *, data_cpus: float = 0.25, mask_store_name: Optio
 
 
 def iter_train_batches(shard, batch_size: int, *, epoch: int = 0, seed: Optional[int] = 0,
-                       shuffle_buffer: Optional[int] = None, drop_last: bool = False, **kwargs):
+                       shuffle_buffer: Optional[int] = None, drop_last: bool = False, finish=None, **kwargs):
     """``shard.iter_torch_batches`` with an optional local shuffle buffer reseeded per epoch (off by default:
     the dataset is shuffled already; see the module docstring). ``epoch`` seeds only that buffer: the
-    dataset's own epoch comes from its MaskStore (``mask_store.set_epoch``).
+    dataset's own epoch comes from its MaskStore (``mask_store.set_epoch``). ``finish``: applied to every
+    batch after Ray moved it to the worker's device (``BatchFinisher`` for an ``augment_on="worker"`` dataset).
 
-    The buffer holds ``shuffle_buffer`` decoded float rows per worker (256 CIFAR rows = 3 MiB;
-    1024 ImageNet rows = 600 MiB).
+    The buffer holds ``shuffle_buffer`` rows per worker (256 float CIFAR rows = 3 MiB; 1024 ImageNet rows =
+    600 MiB; a quarter of that as uint8 rows).
     """
     buf = int(shuffle_buffer or 0)
     local_seed = None if seed is None else (int(seed) * 1_000_003 + int(epoch)) % 2**31
-    return shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
-                                    local_shuffle_buffer_size=buf or None,
-                                    local_shuffle_seed=local_seed if buf else None, **kwargs)
+    batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
+                                       local_shuffle_buffer_size=buf or None,
+                                       local_shuffle_seed=local_seed if buf else None, **kwargs)
+    return batches if finish is None else map(finish, batches)
+
+
+def split_passes(batches, passes):
+    """Batches cut where the pass (``passes[label]``) changes, so none straddles two of ED's sequential passes:
+    a batch that holds the end of pass g and the start of pass g+1 becomes two."""
+    import torch
+
+    table = torch.as_tensor(np.asarray(passes, np.int64))
+    for b in batches:
+        g = table[b["label"].long().cpu()]
+        cuts = (torch.nonzero(g[1:] != g[:-1]).flatten() + 1).tolist()
+        if not cuts:
+            yield b
+            continue
+        for lo, hi in zip([0] + cuts, cuts + [len(g)]):
+            yield {k: (v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == len(g) else v)
+                   for k, v in b.items()}
+
+
+def augment_stage(cfg, gpu: bool) -> str:
+    """Where a run's training augmentation runs (``data.augment_on``): ``auto`` = on the worker, GPU or CPU.
+
+    On a GPU the uint8 batch is augmented on the device. On CPU workers it is the measured faster choice too
+    (bench/data_ceiling.py, 2 cores, 8,192 CIFAR rows, no model: 42k img/s with uint8 rows finished on the
+    worker against 14k with float rows augmented in Ray Data's tasks): 4x fewer bytes per row cross the object
+    store and a map task can carry 4x the rows (each task costs ~35 ms of Ray overhead here), while the
+    finishing stage costs the worker ~5 us per image, the same numpy code the tasks would run."""
+    choice = cfg.data.augment_on
+    if choice == "auto":
+        return "worker" if gpu else CPU_AUGMENT_ON
+    return choice

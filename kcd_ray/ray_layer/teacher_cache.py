@@ -47,12 +47,13 @@ def _locked(folder: Path):
 
 
 class TeacherForward:
-    """Ray Data actor: the teacher loaded once, the training split in memory; each work item is a row range of
-    one unit, augmented exactly as the training pipeline augments it for that unit, then one teacher forward."""
+    """Ray Data actor: the teacher loaded once; each work item is a row range of one unit, read from the split's
+    Parquet files (only those rows: memory stays one item's images whatever the split's size), augmented exactly
+    as the training pipeline augments it for that unit, then the teacher's forward."""
 
     def __init__(self, teacher_path: str, teacher_model: str, num_classes: int, data_dir: str, augment: str,
                  seed: int, feat: bool, use_gpu: bool, threads: int):
-        import pyarrow.parquet as pq
+        import pyarrow.dataset as pads
 
         from kcd_ray.models import load_model
         from kcd_ray.ray_layer.pipeline import _uint8_images
@@ -62,26 +63,38 @@ class TeacherForward:
         self.teacher = load_model(teacher_path, name=teacher_model or None, num_classes=num_classes)
         self.teacher.to(self.device).eval()
         self.meta, self.kind, self.seed, self.feat = T.read_meta(data_dir), augment, int(seed), feat
-        table = pq.read_table(str(Path(data_dir) / "train"), columns=["sample_id", "image"])
-        self.ids = table.column("sample_id").to_numpy().astype(np.int64)
-        self.images = _uint8_images(table.column("image"), self.meta, self.ids)
+        # Row r of the build's items is row r of the split in file order (files sorted, rows sorted by sample_id).
+        files = sorted(str(f) for f in (Path(data_dir) / "train").glob("part-*.parquet"))
+        self.split = pads.dataset(files, format="parquet")
+        self.uint8_images = _uint8_images
 
     def __call__(self, batch: dict) -> dict:
         unit, start, stop = str(batch["unit"][0]), int(batch["start"][0]), int(batch["stop"][0])
-        ids, x = self.ids[start:stop], self.images[start:stop]
+        rows = self.split.take(np.arange(start, stop), columns=["sample_id", "image"])
+        ids = rows.column("sample_id").to_numpy().astype(np.int64)
+        x = self.uint8_images(rows.column("image"), self.meta, ids)
         key = unit_uniform_key(unit, self.seed)
         if key is None:
             img = T.eval_transform(x, self.meta)
         else:
             img = T.train_transform(x, self.meta, self.kind, uniforms=T.sample_uniforms(ids, T.n_uniforms(self.kind), key))
+        # Forward in sub-batches: on 2 CPU cores resnet32x4 ran 156 img/s at 64 rows against 90 at 512 (the
+        # activations of 512 rows overflow the caches); a GPU takes larger ones.
+        step = 256 if self.device.type == "cuda" else 64
+        zs, fs = [], []
         with torch.no_grad():
-            img = img.to(self.device)
-            if self.feat:
-                feats, z = self.teacher(img, is_feat=True)
-                f = feats[-1].flatten(1).float().cpu().numpy()
-            else:
-                z, f = self.teacher(img), np.zeros((len(ids), 0), np.float32)
-        return {"unit": np.array([unit] * len(ids)), "sample_id": ids, "logits": z.float().cpu().numpy(), "feat": f}
+            for i in range(0, len(ids), step):
+                z, f = self._forward(img[i:i + step].to(self.device))
+                zs.append(z)
+                fs.append(f)
+        return {"unit": np.array([unit] * len(ids)), "sample_id": ids, "logits": np.concatenate(zs),
+                "feat": np.concatenate(fs)}
+
+    def _forward(self, img: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        if self.feat:
+            feats, z = self.teacher(img, is_feat=True)
+            return z.float().cpu().numpy(), feats[-1].flatten(1).float().cpu().numpy()
+        return self.teacher(img).float().cpu().numpy(), np.zeros((len(img), 0), np.float32)
 
 
 def _probe(teacher_path: str, teacher_model: str, num_classes: int, meta: dict) -> dict:

@@ -17,19 +17,20 @@ import ray.data
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from kcd_ray import storage
 from kcd_ray.config import Config, dump_yaml, load_config, to_dict
 from kcd_ray.data import load_meta, prepare_dataset
 from kcd_ray.engine import resume
 from kcd_ray.engine.resume import check_resume
 from kcd_ray.engine.curriculum import (MULTI_TEACHER, check_curriculum, check_pipeline, group_teacher_paths,
-                                      load_teachers, with_teachers)
-from kcd_ray.engine.rundir import RunDir, resolve_storage, slug
+                                      load_teachers, sequential_passes, with_teachers)
+from kcd_ray.engine.rundir import RunDir, run_folder, slug
 from kcd_ray.engine.selection import resolve_strategy
 from kcd_ray.errors import as_run_error, one_line
 from kcd_ray.ray_layer import compat
 from kcd_ray.ray_layer.logs import quiet_ray_data_and_train, skip_known_ray_noise
 from kcd_ray.ray_layer.mask_store import get_mask_store
-from kcd_ray.ray_layer.pipeline import eval_dataset, train_dataset, train_ingest_options
+from kcd_ray.ray_layer.pipeline import augment_stage, eval_dataset, train_dataset, train_ingest_options
 from kcd_ray.ray_layer.resources import use_gpu, worker_resources
 from kcd_ray.ray_layer.worker import train_loop_per_worker
 
@@ -68,6 +69,9 @@ def _resolve_paths(cfg: Config) -> Config:
         return str(Path(os.path.expanduser(p)).resolve()) if p else p
 
     d, cur = cfg.distill, cfg.curriculum
+    if storage.is_uri(d.cache_dir):
+        raise storage.StorageError(f"distill.cache_dir: {d.cache_dir!r}: the teacher-output cache needs a file-system "
+                                   "path (leave it empty to keep the cache beside the prepared data)")
     if not (d.teacher or d.teachers or cur.teachers or d.cache_dir):
         return cfg
     return dataclasses.replace(
@@ -78,21 +82,66 @@ def _resolve_paths(cfg: Config) -> Config:
 
 def ensure_group_teachers(cfg: Config) -> Config:
     """ED's per-group teachers (ED.md 4): reuse the checkpoints that exist, train the missing ones first, one
-    Ray Train run per group in sequence (local labels, n_g outputs); the config then lists all G."""
+    Ray Train run per group (local labels, n_g outputs), several at once when the cluster has room
+    (``curriculum.teacher_concurrency``); the config then lists all G."""
     check_curriculum(cfg, "distill")  # one-line errors before any teacher trains
     check_pipeline(cfg)
-    paths = []
-    for g, path, tcfg in group_teacher_paths(cfg):
-        if not path.exists():
-            if cfg.run.verbose:
+    if storage.is_uri(cfg.run.storage_path):
+        raise storage.StorageError(f"run.storage_path: {cfg.run.storage_path!r}: ED's per-group teachers are trained "
+                                   "into a file-system path; train them there, or list them in curriculum.teachers")
+    todo = [(g, path, tcfg) for g, path, tcfg in group_teacher_paths(cfg) if not path.exists()]
+    if todo:
+        init_ray(cfg)
+    at_once = max(1, min(len(todo), teachers_at_once(cfg, todo[0][2]) if todo else 1))
+    for i in range(0, len(todo), at_once):
+        wave = todo[i:i + at_once]
+        if cfg.run.verbose:
+            for g, path, tcfg in wave:
                 print(f"[kcd_ray] ed: training the teacher of group {g}/{cfg.curriculum.groups} ({tcfg.model}, "
-                      f"run {tcfg.run.name}) -> {path}", flush=True)
-            made = Path(fit(tcfg, kind="teacher")["run_dir"]) / "final_model.pt"
-            if made.resolve() != path:
+                      f"run {tcfg.run.name}) -> {path}" + (f" ({len(wave)} at once)" if len(wave) > 1 else ""),
+                      flush=True)
+        made = _fit_teachers([tcfg for _, _, tcfg in wave])
+        for (_, path, _), run_dir in zip(wave, made):
+            model = Path(run_dir) / "final_model.pt"
+            if model.resolve() != path:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(made, path)
-        paths.append(path)
-    return with_teachers(cfg, paths)
+                shutil.copyfile(model, path)
+    return with_teachers(cfg, [path for _, path, _ in group_teacher_paths(cfg)])
+
+
+def teachers_at_once(cfg: Config, tcfg: Config) -> int:
+    """How many group-teacher runs fit in the cluster's free resources together (at least 1); the config's
+    ``curriculum.teacher_concurrency`` caps it."""
+    if cfg.curriculum.teacher_concurrency:
+        cap = cfg.curriculum.teacher_concurrency
+    else:
+        cap = cfg.curriculum.groups
+    sc = tcfg.scaling
+    free = ray.available_resources()
+    cpus = max(1, sc.num_workers) * sc.cpus_per_worker + sc.data_cpus
+    room = int(free.get("CPU", 0.0) // cpus)
+    if use_gpu(sc):
+        room = min(room, int(free.get("GPU", 0.0) // (max(1, sc.num_workers) * sc.gpus_per_worker)))
+    return max(1, min(cap, room))
+
+
+@ray.remote(num_cpus=0)
+def _fit_teacher_task(tcfg_dict: dict) -> str:
+    from kcd_ray.config import config_from_dict
+
+    return fit(config_from_dict(tcfg_dict), kind="teacher")["run_dir"]
+
+
+def _fit_teachers(tcfgs: list) -> list[str]:
+    """Run folders of teacher runs: in this process for one, as concurrent Ray tasks (each launching its own Ray
+    Train run, which reserves its workers' resources; an in-process run reserves its CPUs on the task) for more."""
+    if len(tcfgs) == 1:
+        return [fit(tcfgs[0], kind="teacher")["run_dir"]]
+    refs = []
+    for t in tcfgs:
+        own = t.scaling.cpus_per_worker + t.scaling.data_cpus if t.scaling.num_workers == 0 else 0
+        refs.append(_fit_teacher_task.options(num_cpus=own).remote(to_dict(t)))
+    return ray.get(refs)
 
 
 def preflight(cfg: Config, kind: str, data_dir: Path) -> None:
@@ -121,17 +170,16 @@ def preflight(cfg: Config, kind: str, data_dir: Path) -> None:
 
 
 def has_checkpoint(run_dir: RunDir) -> bool:
-    p = run_dir.path
-    return any((d / "state.pt").is_file() for d in [*p.glob("checkpoint_epoch_*"), p / "local_checkpoint",
-                                                    p / "local_checkpoint.prev"])
+    return last_checkpoint(run_dir) is not None
 
 
-def last_checkpoint(run_dir: RunDir) -> Path | None:
+def last_checkpoint(run_dir: RunDir) -> str | None:
+    """The newest checkpoint folder (a URI for a run in an object store); None when the run has none."""
     p = run_dir.path
-    found = sorted(d for d in p.glob("checkpoint_epoch_*") if (d / "state.pt").is_file())
-    for local in (p / "local_checkpoint", p / "local_checkpoint.prev"):
+    found = [storage.join(run_dir.where, n) for n in run_dir.checkpoint_names()]
+    for local in (p / "local_checkpoint", p / "local_checkpoint.prev"):  # in-process runs: in the working copy
         if (local / "state.pt").is_file():
-            found.append(local)
+            found.append(storage.join(run_dir.where, local.name))
     return found[-1] if found else None
 
 
@@ -139,6 +187,9 @@ def open_run(cfg: Config, kind: str, run_dir: RunDir) -> None:
     """Create or re-open the run folder: a re-run of a name with checkpoints must have a compatible config."""
     new = to_dict(cfg)
     stored = run_dir.path / "config.yaml"
+    if run_dir.remote and cfg.run.resume == "never" and any(run_dir.path.iterdir()):
+        raise ValueError(f"run.resume=never: {run_dir.remote} already holds a run and an object store cannot move "
+                         "it aside; pick a new run.name or delete it")
     if run_dir.path.exists() and cfg.run.resume == "never" and any(run_dir.path.iterdir()):
         aside = run_dir.path.with_name(f"{run_dir.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.path.rename(aside)
@@ -154,6 +205,7 @@ def open_run(cfg: Config, kind: str, run_dir: RunDir) -> None:
         resume.record(run_dir, "start", 0)
     run_dir.write_text("config.yaml", dump_yaml(cfg))
     run_dir.write_json("status.json", {"state": "running", "kind": kind})
+    run_dir.sync_up()
 
 
 def _stored_config(path: Path) -> dict:
@@ -179,8 +231,15 @@ def _undo_if_nothing_trained(run_dir: RunDir, old_config: str | None, epochs_bef
 def _finish(run_dir: RunDir, state: str, **extra) -> None:
     try:
         run_dir.write_json("status.json", {"state": state, "epochs_done": _epochs_done(run_dir), **extra})
+        run_dir.sync_up()  # an object store: what the driver wrote (status, error.log, config.yaml undone)
     except OSError:
         pass
+
+
+def check_storage(cfg: Config) -> None:
+    """An unreachable store or a missing bucket fails here, in one line naming the URI, before anything runs."""
+    storage.check(cfg.run.storage_path, "run.storage_path")
+    storage.check(cfg.data.root, "data.root")
 
 
 def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, hooks: list | None = None) -> dict:
@@ -194,19 +253,21 @@ def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, ho
     if kind not in ("teacher", "distill"):
         raise ValueError(f"kind: {kind!r} is not one of: teacher, distill")
     cfg = _resolve_paths(cfg)
+    check_storage(cfg)
     data_dir = Path(prepare_dataset(cfg.data, verbose=cfg.run.verbose > 0)).resolve()
     if kind == "distill" and cfg.curriculum.name == "ed" and cfg.curriculum.teacher_source == "per_group":
         cfg = ensure_group_teachers(cfg)
     preflight(cfg, kind, data_dir)
     meta = load_meta(data_dir)
     name = cfg.run.name or default_run_name(cfg, kind)
-    run_dir = RunDir(resolve_storage(cfg.run.storage_path) / name)
+    run_dir = run_folder(cfg.run.storage_path, name)
+    run_dir.sync_down(fresh=True)  # an object store: the run's files as the store holds them (no-op for a path)
     stored = run_dir.path / "config.yaml"
     before = (stored.read_text() if stored.exists() else None, _epochs_done(run_dir))
     open_run(cfg, kind, run_dir)
     if cfg.run.verbose:
         print(f"[kcd_ray] {kind} run {name}: {meta['splits']['train']['num_rows']} train samples, "
-              f"{meta['num_classes']} classes, run folder {run_dir.path}", flush=True)
+              f"{meta['num_classes']} classes, run folder {run_dir.where}", flush=True)
     t0 = time.perf_counter()
     try:
         init_ray(cfg)
@@ -216,11 +277,14 @@ def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, ho
         trainer = _trainer(cfg, kind, name, run_dir, data_dir, callbacks, hooks, tcache)
         compat.keep_default_sigint(trainer)
         result = trainer.fit()
+        run_dir.sync_down()  # an object store: what the workers uploaded (summary, metrics, masks)
     except KeyboardInterrupt:
+        _sync_down_quietly(run_dir)
         _undo_if_nothing_trained(run_dir, *before)
         _finish(run_dir, "interrupted")
         raise Interrupted(run_dir, last_checkpoint(run_dir)) from None
     except Exception as e:  # noqa: BLE001 - every failure becomes its root cause + a traceback file
+        _sync_down_quietly(run_dir)
         err = as_run_error(e, run_dir.path)
         _undo_if_nothing_trained(run_dir, *before)
         _finish(run_dir, "failed", error=one_line(err))
@@ -231,7 +295,8 @@ def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, ho
     _finish(run_dir, "finished")
     if cfg.run.verbose:
         print(f"[kcd_ray] done in {time.perf_counter() - t0:.1f}s: final top1 {summary['final_top1']:.2f}, "
-              f"best {summary['best_top1']:.2f}, compute ratio {summary['compute_ratio']:.3f}; {run_dir.path}/summary.json",
+              f"best {summary['best_top1']:.2f}, compute ratio {summary['compute_ratio']:.3f}; "
+              f"{storage.join(run_dir.where, 'summary.json')}",
               flush=True)
     return summary
 
@@ -239,9 +304,16 @@ def fit(cfg: Config, kind: str = "distill", callbacks: list | None = None, *, ho
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a run: says where the last checkpoint is and that re-running the command resumes."""
 
-    def __init__(self, run_dir: RunDir, checkpoint: Path | None):
+    def __init__(self, run_dir: RunDir, checkpoint: str | None):
         where = f"last checkpoint {checkpoint}" if checkpoint else "no checkpoint yet (a re-run starts afresh)"
-        super().__init__(f"interrupted: {where}; re-run the same command to resume (run folder {run_dir.path})")
+        super().__init__(f"interrupted: {where}; re-run the same command to resume (run folder {run_dir.where})")
+
+
+def _sync_down_quietly(run_dir: RunDir) -> None:
+    try:
+        run_dir.sync_down()
+    except OSError:  # the store went away too: the error being reported matters more
+        pass
 
 
 def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path, callbacks, hooks,
@@ -250,15 +322,25 @@ def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path,
     # Every run has a store: it serves the data epoch (shuffle and augmentation seeds) and KCD's mask.
     mask_store = f"kcd_mask_{name}_{uuid.uuid4().hex[:8]}"
     get_mask_store(mask_store, create=True)
+    augment_on = augment_stage(cfg, use_gpu(cfg.scaling))  # the dataset and the workers' finishing stage agree
     datasets = {
         "train": train_dataset(str(data_dir), augment=cfg.data.augment, seed=cfg.optim.seed,
                                mask_store_name=mask_store, data_cpus=cfg.scaling.data_cpus, shuffle=cfg.data.shuffle,
-                               teacher_cache=tcache.to_dict() if tcache is not None else None),
+                               teacher_cache=tcache.to_dict() if tcache is not None else None,
+                               augment_on=augment_on,
+                               passes=sequential_passes(cfg, int(load_meta(data_dir)["num_classes"]))),
         "test": eval_dataset(str(data_dir), split="test", data_cpus=cfg.scaling.data_cpus),
     }
+    data_uri = storage.staged_from(data_dir)
     loop_config = {"cfg": to_dict(cfg), "kind": kind, "run_dir": str(run_dir.path), "data_dir": str(data_dir),
-                   "mask_store": mask_store, "hooks": list(hooks or []),
-                   "teacher_cache": tcache.to_dict() if tcache is not None else None}
+                   "mask_store": mask_store, "hooks": list(hooks or []), "augment_on": augment_on,
+                   "teacher_cache": tcache.to_dict() if tcache is not None else None,
+                   # an object store: the run's and the data set's URIs, and their filesystems for the workers
+                   "run_uri": run_dir.remote, "data_uri": data_uri, "storage": storage.export(run_dir.remote, data_uri)}
+    if run_dir.remote:  # Ray Train writes the checkpoints to the store through the same filesystem
+        fs, parent = storage.filesystem(run_dir.remote.rsplit("/", 1)[0])
+    else:
+        fs, parent = None, str(run_dir.path.parent)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -266,7 +348,7 @@ def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path,
                                                resources_per_worker=worker_resources(cfg.scaling),
                                                placement_strategy=cfg.scaling.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(run_dir.path.parent),
+            name=name, storage_path=parent, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             callbacks=callbacks or None,

@@ -18,12 +18,16 @@ import ray
 import ray.train
 import torch
 
+from kcd_ray import storage
 from kcd_ray.cache import CacheSpec
 from kcd_ray.config import config_from_dict
+from kcd_ray.data import transforms as T
+from kcd_ray.data.device_augment import BatchFinisher
 from kcd_ray.data.groups import local_label_feeds
 from kcd_ray.engine import Engine, Hook, RunContext
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.build import build_components
+from kcd_ray.engine.curriculum import sequential_passes
 from kcd_ray.engine.checkpoint import latest_local_checkpoint, replace_checkpoint
 from kcd_ray.engine.metrics import say
 from kcd_ray.models import CheckpointError
@@ -33,7 +37,7 @@ from kcd_ray.engine.rundir import RunDir
 from kcd_ray.engine.selection import feed_batch_size
 from kcd_ray.ray_layer import mask_store
 from kcd_ray.ray_layer.logs import quiet_ray_data_and_train, quiet_worker_error_echo
-from kcd_ray.ray_layer.pipeline import iter_train_batches
+from kcd_ray.ray_layer.pipeline import iter_train_batches, split_passes
 from kcd_ray.ray_layer.resources import use_gpu
 
 
@@ -64,6 +68,8 @@ class RayServices:
 
     def report(self, metrics: dict, checkpoint, epoch: int) -> None:
         name = f"checkpoint_epoch_{epoch:04d}"
+        if self.ctx.is_chief:  # an object store: the epoch's masks, values and blends before its checkpoint
+            self.ctx.run_dir.sync_up()
         if checkpoint is None or self.in_process:
             if checkpoint is not None:
                 replace_checkpoint(local_checkpoint_dir(self.ctx.run_dir), checkpoint)
@@ -88,6 +94,20 @@ class NodeInfo(Hook):
     def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
         if epoch == engine.start_epoch:
             engine.ctx.run_dir.write_text(f"nodes/rank_{engine.ctx.rank}.txt", row["node_id"])
+
+
+@HOOKS.register("run_sync")
+class RunSync(Hook):
+    """A run in an object store: rank 0 uploads the run folder's new files once each epoch's files are complete
+    (after the checkpoint and the metrics row) and at the end (final model, summary, final mask)."""
+
+    def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
+        if engine.ctx.is_chief:
+            engine.ctx.run_dir.sync_up()
+
+    def end_run(self, engine, summary) -> None:
+        if engine.ctx.is_chief:
+            engine.ctx.run_dir.sync_up()
 
 
 class TestBatches:
@@ -125,15 +145,14 @@ def _restore(engine: Engine, ctx: RunContext) -> None:
             try:
                 engine.restore(folder)
             except CheckpointError as e:
-                _fall_back(engine, ctx, Path(folder), e)
+                _fall_back(engine, ctx, Path(ckpt.path), e)  # ckpt.path: the folder's name in the store too
     elif ctx.world == 1 and (local := latest_local_checkpoint(local_checkpoint_dir(ctx.run_dir))) is not None:
         engine.restore(local)
 
 
 def _fall_back(engine: Engine, ctx: RunContext, damaged: Path, error: CheckpointError) -> None:
     """The newest checkpoint is damaged: resume from the newest intact older one in the run folder, saying so."""
-    older = sorted((d for d in ctx.run_dir.path.glob("checkpoint_epoch_*") if d.name < damaged.name), reverse=True)
-    for folder in older:
+    for folder in _older_checkpoints(ctx, damaged.name):
         try:
             engine.restore(folder)
         except CheckpointError:
@@ -144,6 +163,40 @@ def _fall_back(engine: Engine, ctx: RunContext, damaged: Path, error: Checkpoint
     raise error
 
 
+def _finisher(cfg, ctx: RunContext, device: torch.device, augment_on: str) -> Optional[BatchFinisher]:
+    """The last input stage on this worker's device when Ray Data serves uint8 rows (``data.augment_on``)."""
+    if augment_on != "worker":
+        return None
+    meta = T.read_meta(ctx.data_dir)
+    return BatchFinisher(meta, T.resolve_augment(cfg.data.augment, meta),
+                         channels_last=cfg.optim.channels_last and device.type == "cuda")
+
+
+def _older_checkpoints(ctx: RunContext, name: str):
+    """Checkpoint folders older than ``name``, newest first (from an object store: each fetched when tried)."""
+    if not ctx.run_dir.remote:
+        yield from sorted((d for d in ctx.run_dir.path.glob("checkpoint_epoch_*") if d.name < name), reverse=True)
+        return
+    for older in sorted((n for n in ctx.run_dir.checkpoint_names() if n < name), reverse=True):
+        uri, folder = storage.join(ctx.run_dir.remote, older), Path(tempfile.mkdtemp(prefix="kcd_ckpt_")) / older
+        for rel in storage.list_files(uri):
+            storage.download(storage.join(uri, rel), folder / rel)
+        yield folder
+
+
+def _open_storage(config: dict) -> tuple[RunDir, str]:
+    """The run folder (a working copy of the run's URI in an object store, fetched on rank 0 before a resume)
+    and the data set folder (a local working copy of a data set in an object store, fetched once per node)."""
+    storage.install(config.get("storage"))
+    run_dir = RunDir(config["run_dir"], remote=config.get("run_uri", ""))
+    data_dir = config["data_dir"]
+    if config.get("data_uri"):
+        from kcd_ray.data.prepare import fetch_prepared
+
+        data_dir = str(fetch_prepared(config["data_uri"], verbose=False))
+    return run_dir, data_dir
+
+
 def train_loop_per_worker(config: dict) -> Optional[dict]:
     """Ray Train's worker function: ``config`` holds the resolved config dict, kind, folders, store and
     extra hook specs (tests)."""
@@ -152,16 +205,19 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
     quiet_worker_error_echo()
     # In-process (num_workers=0) there is one rank; ray.train.get_context() would raise inside a Tune trial.
     tctx = ray.train.get_context() if cfg.scaling.num_workers else None
-    ctx = RunContext(cfg=cfg, kind=config["kind"], run_dir=RunDir(config["run_dir"]), data_dir=config["data_dir"],
+    run_dir, data_dir = _open_storage(config)
+    ctx = RunContext(cfg=cfg, kind=config["kind"], run_dir=run_dir, data_dir=data_dir,
                      mask_store=config["mask_store"], rank=tctx.get_world_rank() if tctx else 0,
                      world=tctx.get_world_size() if tctx else 1)
+    if ctx.is_chief:
+        run_dir.sync_down()  # an object store: the files of the checkpoint this attempt resumes from
     torch.manual_seed(cfg.optim.seed + ctx.rank)
     share = cfg.scaling.cpus_per_worker if cfg.scaling.num_workers else (os.cpu_count() or 1)
     torch.set_num_threads(cfg.optim.threads or max(1, math.ceil(share)))
     device = worker_device(cfg)
     tcache = CacheSpec.from_dict(config["teacher_cache"]) if config.get("teacher_cache") else None
     parts = build_components(cfg, ctx.kind, ctx.data_dir, device, distributed=D.active(), teacher_cache=tcache)
-    hooks = run_hooks(ctx, parts.num_train, extra=["node_info", *config.get("hooks", [])])
+    hooks = run_hooks(ctx, parts.num_train, extra=["node_info", "run_sync", *config.get("hooks", [])])
     services = RayServices(ctx)
     services.teacher_cache = config.get("teacher_cache")
     engine = Engine(ctx, parts, hooks, services, device)
@@ -170,10 +226,18 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
     test_batches = TestBatches(ray.train.get_dataset_shard("test"), cfg.optim.eval_batch_size)
 
     feed = feed_batch_size(cfg, ctx.kind)  # UNIXKD's candidate batch, else optim.batch_size
+    finish = _finisher(cfg, ctx, device, config.get("augment_on", "pipeline"))
+
+    # ED's sequential passes: batches cut at pass boundaries, with one worker only: a cut adds a step on that
+    # rank alone, and DDP needs the same number of steps on every rank (with several, a batch at a boundary
+    # holds the end of one pass and the start of the next; each sample still meets its own group's teacher).
+    passes = sequential_passes(cfg, int(T.read_meta(ctx.data_dir)["num_classes"])) if ctx.world == 1 else None
 
     def train_batches(epoch: int):
-        return iter_train_batches(train_shard, feed, epoch=epoch, seed=cfg.optim.seed,
-                                  shuffle_buffer=cfg.data.shuffle_buffer)
+        batches = iter_train_batches(train_shard, feed, epoch=epoch, seed=cfg.optim.seed,
+                                     shuffle_buffer=cfg.data.shuffle_buffer, finish=finish,
+                                     pin_memory=device.type == "cuda")
+        return batches if passes is None else split_passes(batches, passes)
 
     if cfg.curriculum.only_groups and cfg.curriculum.labels == "local":  # a group teacher: local labels
         train_batches, test_batches = local_label_feeds(cfg.curriculum, ctx.data_dir, train_batches, test_batches)
