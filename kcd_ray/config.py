@@ -90,6 +90,10 @@ class ScalingConfig:
     gpus_per_worker: float = _f(1.0, gt=0.0)
     placement_strategy: str = _f("PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     data_cpus: float = _f(0.25, gt=0.0, help="CPUs reserved per Ray Data task (decode/augment)")
+    min_workers: int = _f(0, ge=0, help="elastic: below num_workers, the run may go on (and start) with as few as "
+                                       "this many workers, growing back to num_workers (Ray Train's elastic "
+                                       "ScalingConfig); the global batch optim.batch_size x num_workers stays; 0 = fixed")
+    resize_interval_s: float = _f(60.0, gt=0.0, help="elastic: how often Ray Train considers resizing a healthy run")
 
 
 @dataclass

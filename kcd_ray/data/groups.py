@@ -170,8 +170,8 @@ def sequential_order(ids: np.ndarray, labels: np.ndarray, groups: ClassGroups, g
                      rng: np.random.Generator) -> list[np.ndarray]:
     """ED's batch order (ED.md 3, the code's behaviour): one separately shuffled pass over D_1, then D_2, ...
     D_grade. ``ids``/``labels``: the samples on offer (already restricted, e.g. KCD's kept set). Returns the
-    id arrays of the passes; batches never straddle two passes. For in-process feeds: the Ray Data pipeline
-    serves one shuffled pass over the union (``curriculum.mix_groups=true``)."""
+    id arrays of the passes; batches never straddle two passes. For in-process feeds (the benchmarks); the Ray
+    Data pipeline serves the same kind of order itself (``pipeline.train_dataset(passes=...)``)."""
     g_of = groups.group_of_label[np.asarray(labels)]
     return [rng.permutation(np.asarray(ids)[g_of == h]) for h in range(1, grade + 1)]
 

@@ -11,7 +11,8 @@ teacher, its group's (ED.md 4):
 
 with ``z`` the student's ``K_g`` logits in class-position order and ``h`` the sample's group; CE runs over all
 ``K_g`` logits, KD over the group's slice only (ED.md 6; alpha 0.3, T 4 by default). A batch may mix groups
-(``curriculum.mix_groups``, what the Ray Data pipeline serves) or hold one (ED's sequential passes): the same
+(``curriculum.mix_groups=true``) or hold one (ED's sequential passes; on several Ray workers a batch at a pass
+boundary holds two): the same
 per-sample loss either way. ``teacher_source=per_group``: G teachers with ``n_h`` outputs in local-label order;
 ``sliced`` (a flagged deviation): one full-label teacher whose logits at group h's classes serve as ``t_h``.
 Routing reads one small host value per step (the batch's group counts).

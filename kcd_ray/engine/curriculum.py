@@ -11,7 +11,8 @@
   ``lr_mode=per_grade`` sets the epoch's rate (restart at ``optim.lr``, x ``lr_decay`` at 62.5/75/87.5% of the
   grade); ``global`` leaves ``optim``'s schedule alone (ED.md 7: grades change at its first milestones).
 - ``data_selection``: the training samples of groups 1..g (the engine intersects it with KCD's mask and
-  publishes it; the pipeline serves one shuffled pass over that union: ``mix_groups``).
+  publishes it; the pipeline serves one shuffled pass over that union with ``mix_groups=true``, else ED's
+  sequential passes over D_1..D_g: ``pipeline.train_dataset(passes=sequential_passes(...))``).
 - ``after_epoch``: ``grade``, ``active_classes`` (K_g), ``seen_class_top1`` (test samples of the seen classes,
   the K_g-way head, eval mode: ED.md 3's monitoring) and ``group_top1_<h>`` per group seen so far, from its own
   pass over the engine's test batches (``engine.test_batches``); ``complete_model`` (the last grade: the model

@@ -18,7 +18,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from kcd_ray import storage
-from kcd_ray.config import Config, dump_yaml, load_config, to_dict
+from kcd_ray.config import Config, ConfigError, dump_yaml, load_config, to_dict
 from kcd_ray.data import load_meta, prepare_dataset
 from kcd_ray.engine import resume
 from kcd_ray.engine.resume import check_resume
@@ -148,6 +148,8 @@ def preflight(cfg: Config, kind: str, data_dir: Path) -> None:
     """What can fail before Ray starts fails here, in a second: the teacher file (the prepared data set was
     verified by ``prepare_dataset``: footers and row counts, everything when its files changed)."""
     check_curriculum(cfg, kind)
+    if cfg.scaling.min_workers and not 0 < cfg.scaling.min_workers <= cfg.scaling.num_workers:
+        _scaling_config(cfg.scaling)  # raises the one-line error
     if kind != "distill":
         return
     check_pipeline(cfg)
@@ -316,6 +318,19 @@ def _sync_down_quietly(run_dir: RunDir) -> None:
         pass
 
 
+def _scaling_config(sc) -> ray.train.ScalingConfig:
+    """Ray Train's ScalingConfig: ``num_workers`` fixed, or ``(min_workers, num_workers)`` (elastic)."""
+    workers = sc.num_workers
+    if sc.min_workers:
+        if not 0 < sc.min_workers <= sc.num_workers:
+            raise ConfigError(f"scaling.min_workers: expected 1..scaling.num_workers ({sc.num_workers}) for an "
+                              f"elastic run, or 0; got {sc.min_workers}")
+        workers = (sc.min_workers, sc.num_workers) if sc.min_workers < sc.num_workers else sc.num_workers
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu(sc), resources_per_worker=worker_resources(sc),
+                                   placement_strategy=sc.placement_strategy,
+                                   elastic_resize_monitor_interval_s=float(sc.resize_interval_s))
+
+
 def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path, callbacks, hooks,
              tcache=None) -> TorchTrainer:
     quiet_ray_data_and_train()
@@ -344,9 +359,7 @@ def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu(cfg.scaling),
-                                               resources_per_worker=worker_resources(cfg.scaling),
-                                               placement_strategy=cfg.scaling.placement_strategy),
+        scaling_config=_scaling_config(cfg.scaling),
         run_config=ray.train.RunConfig(
             name=name, storage_path=parent, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),

@@ -7,6 +7,7 @@ offline E-step's Ray Data pass, ``ray.train.report`` with a checkpoint).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -90,6 +91,7 @@ class NodeInfo(Hook):
 
     def after_epoch(self, engine, epoch: int, row: dict) -> None:
         row["node_id"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+        row["worker_batch_size"] = int(engine.ctx.cfg.optim.batch_size)  # elastic runs: global batch / world
 
     def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
         if epoch == engine.start_epoch:
@@ -163,6 +165,16 @@ def _fall_back(engine: Engine, ctx: RunContext, damaged: Path, error: Checkpoint
     raise error
 
 
+def elastic_batch(cfg, world: int):
+    """An elastic run (``scaling.min_workers``) below ``num_workers`` keeps the global batch ``optim.batch_size x
+    num_workers``: each of the ``world`` workers takes that share (rounded), so the learning rate stays right."""
+    sc = cfg.scaling
+    if not sc.min_workers or world == sc.num_workers or world < 1:
+        return cfg
+    per = max(1, round(cfg.optim.batch_size * sc.num_workers / world))
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=per))
+
+
 def _finisher(cfg, ctx: RunContext, device: torch.device, augment_on: str) -> Optional[BatchFinisher]:
     """The last input stage on this worker's device when Ray Data serves uint8 rows (``data.augment_on``)."""
     if augment_on != "worker":
@@ -206,9 +218,10 @@ def train_loop_per_worker(config: dict) -> Optional[dict]:
     # In-process (num_workers=0) there is one rank; ray.train.get_context() would raise inside a Tune trial.
     tctx = ray.train.get_context() if cfg.scaling.num_workers else None
     run_dir, data_dir = _open_storage(config)
+    world = tctx.get_world_size() if tctx else 1
+    cfg = elastic_batch(cfg, world)
     ctx = RunContext(cfg=cfg, kind=config["kind"], run_dir=run_dir, data_dir=data_dir,
-                     mask_store=config["mask_store"], rank=tctx.get_world_rank() if tctx else 0,
-                     world=tctx.get_world_size() if tctx else 1)
+                     mask_store=config["mask_store"], rank=tctx.get_world_rank() if tctx else 0, world=world)
     if ctx.is_chief:
         run_dir.sync_down()  # an object store: the files of the checkpoint this attempt resumes from
     torch.manual_seed(cfg.optim.seed + ctx.rank)
