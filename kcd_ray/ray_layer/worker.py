@@ -91,7 +91,6 @@ class NodeInfo(Hook):
 
     def after_epoch(self, engine, epoch: int, row: dict) -> None:
         row["node_id"] = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        row["worker_batch_size"] = int(engine.ctx.cfg.optim.batch_size)  # elastic runs: global batch / world
 
     def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
         if epoch == engine.start_epoch:
