@@ -210,4 +210,3 @@ def test_offline_estep_scores_every_sample_on_an_actor_pool(teacher, tmp_path):
         assert all(v >= 0 for v in t.column("value").to_pylist())  # KL values
     mask = pq.read_table(run_dir / "masks" / "mask_v002.parquet").to_pydict()
     assert sum(mask["kept"]) == n - 2 * int(n * 0.5 / 2)  # KCD.md: K -= floor(N (1 - rho) / stages) per stage
-
