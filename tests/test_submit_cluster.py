@@ -1,9 +1,10 @@
 """`ray submit`'s entry script on a REAL two-node Ray cluster started with `ray start` on this machine.
 
 The cluster is a head and a worker node (`ray start --head` + `ray start --address=127.0.0.1:<port>`,
-2 CPUs each). experiments/submit.py runs as a subprocess attached through RAY_ADDRESS, exactly as
+3 CPUs each). experiments/submit.py runs as a subprocess attached through RAY_ADDRESS, exactly as
 `ray submit` runs it on a head node: (a) a distillation whose 2 Train workers must land on different
-nodes (STRICT_SPREAD, fractional CPUs), (b) a 2-trial sweep. The cluster is always stopped by killing
+nodes (STRICT_SPREAD, fractional CPUs), (b) a 2-trial sweep, (c) last, an elastic run that loses the
+worker node mid-run and gets it back. The cluster is always stopped by killing
 only the processes it started (never `ray stop`, which would stop every Ray on the machine).
 """
 
@@ -55,7 +56,11 @@ class LoopbackCluster:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
         # A private auth token: nodes and drivers of this cluster share it, nothing else does.
         env.update(RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="1", RAY_AUTH_MODE="token",
-                   RAY_AUTH_TOKEN_PATH=str(self.token_path))
+                   RAY_AUTH_TOKEN_PATH=str(self.token_path),
+                   # A lost node is declared dead after ~3 s instead of ~15 s (Ray's GCS health check), and a
+                   # worker group that waits for a node not yet declared dead gives up after 20 s, not 60.
+                   RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
+                   RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20")
         return env
 
     def _start(self, args: list[str], tag: str) -> None:
@@ -74,12 +79,28 @@ class LoopbackCluster:
             self._start(["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
                          '--resources={"head": 1}'], "head")
             self._wait_port(timeout)
-            self._start([f"--address={self.address}", "--node-ip-address=127.0.0.1"], "worker")
+            self.add_worker()
             self.wait_nodes(2, timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def add_worker(self, tag: str = "worker") -> None:
+        """Start one more worker node (also: bring a lost node back)."""
+        self._start([f"--address={self.address}", "--node-ip-address=127.0.0.1"], tag)
+
+    def kill_node(self, index: int) -> None:
+        """Lose node ``index`` (0 = head) as a spot instance is lost: SIGKILL every process of its session."""
+        sid = self.procs[index].pid
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if os.getsid(int(d.name)) == sid:
+                        os.kill(int(d.name), signal.SIGKILL)
+                except (OSError, ProcessLookupError):
+                    continue
+        self.procs[index].wait(timeout=30)
 
     def _wait_port(self, timeout: float) -> None:
         t0 = time.time()
@@ -177,7 +198,7 @@ class LoopbackCluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = LoopbackCluster().start()
+    c = LoopbackCluster(cpus_per_node=3).start()  # 3: one 2-CPU Train worker per node in the elastic test
     try:
         yield c
     finally:
@@ -246,3 +267,58 @@ def test_sweep_of_two_trials(cluster, work):
         kept = max(n - drop, math.floor(rho * n))
         # epoch 0 on all N samples, epoch 1 on the kept ones: each trial ran its own config
         assert math.isclose(ratios[rho], (n + kept) / (2 * n), rel_tol=1e-6), res["text"]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def _kept(run: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(run / "masks" / "mask_final.parquet").to_pydict()
+    return {k: t[k] for k in ("sample_id", "kept", "partner_id")}
+
+
+def test_elastic_run_survives_losing_a_node(cluster, work):
+    """Last in this module (it replaces the worker node). An elastic KCD run (2 workers, at least 1; one 2-CPU
+    worker per 3-CPU node) loses the worker node during epoch 2 (SIGKILL of every process of that node),
+    continues on the head from the last checkpoint with 1 worker, scales back to 2 when the node returns, and
+    finishes: each epoch once in metrics.jsonl, and the final kept set (seeded ``random`` values) equal to an
+    uninterrupted run's with 1 worker (no kept row is dropped by the equal split, whatever the worker count)."""
+    # 16 px digits: epochs long enough (~2-4 s on one worker) for the node to return and the group to grow
+    common = ["kcd.value_fn=random", "kcd.stages=3", "kcd.rho=0.5", "optim.epochs=14", "optim.batch_size=64",
+              "data.image_size=16",
+              "scaling.cpus_per_worker=2", "scaling.placement_strategy=PACK"]
+    _submit(cluster, work, "distill", "--config", "recipe.yaml", *common, "scaling.num_workers=0", "run.name=steady")
+    env = {**cluster._env(), "RAY_ADDRESS": cluster.address}
+    args = [sys.executable, str(SUBMIT), "distill", "--config", "recipe.yaml", "--workdir", str(work), *common,
+            "scaling.num_workers=2", "scaling.min_workers=1", "scaling.resize_interval_s=2", "run.max_failures=4",
+            "run.name=elastic"]
+    log = cluster.root / "elastic_driver.log"
+    metrics = work / "runs" / "elastic" / "metrics.jsonl"
+    with open(log, "w") as f:
+        driver = subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=f, stderr=subprocess.STDOUT)
+    lost = back = False
+    t0 = time.time()
+    try:
+        while driver.poll() is None and time.time() - t0 < 420:
+            rows = _lines(metrics)
+            if not lost and len(rows) >= 2:
+                cluster.kill_node(1)
+                lost = True
+            if lost and not back and any(r["world_size"] == 1 for r in rows):
+                cluster.add_worker("worker_back")
+                back = True
+            time.sleep(0.5)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, log.read_text()[-6000:]
+    rows = _lines(metrics)
+    assert [r["epoch"] for r in rows] == list(range(14)), [r["epoch"] for r in rows]
+    worlds = [r["world_size"] for r in rows]
+    # Two workers, then one after the loss (the epoch that was running, and one whose checkpoint Ray Train had not
+    # yet registered, run again), then two again once the node is back.
+    assert worlds[0] == 2 and 1 in worlds and 2 in worlds[worlds.index(1):], str(worlds)
+    assert _kept(work / "runs" / "elastic") == _kept(work / "runs" / "steady")

@@ -23,7 +23,9 @@ was never given an epoch serves 0.
 
 Lifetime: the actor is not detached, so it is fate-shared with the process that created it.
 Create it from the driver (``get_mask_store(name, create=True)`` before ``trainer.fit()``); a
-Train worker that created it would take it down when the worker group restarts.
+Train worker that created it would take it down when the worker group restarts. It is placed on the
+head node (as Ray Train places its own state actor): a lost worker node (spot, elastic runs) must not take
+the run's mask with it, and a driver need not run on the head.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import NamedTuple, Optional, Union
 
 import numpy as np
 import ray
+
+HEAD_NODE = "node:__internal_head__"  # the head node's own resource (ray._common.constants.HEAD_NODE_RESOURCE_NAME)
 
 
 @ray.remote(num_cpus=0, max_concurrency=8)
@@ -44,6 +48,7 @@ class MaskStore:
         self._overlay = None
         self._num_kept = None
         self._epoch = 0
+        self._world = 1  # how many Train workers share the epoch (the "full" order pads to a multiple of it)
 
     def publish(self, version: int, kept_ids, overlay: Optional[dict] = None, num_samples: Optional[int] = None,
                 replace: bool = False) -> int:
@@ -65,11 +70,12 @@ class MaskStore:
         return self._version, ([self._ref] if self._ref is not None else None), self._overlay
 
     def state_ref(self):
-        """(version, [ObjectRef of the kept array] or None, overlay, epoch): one call per reader batch."""
-        return self._version, ([self._ref] if self._ref is not None else None), self._overlay, self._epoch
+        """(version, [ObjectRef of the kept array] or None, overlay, epoch, world): one call per reader batch."""
+        return (self._version, ([self._ref] if self._ref is not None else None), self._overlay, self._epoch,
+                self._world)
 
-    def set_epoch(self, epoch: int) -> int:
-        self._epoch = int(epoch)
+    def set_epoch(self, epoch: int, world: int = 1) -> int:
+        self._epoch, self._world = int(epoch), int(world)
         return self._epoch
 
     def epoch(self) -> int:
@@ -80,16 +86,18 @@ class MaskStore:
 
     def summary(self) -> dict:
         return {"version": self._version, "num_kept": self._num_kept, "overlay": self._overlay is not None,
-                "epoch": self._epoch}
+                "epoch": self._epoch, "world": self._world}
 
 
 class MaskState(NamedTuple):
-    """What one reader batch sees: the mask (``kept`` None = all kept), its overlay, and the current epoch."""
+    """What one reader batch sees: the mask (``kept`` None = all kept), its overlay, the current epoch and the
+    number of Train workers it is split between."""
 
     version: int
     kept: Optional[np.ndarray]
     overlay: Optional[dict]
     epoch: int
+    world: int = 1
 
 
 def kept_bool_array(kept_ids, num_samples: Optional[int] = None) -> np.ndarray:
@@ -134,7 +142,10 @@ def get_mask_store(name: str, create: bool = True):
     if create:
         # Keep a handle in this process: Ray kills a non-detached actor once no handle is left,
         # and callers often drop the return value (the store is found by name later).
-        handle = _OWNED[name] = MaskStore.options(name=name, get_if_exists=True, lifetime=None).remote()
+        handle = _OWNED[name] = MaskStore.options(name=name, get_if_exists=True, lifetime=None,
+                                                  resources={HEAD_NODE: 0.001},
+                                                  # outside a Tune trial's placement group, which has no head share
+                                                  scheduling_strategy="DEFAULT").remote()
         return handle
     try:
         return ray.get_actor(name)
@@ -153,16 +164,19 @@ def publish_mask(store: Union[str, "ray.actor.ActorHandle"], version: int, kept_
     return ray.get(_handle(store).publish.remote(int(version), np.asarray(kept_ids), overlay, num_samples, replace))
 
 
-def set_epoch(store: Union[str, "ray.actor.ActorHandle"], epoch: int) -> None:
+def set_epoch(store: Union[str, "ray.actor.ActorHandle"], epoch: int, world: int = 1) -> None:
     """Make ``epoch`` the one the next executions of the train plan use; returns once the store holds it.
 
     ``store``: the actor's name or handle. Call it on one process (Train rank 0) before each epoch's
     iteration, then a barrier, so no worker starts the epoch before the store holds it. Any int
-    (negative ones included); it need not increase.
+    (negative ones included); it need not increase. ``world``: the number of Train workers the epoch is
+    split between (an elastic run changes it between attempts).
     """
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
         raise TypeError(f"epoch: expected an int, got {type(epoch).__name__} {epoch!r}")
-    ray.get(_handle(store).set_epoch.remote(int(epoch)))
+    if isinstance(world, bool) or not isinstance(world, (int, np.integer)) or world < 1:
+        raise ValueError(f"world: expected an int >= 1 (the number of Train workers), got {world!r}")
+    ray.get(_handle(store).set_epoch.remote(int(epoch), int(world)))
 
 
 _OWNED: dict = {}  # stores created by this process, kept alive until it exits
@@ -189,7 +203,7 @@ def read_state(name: str) -> MaskState:
     The kept array is fetched only when (version, array object id) changed since this process last
     read it (a resumed run may re-serve a version number with a new array).
     """
-    version, ref, overlay, epoch = _state_ref(name)
+    version, ref, overlay, epoch, world = _state_ref(name)
     key = (version, ref[0].hex() if ref is not None else None)
     cached = _CACHE.get(name)
     if cached is not None and cached[0] == key:
@@ -197,7 +211,7 @@ def read_state(name: str) -> MaskState:
     else:
         kept = ray.get(ref[0]) if ref is not None else None
         _CACHE[name] = (key, kept)
-    return MaskState(version, kept, overlay, epoch)
+    return MaskState(version, kept, overlay, epoch, world)
 
 
 def read_mask(name: str) -> tuple[int, Optional[np.ndarray], Optional[dict]]:

@@ -62,8 +62,11 @@ Shuffling (``shuffle``; ``"auto"`` = ``"full"``).
 - ``"block_local_files"`` (the former ``"files"``): as ``"block_local"`` without the block-order
   randomisation (no barrier at all).
 
-``equal=True`` splits (Ray Train's "train" dataset with >1 workers) drop ``kept % num_workers`` rows
-of each epoch (< num_workers rows, different ones every epoch with ``"full"``). A consumer-side local
+``equal=True`` splits (Ray Train's "train" dataset with >1 workers): the cached ``"full"`` back end pads
+each epoch to a multiple of the worker count with the order's first rows (torch's DistributedSampler
+does the same), so every kept row is trained on and valued every epoch whatever the worker count (an
+elastic run's kept set does not depend on it); the other back ends drop ``kept % num_workers`` rows
+of each epoch (< num_workers rows). A consumer-side local
 shuffle buffer is still available (``iter_train_batches(shuffle_buffer=...)``, ``data.shuffle_buffer``),
 off by default: it cost the training process ~15% throughput on 2 cores.
 
@@ -215,7 +218,7 @@ def _decode(images, meta: dict, ids, split: str = "train"):
 class _NoStore:
     """The state a plan without a MaskStore sees: every row kept, no overlay, epoch 0."""
 
-    version, kept, overlay, epoch = 0, None, None, 0
+    version, kept, overlay, epoch, world = 0, None, None, 0, 1
 
 
 def _state(store: Optional[str]):
@@ -332,14 +335,17 @@ def _cache_split(split_dir: Path) -> dict:
             "labels": ray.put(labels), "token": os.urandom(8).hex()}
 
 
-_ORDERS: dict = {}  # per worker process: cache token -> (kept array, epoch, order_seed, kept positions in order)
+_ORDERS: dict = {}  # per worker process: cache token -> (kept array, (epoch, order_seed, world), positions in order)
 
 
-def _permutation(cache: dict, ids: np.ndarray, kept, epoch: int, order_seed: int) -> np.ndarray:
-    """Cache positions of the kept rows, in the epoch's order (computed once per worker process and epoch)."""
+def _permutation(cache: dict, ids: np.ndarray, kept, epoch: int, order_seed: int, world: int = 1) -> np.ndarray:
+    """Cache positions of the kept rows, in the epoch's order (computed once per worker process and epoch),
+    padded to a multiple of ``world`` with the order's first rows (as torch's DistributedSampler pads): Ray
+    Train's equal split then drops nothing, so every kept row is trained on and valued every epoch whatever the
+    worker count (an elastic run's E-step and kept set do not depend on how many workers it had)."""
     hit = _ORDERS.get(cache["token"])
-    if hit is not None and hit[0] is kept and hit[1:3] == (epoch, order_seed):
-        return hit[3]
+    if hit is not None and hit[0] is kept and hit[1] == (epoch, order_seed, world):
+        return hit[2]
     if kept is None:
         pos = np.arange(len(ids))
     else:
@@ -354,9 +360,11 @@ def _permutation(cache: dict, ids: np.ndarray, kept, epoch: int, order_seed: int
 
         group = np.asarray(cache["passes"])[ray.get(cache["labels"])[pos]]
         pos = pos[np.lexsort((keys, group))]
+    if world > 1 and len(pos) % world:
+        pos = np.concatenate([pos, np.resize(pos, (-len(pos)) % world)])
     if len(_ORDERS) >= 8:  # a long-lived worker process that served many datasets (tests)
         _ORDERS.clear()
-    _ORDERS[cache["token"]] = (kept, epoch, order_seed, pos)  # holds `kept`: its identity cannot be reused
+    _ORDERS[cache["token"]] = (kept, (epoch, order_seed, world), pos)  # holds `kept`: its identity cannot be reused
     return pos
 
 
@@ -386,7 +394,7 @@ def _chunk_map(batch: dict, cache: dict, rows: int, meta: dict, kind: str, seed:
 
     state = _state(store)
     ids = ray.get(cache["ids"])
-    pos = _permutation(cache, ids, state.kept, int(state.epoch), order_seed)
+    pos = _permutation(cache, ids, state.kept, int(state.epoch), order_seed, int(state.world))
     for c in np.asarray(batch["chunk"], np.int64):
         sel = pos[c * rows:(c + 1) * rows]
         if not len(sel):
@@ -400,13 +408,13 @@ def _chunk_map(batch: dict, cache: dict, rows: int, meta: dict, kind: str, seed:
 
 
 def _full_cached(split_dir: Path, meta: dict, kind: str, seed: Optional[int], order_seed: int,
-                 store: Optional[str], cpus: float, tcache: Optional[dict] = None, passes=None):
+                 store: Optional[str], cpus: float, tcache: Optional[dict] = None, passes=None, workers: int = 1):
     import ray
 
     cache = _cache_split(split_dir)
     cache["passes"] = None if passes is None else np.asarray(passes, np.int64)
     rows = _map_batch_rows(meta)
-    n_chunks = max(1, math.ceil(cache["rows"] / rows))
+    n_chunks = max(1, math.ceil((cache["rows"] + workers - 1) / rows))  # room for the padding to the worker count
     ds = ray.data.from_items([{"chunk": c} for c in range(n_chunks)], override_num_blocks=n_chunks)
     # Exact order for a single consumer (and a deterministic split with Train's train_ingest_options()).
     ds.context.execution_options.preserve_order = True
@@ -557,7 +565,7 @@ def _resolve_shuffle(shuffle: str) -> str:
 
 def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, mask_store_name: Optional[str] = None,
                   data_cpus: float = 0.25, shuffle: str = "auto", teacher_cache: Optional[dict] = None,
-                  augment_on: str = "pipeline", passes=None):
+                  augment_on: str = "pipeline", passes=None, workers: int = 1):
     """The training set as a Ray Dataset: masked, shuffled, blended, augmented and normalised at execution time.
 
     ``mask_store_name``: the run's MaskStore (``mask_store.get_mask_store(name, create=True)`` on the driver);
@@ -574,6 +582,9 @@ def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, m
     shuffled order, then those of pass 2, ... (ED's sequential passes over D_1..D_g, ``curriculum.mix_groups=
     false``; a single consumer splits the batches at pass boundaries: :func:`split_passes`). Needs the cached
     ``"full"`` back end (splits up to ``FULL_CACHE_MAX_BYTES``).
+    ``workers``: the most Train workers that will share an epoch (``scaling.num_workers``). The cached ``"full"``
+    back end pads each epoch to a multiple of the current worker count (``mask_store.set_epoch(..., world=)``),
+    so no kept row is dropped by Ray Train's equal split; the other back ends drop ``kept % world`` rows.
     """
     if augment_on not in AUGMENT_ON:
         raise ValueError(f"data.augment_on: {augment_on!r} is not one of: {', '.join(AUGMENT_ON)}")
@@ -596,7 +607,8 @@ def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, m
                          f"on a split of at most {_cache_limit() / 2**30:.2f} GiB; got shuffle {shuffle!r} and "
                          f"{_split_bytes(split_dir) / 2**30:.2f} GiB: set curriculum.mix_groups=true")
     if cached:
-        return _full_cached(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus, teacher_cache, passes)
+        return _full_cached(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus, teacher_cache, passes,
+                            workers=max(1, int(workers)))
     if mode == "full":
         return _full_sorted(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus, teacher_cache)
     ds = _read(split_dir, cpus, shuffle_seed=seed)

@@ -343,7 +343,8 @@ def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path,
                                mask_store_name=mask_store, data_cpus=cfg.scaling.data_cpus, shuffle=cfg.data.shuffle,
                                teacher_cache=tcache.to_dict() if tcache is not None else None,
                                augment_on=augment_on,
-                               passes=sequential_passes(cfg, int(load_meta(data_dir)["num_classes"]))),
+                               passes=sequential_passes(cfg, int(load_meta(data_dir)["num_classes"])),
+                               workers=cfg.scaling.num_workers),
         "test": eval_dataset(str(data_dir), split="test", data_cpus=cfg.scaling.data_cpus),
     }
     data_uri = storage.staged_from(data_dir)

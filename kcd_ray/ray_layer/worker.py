@@ -58,7 +58,7 @@ class RayServices:
         mask_store.publish_mask(self.ctx.mask_store, version, kept_ids, overlay, replace=True)
 
     def set_data_epoch(self, epoch: int) -> None:
-        mask_store.set_epoch(self.ctx.mask_store, epoch)
+        mask_store.set_epoch(self.ctx.mask_store, epoch, world=self.ctx.world)
 
     def score_offline(self, student_state: dict, epoch: int):
         from kcd_ray.ray_layer.scoring import offline_scores
