@@ -145,7 +145,8 @@ class DistillConfig:
                                                                    "the loop)")
     cache_views: int = _f(8, ge=1, help="views mode: K views per sample (K x N teacher forwards in all)")
     cache_topk: int = _f(0, ge=0, help="0: every logit in fp16; k > 0: the k largest logits and the rest's mass (FKD)")
-    cache_dir: str = _f("", help="the cache folder; empty = <data dir>/teacher_cache/<key> (shared by runs and trials)")
+    cache_dir: str = _f("", help="the cache folder, a path or an object-store URI; empty = <data set>/teacher_cache/<key> "
+                                 "(in the data set's store when data.root is one; shared by runs and trials)")
 
 
 @dataclass

@@ -85,3 +85,22 @@ def test_prepare_data_cli_is_idempotent(tmp_path, capsys):
     mtime = (d / "meta.json").stat().st_mtime_ns
     assert main(args) == 0
     assert (d / "meta.json").stat().st_mtime_ns == mtime
+
+
+def test_elastic_scaling_keeps_the_global_batch():
+    """scaling.min_workers: Ray Train's (min, max) ScalingConfig, and each worker's batch is the global batch
+    ``optim.batch_size x num_workers`` shared by the workers there are; a fixed run is left alone."""
+    from kcd_ray.ray_layer.trainer import _scaling_config
+    from kcd_ray.ray_layer.worker import elastic_batch
+
+    cfg = load_config(None, ["scaling.num_workers=4", "scaling.min_workers=1", "optim.batch_size=64",
+                             "scaling.resize_interval_s=7"])
+    sc = _scaling_config(cfg.scaling)
+    assert sc.elasticity_enabled and (sc.min_workers, sc.max_workers) == (1, 4)
+    assert sc.elastic_resize_monitor_interval_s == 7.0
+    assert [elastic_batch(cfg, w).optim.batch_size for w in (4, 3, 2, 1)] == [64, 85, 128, 256]
+    fixed = load_config(None, ["scaling.num_workers=4", "optim.batch_size=64"])
+    assert not _scaling_config(fixed.scaling).elasticity_enabled
+    assert elastic_batch(fixed, 2).optim.batch_size == 64
+    with pytest.raises(ConfigError, match="scaling.min_workers"):
+        _scaling_config(load_config(None, ["scaling.num_workers=2", "scaling.min_workers=3"]).scaling)

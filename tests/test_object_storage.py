@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from kcd_ray import storage
 from kcd_ray.config import load_config
@@ -195,21 +196,41 @@ def test_kcd_distill_writes_everything_to_s3_and_resumes_after_a_worker_death(s3
     assert load_model(tmp_path / "final_model.pt").arch == "resnet8"
 
 
-def test_report_on_a_sweep_folder_and_a_run_in_s3(s3_run, s3):
-    """`kcd-ray report` on a sweep folder in the bucket (the run copied in as its one trial): the table, CSV, plot and
-    best config land beside it, and the best config points back at the store."""
+def test_sweep_in_s3_and_its_report(s3_run, s3, tmp_path):
+    """`kcd-ray sweep` with its folder in the bucket: two in-process trials write their run folders there, Tune its
+    experiment state, and the teacher-output cache is built once, beside the data set in the bucket, and read by
+    every trial (no teacher forward); `kcd-ray report` on the sweep's URI writes the table, CSV, plot and best config beside it,
+    the best config pointing back at the store. Re-running the finished sweep restores it from the store."""
     from kcd_ray.cli import main
 
-    run, sweep = f"{s3}/runs/kcd", f"{s3}/sweeps/sw"
-    for rel in storage.list_files(run):
-        if not rel.startswith("checkpoint_") and not rel.endswith(".pt"):
-            storage.write_bytes(storage.join(sweep, "runs", "sw_t0", rel), storage.read_bytes(storage.join(run, rel)))
-    storage.write_text(storage.join(sweep, "sweep.yaml"), "name: sw\nmetric: best_top1\nmode: max\n")
+    summary, _ = s3_run
+    base = {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": f"{s3}/data"},
+            "optim": {"epochs": 1, "batch_size": 128, "threads": 1},
+            "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
+            "run": {"storage_path": f"{s3}/runs", "verbose": 0},
+            "distill": {"teacher": summary["config"]["distill"]["teacher"], "cache": "exact"},
+            "kcd": {"interval": 1, "stages": 1, "value_fn": "random"}}
+    f = tmp_path / "sw.yaml"
+    f.write_text(yaml.safe_dump({"name": "sw", "base": base, "space": {"kcd.rho": [0.5, 0.9]},
+                                 "storage_path": f"{s3}/sweeps", "metric": "best_top1"}))
+    assert main(["sweep", "--config", str(f), "--no-report"]) == 0
+    sweep = f"{s3}/sweeps/sw"
+    files = storage.list_files(sweep)
+    trials = sorted({x.split("/")[1] for x in files if x.startswith("runs/") and x.endswith("/summary.json")})
+    assert len(trials) == 2 and "sweep.yaml" in files and any(x.startswith("tune/") for x in files), files
+    (manifest,) = [x for x in storage.list_files(f"{s3}/data/digits-8") if x.endswith("manifest.json")]
+    assert manifest.startswith("teacher_cache/")
+    for t in trials:
+        (row,) = _rows(f"{sweep}/runs/{t}")
+        assert row["teacher_forward_samples"] == 0 and row["samples_seen"] == 1347
+    assert main(["sweep", "--config", str(f), "--no-report"]) == 0  # restored: nothing left to run
+    assert sorted({x.split("/")[1] for x in storage.list_files(sweep) if x.endswith("/summary.json")}) == trials
     assert main(["report", sweep]) == 0
     assert {"trials.csv", "pareto.png", "best_config.yaml"} <= set(storage.list_files(sweep))
-    assert f"storage_path: {s3}/sweeps" in storage.read_text(storage.join(sweep, "best_config.yaml"))
+    assert f"storage_path: {s3}/runs" in storage.read_text(storage.join(sweep, "best_config.yaml"))
     rows = storage.read_text(storage.join(sweep, "trials.csv")).splitlines()
-    assert len(rows) == 2 and rows[1].startswith("sw_t0,")
+    assert len(rows) == 3 and {r.split(",")[0] for r in rows[1:]} == set(trials)
+    run = f"{s3}/runs/kcd"
     assert main(["report", run]) == 0  # one run: the per-epoch table
     assert {"epochs.csv", "curves.png"} <= set(storage.list_files(run))
     assert len(storage.read_text(storage.join(run, "epochs.csv")).splitlines()) == 3  # header + 2 epochs

@@ -395,7 +395,7 @@ def test_each_strategy_runs_with_two_workers(ray_session, tmp_path):
         for e, row in enumerate(rows):
             parts = [np.load(run_dir / "ids" / f"e{e:04d}_r{r}.npy") for r in range(world)]
             seen = np.concatenate(parts)
-            assert len(np.unique(seen)) == len(seen), (strategy, e)
+            assert len(seen) - len(np.unique(seen)) <= world - 1, (strategy, e)  # padding to equal shards
             assert row["samples_seen"] == len(seen)
             sel = [np.load(run_dir / "selection" / f"e{e:04d}_r{r}.npz") for r in range(world)]
             for key in sel[0].files:  # identical selection state on both ranks
@@ -403,7 +403,7 @@ def test_each_strategy_runs_with_two_workers(ray_session, tmp_path):
             kept = sel[0]["kept"]
             assert kept[seen].all(), (strategy, e)  # nothing outside the selection was trained on
             if strategy != "unixkd":
-                assert kept.sum() - len(seen) <= 1, (strategy, e)  # the whole kept set (equal shards drop <= 1)
+                assert kept.sum() == len(np.unique(seen)), (strategy, e)  # the whole kept set, none dropped
             else:
                 # candidates cover the set; 48 of each 64 train
                 assert row["student_forward_only_samples"] >= n - 1 and len(seen) < 0.8 * n

@@ -24,14 +24,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from kcd_ray import storage
 from kcd_ray.data import transforms as T
 
 FORMAT = 2  # 2: encoded images crop from the full decoded image (issue 16): older caches hold other views
@@ -127,18 +126,23 @@ def cache_key(*, teacher_sha256: str, teacher_model: str, meta: dict, num_classe
             "logits": "fp16" if not spec.topk else f"top{spec.topk}", "feat": bool(spec.feat)}
 
 
-def default_dir(data_dir, key: dict) -> Path:
+def default_dir(data_dir, key: dict) -> str:
+    """``<data set>/teacher_cache/<key digest>``: beside the prepared data, in its object store when it has one."""
     name = (f"t{key['teacher_sha256'][:10]}-d{key['data_checksum'][:10]}-{key['augment']}-s{key['seed']}-"
             f"{key['mode']}{key['views'] or ''}-{key['logits']}{'-feat' if key['feat'] else ''}")
-    return Path(data_dir) / "teacher_cache" / name
+    return storage.join(str(data_dir), "teacher_cache", name)
+
+
+# A cache folder is a path or an object-store URI (``kcd_ray.storage``): every file is one atomic write (rename or
+# single PUT) and the manifest is written after the shards it lists, so a reader never sees a half-built unit.
 
 
 def read_manifest(folder) -> Optional[dict]:
-    p = Path(folder) / MANIFEST
-    if not p.is_file():
+    p = storage.join(str(folder), MANIFEST)
+    if not storage.exists(p):
         return None
     try:
-        m = json.loads(p.read_text())
+        m = json.loads(storage.read_text(p))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{p}: damaged manifest ({e}); delete the folder to rebuild the cache") from None
     if not isinstance(m, dict) or not isinstance(m.get("key"), dict) or not isinstance(m.get("units"), dict):
@@ -147,10 +151,7 @@ def read_manifest(folder) -> Optional[dict]:
 
 
 def write_manifest(folder, manifest: dict) -> None:
-    p = Path(folder) / MANIFEST
-    tmp = p.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, p)
+    storage.write_text(storage.join(str(folder), MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def check_manifest(manifest: dict, key: dict, folder) -> None:
@@ -158,7 +159,7 @@ def check_manifest(manifest: dict, key: dict, folder) -> None:
     have = manifest["key"]
     for field, want in key.items():
         if have.get(field) != want:
-            raise CacheError(f"{Path(folder) / MANIFEST}: {field} differs (cache {have.get(field)!r}, this run "
+            raise CacheError(f"{storage.join(str(folder), MANIFEST)}: {field} differs (cache {have.get(field)!r}, this run "
                              f"{want!r}); it is not used: point distill.cache_dir elsewhere or delete the folder")
 
 
@@ -212,10 +213,7 @@ def write_shard(folder, unit: str, table) -> dict:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="none")
     data = sink.getvalue()
-    path = Path(folder) / f"{unit}.parquet"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    storage.write_bytes(storage.join(str(folder), f"{unit}.parquet"), data)
     return {"rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -238,11 +236,12 @@ def read_unit(folder, unit: str, entry: Optional[dict], num_classes: int) -> Uni
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(folder) / f"{unit}.parquet"
+    path = storage.join(str(folder), f"{unit}.parquet")
     if entry is None:
-        raise CacheError(f"{Path(folder) / MANIFEST}: unit {unit!r} is not built; rebuild with `kcd-ray cache-teacher`")
+        raise CacheError(f"{storage.join(str(folder), MANIFEST)}: unit {unit!r} is not built; rebuild with "
+                         "`kcd-ray cache-teacher`")
     try:
-        data = path.read_bytes()
+        data = storage.read_bytes(path)
     except FileNotFoundError:
         raise CacheError(f"{path}: missing shard listed in the manifest; delete it from the folder to rebuild") from None
     if len(data) != entry["bytes"]:

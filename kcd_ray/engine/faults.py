@@ -32,6 +32,21 @@ class FailAfterEpoch(Hook):
         os._exit(1)  # a real crash: no exception handling, no cleanup
 
 
+@HOOKS.register("pace")
+class PaceWhileShrunk(Hook):
+    """Sleep ``seconds`` after each epoch run by fewer than ``below`` workers: an elastic drill's lost-node phase
+    then lasts long enough for the node to come back and the worker group to grow (on any machine speed)."""
+
+    def __init__(self, below: int, seconds: float):
+        self.below, self.seconds = int(below), float(seconds)
+
+    def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
+        if engine.ctx.world < self.below:
+            import time
+
+            time.sleep(self.seconds)
+
+
 @HOOKS.register("record_ids")
 class RecordIds(Hook):
     """Write which sample ids this rank trained on in each epoch (``ids/e<epoch>_r<rank>.npy``), and make the

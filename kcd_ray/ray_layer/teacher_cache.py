@@ -22,6 +22,7 @@ import ray
 import ray.data
 import torch
 
+from kcd_ray import storage
 from kcd_ray.cache.store import (CacheSpec, cache_key, cache_spec, check_manifest, default_dir, file_sha256,
                                  read_manifest, shard_table, unit_uniform_key, write_manifest, write_shard)
 from kcd_ray.data import load_meta
@@ -35,10 +36,21 @@ def say(msg: str) -> None:
     print(f"[kcd_ray] teacher cache: {msg}", flush=True)
 
 
+def _cache_folder(spec: CacheSpec, data_dir: Path, key: dict) -> str:
+    """``distill.cache_dir`` (a path or an object-store URI), else beside the prepared data: in its object store
+    when the data set is a working copy of one, so that the workers of every node read the same cache."""
+    if spec.dir:
+        return spec.dir if storage.is_uri(spec.dir) else str(Path(spec.dir).expanduser().resolve())
+    return default_dir(storage.staged_from(data_dir) or data_dir.resolve(), key)
+
+
 @contextmanager
-def _locked(folder: Path):
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
+def _locked(folder: str):
+    """Builders of one cache wait for each other (on one machine; for a cache in an object store, through its
+    local working folder)."""
+    local = storage.stage_dir(folder) if storage.is_uri(folder) else Path(folder)
+    local.mkdir(parents=True, exist_ok=True)
+    with open(local / ".lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # blocks while another process builds this cache
         try:
             yield
@@ -165,8 +177,8 @@ def ensure_teacher_cache(cfg, data_dir, kind: str = "distill", *, verbose: bool 
     num_classes = int(meta["num_classes"])
     key = cache_key(teacher_sha256=file_sha256(cfg.distill.teacher), teacher_model=cfg.distill.teacher_model,
                     meta=meta, num_classes=num_classes, spec=spec)
-    folder = Path(spec.dir).expanduser() if spec.dir else default_dir(data_dir, key)
-    spec = dataclasses.replace(spec, dir=str(folder.resolve()))
+    folder = _cache_folder(spec, data_dir, key)
+    spec = dataclasses.replace(spec, dir=folder)
     with _locked(folder):
         manifest = read_manifest(folder) or {"key": key, "units": {}, "builds": []}
         check_manifest(manifest, key, folder)

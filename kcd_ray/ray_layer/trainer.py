@@ -65,13 +65,10 @@ def default_run_name(cfg: Config, kind: str) -> str:
 
 def _resolve_paths(cfg: Config) -> Config:
     # Workers run in the run folder: relative paths must be resolved here.
-    def absolute(p: str) -> str:
-        return str(Path(os.path.expanduser(p)).resolve()) if p else p
+    def absolute(p: str) -> str:  # a URI (distill.cache_dir in an object store) stays as it is
+        return str(Path(os.path.expanduser(p)).resolve()) if p and not storage.is_uri(p) else p
 
     d, cur = cfg.distill, cfg.curriculum
-    if storage.is_uri(d.cache_dir):
-        raise storage.StorageError(f"distill.cache_dir: {d.cache_dir!r}: the teacher-output cache needs a file-system "
-                                   "path (leave it empty to keep the cache beside the prepared data)")
     if not (d.teacher or d.teachers or cur.teachers or d.cache_dir):
         return cfg
     return dataclasses.replace(

@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from kcd_ray import storage
 from kcd_ray.config import ConfigError, parse_scalar, read_yaml_mapping, apply_overrides, config_from_dict, to_dict
 from kcd_ray.ray_layer.tune.space import Dim, field_kind, parse_space, set_dotted
 
@@ -100,12 +101,19 @@ class Sweep:
     description: str = ""
 
     @property
-    def folder(self) -> Path:
-        return Path(self.storage_path) / self.name
+    def remote(self) -> str:
+        """The sweep folder's URI when ``storage_path`` is an object store, else ""."""
+        return storage.join(self.storage_path, self.name) if storage.is_uri(self.storage_path) else ""
 
     @property
-    def runs_dir(self) -> Path:
-        return self.folder / "runs"
+    def folder(self) -> Path:
+        """The sweep folder; for a sweep in an object store, its local working copy."""
+        return storage.stage_dir(self.remote) if self.remote else Path(self.storage_path) / self.name
+
+    @property
+    def runs_dir(self) -> str:
+        """Where the trials' run folders go (``run.storage_path`` of each trial): a path or a URI."""
+        return storage.join(self.remote, "runs") if self.remote else str(self.folder / "runs")
 
     def identity(self) -> dict:
         """What makes two invocations the same sweep (compared before restoring a sweep folder)."""
@@ -263,13 +271,14 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
         raise _err(where, f"max_concurrent_trials / trial_cpus / seed: expected numbers ({e})") from None
     if max_conc < 0 or trial_cpus <= 0:
         raise _err(where, "max_concurrent_trials must be >= 0 and trial_cpus > 0")
-    storage = raw.get("storage_path") or os.path.join(base["run"]["storage_path"], "sweeps")
-    if "://" in str(storage):
-        raise _err(where, f"storage_path: {storage!r} is a URI; use a file-system path (an NFS/EFS mount on a cluster)")
+    store = raw.get("storage_path") or storage.join(base["run"]["storage_path"], "sweeps")
+    if storage.is_uri(store) and pbt:
+        raise _err(where, f"storage_path: {store!r}: a pbt sweep exploits checkpoints in its trials' folders; "
+                          "use a file-system path (an NFS/EFS mount on a cluster)")
     name = str(raw.get("name") or stem)
     return Sweep(name=name, source=where, kind=kind, base=base, dims=dims, search=search, num_samples=num_samples,
                  metric=metric, mode=mode, asha=asha, pbt=pbt, include_kd_baseline=baseline,
-                 storage_path=_abs_path(str(storage), cwd), max_concurrent_trials=max_conc, trial_cpus=trial_cpus,
+                 storage_path=_abs_path(str(store), cwd), max_concurrent_trials=max_conc, trial_cpus=trial_cpus,
                  seed=seed, description=str(raw.get("description", "")))
 
 

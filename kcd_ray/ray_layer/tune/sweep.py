@@ -200,32 +200,54 @@ def _same(old, new) -> bool:
 
 
 def _write_spec(sw: Sweep) -> None:
+    """Write ``sweep.yaml`` (a path, or one object in a store), or check that the folder holds this sweep."""
     import yaml
 
-    path = sw.folder / "sweep.yaml"
-    if path.exists():
-        old = yaml.safe_load(path.read_text()) or {}
+    from kcd_ray import storage
+
+    where = storage.join(sw.remote, "sweep.yaml") if sw.remote else str(sw.folder / "sweep.yaml")
+    if storage.exists(where):
+        old = yaml.safe_load(storage.read_text(where)) or {}
         new = sw.identity()
         diff = [k for k in new if not _same(old.get(k), new[k])]
         if diff:
-            raise ConfigError(f"{path}: this folder holds a different sweep (differs in: {', '.join(diff)}); "
+            raise ConfigError(f"{where}: this folder holds a different sweep (differs in: {', '.join(diff)}); "
                               "give the sweep another name= or storage_path=, or remove the folder")
         return
-    sw.folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(sw.to_yaml())
+    if not sw.remote:
+        sw.folder.mkdir(parents=True, exist_ok=True)
+    storage.write_text(where, sw.to_yaml())
 
 
-def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | None = None, resume: bool = True) -> Path:
-    """Run (or restore) a sweep; returns the sweep folder. ``sweep`` is a sweep file path or mapping."""
+def _tune_storage(sw: Sweep) -> tuple[str, object]:
+    """(storage_path, storage_filesystem) of the sweep's Tune experiment folder: Tune writes its trial and
+    searcher state to the store itself, through the same pyarrow filesystem as kcd_ray's files."""
+    if not sw.remote:
+        return str(sw.folder), None
+    from kcd_ray import storage
+
+    fs, path = storage.filesystem(sw.remote)
+    return path, fs
+
+
+def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | None = None, resume: bool = True):
+    """Run (or restore) a sweep; returns the sweep folder (a Path, or the URI of a sweep in an object store).
+    ``sweep`` is a sweep file path or mapping."""
     import ray
     from ray import tune
 
     sw = load_sweep(sweep, overrides, storage_path)
     check_before_ray(sw)  # missing files fail here, in a second, not in every trial after Tune started
     base_cfg = config_from_dict(sw.base)
-    tune_dir = sw.folder / "tune"
-    if not resume and tune_dir.exists():
-        raise ConfigError(f"{sw.folder}: a sweep of this name already exists; resume it, or pick another name=")
+    if sw.remote:
+        from kcd_ray import storage
+
+        storage.check(sw.remote, "storage_path")  # one line naming the URI: no bucket, no endpoint
+    tune_path, tune_fs = _tune_storage(sw)
+    tune_dir = f"{tune_path.rstrip('/')}/tune"
+    if not resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=tune_fs):
+        raise ConfigError(f"{sw.remote or sw.folder}: a sweep of this name already exists; resume it, or pick another "
+                          "name=")
     _write_spec(sw)
     if not ray.is_initialized():
         from kcd_ray.ray_layer.trainer import init_ray
@@ -242,13 +264,14 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
         ensure_teacher_cache(_resolve_paths(base_cfg), data_dir, verbose=base_cfg.run.verbose > 0)
     cluster = ray.cluster_resources()
     max_conc = sw.max_concurrent_trials or derive_concurrency(base_cfg, sw.trial_cpus, cluster)
-    payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": str(sw.runs_dir), "pbt": sw.pbt}
+    payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": sw.runs_dir, "pbt": sw.pbt}
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),
                                     trial_resources(base_cfg, sw.trial_cpus, cluster))
 
-    if resume and tune.Tuner.can_restore(str(tune_dir)):
-        print(f"[kcd_ray] restoring sweep {sw.name} from {tune_dir}", flush=True)
-        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=tune_fs):
+        print(f"[kcd_ray] restoring sweep {sw.name} from {sw.remote or sw.folder}", flush=True)
+        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=tune_fs)
     else:
         baseline = {**base_point(sw.dims, sw.base), "variant": "kd"} if sw.include_kd_baseline else None
         num_samples = sw.num_samples + (1 if baseline else 0)
@@ -261,7 +284,8 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
                                       grace_period=a["grace_period"], reduction_factor=a["reduction_factor"])
         n = grid_size(sw.dims) * sw.num_samples if sw.search == "grid" else sw.num_samples
         print(f"[kcd_ray] sweep {sw.name}: {n + (1 if baseline else 0)} trials ({sw.search}"
-              f"{', + plain-KD baseline' if baseline else ''}), up to {max_conc} at a time; folder {sw.folder}", flush=True)
+              f"{', + plain-KD baseline' if baseline else ''}), up to {max_conc} at a time; folder "
+              f"{sw.remote or sw.folder}", flush=True)
         # Preset baseline values outside a grid are intended: keep Tune's warning about them quiet.
         logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
         tuner = tune.Tuner(
@@ -271,7 +295,8 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
                                         num_samples=num_samples,
                                         max_concurrent_trials=max_conc if sw.search == "optuna" else None,
                                         trial_name_creator=trial_label, trial_dirname_creator=trial_label),
-            run_config=tune.RunConfig(name="tune", storage_path=str(sw.folder), verbose=base_cfg.run.verbose),
+            run_config=tune.RunConfig(name="tune", storage_path=tune_path, storage_filesystem=tune_fs,
+                                      verbose=base_cfg.run.verbose),
         )
     results = tuner.fit()
     if sw.pbt:
@@ -288,7 +313,7 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
     if unfinished > 0:
         print(f"[kcd_ray] sweep {sw.name}: interrupted with {unfinished} trials unfinished; re-run the same command "
               "to resume them", flush=True)
-    return sw.folder
+    return sw.remote or sw.folder
 
 
 # --------------------------------------------------------------------------- CLI wiring
