@@ -1,15 +1,16 @@
 """`ray submit`'s entry script on a REAL two-node Ray cluster started with `ray start` on this machine.
 
 The cluster is a head and a worker node (`ray start --head` + `ray start --address=127.0.0.1:<port>`,
-3 CPUs each). experiments/submit.py runs as a subprocess attached through RAY_ADDRESS, exactly as
+2 CPUs each). experiments/submit.py runs as a subprocess attached through RAY_ADDRESS, exactly as
 `ray submit` runs it on a head node: (a) a distillation whose 2 Train workers must land on different
-nodes (STRICT_SPREAD, fractional CPUs), (b) a 2-trial sweep, (c) last, an elastic run that loses the
-worker node mid-run and gets it back. The cluster is always stopped by killing
+nodes (STRICT_SPREAD, fractional CPUs), (b) a 2-trial sweep, (c) on a cluster of its own (3 CPUs per node),
+an elastic run that loses the worker node mid-run and gets it back (marked slow). The cluster is always stopped by killing
 only the processes it started (never `ray stop`, which would stop every Ray on the machine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -196,9 +197,9 @@ class LoopbackCluster:
 # --------------------------------------------------------------------------- the tests
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    c = LoopbackCluster(cpus_per_node=3).start()  # 3: one 2-CPU Train worker per node in the elastic test
+@contextlib.contextmanager
+def running_cluster(**kw):
+    c = LoopbackCluster(**kw).start()
     try:
         yield c
     finally:
@@ -208,8 +209,7 @@ def cluster():
         assert not leftover, f"processes of the test cluster still alive: {leftover}"
 
 
-@pytest.fixture(scope="module")
-def work(cluster):
+def work_folder(cluster) -> Path:
     """A shared work folder (the EFS of a real cluster) with a teacher and a digits recipe."""
     from kcd_ray.models import build_model, save_model
 
@@ -224,6 +224,17 @@ def work(cluster):
               "kcd": {"interval": 1, "stages": 1}}
     (w / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return w
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with running_cluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def work(cluster):
+    return work_folder(cluster)
 
 
 def _submit(cluster, work, *args, timeout=420) -> str:
@@ -294,12 +305,18 @@ def _controller_decisions(cluster) -> str:
     return "\n".join(out[-40:])
 
 
-def test_elastic_run_survives_losing_a_node(cluster, work):
-    """Last in this module (it replaces the worker node). An elastic KCD run (2 workers, at least 1; one 2-CPU
+@pytest.mark.slow
+def test_elastic_run_survives_losing_a_node():
+    """Its own cluster (it replaces the worker node; ~2.5 min, hence `slow`: run with `pytest -m slow`). An elastic KCD run (2 workers, at least 1; one 2-CPU
     worker per 3-CPU node, the rest for Ray Data) loses the worker node during epoch 2 (SIGKILL of every process
     of that node), continues on the head from the last checkpoint with 1 worker, scales back to 2 when the node returns, and
     finishes: each epoch once in metrics.jsonl, and the final kept set (seeded ``random`` values) equal to an
     uninterrupted run's with 1 worker (no kept row is dropped by the equal split, whatever the worker count)."""
+    with running_cluster(cpus_per_node=3) as cluster:
+        _elastic_drill(cluster, work_folder(cluster))
+
+
+def _elastic_drill(cluster, work: Path) -> None:
     common = ["kcd.value_fn=random", "kcd.stages=3", "kcd.rho=0.5", "optim.epochs=10", "optim.batch_size=64",
               "scaling.cpus_per_worker=2", "scaling.placement_strategy=PACK"]
     _submit(cluster, work, "distill", "--config", "recipe.yaml", *common, "scaling.num_workers=0", "run.name=steady")
