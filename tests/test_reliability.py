@@ -192,7 +192,7 @@ def test_a_worker_side_failure_is_one_line_with_exit_code_2(tmp_path, teacher, w
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # 1: ~35 s more, `pytest -m slow`
 def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_and_exit_130(tmp_path, teacher, workers):
     p = _cli(_args(tmp_path, teacher, f"scaling.num_workers={workers}", "optim.epochs=30", "run.name=sigint"))
     metrics = tmp_path / "runs" / "sigint" / "metrics.jsonl"

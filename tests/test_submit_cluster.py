@@ -264,7 +264,8 @@ def test_distill_places_two_workers_on_two_nodes(cluster, work):
 
 def test_sweep_of_two_trials(cluster, work):
     sweep = {"name": "two", "base": "recipe.yaml", "storage_path": "./runs/sweeps",
-             "overrides": {"scaling.num_workers": 1, "scaling.placement_strategy": "PACK", "optim.epochs": 2},
+             # in-process trials: each one runs in its Tune trial actor, on either node
+             "overrides": {"scaling.num_workers": 0, "scaling.placement_strategy": "PACK", "optim.epochs": 2},
              "space": {"kcd.rho": [0.5, 0.9]}}
     (work / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     text = _submit(cluster, work, "sweep", "--config", "sweep.yaml")

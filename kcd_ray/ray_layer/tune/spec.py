@@ -111,9 +111,14 @@ class Sweep:
         return storage.stage_dir(self.remote) if self.remote else Path(self.storage_path) / self.name
 
     @property
-    def runs_dir(self) -> str:
-        """Where the trials' run folders go (``run.storage_path`` of each trial): a path or a URI."""
-        return storage.join(self.remote, "runs") if self.remote else str(self.folder / "runs")
+    def runs_dir(self) -> Path:
+        """The trials' run folders (for a sweep in an object store, their local working copies)."""
+        return self.folder / "runs"
+
+    @property
+    def runs_location(self) -> str:
+        """Where the trials' run folders go (each trial's ``run.storage_path``): a path, or a URI in the store."""
+        return storage.join(self.remote, "runs") if self.remote else str(self.runs_dir)
 
     def identity(self) -> dict:
         """What makes two invocations the same sweep (compared before restoring a sweep folder)."""

@@ -230,6 +230,37 @@ def _tune_storage(sw: Sweep) -> tuple[str, object]:
     return path, fs
 
 
+def _new_tuner(sw: Sweep, trainable, max_conc: int, verbose: int):
+    """A fresh Tune experiment for the sweep: its search, scheduler (ASHA or PBT) and storage."""
+    from ray import tune
+
+    tune_path, tune_fs = _tune_storage(sw)
+    baseline = {**base_point(sw.dims, sw.base), "variant": "kd"} if sw.include_kd_baseline else None
+    num_samples = sw.num_samples + (1 if baseline else 0)
+    scheduler = _pbt(sw) if sw.pbt else None
+    if sw.asha:
+        from ray.tune.schedulers import ASHAScheduler
+
+        a = sw.asha
+        scheduler = ASHAScheduler(time_attr="epoch", metric=a["metric"], mode="max", max_t=a["max_t"],
+                                  grace_period=a["grace_period"], reduction_factor=a["reduction_factor"])
+    n = grid_size(sw.dims) * sw.num_samples if sw.search == "grid" else sw.num_samples
+    print(f"[kcd_ray] sweep {sw.name}: {n + (1 if baseline else 0)} trials ({sw.search}"
+          f"{', + plain-KD baseline' if baseline else ''}), up to {max_conc} at a time; folder "
+          f"{sw.remote or sw.folder}", flush=True)
+    # Preset baseline values outside a grid are intended: keep Tune's warning about them quiet.
+    logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
+    return tune.Tuner(
+        trainable,
+        param_space=_param_space(sw),
+        tune_config=tune.TuneConfig(search_alg=_search_alg(sw, baseline, max_conc), scheduler=scheduler,
+                                    num_samples=num_samples,
+                                    max_concurrent_trials=max_conc if sw.search == "optuna" else None,
+                                    trial_name_creator=trial_label, trial_dirname_creator=trial_label),
+        run_config=tune.RunConfig(name="tune", storage_path=tune_path, storage_filesystem=tune_fs, verbose=verbose),
+    )
+
+
 def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | None = None, resume: bool = True):
     """Run (or restore) a sweep; returns the sweep folder (a Path, or the URI of a sweep in an object store).
     ``sweep`` is a sweep file path or mapping."""
@@ -264,7 +295,7 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
         ensure_teacher_cache(_resolve_paths(base_cfg), data_dir, verbose=base_cfg.run.verbose > 0)
     cluster = ray.cluster_resources()
     max_conc = sw.max_concurrent_trials or derive_concurrency(base_cfg, sw.trial_cpus, cluster)
-    payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": sw.runs_dir, "pbt": sw.pbt}
+    payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": sw.runs_location, "pbt": sw.pbt}
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),
                                     trial_resources(base_cfg, sw.trial_cpus, cluster))
 
@@ -273,31 +304,7 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
         tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=tune_fs)
     else:
-        baseline = {**base_point(sw.dims, sw.base), "variant": "kd"} if sw.include_kd_baseline else None
-        num_samples = sw.num_samples + (1 if baseline else 0)
-        scheduler = _pbt(sw) if sw.pbt else None
-        if sw.asha:
-            from ray.tune.schedulers import ASHAScheduler
-
-            a = sw.asha
-            scheduler = ASHAScheduler(time_attr="epoch", metric=a["metric"], mode="max", max_t=a["max_t"],
-                                      grace_period=a["grace_period"], reduction_factor=a["reduction_factor"])
-        n = grid_size(sw.dims) * sw.num_samples if sw.search == "grid" else sw.num_samples
-        print(f"[kcd_ray] sweep {sw.name}: {n + (1 if baseline else 0)} trials ({sw.search}"
-              f"{', + plain-KD baseline' if baseline else ''}), up to {max_conc} at a time; folder "
-              f"{sw.remote or sw.folder}", flush=True)
-        # Preset baseline values outside a grid are intended: keep Tune's warning about them quiet.
-        logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_param_space(sw),
-            tune_config=tune.TuneConfig(search_alg=_search_alg(sw, baseline, max_conc), scheduler=scheduler,
-                                        num_samples=num_samples,
-                                        max_concurrent_trials=max_conc if sw.search == "optuna" else None,
-                                        trial_name_creator=trial_label, trial_dirname_creator=trial_label),
-            run_config=tune.RunConfig(name="tune", storage_path=tune_path, storage_filesystem=tune_fs,
-                                      verbose=base_cfg.run.verbose),
-        )
+        tuner = _new_tuner(sw, trainable, max_conc, base_cfg.run.verbose)
     results = tuner.fit()
     if sw.pbt:
         from kcd_ray.ray_layer.tune.schedules import write_pbt_schedule
