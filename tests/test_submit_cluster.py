@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_object_storage import s3  # noqa: F401 - the moto_server fixture (and its AWS_* variables)
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBMIT = ROOT / "experiments" / "submit.py"
@@ -359,3 +360,25 @@ def _elastic_drill(cluster, work: Path) -> None:
     assert _kept(work / "runs" / "elastic") == _kept(work / "runs" / "steady")
     steady = _lines(work / "runs" / "steady" / "metrics.jsonl")
     assert [r["lr"] for r in rows] == [r["lr"] for r in steady]  # the schedule did not jump with the world size
+
+
+@pytest.mark.slow
+def test_distill_with_data_runs_and_checkpoints_in_s3_on_two_nodes(cluster, work, s3):
+    """`ray submit`'s distill on both nodes with everything in a real S3-compatible server (moto on loopback; the
+    nodes have the AWS_* variables, as a cluster's nodes are configured): the data set is prepared into the bucket,
+    the two Train workers (one per node) and Ray Data read it and KCD's blend overlays from there, and the run's
+    checkpoints, masks, metrics and summary land in the bucket. ~45 s, hence `slow`."""
+    from kcd_ray import storage
+
+    text = _submit(cluster, work, "distill", "--config", "recipe.yaml", f"data.root={s3}/data",
+                   f"run.storage_path={s3}/runs", "run.name=s3run", "optim.epochs=2", "kcd.rho=0.6")
+    assert "2 nodes" in text
+    run = f"{s3}/runs/s3run"
+    files = storage.list_files(run)
+    assert {"summary.json", "metrics.jsonl", "masks/mask_v001.parquet"} <= set(files), files
+    assert any(f.startswith("checkpoint_epoch_0001/") for f in files), files
+    assert any(f.startswith("blends/") for f in files), files  # the overlay every node's Ray Data tasks read
+    rows = [json.loads(x) for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["kept_fraction"] < 1.0
+    nodes = {storage.read_text(storage.join(run, "nodes", f"rank_{r}.txt")).strip() for r in (0, 1)}
+    assert nodes == set(cluster.node_ids), "STRICT_SPREAD: one worker on each node"
