@@ -189,6 +189,22 @@ def download(uri: str, local: Path) -> None:
     os.replace(tmp, local)
 
 
+def fetch(uri: str) -> Path:
+    """A local copy of one file in a store, at its :func:`stage_dir` path; downloaded again when the stored
+    object's size or modification time differ from the copy's (a retrained teacher replaces its object)."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{uri}: not found")
+    local = stage_dir(uri)
+    stamp = local.with_name(local.name + ".stamp")
+    want = f"{info.size} {info.mtime_ns}"
+    if not (local.is_file() and stamp.is_file() and stamp.read_text() == want):
+        download(uri, local)
+        write_text(stamp, want)
+    return local
+
+
 def delete(uri: str) -> None:
     fs, path = filesystem(uri)
     try:

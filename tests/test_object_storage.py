@@ -71,7 +71,7 @@ def s3(tmp_path_factory):
         shutil.rmtree(STAGE, ignore_errors=True)
 
 
-def test_storage_module_round_trip(s3, tmp_path):
+def test_storage_module_round_trip(s3, tmp_path, monkeypatch):
     uri = storage.join(s3, "unit", "a", "b.json")
     storage.write_text(uri, json.dumps({"x": 1}))
     assert json.loads(storage.read_text(uri)) == {"x": 1} and storage.exists(uri)
@@ -84,6 +84,17 @@ def test_storage_module_round_trip(s3, tmp_path):
     assert not storage.exists(uri)
     with pytest.raises(FileNotFoundError, match="unit/a/b.json"):
         storage.read_text(uri)
+    # fetch: a local working copy, fetched again only when the stored object changes
+    monkeypatch.setenv("KCD_RAY_STAGE", str(tmp_path / "stage"))
+    obj = storage.join(s3, "unit", "c.bin")
+    copy = storage.fetch(obj)
+    assert copy.is_relative_to(tmp_path / "stage") and copy.read_bytes() == b"\x00\x01"
+    copy.write_bytes(b"\x09\x09")  # marks the copy: an unchanged object is not downloaded again
+    assert storage.fetch(obj).read_bytes() == b"\x09\x09"
+    storage.write_bytes(obj, b"\x02\x03\x04")
+    assert storage.fetch(obj).read_bytes() == b"\x02\x03\x04"
+    with pytest.raises(FileNotFoundError, match="unit/none.pt"):
+        storage.fetch(storage.join(s3, "unit", "none.pt"))
     # a local path goes through the same calls, written beside the target and renamed (no temp file left)
     local = tmp_path / "d" / "e.txt"
     storage.write_text(local, "local")
@@ -234,3 +245,28 @@ def test_sweep_in_s3_and_its_report(s3_run, s3, tmp_path):
     assert main(["report", run]) == 0  # one run: the per-epoch table
     assert {"epochs.csv", "curves.png"} <= set(storage.list_files(run))
     assert len(storage.read_text(storage.join(run, "epochs.csv")).splitlines()) == 3  # header + 2 epochs
+
+
+def test_ed_trains_its_group_teachers_into_the_store_and_the_student_loads_them_from_it(s3, prepared, ray_session,
+                                                                                         one_torch_thread):
+    """ED with per-group teachers and run.storage_path in the bucket: the missing teachers are trained into it, the
+    student's config lists their URIs, and the student (a Ray Train run) loads them from the store."""
+    from kcd_ray.models import load_model
+    from kcd_ray.ray_layer.trainer import fit
+
+    base = {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": f"{s3}/data"},
+            "optim": {"epochs": 2, "batch_size": 128, "lr": 0.05, "threads": 1},
+            "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
+            "run": {"storage_path": f"{s3}/ed-runs", "verbose": 0, "name": "ed-student"},
+            "kcd": {"enabled": False}, "distill": {"method": "ed"},
+            "curriculum": {"name": "ed", "groups": 2, "grade_epochs": [1, 1], "mix_groups": True,
+                           "teacher_model": "resnet8", "teacher_epochs": 1}}
+    summary = fit(load_config(base=base), kind="distill")
+    assert summary["run_dir"] == f"{s3}/ed-runs/ed-student"
+    teachers = summary["config"]["curriculum"]["teachers"]
+    assert len(teachers) == 2 and all(t.startswith(f"{s3}/ed-runs/edteacher-resnet8-digits-g") for t in teachers)
+    assert [load_model(t).num_classes for t in teachers] == [5, 5]  # local labels, read from the store
+    files = storage.list_files(f"{s3}/ed-runs")
+    assert {"ed-student/final_model.pt", "ed-student/summary.json"} <= set(files)
+    rows = _rows(summary["run_dir"])
+    assert [r["grade"] for r in rows] == [1, 2] and rows[1]["group_top1_2"] is not None

@@ -111,6 +111,8 @@ def augment_uniforms(ids, n: int, seed: int, epoch: int, views: int = 0) -> np.n
 
 def file_sha256(path) -> str:
     h = hashlib.sha256()
+    if storage.is_uri(path):  # a teacher in an object store: hash its local working copy
+        path = storage.fetch(str(path))
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)

@@ -38,6 +38,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from kcd_ray import storage
 from kcd_ray.config import Config, ConfigError, CurriculumConfig, config_from_dict, to_dict
 from kcd_ray.data.groups import ClassGroups, class_mask, labels_by_id
 from kcd_ray.engine import distributed as D
@@ -343,21 +344,22 @@ def teacher_run_name(teacher_cfg: Config, g: int) -> str:
     return f"edteacher-{teacher_cfg.model}-{teacher_cfg.data.name}-g{g}of{cur.groups}-{digest}"
 
 
-def group_teacher_paths(cfg: Config) -> list[tuple[int, Path, Config]]:
-    """(group, checkpoint path, teacher config) per group: ``curriculum.teachers`` when given, else the teacher
-    run's ``final_model.pt`` under ``run.storage_path``."""
+def group_teacher_paths(cfg: Config) -> list[tuple[int, str, Config]]:
+    """(group, checkpoint location, teacher config) per group: ``curriculum.teachers`` when given, else the
+    teacher run's ``final_model.pt`` under ``run.storage_path``; a location is an absolute path or a URI."""
     cur = cfg.curriculum
     if cur.teachers and len(cur.teachers) != cur.groups:
         raise ConfigError(f"curriculum.teachers: {len(cur.teachers)} checkpoints for curriculum.groups={cur.groups}")
     out = []
     for g in range(1, cur.groups + 1):
-        tcfg = group_teacher_config(cfg, g) if (not cur.teachers or not Path(cur.teachers[g - 1]).exists()) else None
-        if cur.teachers:
-            path = Path(os.path.expanduser(cur.teachers[g - 1])).resolve()
-        else:
-            path = Path(os.path.expanduser(cfg.run.storage_path)).resolve() / tcfg.run.name / "final_model.pt"
-        out.append((g, path, tcfg))
+        listed = _location(cur.teachers[g - 1]) if cur.teachers else ""
+        tcfg = group_teacher_config(cfg, g) if not (listed and storage.exists(listed)) else None
+        out.append((g, listed or storage.join(_location(cfg.run.storage_path), tcfg.run.name, "final_model.pt"), tcfg))
     return out
+
+
+def _location(p: str) -> str:
+    return p if storage.is_uri(p) else str(storage.local_path(p).resolve())
 
 
 def with_teachers(cfg: Config, paths: list) -> Config:

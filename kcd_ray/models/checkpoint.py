@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from kcd_ray import storage
+
 from .zoo import MODELS, build_model
 
 FORMAT = "kcd_ray"
@@ -41,6 +43,11 @@ def _short(items: list[str]) -> str:
 
 
 def _resolve(path: str | os.PathLike) -> Path:
+    if storage.is_uri(path):  # a checkpoint in an object store (s3://...): its local working copy
+        try:
+            return storage.fetch(str(path))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such checkpoint file in the store") from None
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / MODEL_FILE).is_file():

@@ -7,7 +7,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -83,10 +82,7 @@ def ensure_group_teachers(cfg: Config) -> Config:
     (``curriculum.teacher_concurrency``); the config then lists all G."""
     check_curriculum(cfg, "distill")  # one-line errors before any teacher trains
     check_pipeline(cfg)
-    if storage.is_uri(cfg.run.storage_path):
-        raise storage.StorageError(f"run.storage_path: {cfg.run.storage_path!r}: ED's per-group teachers are trained "
-                                   "into a file-system path; train them there, or list them in curriculum.teachers")
-    todo = [(g, path, tcfg) for g, path, tcfg in group_teacher_paths(cfg) if not path.exists()]
+    todo = [(g, path, tcfg) for g, path, tcfg in group_teacher_paths(cfg) if not storage.exists(path)]
     if todo:
         init_ray(cfg)
     at_once = max(1, min(len(todo), teachers_at_once(cfg, todo[0][2]) if todo else 1))
@@ -99,10 +95,9 @@ def ensure_group_teachers(cfg: Config) -> Config:
                       flush=True)
         made = _fit_teachers([tcfg for _, _, tcfg in wave])
         for (_, path, _), run_dir in zip(wave, made):
-            model = Path(run_dir) / "final_model.pt"
-            if model.resolve() != path:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(model, path)
+            model = storage.join(run_dir, "final_model.pt")  # run_dir: a path, or the run's URI in a store
+            if model != path:  # curriculum.teachers named where this group's teacher goes
+                storage.write_bytes(path, storage.read_bytes(model))
     return with_teachers(cfg, [path for _, path, _ in group_teacher_paths(cfg)])
 
 
@@ -141,6 +136,10 @@ def _fit_teachers(tcfgs: list) -> list[str]:
     return ray.get(refs)
 
 
+def _teacher_files(cfg: Config) -> list[str]:
+    return [p for p in (cfg.distill.teacher, *cfg.distill.teachers, *cfg.curriculum.teachers) if p]
+
+
 def preflight(cfg: Config, kind: str, data_dir: Path) -> None:
     """What can fail before Ray starts fails here, in a second: the teacher file (the prepared data set was
     verified by ``prepare_dataset``: footers and row counts, everything when its files changed)."""
@@ -154,14 +153,14 @@ def preflight(cfg: Config, kind: str, data_dir: Path) -> None:
         for key, paths in (("distill.teachers", cfg.distill.teachers), ("curriculum.teachers", cfg.curriculum.teachers),
                            ("distill.teacher", [cfg.distill.teacher] if cfg.distill.teacher else [])):
             for p in paths:
-                if not Path(p).exists():
+                if not storage.exists(p):
                     raise FileNotFoundError(f"{key}: {p} does not exist")
         load_teachers(cfg, int(load_meta(data_dir)["num_classes"]))
         return
     if not cfg.distill.teacher:
         raise ValueError("distill.teacher: a teacher checkpoint is required for distillation "
                          "(train one with `kcd-ray train-teacher`)")
-    if not Path(cfg.distill.teacher).exists():
+    if not storage.exists(cfg.distill.teacher):
         raise FileNotFoundError(f"distill.teacher: {cfg.distill.teacher} does not exist")
     from kcd_ray.engine.build import load_teacher
 
@@ -349,7 +348,7 @@ def _trainer(cfg: Config, kind: str, name: str, run_dir: RunDir, data_dir: Path,
                    "mask_store": mask_store, "hooks": list(hooks or []), "augment_on": augment_on,
                    "teacher_cache": tcache.to_dict() if tcache is not None else None,
                    # an object store: the run's and the data set's URIs, and their filesystems for the workers
-                   "run_uri": run_dir.remote, "data_uri": data_uri, "storage": storage.export(run_dir.remote, data_uri)}
+                   "run_uri": run_dir.remote, "data_uri": data_uri, "storage": storage.export(run_dir.remote, data_uri, *_teacher_files(cfg))}
     if run_dir.remote:  # Ray Train writes the checkpoints to the store through the same filesystem
         fs, parent = storage.filesystem(run_dir.remote.rsplit("/", 1)[0])
     else:
