@@ -428,3 +428,25 @@ def test_offline_scores_equal_a_plain_torch_pass_over_the_current_images(ray_loc
         expect = VALUE_FNS.get("entropy")(student(torch.from_numpy(_norm(imgs))), None, torch.as_tensor(data["train"][0]),
                                           make_context(np.arange(40), 0, 0, 1.0))
     np.testing.assert_allclose(vals, expect.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sizes,batch,drop_last", [([5, 3, 8, 1], 4, False), ([10], 3, True), ([2, 2, 2], 8, False),
+                                                   ([7, 0, 6], 7, False)])
+def test_rebatch_cuts_blocks_into_the_batches_ray_would_make(sizes, batch, drop_last):
+    """iter_train_batches fetches whole blocks and cuts them here: every batch has the rows Ray's own batching
+    (batch_size=batch) would give it, in order, across block boundaries."""
+    from kcd_ray.ray_layer import pipeline as P
+
+    rows = torch.arange(sum(sizes))
+    blocks, start = [], 0
+    for n in sizes:
+        blocks.append({"sample_id": rows[start:start + n], "image": rows[start:start + n, None].repeat(1, 2)})
+        start += n
+    got = list(P.rebatch(iter(blocks), batch, drop_last))
+    want = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+    if drop_last and len(want[-1]) < batch:
+        want = want[:-1]
+    assert [b["sample_id"].tolist() for b in got] == [w.tolist() for w in want]
+    assert all(torch.equal(b["image"][:, 1], b["sample_id"]) for b in got)
+    with pytest.raises(ValueError, match="batch_size"):
+        list(P.rebatch(iter(blocks), 0))
