@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -367,7 +368,8 @@ def test_distill_with_data_runs_and_checkpoints_in_s3_on_two_nodes(cluster, work
     """`ray submit`'s distill on both nodes with everything in a real S3-compatible server (moto on loopback; the
     nodes have the AWS_* variables, as a cluster's nodes are configured): the data set is prepared into the bucket,
     the two Train workers (one per node) and Ray Data read it and KCD's blend overlays from there, and the run's
-    checkpoints, masks, metrics and summary land in the bucket. ~45 s, hence `slow`."""
+    checkpoints, masks, metrics and summary land in the bucket; then a run whose worker dies resumes from its
+    checkpoint in the bucket, and a sweep in the bucket is reported from there. ~2 min, hence `slow`."""
     from kcd_ray import storage
 
     text = _submit(cluster, work, "distill", "--config", "recipe.yaml", f"data.root={s3}/data",
@@ -382,3 +384,45 @@ def test_distill_with_data_runs_and_checkpoints_in_s3_on_two_nodes(cluster, work
     assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["kept_fraction"] < 1.0
     nodes = {storage.read_text(storage.join(run, "nodes", f"rank_{r}.txt")).strip() for r in (0, 1)}
     assert nodes == set(cluster.node_ids), "STRICT_SPREAD: one worker on each node"
+    _worker_death_in_s3(cluster, work, s3)
+    _sweep_in_s3(cluster, work, s3)
+
+
+def _worker_death_in_s3(cluster, work: Path, s3: str) -> None:
+    """A worker process dies after epoch 0 (a real crash); Ray Train restarts the group, which resumes from the
+    checkpoint in the bucket and runs only epoch 1."""
+    from kcd_ray import storage
+
+    args = [f"data.root={s3}/data", f"run.storage_path={s3}/runs", "run.name=s3death", "optim.epochs=2",
+            "kcd.rho=0.6", "run.max_failures=1"]
+    code = ("from kcd_ray.config import load_config; from kcd_ray.ray_layer.trainer import fit; "
+            f"fit(load_config('recipe.yaml', {args!r}), kind='distill', hooks=[('fail', {{'epoch': 0, 'mode': 'exit'}})])")
+    env = {**cluster._env(), "RAY_ADDRESS": cluster.address}
+    out = subprocess.run([sys.executable, "-c", code], cwd=str(work), env=env, capture_output=True, text=True,
+                         timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-6000:]
+    assert "worker process has died" in text, text[-4000:]  # Ray's word for the crash
+    # the restarted rank 0 said where it resumed (worker stdout: the nodes' Ray log files)
+    logs = "".join(f.read_text(errors="replace") for f in cluster.temp_dir.glob("session_*/logs/worker-*.out"))
+    assert re.search(r"\[kcd_ray\] resumed from \S+ at epoch 1\b", logs), logs[-3000:]
+    rows = [json.loads(x) for x in storage.read_text(f"{s3}/runs/s3death/metrics.jsonl").splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]  # each epoch once, across the death
+
+
+def _sweep_in_s3(cluster, work: Path, s3: str) -> None:
+    """`ray submit`'s sweep with its folder and its trials' runs in the bucket, then `kcd-ray report` on its URI."""
+    from kcd_ray import storage
+    from kcd_ray.cli import main
+
+    sweep = {"name": "s3two", "base": "recipe.yaml", "storage_path": f"{s3}/sweeps",
+             "overrides": {"scaling.num_workers": 0, "scaling.placement_strategy": "PACK", "optim.epochs": 1,
+                           "data.root": f"{s3}/data"},
+             "space": {"kcd.rho": [0.5, 0.9]}}
+    (work / "s3sweep.yaml").write_text(yaml.safe_dump(sweep))
+    text = _submit(cluster, work, "sweep", "--config", "s3sweep.yaml")
+    assert "sweep s3two: 2 runs (2 done)" in text, text[-4000:]
+    assert main(["report", f"{s3}/sweeps/s3two"]) == 0
+    rows = storage.read_text(f"{s3}/sweeps/s3two/trials.csv").splitlines()
+    assert len(rows) == 3 and {"trials.csv", "pareto.png", "best_config.yaml"} <= set(
+        storage.list_files(f"{s3}/sweeps/s3two"))

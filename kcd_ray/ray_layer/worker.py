@@ -147,8 +147,22 @@ def _restore(engine: Engine, ctx: RunContext) -> None:
                 engine.restore(folder)
             except CheckpointError as e:
                 _fall_back(engine, ctx, Path(ckpt.path), e)  # ckpt.path: the folder's name in the store too
+    elif ctx.cfg.scaling.num_workers and ctx.run_dir.checkpoint_names():
+        _restore_unregistered(engine, ctx)
     elif ctx.world == 1 and (local := latest_local_checkpoint(local_checkpoint_dir(ctx.run_dir))) is not None:
         engine.restore(local)
+
+
+def _restore_unregistered(engine: Engine, ctx: RunContext) -> None:
+    """Ray Train restarted the worker group after a crash that came before its controller registered the newest
+    checkpoint (``ray.train.report`` had written it to storage): resume from the newest intact one in the run
+    folder instead of starting over, as a new ``fit`` on the same folder would."""
+    for folder in _older_checkpoints(ctx, "checkpoint_epoch_~"):  # "~" sorts after every epoch number
+        try:
+            engine.restore(folder)
+            return
+        except CheckpointError:
+            continue
 
 
 def _fall_back(engine: Engine, ctx: RunContext, damaged: Path, error: CheckpointError) -> None:
