@@ -174,7 +174,8 @@ def _cli(args, **kw):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("workers", [1])  # in-process errors were one line already; this is the Ray Train path
+# 1: the Ray Train path, ~40 s on 2 cores (`pytest -m slow`); 0: the same CLI and error path, the loop in-process
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_worker_side_failure_is_one_line_with_exit_code_2(tmp_path, teacher, workers):
     """The NaN stop raised inside the training loop: one line, exit 2, the traceback in the run folder."""
     p = _cli(_args(tmp_path, teacher, f"scaling.num_workers={workers}", "optim.epochs=2", "optim.lr=1e30",

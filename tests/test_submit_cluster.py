@@ -249,16 +249,12 @@ def _submit(cluster, work, *args, timeout=420) -> str:
 
 
 def test_distill_places_two_workers_on_two_nodes(cluster, work):
-    """Also with the teacher-output cache: built on the cluster, read by both workers, no teacher forward."""
-    text = _submit(cluster, work, "distill", "--config", "recipe.yaml", "distill.cache=exact")
+    """(The teacher-output cache on two nodes: the slow drill with everything in S3.)"""
+    text = _submit(cluster, work, "distill", "--config", "recipe.yaml")
     assert "[submit] attached to" in text and "2 nodes" in text
     run = work / "runs" / "spread"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["kcd_enabled"]
-    (manifest,) = (work / "data").glob("*/teacher_cache/*/manifest.json")
-    assert list(json.loads(manifest.read_text())["units"]) == ["e0000"]
-    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["teacher_forward_samples"] == 0 and row["samples_seen"] > 0
     nodes = [(run / "nodes" / f"rank_{r}.txt").read_text().strip() for r in (0, 1)]
     assert nodes[0] != nodes[1], "STRICT_SPREAD put both workers on one node"
     assert set(nodes) == set(cluster.node_ids)
@@ -368,20 +364,26 @@ def test_distill_with_data_runs_and_checkpoints_in_s3_on_two_nodes(cluster, work
     """`ray submit`'s distill on both nodes with everything in a real S3-compatible server (moto on loopback; the
     nodes have the AWS_* variables, as a cluster's nodes are configured): the data set is prepared into the bucket,
     the two Train workers (one per node) and Ray Data read it and KCD's blend overlays from there, and the run's
-    checkpoints, masks, metrics and summary land in the bucket; then a run whose worker dies resumes from its
+    checkpoints, masks, metrics and summary land in the bucket, and the teacher-output cache is built there and read
+    by both workers (no teacher forward on the cached views); then a run whose worker dies resumes from its
     checkpoint in the bucket, and a sweep in the bucket is reported from there. ~2 min, hence `slow`."""
     from kcd_ray import storage
 
     text = _submit(cluster, work, "distill", "--config", "recipe.yaml", f"data.root={s3}/data",
-                   f"run.storage_path={s3}/runs", "run.name=s3run", "optim.epochs=2", "kcd.rho=0.6")
+                   f"run.storage_path={s3}/runs", "run.name=s3run", "optim.epochs=2", "kcd.rho=0.6",
+                   "distill.cache=exact")
     assert "2 nodes" in text
     run = f"{s3}/runs/s3run"
+    # the teacher-output cache: built on the cluster beside the data set in the bucket, read by both workers
+    (manifest,) = [f for f in storage.list_files(f"{s3}/data") if f.endswith("/manifest.json") and "teacher_cache" in f]
+    assert list(json.loads(storage.read_text(f"{s3}/data/{manifest}"))["units"]) == ["e0000", "e0001"]
     files = storage.list_files(run)
     assert {"summary.json", "metrics.jsonl", "masks/mask_v001.parquet"} <= set(files), files
     assert any(f.startswith("checkpoint_epoch_0001/") for f in files), files
     assert any(f.startswith("blends/") for f in files), files  # the overlay every node's Ray Data tasks read
     rows = [json.loads(x) for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and rows[1]["kept_fraction"] < 1.0
+    assert rows[0]["teacher_forward_samples"] == 0 and rows[0]["samples_seen"] > 0
     nodes = {storage.read_text(storage.join(run, "nodes", f"rank_{r}.txt")).strip() for r in (0, 1)}
     assert nodes == set(cluster.node_ids), "STRICT_SPREAD: one worker on each node"
     _worker_death_in_s3(cluster, work, s3)
