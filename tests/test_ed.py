@@ -468,6 +468,7 @@ def _ray_cfg(tmp_path, **over):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~25 s of 2-worker Ray Train; the grade change under DDP: test_ddp_leaves_the_inactive_stages_untouched
 def test_two_ray_train_workers_pass_a_grade_change(ray_session, tmp_path):
     from kcd_ray.ray_layer.trainer import fit
 

@@ -364,7 +364,8 @@ def test_infobatch_prunes_in_the_loop_and_resume_continues_exactly(tiny, tmp_pat
 
 
 @pytest.mark.ray
-def test_each_strategy_runs_with_two_workers(ray_session, tmp_path):
+@pytest.mark.parametrize("strategy", ["infobatch", "random", pytest.param("unixkd", marks=pytest.mark.slow)])
+def test_each_strategy_runs_with_two_workers(ray_session, tmp_path, strategy):
     """unixkd and random one epoch, infobatch two (its first prunes nothing), on digits through fit(): the
     selection reaches the pipeline (no worker trains a sample outside it), every rank holds the same selection
     state (InfoBatch's all-gathered scores and its weights too), the ledger counts. InfoBatch and UNIXKD (the
@@ -373,7 +374,7 @@ def test_each_strategy_runs_with_two_workers(ray_session, tmp_path):
     store -> the split), and needs nothing from the other ranks (test_random_subset_...: rank-independent), so a
     third 2-worker run (~20 s of Train start-up on 2 cores) would check that path twice. KCD with 2 workers (the
     same hook, built through selection.strategy) is
-    tests/test_train.py::test_two_workers_kcd_mask_sharding_and_values."""
+    tests/test_train.py::test_two_workers_kcd_mask_sharding_and_values. UNIXKD's 2-worker run (~20 s) is `slow`."""
     from kcd_ray.ray_layer.trainer import fit
 
     teacher = tmp_path / "teacher.pt"
@@ -385,7 +386,7 @@ def test_each_strategy_runs_with_two_workers(ray_session, tmp_path):
             "run": {"storage_path": str(tmp_path / "runs"), "verbose": 0},
             "distill": {"teacher": str(teacher)}}
     runs = {"infobatch": (2, ["optim.epochs=2"]), "random": (0, ["selection.random.fraction=0.4"]), "unixkd": (2, [])}
-    for strategy, (workers, extra) in runs.items():
+    for strategy, (workers, extra) in [(strategy, runs[strategy])]:
         cfg = load_config(base=base, overrides=[f"selection.strategy={strategy}", f"run.name={strategy}",
                                                 f"scaling.num_workers={workers}", *extra])
         summary = fit(cfg, kind="distill", hooks=["record_ids", "record_selection"])

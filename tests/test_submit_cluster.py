@@ -260,6 +260,7 @@ def test_distill_places_two_workers_on_two_nodes(cluster, work):
     assert set(nodes) == set(cluster.node_ids)
 
 
+@pytest.mark.slow  # ~30 s; a sweep through `ray submit` also runs in the S3 drill (slow too), Tune sweeps in test_tune.py
 def test_sweep_of_two_trials(cluster, work):
     sweep = {"name": "two", "base": "recipe.yaml", "storage_path": "./runs/sweeps",
              # in-process trials: each one runs in its Tune trial actor, on either node
