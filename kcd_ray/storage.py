@@ -49,6 +49,11 @@ def local_path(path) -> Path:
     return Path(os.path.expanduser(p[len("file://"):] if p.startswith("file://") else p))
 
 
+def absolute(path: str) -> str:
+    """A URI as it is; a local path made absolute (``~`` expanded); "" stays ""."""
+    return str(path) if not path or is_uri(path) else str(local_path(path).resolve())
+
+
 def join(base: str, *parts: str) -> str:
     if not is_uri(base):
         return str(local_path(base).joinpath(*parts))

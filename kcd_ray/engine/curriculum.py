@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -352,14 +350,10 @@ def group_teacher_paths(cfg: Config) -> list[tuple[int, str, Config]]:
         raise ConfigError(f"curriculum.teachers: {len(cur.teachers)} checkpoints for curriculum.groups={cur.groups}")
     out = []
     for g in range(1, cur.groups + 1):
-        listed = _location(cur.teachers[g - 1]) if cur.teachers else ""
+        listed = storage.absolute(cur.teachers[g - 1]) if cur.teachers else ""
         tcfg = group_teacher_config(cfg, g) if not (listed and storage.exists(listed)) else None
-        out.append((g, listed or storage.join(_location(cfg.run.storage_path), tcfg.run.name, "final_model.pt"), tcfg))
+        out.append((g, listed or storage.join(storage.absolute(cfg.run.storage_path), tcfg.run.name, "final_model.pt"), tcfg))
     return out
-
-
-def _location(p: str) -> str:
-    return p if storage.is_uri(p) else str(storage.local_path(p).resolve())
 
 
 def with_teachers(cfg: Config, paths: list) -> Config:

@@ -428,20 +428,18 @@ def _chunk_map(batch: dict, cache: dict, rows: int, meta: dict, kind: str, seed:
         if not len(sel):
             continue  # past the kept set's end (the mask shrank it): no rows
         pixels = _gather_pixels(cache, sel, meta)
-        if pixels is not None:
-            cid = ids[sel]
+        if pixels is not None:  # raw pixels: a numpy gather, overlays written over their rows in place
+            cid, labels = ids[sel], ray.get(cache["labels"])[sel]
             looked = _lookup(cid, state.overlay)
             if looked is not None and looked[0].any():
-                pixels[looked[0]] = looked[1]  # blend overlays replace their rows' base images
-            yield _rows(cid, ray.get(cache["labels"])[sel], pixels, meta, kind, seed, int(state.epoch), tcache,
-                        _blended(looked, tcache))
-            continue
-        table = _gather(cache, sel)
-        cid = table.column("sample_id").to_numpy()
-        looked = _lookup(cid, state.overlay)
-        x = _arrow_images(cid, table.column("image"), meta, state.overlay, looked)
-        yield _rows(cid, table.column("label").to_numpy(), x, meta, kind, seed, int(state.epoch), tcache,
-                    _blended(looked, tcache))
+                pixels[looked[0]] = looked[1]
+            x = pixels
+        else:
+            table = _gather(cache, sel)
+            cid, labels = table.column("sample_id").to_numpy(), table.column("label").to_numpy()
+            looked = _lookup(cid, state.overlay)
+            x = _arrow_images(cid, table.column("image"), meta, state.overlay, looked)
+        yield _rows(cid, labels, x, meta, kind, seed, int(state.epoch), tcache, _blended(looked, tcache))
 
 
 def _full_cached(split_dir: Path, meta: dict, kind: str, seed: Optional[int], order_seed: int,
@@ -732,6 +730,10 @@ def rebatch(blocks, batch_size: int, drop_last: bool = False):
 
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+
+    def joined(parts: list) -> dict:
+        return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
     parts, have = [], 0
     for block in blocks:
         n = len(next(iter(block.values())))
@@ -741,10 +743,10 @@ def rebatch(blocks, batch_size: int, drop_last: bool = False):
             parts.append({k: v[start:start + take] for k, v in block.items()})
             have, start = have + take, start + take
             if have == batch_size:
-                yield parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+                yield joined(parts)
                 parts, have = [], 0
     if parts and not drop_last:
-        yield parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        yield joined(parts)
 
 
 def split_passes(batches, passes):

@@ -40,7 +40,7 @@ def _cache_folder(spec: CacheSpec, data_dir: Path, key: dict) -> str:
     """``distill.cache_dir`` (a path or an object-store URI), else beside the prepared data: in its object store
     when the data set is a working copy of one, so that the workers of every node read the same cache."""
     if spec.dir:
-        return spec.dir if storage.is_uri(spec.dir) else str(Path(spec.dir).expanduser().resolve())
+        return storage.absolute(spec.dir)
     return default_dir(storage.staged_from(data_dir) or data_dir.resolve(), key)
 
 

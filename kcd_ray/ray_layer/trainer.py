@@ -63,10 +63,8 @@ def default_run_name(cfg: Config, kind: str) -> str:
 
 
 def _resolve_paths(cfg: Config) -> Config:
-    # Workers run in the run folder: relative paths must be resolved here.
-    def absolute(p: str) -> str:  # a URI (distill.cache_dir in an object store) stays as it is
-        return str(Path(os.path.expanduser(p)).resolve()) if p and not storage.is_uri(p) else p
-
+    # Workers run in the run folder: relative paths must be resolved here (a URI stays as it is).
+    absolute = storage.absolute
     d, cur = cfg.distill, cfg.curriculum
     if not (d.teacher or d.teachers or cur.teachers or d.cache_dir):
         return cfg
