@@ -273,6 +273,11 @@ batch = make_batch(16, seed=9, num_samples=64)
 part = {k: v[rank * 8:(rank + 1) * 8] for k, v in batch.items()}
 sum(ddp(part, 4.0, 0).losses.values()).backward()
 torch.save({"state": d.state_dict(), "grad": d.crd.embed_s.linear.weight.grad}, out)
+# Both ranks done, and the DDP reducer released before its process group: tearing the group down under a live
+# reducer (or while the other rank still talks to it) can abort at exit ("terminate called without an active
+# exception", seen once in CI).
+dist.barrier()
+del ddp
 dist.destroy_process_group()
 """
 

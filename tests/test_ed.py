@@ -437,6 +437,8 @@ def _ddp_worker(rank, world, folder):
     unused = [n for n, p in d.named_parameters() if p.grad is not None and not n.startswith(("student.conv1",
               "student.bn1", "student.layer1", "tr_heads.0"))]
     torch.save({"moved": moved, "unused_with_grad": unused, "fc": after["student.fc.weight"]}, f"{folder}/r{rank}.pt")
+    dist.barrier()  # both ranks done, and the reducer released before its group (see test_distill_zoo's DDP script)
+    del ddp
     dist.destroy_process_group()
 
 

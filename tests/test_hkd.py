@@ -465,6 +465,8 @@ part = {k: v[rank * 6:(rank + 1) * 6] for k, v in batch.items()}  # 6 per rank <
 losses = ddp(part, 4.0, 0).losses
 sum(losses.values()).backward()
 torch.save({"state": d.state_dict(), "hkd": losses["hkd"].item()}, out)
+dist.barrier()  # both ranks done, and the reducer released before its group (see test_distill_zoo's DDP script)
+del ddp
 dist.destroy_process_group()
 """
 
