@@ -121,7 +121,8 @@ def _consume(config: dict) -> list[float]:
 
     torch.set_num_threads(config["threads"])
     meta = T.read_meta(config["data_dir"])
-    finish = BatchFinisher(meta, T.resolve_augment("auto", meta)) if config["augment_on"] == "worker" else None
+    stage = config["augment_on"]
+    finish = None if stage == "pipeline" else BatchFinisher(meta, T.resolve_augment("auto", meta), stage=stage)
     shard = ray.train.get_dataset_shard("train")
     out = []
     for e in range(config["epochs"]):
@@ -166,6 +167,9 @@ def steady(xs: list[float]) -> float:
 def run(args) -> dict:
     import ray
 
+    from kcd_ray.ray_layer import compat
+
+    compat.local_ray_env()  # as kcd_ray's own local Ray (trainer.init_ray)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     tmp = Path(tempfile.mkdtemp(prefix="kcd_ceiling_"))
@@ -195,7 +199,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the consuming process")
-    p.add_argument("--modes", nargs="+", default=["pipeline", "worker"], choices=["pipeline", "worker"])
+    p.add_argument("--modes", nargs="+", default=["pipeline", "worker"], choices=["pipeline", "worker", "split"])
     p.add_argument("--data-cpus", nargs="+", type=float, default=[0.25])
     print(json.dumps(run(p.parse_args(argv))))
 

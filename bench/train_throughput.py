@@ -9,7 +9,8 @@ DataLoader from the decoded arrays. Steady-state throughput: the first epoch of 
     .venv/bin/python bench/train_throughput.py --shuffle block_local   # the former rows-within-1024-blocks shuffle
 
 Both sides shuffle: the DataLoader fully (shuffle=True), kcd_ray per ``--shuffle`` (default ``auto`` = ``full``, a
-uniform permutation of the whole set per epoch, via a Ray Data sort; see kcd_ray/ray_layer/pipeline.py).
+uniform permutation of the whole set per epoch, from the split cached in the object store; see
+kcd_ray/ray_layer/pipeline.py).
 ``--path fit`` (default) measures the real training path (``kcd_ray.ray_layer.trainer.fit``: metrics, checkpoints,
 a MaskStore serving the epoch); ``--path pipeline`` a minimal Ray Train loop over ``kcd_ray.ray_layer.pipeline``
 (same data path, no kcd_ray loop), for when the training loop is being reworked.
@@ -97,6 +98,9 @@ def pipeline_path(cfg, data_dir: Path, epochs: int) -> list[float]:
     from kcd_ray.ray_layer.pipeline import train_dataset, train_ingest_options
 
     if not ray.is_initialized():
+        from kcd_ray.ray_layer import compat
+
+        compat.local_ray_env()  # as kcd_ray's own local Ray (trainer.init_ray)
         ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     store = f"bench_{os.getpid()}"
@@ -152,35 +156,51 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--shuffle", default="auto", help="data.shuffle of the kcd_ray side (auto = full)")
-    ap.add_argument("--augment-on", default="auto", choices=("auto", "worker", "pipeline"),
+    ap.add_argument("--augment-on", default="auto", choices=("auto", "worker", "split", "pipeline"),
                     help="data.augment_on of the kcd_ray side (where the crop/flip/normalisation runs)")
     ap.add_argument("--path", choices=("fit", "pipeline"), default="fit",
                     help="fit: kcd_ray's training entry point; pipeline: a minimal Ray Train loop over the pipeline")
     ap.add_argument("--skip-plain", action="store_true", help="only the kcd_ray side (reuse a plain rate measured before)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate plain and kcd_ray this many times (the host's speed drifts; each round's ratio "
+                         "compares neighbours)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kcd_bench_"))
-    # A fresh run name every time: re-using one would resume the finished run and report its old metrics.
-    cfg = load_config(base={
-        "model": args.model,
-        "data": {"name": "synthetic", "root": str(work / "data"), "shuffle": args.shuffle, "augment_on": args.augment_on,
-                 "synthetic": {"num_train": args.num_train, "num_test": 256, "num_classes": 100, "image_size": 32}},
-        "optim": {"epochs": args.epochs, "batch_size": args.batch_size, "threads": args.threads, "scheduler": "constant"},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1.0, "data_cpus": 0.25},
-        "run": {"storage_path": str(work / "runs"), "name": f"bench-{os.getpid()}", "verbose": 0, "num_cpus": os.cpu_count() or 2},
-    })
-    data_dir = prepare_dataset(cfg.data, verbose=False)
-    base = None if args.skip_plain else plain_pytorch(data_dir, args.model, args.batch_size, args.epochs, args.threads)
-    ours = kcd_ray_path(cfg, args.epochs) if args.path == "fit" else pipeline_path(cfg, data_dir, args.epochs)
-    o = statistics.median(ours[1:])
+
+    def config(r: int):
+        # A fresh run name every round: re-using one would resume the finished run and report its old metrics.
+        return load_config(base={
+            "model": args.model,
+            "data": {"name": "synthetic", "root": str(work / "data"), "shuffle": args.shuffle,
+                     "augment_on": args.augment_on,
+                     "synthetic": {"num_train": args.num_train, "num_test": 256, "num_classes": 100, "image_size": 32}},
+            "optim": {"epochs": args.epochs, "batch_size": args.batch_size, "threads": args.threads,
+                      "scheduler": "constant"},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1.0, "data_cpus": 0.25},
+            "run": {"storage_path": str(work / "runs"), "name": f"bench-{os.getpid()}-{r}", "verbose": 0,
+                    "num_cpus": os.cpu_count() or 2},
+        })
+
+    data_dir = prepare_dataset(config(0).data, verbose=False)
     print(f"model {args.model}, batch {args.batch_size}, {args.num_train} CIFAR-shaped images, {args.threads} torch threads")
-    print(f"kcd_ray (Ray Train + Ray Data, path {args.path}, shuffle {args.shuffle}, augment_on {args.augment_on}) "
-          f"img/s per epoch: {[round(r) for r in ours]}")
-    if base is None:
-        print(f"steady state: kcd_ray {o:.0f} img/s")
-        return
-    b = statistics.median(base[1:])
-    print(f"plain PyTorch (DataLoader, shuffle=True) img/s per epoch: {[round(r) for r in base]}")
-    print(f"steady state: plain {b:.0f} img/s, kcd_ray {o:.0f} img/s, ratio {o / b:.3f} (target >= 0.95)")
+    ratios = []
+    for r in range(args.rounds):
+        base = None if args.skip_plain else plain_pytorch(data_dir, args.model, args.batch_size, args.epochs, args.threads)
+        cfg = config(r)
+        ours = kcd_ray_path(cfg, args.epochs) if args.path == "fit" else pipeline_path(cfg, data_dir, args.epochs)
+        o = statistics.median(ours[1:])
+        print(f"kcd_ray (Ray Train + Ray Data, path {args.path}, shuffle {args.shuffle}, augment_on {args.augment_on}) "
+              f"img/s per epoch: {[round(x) for x in ours]}")
+        if base is None:
+            print(f"steady state: kcd_ray {o:.0f} img/s")
+            continue
+        b = statistics.median(base[1:])
+        ratios.append(o / b)
+        print(f"plain PyTorch (DataLoader, shuffle=True) img/s per epoch: {[round(x) for x in base]}")
+        print(f"round {r}: steady state: plain {b:.0f} img/s, kcd_ray {o:.0f} img/s, ratio {o / b:.3f} (target >= 0.95)",
+              flush=True)
+    if len(ratios) > 1:
+        print(f"ratio per round {[round(x, 3) for x in ratios]}, median {statistics.median(ratios):.3f} (target >= 0.95)")
 
 
 if __name__ == "__main__":

@@ -55,10 +55,11 @@ class DataConfig:
     download: bool = _f(False, help="CIFAR: let torchvision fetch the archive when the folder is missing")
     shuffle: str = _f("auto", choices=("auto", "full", "block_local", "block_local_files"), help="per-epoch row order: full (= auto) a uniform permutation of the kept set seeded by (seed, epoch); block_local: rows mixed only inside 1024-row blocks, file and block order reshuffled (block order up to 2 GiB); block_local_files: the same without block order")
     shuffle_buffer: int = _f(0, ge=0, help="rows of an extra consumer-side shuffle buffer per worker (costs trainer CPU)")
-    augment_on: str = _f("auto", choices=("auto", "worker", "pipeline"),
+    augment_on: str = _f("auto", choices=("auto", "worker", "split", "pipeline"),
                          help="where training augmentation runs: worker (uint8 rows cross Ray Data, crop/flip and "
-                              "normalisation on the worker's device), pipeline (in Ray Data's tasks, float rows), "
-                              "auto = worker on GPU workers, the measured faster one on CPU")
+                              "normalisation on the worker's device), split (the pixel-exact crop/flip in Ray Data's "
+                              "tasks, normalisation on the worker), pipeline (all in Ray Data's tasks, float rows); "
+                              "auto = worker on GPU workers, split on CPU workers (measured faster there)")
     synthetic: SyntheticConfig = _f(factory=SyntheticConfig)
 
 

@@ -88,3 +88,26 @@ def test_ray_version_matches_the_pin(raw):
     assert image.startswith("rayproject/ray:") and ray.__version__ in image
     pin = re.search(r'"ray\[[^\]]*\]>=([\d.]+),<([\d.]+)"', (ROOT / "pyproject.toml").read_text())
     assert pin and ray.__version__.startswith(pin.group(1).rsplit(".", 1)[0])
+
+
+def test_every_node_keeps_idle_task_workers_as_a_local_run_does(raw, monkeypatch):
+    """The raylet setting kcd_ray's local Ray gets (compat.keep_idle_workers) is on every `ray start` of the
+    cluster and in every KubeRay pod, with the same value; an explicit setting in the environment wins."""
+    from kcd_ray.ray_layer import compat
+
+    want = f"{compat.IDLE_WORKER_ENV}={compat.IDLE_WORKER_KEEP_MS} ray start"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in raw[key] if "ray start" in c]
+        assert starts and all(want in c for c in starts), (key, starts)
+    rayjob = [d for d in yaml.safe_load_all((ROOT / "experiments" / "kuberay" / "rayjob.yaml").read_text()) if d]
+    spec = next(d for d in rayjob if d.get("kind") == "RayJob")["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [w["template"]["spec"] for w in spec["workerGroupSpecs"]]
+    for c in (c for pod in pods for c in pod["containers"]):
+        assert {e["name"]: e["value"] for e in c.get("env", [])}.get(compat.IDLE_WORKER_ENV) == \
+            str(compat.IDLE_WORKER_KEEP_MS), c["name"]
+    env = {}
+    compat.keep_idle_workers(env)
+    assert env == {compat.IDLE_WORKER_ENV: str(compat.IDLE_WORKER_KEEP_MS)}
+    env = {compat.IDLE_WORKER_ENV: "5000"}
+    compat.local_ray_env(env)
+    assert env == {compat.IDLE_WORKER_ENV: "5000", compat.PREEMPTION_WATCHER_ENV: "0"}

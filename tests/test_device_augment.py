@@ -25,21 +25,64 @@ def draws(n: int, kind: str, seed: int = 1) -> np.ndarray:
     return T.sample_uniforms(np.arange(n) * 7 + 3, T.n_uniforms(kind), (seed, 4))
 
 
-def finish(x_uint8: np.ndarray, u, meta: dict, kind: str, backend: str = "torch", **kw) -> torch.Tensor:
+def finish(x_uint8: np.ndarray, u, meta: dict, kind: str, backend: str = "torch", stage: str = "worker",
+           **kw) -> torch.Tensor:
     """The worker's stage; by default the torch ops a GPU runs (``auto`` on a CPU tensor is the numpy path)."""
-    dk = device_kind(meta, kind)
+    dk = device_kind(meta, kind, stage)
     aug = torch.from_numpy(u) if T.n_uniforms(dk) else None
     return device_stage(torch.from_numpy(np.ascontiguousarray(x_uint8)), aug, meta, dk, backend=backend, **kw)
 
 
+@pytest.mark.parametrize("stage", ["worker", "split"])
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("kind", ["cifar", "imagenet", "none"])
-def test_raw_two_stages_equal_train_transform(kind, backend):
+def test_raw_two_stages_equal_train_transform(kind, backend, stage):
     x, u = images(48), draws(48, kind)
     want = T.train_transform(x, RAW, kind, uniforms=u if T.n_uniforms(kind) else None)
-    got = finish(host_stage(x, RAW, kind, u), u, RAW, kind, backend)
+    host = host_stage(x, RAW, kind, u, stage)
+    assert host.dtype == np.uint8 and host.shape == x.shape
+    got = finish(host, u, RAW, kind, backend, stage)
     assert got.shape == want.shape == (48, 3, S, S) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
+
+
+def test_split_stage_crops_in_ray_data_and_leaves_the_worker_the_normalisation():
+    """``augment_on=split``: cifar's pixel-exact crop/flip runs where the row is built, the worker only normalises
+    (no draws travel); the random-resized crop, not exact in uint8, stays on the worker."""
+    x, u = images(16, 4), draws(16, "cifar")
+    assert device_kind(RAW, "cifar", "split") == "none" and device_kind(RAW, "cifar", "worker") == "cifar"
+    assert device_kind(RAW, "imagenet", "split") == "imagenet"
+    np.testing.assert_array_equal(host_stage(x, RAW, "cifar", u, "split"), T.augment_uint8(x, "cifar", uniforms=u))
+    np.testing.assert_array_equal(host_stage(x, RAW, "cifar", u, "worker"), x)
+    with pytest.raises(ValueError, match="augment_on: 'pipeline'"):
+        device_kind(RAW, "cifar", "pipeline")
+
+
+def test_cifar_crop_is_torchvisions_padded_random_crop_and_flip():
+    """The reference: torchvision's ``RandomCrop(32, padding=4)`` (pad with zeros, crop at top/left drawn in
+    0..8) then ``RandomHorizontalFlip``, per image, at the offsets ``cifar_params`` draws; with read-only
+    (Arrow-like) and strided inputs."""
+    import torchvision.transforms.v2.functional as F
+
+    x = images(40, 6)
+    u = draws(40, "cifar")
+    dy, dx, flip = T.cifar_params(u)
+    assert set(dy) | set(dx) <= set(range(9)) and 0 < flip.sum() < 40
+    want = []
+    for img, top, left, f in zip(torch.from_numpy(x).permute(0, 3, 1, 2), dy, dx, flip):
+        out = F.crop(F.pad(img, [T.CIFAR_PAD]), int(top), int(left), S, S)
+        want.append((F.horizontal_flip(out) if f else out).permute(1, 2, 0).numpy())
+    ro = x.copy()
+    ro.flags.writeable = False
+    np.testing.assert_array_equal(T.augment_uint8(ro, "cifar", uniforms=u), np.stack(want))
+    strided = np.ascontiguousarray(x[:, :, ::-1])[:, :, ::-1]  # negative strides, the same pixels
+    np.testing.assert_array_equal(T.augment_uint8(strided, "cifar", uniforms=u), np.stack(want))
+    assert strided.strides[2] < 0
+    torch.testing.assert_close(T.to_float_nchw(ro, MEAN, STD), T.to_float_nchw(strided, MEAN, STD),
+                               rtol=0, atol=0)
+    ref = (torch.from_numpy(x).permute(0, 3, 1, 2).double() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1).double()) \
+        / torch.tensor(STD).view(1, 3, 1, 1).double()
+    torch.testing.assert_close(T.to_float_nchw(ro, MEAN, STD).double(), ref, rtol=0, atol=2e-6)
 
 
 def test_cifar_crop_is_pixel_exact():

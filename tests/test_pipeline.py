@@ -299,8 +299,8 @@ def test_train_and_eval_datasets_serve_every_row_once(ray_local, tmp_path):
 
 @pytest.mark.ray
 def test_worker_augmentation_serves_the_pipelines_images(ray_local, tmp_path, monkeypatch):
-    """``augment_on="worker"``: uint8 rows and their draws cross Ray Data, and the worker's finishing stage
-    gives the images the pipeline serves itself for the same (seed, epoch, id): on every back end (the sorted
+    """``augment_on="worker"``/``"split"``: uint8 rows (and their draws) cross Ray Data, and the worker's finishing
+    stage gives the images the pipeline serves itself for the same (seed, epoch, id): on every back end (the sorted
     one forced by a zero cache limit) and on encoded data, whose random-resized crop stays in Ray Data."""
     from kcd_ray.data.device_augment import BatchFinisher
     from kcd_ray.ray_layer import pipeline as P
@@ -311,19 +311,21 @@ def test_worker_augmentation_serves_the_pipelines_images(ray_local, tmp_path, mo
     name = f"test_worker_aug_{tmp_path.name}"
     get_mask_store(name, create=True)
     set_epoch(name, 2)
-    cases = [(d, "cifar", "full"), (d, "imagenet", "block_local_files"), (d, "cifar", "sorted"),
-             (d2, "imagenet", "full")]
-    for data_dir, kind, shuffle in cases:
+    cases = [(d, "cifar", "full", "worker"), (d, "imagenet", "block_local_files", "worker"),
+             (d, "cifar", "block_local_files", "split"), (d, "imagenet", "full", "split"),
+             (d, "cifar", "sorted", "split"), (d, "cifar", "sorted", "worker"), (d2, "imagenet", "full", "worker")]
+    for data_dir, kind, shuffle, stage in cases:
         if shuffle == "sorted":
             monkeypatch.setattr(P, "_cache_limit", lambda: 0)
         kw = dict(augment=kind, seed=1, mask_store_name=name, shuffle="full" if shuffle == "sorted" else shuffle)
         want = _epoch(P.train_dataset(data_dir, **kw), epoch=2)
-        ds = P.train_dataset(data_dir, augment_on="worker", **kw)
+        ds = P.train_dataset(data_dir, augment_on=stage, **kw)
         raw = next(iter(ds.iter_torch_batches(batch_size=4)))
         assert raw["image"].dtype == torch.uint8 and raw["image"].shape[1:] == (8, 8, 3)
-        k = 0 if data_dir == d2 else T.n_uniforms(kind)  # encoded: cropped in Ray Data, the worker normalises
+        # encoded, or cifar split: cropped in Ray Data, the worker only normalises (no draws travel)
+        k = 0 if data_dir == d2 or (stage, kind) == ("split", "cifar") else T.n_uniforms(kind)
         assert ("aug" in raw) == bool(k) and (not k or raw["aug"].shape == (4, k))
-        got = _epoch(ds, epoch=2, finish=BatchFinisher(T.read_meta(data_dir), kind))
+        got = _epoch(ds, epoch=2, finish=BatchFinisher(T.read_meta(data_dir), kind, stage=stage))
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_allclose(got[2], want[2], rtol=0, atol=1e-5, err_msg=f"{kind} {shuffle}")
     with pytest.raises(ValueError, match="data.augment_on"):

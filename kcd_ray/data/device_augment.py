@@ -14,6 +14,10 @@ vectorised over the batch:
   image brought to S x S) stays in Ray Data, one image at a time (:func:`host_stage`: no batched op
   takes images of different sizes), and the worker only normalises the uint8 S x S result.
 
+With ``data.augment_on: split`` (CPU workers' default) the pixel-exact part on raw data (``cifar``'s crop/flip)
+also runs in Ray Data's ``host_stage`` and the worker only normalises: on a CPU the consumer is the training
+process itself, so it gets the least work.
+
 ``host_stage`` followed by ``device_stage`` computes what :func:`kcd_ray.data.transforms.train_transform`
 computes, up to floating-point rounding of the normalisation (``tests/test_device_augment.py``; the GPU check
 script compares CUDA against CPU).
@@ -29,19 +33,31 @@ import torch
 from kcd_ray.data import transforms as T
 
 
-def device_kind(meta: dict, kind: str) -> str:
+STAGES = ("worker", "split")  # data.augment_on values that serve uint8 rows (see the module docstring)
+
+
+def device_kind(meta: dict, kind: str, stage: str = "worker") -> str:
     """The part of augmentation ``kind`` the worker runs on this data: all of it on raw data, only the
-    normalisation (``none``) on encoded data."""
+    normalisation (``none``) on encoded data, and with ``stage="split"`` only the normalisation wherever the rest
+    is pixel-exact on uint8 (``cifar``'s crop/flip: it then runs in Ray Data's tasks)."""
     T._check_kind(kind)
-    return "none" if meta.get("encoding") == "encoded" else kind
+    if stage not in STAGES:
+        raise ValueError(f"data.augment_on: {stage!r} does not serve uint8 rows; expected one of {STAGES}")
+    if meta.get("encoding") == "encoded" or (stage == "split" and kind in ("cifar", "none")):
+        return "none"
+    return kind
 
 
-def host_stage(x, meta: dict, kind: str, uniforms) -> np.ndarray:
+def host_stage(x, meta: dict, kind: str, uniforms, stage: str = "worker") -> np.ndarray:
     """What Ray Data does to a batch before the worker's :func:`device_stage`: decoded uint8 [B, H, W, C];
-    encoded data also augmented (random-resized crop of each whole image, flip) with ``uniforms``."""
+    encoded data also augmented (random-resized crop of each whole image, flip) with ``uniforms``; with
+    ``stage="split"`` raw data also cropped and flipped (``cifar``: the same integer offsets, pixel-exact)."""
     if meta.get("encoding") == "encoded":
         return T.train_uint8_encoded(x, meta, kind, uniforms)
-    return T.decode_images(x, meta) if not isinstance(x, (np.ndarray, torch.Tensor)) else np.asarray(x)
+    x = T.decode_images(x, meta) if not isinstance(x, (np.ndarray, torch.Tensor)) else np.asarray(x)
+    if device_kind(meta, kind, stage) == kind:
+        return x
+    return T.augment_uint8(x, kind, uniforms=uniforms)
 
 
 def _cifar(x: torch.Tensor, u: torch.Tensor, pad: int = T.CIFAR_PAD) -> torch.Tensor:
@@ -129,8 +145,8 @@ class BatchFinisher:
     the same batch with the normalised float ``image`` on the batch's device (Ray's ``iter_torch_batches``
     already moved it there, from pinned memory on a GPU, in its prefetch thread)."""
 
-    def __init__(self, meta: dict, kind: str, *, channels_last: bool = False):
-        self.meta, self.kind, self.channels_last = meta, device_kind(meta, kind), channels_last
+    def __init__(self, meta: dict, kind: str, *, channels_last: bool = False, stage: str = "worker"):
+        self.meta, self.kind, self.channels_last = meta, device_kind(meta, kind, stage), channels_last
 
     def __call__(self, batch: dict) -> dict:
         out = dict(batch)

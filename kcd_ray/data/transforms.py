@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -286,11 +287,24 @@ def _as_uint8_nhwc(x) -> np.ndarray:
     return a
 
 
+def _torch_view(a: np.ndarray) -> torch.Tensor:
+    """A tensor over ``a``'s memory for reading (torch takes no negative strides; it warns once about read-only
+    arrays, such as zero-copy views of Arrow buffers, which are only read here)."""
+    if any(st < 0 for st in a.strides):
+        a = np.ascontiguousarray(a)
+    if a.flags.writeable:
+        return torch.from_numpy(a)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
 def to_float_nchw(x, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> torch.Tensor:
     """uint8 [B, H, W, C] -> float32 [B, C, H, W]: x/255, or ((x/255) - mean) / std in the same pass.
 
-    One fused numpy multiply-add into the NCHW buffer (several times faster than the
-    equivalent chain of torch ops on a busy CPU).
+    torch's cast-and-transpose copy into the NCHW buffer, then the scale and bias in place: the same float32
+    operations as a numpy multiply-add (equal bits), measured 2.5-2.7 against 3.3-3.5 us per CIFAR image on 1 core
+    at B=64 (a chain that allocates per op, ``x.permute().float().sub().div()``, took 7.7).
     """
     a = _as_uint8_nhwc(x)
     b, h, w, c = a.shape
@@ -299,10 +313,9 @@ def to_float_nchw(x, mean: Optional[Sequence[float]] = None, std: Optional[Seque
     else:
         m, sd = _mean_std(mean, std, c)
         scale, bias = (1.0 / (255.0 * sd)).astype(np.float32), (-m / sd).astype(np.float32)
-    out = np.empty((b, c, h, w), np.float32)
-    np.multiply(a.transpose(0, 3, 1, 2), scale.reshape(1, c, 1, 1), out=out)
-    out += bias.reshape(1, c, 1, 1)
-    return torch.from_numpy(out)
+    out = torch.empty((b, c, h, w), dtype=torch.float32)
+    out.copy_(_torch_view(a).permute(0, 3, 1, 2))  # the NHWC -> NCHW transpose and the uint8 -> float cast
+    return out.mul_(torch.from_numpy(scale).view(1, c, 1, 1)).add_(torch.from_numpy(bias).view(1, c, 1, 1))
 
 
 def augment_uint8(x, kind: str, generator: Optional[torch.Generator] = None, *, uniforms=None) -> np.ndarray:
@@ -341,18 +354,22 @@ def cifar_params(u, pad: int = CIFAR_PAD) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _cifar(x: np.ndarray, u, pad: int = CIFAR_PAD) -> np.ndarray:
+    """torchvision's ``RandomCrop(size, padding=pad)`` + ``RandomHorizontalFlip`` with the offsets of
+    :func:`cifar_params`: one fancy-indexed gather of each sample's window out of a sliding-window view of the
+    zero-padded batch (pixels viewed as opaque C-byte items, so a window row is one contiguous copy), then the
+    flipped samples' columns reversed. Measured on 1 core (CIFAR, B=64 / 4,096): 6.5 / 3.6-4.7 us per image
+    against 9-10 / 10-23 for a gather by per-pixel flat index (its int64 index is 8x the batch's bytes)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
     b, h, w, c = x.shape
-    hp, wp = h + 2 * pad, w + 2 * pad
-    xp = np.zeros((b, hp, wp, c), np.uint8)
+    xp = np.zeros((b, h + 2 * pad, w + 2 * pad, c), np.uint8)
     xp[:, pad:pad + h, pad:pad + w] = x
     dy, dx, flip = cifar_params(u, pad)
-    rows = dy[:, None] + np.arange(h)[None, :]  # [B, H]
-    ar = np.arange(w)[None, :]
-    cols = dx[:, None] + np.where(flip[:, None], (w - 1) - ar, ar)  # flip = reversed column order
-    flat = (np.arange(b)[:, None, None] * hp + rows[:, :, None]) * wp + cols[:, None, :]
-    # one gather of whole pixels: view each pixel's C bytes as a single opaque item
-    pixels = xp.view(np.dtype((np.void, c))).reshape(-1)
-    return np.take(pixels, flat.reshape(-1)).view(np.uint8).reshape(b, h, w, c)
+    pixels = xp.view(np.dtype((np.void, c)))[..., 0]  # [B, Hp, Wp] of C-byte pixels
+    out = sliding_window_view(pixels, (h, w), axis=(1, 2))[np.arange(b), dy, dx]  # [B, H, W], a copy
+    if flip.any():
+        out[flip] = out[flip][:, :, ::-1]
+    return out.view(np.uint8).reshape(b, h, w, c)
 
 
 def rrc_boxes(u: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:

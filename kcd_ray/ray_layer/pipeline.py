@@ -1,10 +1,11 @@
 """Ray Data pipelines over a prepared data set: the condensed, augmented train set and eval sets.
 
 Batches, as ``iter_torch_batches`` hands them to Train workers (``augment_on``, config ``data.augment_on``):
-``"worker"`` (runs' default): ``{"sample_id": int64[B], "label": int64[B], "image": uint8[B, H, W, C],
+``"worker"`` (GPU runs' default): ``{"sample_id": int64[B], "label": int64[B], "image": uint8[B, H, W, C],
 "aug": float64[B, k]}`` (each row's augmentation draws; encoded data arrives already cropped, without ``aug``),
 finished on the worker's device by ``iter_train_batches(finish=BatchFinisher(...))``
-(``kcd_ray.data.device_augment``); ``"pipeline"``: ``"image": float32[B, C, H, W]`` augmented and normalised
+(``kcd_ray.data.device_augment``); ``"split"`` (CPU runs' default): the same with cifar's crop/flip already
+applied in the map tasks (no ``aug``), the worker only normalises; ``"pipeline"``: ``"image": float32[B, C, H, W]`` augmented and normalised
 with meta's mean/std in the map tasks. Extra Parquet columns (``is_duplicate`` ...) are never read.
 
 Train plan (built once, re-executed by Ray Data every epoch), default ``shuffle="full"``, splits up to
@@ -112,8 +113,8 @@ warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resource
 
 COLUMNS = ["sample_id", "label", "image"]
 SHUFFLES = ("auto", "full", "block_local", "block_local_files")
-AUGMENT_ON = ("pipeline", "worker")  # resolved values of data.augment_on (augment_stage)
-CPU_AUGMENT_ON = "worker"  # data.augment_on=auto on CPU workers too: see augment_stage
+AUGMENT_ON = ("pipeline", "worker", "split")  # resolved values of data.augment_on (augment_stage)
+CPU_AUGMENT_ON = "split"  # data.augment_on=auto on CPU workers: see augment_stage
 _RENAMED = {"files": "block_local_files", "blocks": "block_local"}
 BLOCK_SHUFFLE_MAX_BYTES = 2 * 2**30
 READ_BLOCK_BYTES = 16 * 2**20  # smaller read blocks: more map tasks in flight, finer shuffle
@@ -137,11 +138,11 @@ def _split_bytes(split_dir: Path) -> int:
 
 
 def _map_batch_rows(meta: dict) -> int:
-    """Rows per map task: ~16 MiB of output (float32 rows; uint8 rows for ``augment_on="worker"``, up to 4096).
+    """Rows per map task: ~16 MiB of output (float32 rows; uint8 rows for ``augment_on="worker"/"split"``, up to 4096).
     Each task costs ~35 ms of Ray overhead on 2 cores whatever its size (bench/data_ceiling.py: uint8 CIFAR rows
     at 1024/2048/4096 per task: 25k/28k/43k img/s), so fewer, larger tasks where the output stays small."""
     h, w, c = T.image_shape(meta)
-    if meta.get("_augment_on") == "worker":
+    if meta.get("_augment_on") in ("worker", "split"):
         return int(max(16, min(4096, 2**24 // (h * w * c))))
     return int(max(16, min(1024, 2**24 // (h * w * c * 4))))
 
@@ -243,15 +244,17 @@ def _draws(ids: np.ndarray, kind: str, seed: Optional[int], epoch: int, tcache: 
 def _augmented(ids: np.ndarray, x, meta: dict, kind: str, seed: Optional[int], epoch: int,
                tcache: Optional[dict] = None) -> dict:
     """The image columns of a train map. ``augment_on="pipeline"``: augmented, normalised float32 NCHW.
-    ``"worker"`` (``meta["_augment_on"]``): uint8 NHWC (encoded data already cropped) and the draws ``aug``
+    ``"worker"``/``"split"`` (``meta["_augment_on"]``): uint8 NHWC (encoded data, and cifar with ``split``, already
+    cropped) and, where the worker still crops, the draws ``aug``
     the Train worker's :class:`kcd_ray.data.device_augment.BatchFinisher` needs: 4x fewer bytes cross Ray Data."""
     u = _draws(ids, kind, seed, epoch, tcache)
-    if meta.get("_augment_on") != "worker":
+    stage = meta.get("_augment_on", "pipeline")
+    if stage == "pipeline":
         return {"image": T.train_transform(x, meta, kind, uniforms=u).numpy()}
     from kcd_ray.data.device_augment import device_kind, host_stage
 
-    out = {"image": host_stage(x, meta, kind, u)}
-    if T.n_uniforms(device_kind(meta, kind)):
+    out = {"image": host_stage(x, meta, kind, u, stage)}
+    if T.n_uniforms(device_kind(meta, kind, stage)):
         out["aug"] = u
     return out
 
@@ -610,7 +613,8 @@ def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, m
     docstring). ``seed``: int for reproducible order and augmentation, None for OS entropy.
     ``teacher_cache``: a ``CacheSpec.to_dict()``: every row also carries the teacher's cached outputs for its
     (epoch, id) (``t_logits``, ``t_feat``, ``t_missing``), joined in the same map that applies the mask.
-    ``augment_on``: ``"pipeline"`` serves normalised float32 NCHW images; ``"worker"`` uint8 NHWC images and
+    ``augment_on``: ``"pipeline"`` serves normalised float32 NCHW images; ``"worker"`` (``"split"``: the crop/flip
+    already applied where pixel-exact) uint8 NHWC images and
     their draws ``aug``, which :func:`iter_train_batches` (``finish=BatchFinisher(...)``) turns into the same
     float images on the worker's device (``kcd_ray.data.device_augment``).
     ``passes``: int[K], the pass (1..G) of each label: every epoch then serves the kept rows of pass 1 in their
@@ -624,8 +628,8 @@ def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, m
     if augment_on not in AUGMENT_ON:
         raise ValueError(f"data.augment_on: {augment_on!r} is not one of: {', '.join(AUGMENT_ON)}")
     meta = T.read_meta(data_dir)
-    if augment_on == "worker":
-        meta = {**meta, "_augment_on": "worker"}  # read by _augmented in the map tasks
+    if augment_on != "pipeline":
+        meta = {**meta, "_augment_on": augment_on}  # read by _augmented in the map tasks
     if teacher_cache is not None and seed is None:
         raise ValueError("optim.seed: a teacher-output cache needs an integer seed (augmentation must be reproducible)")
     kind = T.resolve_augment(augment, meta)
@@ -767,13 +771,19 @@ def split_passes(batches, passes):
 
 
 def augment_stage(cfg, gpu: bool) -> str:
-    """Where a run's training augmentation runs (``data.augment_on``): ``auto`` = on the worker, GPU or CPU.
+    """Where a run's training augmentation runs (``data.augment_on``); ``auto``: ``worker`` on GPU workers,
+    ``split`` on CPU workers.
 
-    On a GPU the uint8 batch is augmented on the device. On CPU workers it is the measured faster choice too
-    (bench/data_ceiling.py, 2 cores, 8,192 CIFAR rows, no model: 42k img/s with uint8 rows finished on the
-    worker against 14k with float rows augmented in Ray Data's tasks): 4x fewer bytes per row cross the object
-    store and a map task can carry 4x the rows (each task costs ~35 ms of Ray overhead here), while the
-    finishing stage costs the worker ~5 us per image, the same numpy code the tasks would run."""
+    ``worker``: uint8 rows and their draws cross Ray Data; crop, flip and normalisation run on the worker's
+    device (on a GPU, vectorised over the batch after a pinned copy). ``split``: the pixel-exact part (cifar's
+    crop/flip on uint8) runs in Ray Data's map tasks, the worker only normalises (random-resized crops stay on
+    the worker). ``pipeline``: float rows, everything in Ray Data's tasks.
+
+    Measured on 2 CPU cores, no model (bench/data_ceiling.py, BENCHMARKS.md), 50k CIFAR rows: split 43k, worker
+    31k img/s (the in-process DataLoader 77k); float rows (``pipeline``) 14k at 8k rows. On a CPU the consumer is
+    the training process itself, so every microsecond of finishing moved to the map tasks is one the step gets
+    back; on this machine two processes doing numpy work on the two cores slow each other ~1.7x (memory-bound),
+    so the split that leaves the consumer the least work wins."""
     choice = cfg.data.augment_on
     if choice == "auto":
         return "worker" if gpu else CPU_AUGMENT_ON

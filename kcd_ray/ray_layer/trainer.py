@@ -43,6 +43,7 @@ def init_ray(cfg: Config) -> None:
     if address:
         ctx = ray.init(address=address, log_to_driver=True)
     else:
+        compat.local_ray_env()  # before the raylet starts: it and Ray Train read these from this environment
         # "local" never attaches to a stray cluster someone else left running (RAY.md).
         ctx = ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False,
                        log_to_driver=True, configure_logging=True, logging_level="WARNING")

@@ -190,10 +190,10 @@ def elastic_batch(cfg, world: int):
 
 def _finisher(cfg, ctx: RunContext, device: torch.device, augment_on: str) -> Optional[BatchFinisher]:
     """The last input stage on this worker's device when Ray Data serves uint8 rows (``data.augment_on``)."""
-    if augment_on != "worker":
+    if augment_on == "pipeline":
         return None
     meta = T.read_meta(ctx.data_dir)
-    return BatchFinisher(meta, T.resolve_augment(cfg.data.augment, meta),
+    return BatchFinisher(meta, T.resolve_augment(cfg.data.augment, meta), stage=augment_on,
                          channels_last=cfg.optim.channels_last and device.type == "cuda")
 
 
