@@ -10,7 +10,8 @@ process and with one worker process, all in one run on the same data:
 
 Arms: ``loader0`` / ``loader1`` (DataLoader, 0 / 1 worker processes), ``pipeline`` (augmentation in Ray Data's
 tasks, float32 rows: ``data.augment_on=pipeline``), ``worker`` (uint8 rows + draws, crop/flip/normalise on the
-Train worker: ``data.augment_on=worker``). Each arm runs ``--epochs`` epochs; the figure is the median img/s
+Train worker: ``data.augment_on=worker``), ``split`` (cifar's crop/flip in Ray Data's tasks on uint8 rows, the
+worker normalises: ``data.augment_on=split``, the CPU default; with ``--modes``). Each arm runs ``--epochs`` epochs; the figure is the median img/s
 of the epochs after the first (warm-up), and the ratio is against ``loader0`` of the same data.
 """
 
@@ -199,7 +200,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the consuming process")
-    p.add_argument("--modes", nargs="+", default=["pipeline", "worker"], choices=["pipeline", "worker", "split"])
+    p.add_argument("--modes", nargs="+", default=["pipeline", "worker", "split"],
+                   choices=["pipeline", "worker", "split"])
     p.add_argument("--data-cpus", nargs="+", type=float, default=[0.25])
     print(json.dumps(run(p.parse_args(argv))))
 
