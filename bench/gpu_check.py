@@ -13,7 +13,8 @@ cache with the Ray Data actor pass on the GPU, checks a sample of it against the
 step's img/s with the cached logits against the teacher in the loop (the ratio ``bench/teacher_cache.py
 throughput`` measures on CPU). Then KD and KD+KCD through ``fit()`` on one Ray Train GPU worker (NCCL process
 group, AMP, the Ray Data pipeline) with KCD's offline E-step on a GPU actor, against the plain loop; KD also with
-channels-last, with the augmentation in Ray Data instead of on the GPU (``data.augment_on``), and on every GPU
+channels-last, with the augmentation (or only its crop/flip) in Ray Data instead of on the GPU (``data.augment_on``
+pipeline / split), and on every GPU
 when there are several. Before that (issue 16), the input stage on the GPU against the CPU path.
 """
 
@@ -219,6 +220,7 @@ def ray_train_check(work: Path, batch_size: int, samples: int, epochs: int, step
                                            "stages": 2}
     variants = [("KD", kd, {}), ("KD, channels-last", kd, {"optim.channels_last": True}),
                 ("KD, augmentation in Ray Data (float rows)", kd, {"data.augment_on": "pipeline"}),
+                ("KD, crop/flip in Ray Data, normalised on the GPU", kd, {"data.augment_on": "split"}),
                 ("KD+KCD (offline E-step on a GPU actor)", kcd_offline, {})]
     if gpus > 1:
         variants.append((f"KD, {gpus} GPU workers (NCCL)", kd, {"scaling.num_workers": gpus}))
