@@ -5,8 +5,8 @@ Batches, as ``iter_torch_batches`` hands them to Train workers (``augment_on``, 
 "aug": float64[B, k]}`` (each row's augmentation draws; encoded data arrives already cropped, without ``aug``),
 finished on the worker's device by ``iter_train_batches(finish=BatchFinisher(...))``
 (``kcd_ray.data.device_augment``); ``"split"`` (CPU runs' default): the same with cifar's crop/flip already
-applied in the map tasks (no ``aug``), the worker only normalises; ``"pipeline"``: ``"image": float32[B, C, H, W]`` augmented and normalised
-with meta's mean/std in the map tasks. Extra Parquet columns (``is_duplicate`` ...) are never read.
+applied in the map tasks (no ``aug``), the worker only normalises; ``"pipeline"``: ``"image": float32[B, C, H, W]``
+augmented and normalised with meta's mean/std in the map tasks. Extra Parquet columns (``is_duplicate`` ...) are never read.
 
 Train plan (built once, re-executed by Ray Data every epoch), default ``shuffle="full"``, splits up to
 ``FULL_CACHE_MAX_BYTES`` (2 GiB; at most a quarter of the object store)::
@@ -142,7 +142,9 @@ def _map_batch_rows(meta: dict) -> int:
     Each task costs ~35 ms of Ray overhead on 2 cores whatever its size (bench/data_ceiling.py: uint8 CIFAR rows
     at 1024/2048/4096 per task: 25k/28k/43k img/s), so fewer, larger tasks where the output stays small."""
     h, w, c = T.image_shape(meta)
-    if meta.get("_augment_on") in ("worker", "split"):
+    from kcd_ray.data.device_augment import STAGES  # the augment_on values that serve uint8 rows
+
+    if meta.get("_augment_on") in STAGES:
         return int(max(16, min(4096, 2**24 // (h * w * c))))
     return int(max(16, min(1024, 2**24 // (h * w * c * 4))))
 
