@@ -11,8 +11,12 @@ process and with one worker process, all in one run on the same data:
 Arms: ``loader0`` / ``loader1`` (DataLoader, 0 / 1 worker processes), ``pipeline`` (augmentation in Ray Data's
 tasks, float32 rows: ``data.augment_on=pipeline``), ``worker`` (uint8 rows + draws, crop/flip/normalise on the
 Train worker: ``data.augment_on=worker``), ``split`` (cifar's crop/flip in Ray Data's tasks on uint8 rows, the
-worker normalises: ``data.augment_on=split``, the CPU default; with ``--modes``). Each arm runs ``--epochs`` epochs; the figure is the median img/s
-of the epochs after the first (warm-up), and the ratio is against ``loader0`` of the same data.
+worker normalises: ``data.augment_on=split``, the CPU default; with ``--modes``). Each arm runs ``--epochs`` epochs;
+the figure is the median img/s of the epochs after the first (warm-up), and the ratio is against ``loader0`` of the
+same data. ``paired``: the Train worker also runs one ``loader0`` epoch right before each of its pipeline epochs, in
+its own process, and the median of those per-epoch ratios is printed too (this host's speed drifts by tens of
+percent within a minute, so the adjacent pair is the steadier comparison). ``KCD_RAY_DATA_PATCHES=0`` in the
+environment measures without kcd_ray's Ray Data patches (``kcd_ray.ray_layer.compat.quick_data_executions``).
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ def load_rows(data_dir: Path):
     return meta, np.asarray(ids, np.int64), np.asarray(labels, np.int64), images
 
 
-def loader_arm(data_dir: Path, batch: int, epochs: int, workers: int, threads: int) -> list[float]:
+def loader_epochs(data_dir: Path, batch: int, workers: int, threads: int):
+    """A function epoch -> img/s of one epoch of the in-process (``workers=0``) or one-worker DataLoader."""
     torch.set_num_threads(threads)
     meta, ids, labels, images = load_rows(data_dir)
     kind = T.resolve_augment("auto", meta)
@@ -100,16 +105,22 @@ def loader_arm(data_dir: Path, batch: int, epochs: int, workers: int, threads: i
 
     collate = Collate()
     sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(range(len(ids))), batch, False)
-    out = []
-    for e in range(epochs):
+
+    def epoch(e: int) -> float:
         collate.epoch = e
         loader = torch.utils.data.DataLoader(range(len(ids)), batch_sampler=sampler, collate_fn=collate,
                                              num_workers=workers, persistent_workers=False)
         t0, n = time.perf_counter(), 0
         for x, y in loader:
             n += len(y)
-        out.append(n / (time.perf_counter() - t0))
-    return out
+        return n / (time.perf_counter() - t0)
+
+    return epoch
+
+
+def loader_arm(data_dir: Path, batch: int, epochs: int, workers: int, threads: int) -> list[float]:
+    epoch = loader_epochs(data_dir, batch, workers, threads)
+    return [epoch(e) for e in range(epochs)]
 
 
 def _consume(config: dict) -> list[float]:
@@ -125,19 +136,23 @@ def _consume(config: dict) -> list[float]:
     stage = config["augment_on"]
     finish = None if stage == "pipeline" else BatchFinisher(meta, T.resolve_augment("auto", meta), stage=stage)
     shard = ray.train.get_dataset_shard("train")
-    out = []
+    # Paired: an in-process DataLoader epoch right before each pipeline epoch, in this same process, so each ratio
+    # compares the two under the same load (this host's speed drifts by tens of percent within a minute).
+    loader = loader_epochs(Path(config["data_dir"]), config["batch"], 0, config["threads"])
+    out, paired = [], []
     for e in range(config["epochs"]):
+        paired.append(loader(e))
         set_epoch(config["store"], e)
         t0, n = time.perf_counter(), 0
         for b in iter_train_batches(shard, config["batch"], epoch=e, seed=SEED, finish=finish):
             assert b["image"].dtype == torch.float32
             n += len(b["label"])
         out.append(n / (time.perf_counter() - t0))
-    return out
+    return {"img_s": out, "loader0_img_s": paired}
 
 
 def ray_arm(data_dir: Path, batch: int, epochs: int, augment_on: str, data_cpus: float, threads: int,
-            storage: Path) -> list[float]:
+            storage: Path) -> dict:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -156,9 +171,7 @@ def ray_arm(data_dir: Path, batch: int, epochs: int, augment_on: str, data_cpus:
         datasets={"train": ds}, dataset_config=ray.train.DataConfig(datasets_to_split=[],
                                                                     execution_options=train_ingest_options()),
         run_config=ray.train.RunConfig(name=f"ceiling_{store}", storage_path=str(storage)))
-    return list(trainer.fit().return_value)
-
-
+    return dict(trainer.fit().return_value)
 
 
 def steady(xs: list[float]) -> float:
@@ -171,7 +184,8 @@ def run(args) -> dict:
     from kcd_ray.ray_layer import compat
 
     compat.local_ray_env()  # as kcd_ray's own local Ray (trainer.init_ray)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 runtime_env=compat.job_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     tmp = Path(tempfile.mkdtemp(prefix="kcd_ceiling_"))
     res = {"bench": "data_ceiling", "batch": args.batch, "epochs": args.epochs}
@@ -184,11 +198,17 @@ def run(args) -> dict:
                 key = mode if len(args.data_cpus) == 1 else f"{mode}@{cpus}"
                 arms[key] = ray_arm(data_dir, args.batch, args.epochs, mode, cpus, args.threads, tmp / "runs")
         base = steady(arms["loader0"])
-        res[name] = {k: {"img_s": round(steady(v), 1), "first_epoch": round(v[0], 1),
-                         "ratio_vs_loader0": round(steady(v) / base, 3)} for k, v in arms.items()}
-        for k, v in res[name].items():
-            print(f"{name:8s} {k:16s} {v['img_s']:10.1f} img/s  first epoch {v['first_epoch']:9.1f}  "
-                  f"x{v['ratio_vs_loader0']:.3f} of loader0", flush=True)
+        res[name] = {}
+        for k, v in arms.items():
+            rates = v["img_s"] if isinstance(v, dict) else v
+            row = {"img_s": round(steady(rates), 1), "first_epoch": round(rates[0], 1),
+                   "ratio_vs_loader0": round(steady(rates) / base, 3)}
+            if isinstance(v, dict):  # the ratio to the loader epoch run just before, in the Train worker
+                row["paired_ratio"] = round(steady([a / b for a, b in zip(rates, v["loader0_img_s"])]), 3)
+            res[name][k] = row
+            paired = f"  paired x{row['paired_ratio']:.3f}" if "paired_ratio" in row else ""
+            print(f"{name:8s} {k:16s} {row['img_s']:10.1f} img/s  first epoch {row['first_epoch']:9.1f}  "
+                  f"x{row['ratio_vs_loader0']:.3f} of loader0{paired}", flush=True)
     return res
 
 

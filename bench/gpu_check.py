@@ -122,6 +122,7 @@ def cache_check(work: Path, steps: int, batch_size: int) -> None:
     from kcd_ray.data import prepare_dataset
     from kcd_ray.models import load_model
     from kcd_ray.models import build_model, save_model
+    from kcd_ray.ray_layer import compat
     from kcd_ray.ray_layer.teacher_cache import ensure_teacher_cache
 
     if not (work / "teacher.pt").exists():
@@ -132,7 +133,8 @@ def cache_check(work: Path, steps: int, batch_size: int) -> None:
         "optim": {"epochs": 2, "batch_size": batch_size}, "run": {"verbose": 0}, "kcd": {"enabled": False},
         "distill": {"teacher": str(work / "teacher.pt"), "cache": "exact"}, "scaling": {"use_gpu": "true"}})
     data_dir = prepare_dataset(cfg.data, verbose=False)
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    compat.local_ray_env()  # as kcd_ray's own local Ray (trainer.init_ray)
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING", runtime_env=compat.job_runtime_env())
     t0 = time.perf_counter()
     spec = ensure_teacher_cache(cfg, data_dir, verbose=False)
     built = time.perf_counter() - t0
@@ -203,6 +205,7 @@ def ray_train_check(work: Path, batch_size: int, samples: int, epochs: int, step
 
     from kcd_ray.config import load_config
     from kcd_ray.models import build_model, save_model
+    from kcd_ray.ray_layer import compat
     from kcd_ray.ray_layer.trainer import fit
 
     if not (work / "teacher.pt").exists():
@@ -213,7 +216,9 @@ def ray_train_check(work: Path, batch_size: int, samples: int, epochs: int, step
             "scaling": {"num_workers": 1, "use_gpu": "true", "cpus_per_worker": 2, "data_cpus": 1},
             "distill": {"teacher": str(work / "teacher.pt")}, "run": {"verbose": 0, "storage_path": str(work / "runs")}}
     if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        compat.local_ray_env()
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING",
+                 runtime_env=compat.job_runtime_env())
     plain = plain_rate(True, steps, batch_size)
     gpus = torch.cuda.device_count()
     kd, kcd_offline = {"enabled": False}, {"enabled": True, "estep": "offline", "value_fn": "kd", "interval": 1,

@@ -65,6 +65,7 @@ def online(work: Path, args) -> None:
 def offline(work: Path, args) -> None:
     import ray
 
+    from kcd_ray.ray_layer import compat
     from kcd_ray.ray_layer.scoring import offline_scores
     from kcd_ray.condense.values import VALUE_FNS, make_context
 
@@ -85,7 +86,9 @@ def offline(work: Path, args) -> None:
             n += len(d["label"])
     base = n / (time.perf_counter() - t0)
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        compat.local_ray_env()  # as kcd_ray's own local Ray (trainer.init_ray)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 runtime_env=compat.job_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     rates = []
     for _ in range(args.repeats):

@@ -101,7 +101,8 @@ def pipeline_path(cfg, data_dir: Path, epochs: int) -> list[float]:
         from kcd_ray.ray_layer import compat
 
         compat.local_ray_env()  # as kcd_ray's own local Ray (trainer.init_ray)
-        ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False, logging_level="WARNING",
+                 runtime_env=compat.job_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     store = f"bench_{os.getpid()}"
     get_mask_store(store, create=True)

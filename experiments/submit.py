@@ -48,7 +48,9 @@ def _attach(address: str | None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or "auto"
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # Attach only: "auto" fails when no cluster runs instead of silently starting a local Ray.
-    ray.init(address=address, log_to_driver=True)
+    from kcd_ray.ray_layer import compat
+
+    ray.init(address=address, log_to_driver=True, runtime_env=compat.job_runtime_env())
     res = ray.cluster_resources()
     print(f"[submit] attached to {address}: {len([n for n in ray.nodes() if n['Alive']])} nodes, "
           f"{res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs", flush=True)

@@ -23,10 +23,13 @@ def ray_session():
     """One real local Ray for the whole session (about 3 s to start); modules share it."""
     import ray
 
+    from kcd_ray.ray_layer import compat
+
     if not ray.is_initialized():
         os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+        # kcd_ray's job runtime env (trainer.init_ray's): every worker process applies the Ray Data patches
         ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False,
-                 logging_level="WARNING")
+                 logging_level="WARNING", runtime_env=compat.job_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
 
