@@ -16,6 +16,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # again: measured on 2 cores, a second 2-worker fit took 20 s, 13 s with up to 8 idle workers kept for reuse (as a
 # long-lived cluster reuses them). Only the local test clusters' process pool changes, not what a run does.
 os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+# Of kcd_ray's Ray Data patches (ray_layer/compat.py), the tests' local clusters take only the map-function reuse: the
+# budget patch starts an execution's tasks together, and short-lived clusters of tiny runs then pay for more worker
+# processes (measured: two ED/Tune tests 31 and 24 s with it, 25 and 21 s without). tests/test_ray_compat.py checks
+# the budget patch itself; bench/data_ceiling.py measures both.
+os.environ.setdefault("KCD_RAY_DATA_PATCHES", "reuse")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ serves every execution of a plan). Their effect on speed is measured by bench/da
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import pytest
@@ -25,7 +26,9 @@ def test_every_worker_process_of_a_kcd_ray_job_applies_the_data_patches(ray_sess
         return (getattr(DefaultAutoscalingCoordinator.get_reserved_resources, "_kcd_patched", False),
                 getattr(task_pool_map_operator.cached_remote_fn, "_kcd_patched", False))
 
-    assert ray.get([patched.remote() for _ in range(3)]) == [(True, True)] * 3
+    # the session's clusters take only the map-function reuse (conftest: KCD_RAY_DATA_PATCHES=reuse)
+    budget = os.environ.get(compat.DATA_PATCHES_ENV, "1") != "reuse"
+    assert ray.get([patched.remote() for _ in range(3)]) == [(budget, True)] * 3
 
 
 def test_an_executions_first_budget_read_answers_its_reservation(ray_session, monkeypatch):
@@ -38,6 +41,7 @@ def test_an_executions_first_budget_read_answers_its_reservation(ray_session, mo
     )
 
     monkeypatch.setattr(compat, "FIRST_RESERVATION_WAIT_S", 30.0)  # the coordinator actor may still be starting
+    assert compat.prompt_data_budget()  # in this (the driver's) process
 
     def registered() -> Client:
         client = Client(requester_id=f"data-kcd-test-{uuid.uuid4().hex}")
@@ -87,8 +91,9 @@ def test_the_job_runtime_env_sets_the_hook_unless_a_submitted_job_has_one(monkey
     assert (env or {}).get("worker_process_setup_hook") == hook
 
 
-def test_the_data_patches_can_be_turned_off(monkeypatch):
+def test_the_data_patches_can_be_turned_off_or_narrowed(monkeypatch):
     monkeypatch.setenv(compat.DATA_PATCHES_ENV, "0")
     assert compat.quick_data_executions() is False
-    monkeypatch.setenv(compat.DATA_PATCHES_ENV, "1")
-    assert compat.quick_data_executions() is True
+    for choice in ("reuse", "1"):
+        monkeypatch.setenv(compat.DATA_PATCHES_ENV, choice)
+        assert compat.quick_data_executions() is True

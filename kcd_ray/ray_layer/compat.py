@@ -198,11 +198,15 @@ def reuse_map_task_function() -> bool:
 def quick_data_executions() -> bool:
     """Both Ray Data patches above: an epoch's execution starts with its budget and reuses the map function.
     Measured (2 cores, bench/data_ceiling.py, 8,192 uint8 CIFAR rows: an epoch is two chunk tasks; BENCHMARKS.md):
-    the two tasks ran one after the other before and together after. ``KCD_RAY_DATA_PATCHES=0`` in the
-    environment (of the driver before a local Ray starts; of every node on a cluster) keeps Ray's behaviour.
-    Returns whether both apply."""
-    if os.environ.get(DATA_PATCHES_ENV, "1") == "0":
+    the two tasks ran one after the other before and together after. ``KCD_RAY_DATA_PATCHES`` in the environment
+    (of the driver before a local Ray starts; of every node on a cluster): ``0`` keeps Ray's behaviour, ``reuse``
+    only :func:`reuse_map_task_function` (the test session's: short-lived local clusters of tiny runs pay the extra
+    worker processes a parallel start needs, ~20% of their time). Returns whether every selected patch applies."""
+    choice = os.environ.get(DATA_PATCHES_ENV, "1")
+    if choice == "0":
         return False
+    if choice == "reuse":
+        return reuse_map_task_function()
     return prompt_data_budget() & reuse_map_task_function()
 
 
