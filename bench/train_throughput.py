@@ -2,11 +2,19 @@
 
 Both sides train the same model at the same batch size on the same CIFAR-shaped data with the same
 augmentation code (`kcd_ray.data.transforms`) and the same torch thread count; the baseline feeds a torch
-DataLoader from the decoded arrays. Steady-state throughput: the first epoch of each side is warm-up.
+DataLoader from the decoded arrays (``kcd_ray.engine.baseline.PlainLoop``). Steady-state throughput: the first
+epoch of each side is warm-up.
+
+Two ratios. Per round: the plain loop in this process, then a kcd_ray run, medians compared (Ray's resident
+processes count against kcd_ray; the host's drift between the two halves of a round counts too). ``--paired``: the
+Train worker also runs one plain-loop epoch right before each of its epochs (drill hook ``plain_epoch``), and each
+kcd_ray epoch is compared with the plain epoch next to it: the drift cancels, and what is left is the training
+path's own cost (engine, input path, Ray Train in the worker), both sides sharing the resident processes.
 
     .venv/bin/python bench/train_throughput.py                     # resnet8x4, batch 64, 2048 images
     .venv/bin/python bench/train_throughput.py --model resnet20 --epochs 4
     .venv/bin/python bench/train_throughput.py --shuffle block_local   # the former rows-within-1024-blocks shuffle
+    .venv/bin/python bench/train_throughput.py --epochs 6 --rounds 2 --paired   # + a plain epoch beside each epoch
 
 Both sides shuffle: the DataLoader fully (shuffle=True), kcd_ray per ``--shuffle`` (default ``auto`` = ``full``, a
 uniform permutation of the whole set per epoch, from the split cached in the object store; see
@@ -34,58 +42,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kcd_ray.config import load_config  # noqa: E402
 from kcd_ray.data import load_meta, prepare_dataset  # noqa: E402
-from kcd_ray.data import transforms as T  # noqa: E402
-from kcd_ray.data.parquet_io import iter_split  # noqa: E402
-from kcd_ray.models import build_model  # noqa: E402
-
-
-def load_arrays(data_dir: Path):
-    meta = load_meta(data_dir)
-    ids, labels, images = [], [], []
-    for batch in iter_split(data_dir, "train"):
-        d = batch.to_pydict() if hasattr(batch, "to_pydict") else batch
-        ids += list(d["sample_id"])
-        labels += list(d["label"])
-        images.append(T.decode_images(list(d["image"]), meta))
-    return meta, np.asarray(labels, np.int64), np.concatenate(images)
+from kcd_ray.engine.baseline import PlainLoop  # noqa: E402
 
 
 def plain_pytorch(data_dir: Path, model_name: str, batch: int, epochs: int, threads: int) -> list[float]:
     torch.set_num_threads(threads)
-    meta, labels, images = load_arrays(data_dir)
-    kind = T.resolve_augment("auto", meta)
-    ds = torch.utils.data.TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
-
-    def collate(items):
-        x = torch.stack([i[0] for i in items])
-        y = torch.stack([i[1] for i in items])
-        return T.train_transform(x, meta, kind), y  # exactly what the Ray Data map runs
-
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, collate_fn=collate, num_workers=0)
-    model = build_model(model_name, int(meta["num_classes"]))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    rates = []
-    for _ in range(epochs):
-        model.train()
-        t0, n = time.perf_counter(), 0
-        for x, y in loader:
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n += len(y)
-        rates.append(n / (time.perf_counter() - t0))
-    return rates
+    loop = PlainLoop(data_dir, model_name, batch)
+    return [loop.epoch() for _ in range(epochs)]
 
 
-def kcd_ray_path(cfg, epochs: int) -> list[float]:
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def kcd_ray_path(cfg, epochs: int, paired: bool) -> tuple[list[float], list[float]]:
+    """kcd_ray's img/s per epoch, and (``paired``) the plain loop's, run in the Train worker right before each."""
     from kcd_ray.ray_layer.trainer import fit
 
-    summary = fit(cfg, kind="teacher")
-    rows = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    summary = fit(cfg, kind="teacher", hooks=["plain_epoch"] if paired else None)
+    rows = read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl")
     assert len(rows) == epochs
     print("kcd_ray data wait s per epoch:", [round(r["data_wait_seconds"], 2) for r in rows], "train s:", [round(r["train_seconds"], 2) for r in rows])
-    return [r["images_per_s"] for r in rows]
+    plain = [r["images_per_s"] for r in read_jsonl(Path(summary["run_dir"]) / "plain_epochs.jsonl")] if paired else []
+    return [r["images_per_s"] for r in rows], plain
 
 
 def pipeline_path(cfg, data_dir: Path, epochs: int) -> list[float]:
@@ -165,7 +144,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate plain and kcd_ray this many times (the host's speed drifts; each round's ratio "
                          "compares neighbours)")
+    ap.add_argument("--paired", action="store_true",
+                    help="also run one plain-loop epoch in the Train worker right before each kcd_ray epoch (drill "
+                         "hook plain_epoch) and print the median of those adjacent pairs: the host's drift cancels, "
+                         "and both sides share the worker's process and Ray's resident processes")
     args = ap.parse_args()
+    if args.paired and args.path != "fit":
+        ap.error("--paired needs --path fit (the hook runs inside kcd_ray's training loop)")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kcd_bench_"))
 
     def config(r: int):
@@ -184,14 +169,22 @@ def main() -> None:
 
     data_dir = prepare_dataset(config(0).data, verbose=False)
     print(f"model {args.model}, batch {args.batch_size}, {args.num_train} CIFAR-shaped images, {args.threads} torch threads")
-    ratios = []
+    ratios, paired = [], []
     for r in range(args.rounds):
         base = None if args.skip_plain else plain_pytorch(data_dir, args.model, args.batch_size, args.epochs, args.threads)
         cfg = config(r)
-        ours = kcd_ray_path(cfg, args.epochs) if args.path == "fit" else pipeline_path(cfg, data_dir, args.epochs)
+        if args.path == "fit":
+            ours, beside = kcd_ray_path(cfg, args.epochs, args.paired)
+        else:
+            ours, beside = pipeline_path(cfg, data_dir, args.epochs), []
         o = statistics.median(ours[1:])
         print(f"kcd_ray (Ray Train + Ray Data, path {args.path}, shuffle {args.shuffle}, augment_on {args.augment_on}) "
               f"img/s per epoch: {[round(x) for x in ours]}")
+        if beside:
+            pairs = [k / p for k, p in zip(ours[1:], beside[1:])]
+            paired += pairs
+            print(f"plain loop in the Train worker, right before each epoch: {[round(x) for x in beside]}; "
+                  f"paired ratios {[round(x, 3) for x in pairs]}, median {statistics.median(pairs):.3f}", flush=True)
         if base is None:
             print(f"steady state: kcd_ray {o:.0f} img/s")
             continue
@@ -202,6 +195,11 @@ def main() -> None:
               flush=True)
     if len(ratios) > 1:
         print(f"ratio per round {[round(x, 3) for x in ratios]}, median {statistics.median(ratios):.3f} (target >= 0.95)")
+    if len(paired) > 1:
+        m = statistics.mean(paired)
+        se = statistics.stdev(paired) / len(paired) ** 0.5
+        print(f"paired (in-worker plain epoch next to each kcd_ray epoch), {len(paired)} pairs: median "
+              f"{statistics.median(paired):.3f}, mean {m:.3f} +- {se:.3f} (standard error)")
 
 
 if __name__ == "__main__":

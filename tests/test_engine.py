@@ -187,6 +187,28 @@ def test_test_hooks_are_registered_classes_not_config(tiny, tmp_path):
         build_hooks(["nope"])
 
 
+def test_the_plain_epoch_drill_measures_beside_the_run_without_changing_it(tiny, tmp_path):
+    """bench/train_throughput.py --paired: a plain-loop epoch before each epoch, its img/s in plain_epochs.jsonl,
+    on its own model and random streams (the run's history and weights are those of a run without it)."""
+    from kcd_ray.engine.hooks import build_hooks
+
+    over = {"optim.epochs": 2}
+    alone = _engine(tiny, tmp_path / "alone", kind="teacher", **over)
+    _run(tiny, alone)
+    hook = build_hooks(["plain_epoch"])
+    beside = _engine(tiny, tmp_path / "beside", hooks_extra=hook, kind="teacher", **over)
+    _run(tiny, beside)
+    lines = [json.loads(x) for x in (tmp_path / "beside" / "run" / "plain_epochs.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1] and all(r["images_per_s"] > 0 for r in lines)
+    assert [h["train_loss"] for h in beside.history] == [h["train_loss"] for h in alone.history]
+    for a, b in zip(alone.distiller.student.state_dict().values(), beside.distiller.student.state_dict().values()):
+        assert torch.equal(a, b)
+    before = torch.get_rng_state()
+    hook[0].before_epoch(beside, 2)  # the plain loop draws its init and augmentation from its own streams
+    assert torch.equal(torch.get_rng_state(), before)
+    assert hook[0].loop.epochs == 3
+
+
 def test_the_engine_and_its_hooks_import_no_ray():
     import subprocess
 

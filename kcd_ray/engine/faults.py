@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -89,3 +90,26 @@ class RecordSelection(Hook):
             if getattr(hook, name, None) is not None:
                 arrays[name] = np.asarray(getattr(hook, name))
         np.savez(engine.ctx.run_dir.sub("selection", f"e{epoch:04d}_r{engine.ctx.rank}.npz"), **arrays)
+
+
+@HOOKS.register("plain_epoch")
+class PlainEpochBeside(Hook):
+    """Benchmark drill (``bench/train_throughput.py --paired``): before each epoch, rank 0 trains one epoch of a
+    plain PyTorch loop (:class:`kcd_ray.engine.baseline.PlainLoop`: same model, batch and augmentation, its own
+    weights and random streams) in this worker process, and appends its img/s to ``plain_epochs.jsonl`` in the
+    run folder. The engine leaves ``before_epoch`` time out of an epoch's ``train_seconds``."""
+
+    def __init__(self):
+        self.loop = None
+
+    def before_epoch(self, engine, epoch: int) -> None:
+        if not engine.ctx.is_chief:
+            return
+        if self.loop is None:
+            from kcd_ray.engine.baseline import PlainLoop
+
+            self.loop = PlainLoop(engine.ctx.data_dir, engine.cfg.model, engine.cfg.optim.batch_size,
+                                  seed=engine.cfg.optim.seed)
+        line = json.dumps({"epoch": epoch, "images_per_s": self.loop.epoch()})
+        with open(engine.ctx.run_dir.path / "plain_epochs.jsonl", "a") as f:
+            f.write(line + "\n")
