@@ -183,9 +183,7 @@ def run(args) -> dict:
 
     from kcd_ray.ray_layer import compat
 
-    compat.local_ray_env()  # as kcd_ray's own local Ray (trainer.init_ray)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env=compat.job_runtime_env())
+    compat.start_local_ray(2)  # as kcd_ray's own local Ray (trainer.init_ray)
     ray.data.DataContext.get_current().enable_progress_bars = False
     tmp = Path(tempfile.mkdtemp(prefix="kcd_ceiling_"))
     res = {"bench": "data_ceiling", "batch": args.batch, "epochs": args.epochs}

@@ -133,8 +133,7 @@ def cache_check(work: Path, steps: int, batch_size: int) -> None:
         "optim": {"epochs": 2, "batch_size": batch_size}, "run": {"verbose": 0}, "kcd": {"enabled": False},
         "distill": {"teacher": str(work / "teacher.pt"), "cache": "exact"}, "scaling": {"use_gpu": "true"}})
     data_dir = prepare_dataset(cfg.data, verbose=False)
-    compat.local_ray_env()  # as kcd_ray's own local Ray (trainer.init_ray)
-    ray.init(address="local", include_dashboard=False, logging_level="WARNING", runtime_env=compat.job_runtime_env())
+    compat.start_local_ray()  # as kcd_ray's own local Ray (trainer.init_ray)
     t0 = time.perf_counter()
     spec = ensure_teacher_cache(cfg, data_dir, verbose=False)
     built = time.perf_counter() - t0
@@ -216,9 +215,7 @@ def ray_train_check(work: Path, batch_size: int, samples: int, epochs: int, step
             "scaling": {"num_workers": 1, "use_gpu": "true", "cpus_per_worker": 2, "data_cpus": 1},
             "distill": {"teacher": str(work / "teacher.pt")}, "run": {"verbose": 0, "storage_path": str(work / "runs")}}
     if not ray.is_initialized():
-        compat.local_ray_env()
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING",
-                 runtime_env=compat.job_runtime_env())
+        compat.start_local_ray()
     plain = plain_rate(True, steps, batch_size)
     gpus = torch.cuda.device_count()
     kd, kcd_offline = {"enabled": False}, {"enabled": True, "estep": "offline", "value_fn": "kd", "interval": 1,

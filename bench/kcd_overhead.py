@@ -86,9 +86,7 @@ def offline(work: Path, args) -> None:
             n += len(d["label"])
     base = n / (time.perf_counter() - t0)
     if not ray.is_initialized():
-        compat.local_ray_env()  # as kcd_ray's own local Ray (trainer.init_ray)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-                 runtime_env=compat.job_runtime_env())
+        compat.start_local_ray(2)  # as kcd_ray's own local Ray (trainer.init_ray)
     ray.data.DataContext.get_current().enable_progress_bars = False
     rates = []
     for _ in range(args.repeats):

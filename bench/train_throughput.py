@@ -77,9 +77,7 @@ def pipeline_path(cfg, data_dir: Path, epochs: int) -> list[float]:
     if not ray.is_initialized():
         from kcd_ray.ray_layer import compat
 
-        compat.local_ray_env()  # as kcd_ray's own local Ray (trainer.init_ray)
-        ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False, logging_level="WARNING",
-                 runtime_env=compat.job_runtime_env())
+        compat.start_local_ray(cfg.run.num_cpus or None)  # as kcd_ray's own local Ray (trainer.init_ray)
     ray.data.DataContext.get_current().enable_progress_bars = False
     store = f"bench_{os.getpid()}"
     get_mask_store(store, create=True)

@@ -206,8 +206,9 @@ def quick_data_executions() -> bool:
     Measured (2 cores, bench/data_ceiling.py, 8,192 uint8 CIFAR rows: an epoch is two chunk tasks; BENCHMARKS.md):
     the two tasks ran one after the other before and together after. ``KCD_RAY_DATA_PATCHES`` in the environment
     (of the driver before a local Ray starts; of every node on a cluster): ``0`` keeps Ray's behaviour, ``reuse``
-    only :func:`reuse_map_task_function` (the test session's: short-lived local clusters of tiny runs pay for the extra
-    worker processes a parallel start needs; two such tests timed alone took 31/24 s with both, 25/21 s without). Returns whether every selected patch applies."""
+    only :func:`reuse_map_task_function` (the test session's: short-lived local clusters of tiny runs pay for the
+    extra worker processes a parallel start needs; two such tests timed alone took 31/24 s with both, 25/21 s
+    without). Returns whether every selected patch applies."""
     choice = os.environ.get(DATA_PATCHES_ENV, "1")
     if choice == "0":
         return False
@@ -232,3 +233,12 @@ def job_runtime_env() -> Optional[dict]:
     if "worker_process_setup_hook" in submitted:
         return None
     return {"worker_process_setup_hook": SETUP_HOOK}
+
+
+def start_local_ray(num_cpus=None, **init_kwargs):
+    """Start an embedded local Ray as kcd_ray's drivers do (``trainer.init_ray``, the bench scripts): its
+    environment (:func:`local_ray_env`), no dashboard, warnings only, kcd_ray's job runtime env. ``address="local"``
+    never attaches to a stray cluster someone else left running (RAY.md). Returns ``ray.init``'s context."""
+    local_ray_env()  # before the raylet starts: it and Ray Train read these from this environment
+    return ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+                    runtime_env=job_runtime_env(), **init_kwargs)

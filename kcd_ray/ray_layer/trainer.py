@@ -43,11 +43,7 @@ def init_ray(cfg: Config) -> None:
     if address:
         ctx = ray.init(address=address, log_to_driver=True, runtime_env=compat.job_runtime_env())
     else:
-        compat.local_ray_env()  # before the raylet starts: it and Ray Train read these from this environment
-        # "local" never attaches to a stray cluster someone else left running (RAY.md).
-        ctx = ray.init(address="local", num_cpus=cfg.run.num_cpus or None, include_dashboard=False,
-                       log_to_driver=True, configure_logging=True, logging_level="WARNING",
-                       runtime_env=compat.job_runtime_env())
+        ctx = compat.start_local_ray(cfg.run.num_cpus or None, log_to_driver=True, configure_logging=True)
     # The State API is the cluster's dashboard (ray[default]): a cluster started without one (ray start
     # --include-dashboard=false) has none even where aiohttp is installed, and its warning is noise there too.
     has_state_api = bool(ctx.address_info.get("webui_url")) and importlib.util.find_spec("aiohttp") is not None
