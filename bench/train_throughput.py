@@ -5,8 +5,10 @@ augmentation code (`kcd_ray.data.transforms`) and the same torch thread count; t
 DataLoader from the decoded arrays (``kcd_ray.engine.baseline.PlainLoop``). Steady-state throughput: the first
 epoch of each side is warm-up.
 
-Two ratios. Per round: the plain loop in this process, then a kcd_ray run, medians compared (Ray's resident
-processes count against kcd_ray; the host's drift between the two halves of a round counts too). ``--paired``: the
+Two ratios. Per round: the kcd_ray run's median against the plain loop's in this process, run before and after it
+on the bare host (Ray shut down; the rounds share their plain halves: plain, kcd_ray, plain, kcd_ray, plain), so
+a drift of the host's speed that is linear over the round cancels; Ray's resident processes count against
+kcd_ray, as they do for a user. ``--paired``: the
 Train worker also runs one plain-loop epoch right before each of its epochs (drill hook ``plain_epoch``), and each
 kcd_ray epoch is compared with the plain epoch next to it: the drift cancels, and what is left is the training
 path's own cost (engine, input path, Ray Train in the worker), both sides sharing the resident processes.
@@ -43,10 +45,15 @@ from kcd_ray.data import load_meta, prepare_dataset  # noqa: E402
 from kcd_ray.engine.baseline import PlainLoop  # noqa: E402
 
 
-def plain_pytorch(data_dir: Path, model_name: str, batch: int, epochs: int, threads: int) -> list[float]:
-    torch.set_num_threads(threads)
-    loop = PlainLoop(data_dir, model_name, batch)
-    return [loop.epoch() for _ in range(epochs)]
+def plain_half(loop: PlainLoop, epochs: int) -> list[float]:
+    """One plain half of a round on the bare host (no Ray running): img/s of ``epochs`` epochs, the first dropped
+    as warm-up (as on the kcd_ray side)."""
+    import ray
+
+    ray.shutdown()  # the previous round's local Ray: a user's plain loop runs without one
+    rates = [loop.epoch() for _ in range(epochs)]
+    print(f"plain PyTorch (DataLoader, shuffle=True) img/s per epoch: {[round(x) for x in rates]}", flush=True)
+    return rates[1:]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -166,8 +173,10 @@ def main() -> None:
     data_dir = prepare_dataset(config(0).data, verbose=False)
     print(f"model {args.model}, batch {args.batch_size}, {args.num_train} CIFAR-shaped images, {args.threads} torch threads")
     ratios, paired = [], []
+    torch.set_num_threads(args.threads)
+    loop = None if args.skip_plain else PlainLoop(data_dir, args.model, args.batch_size)
+    before = None if loop is None else plain_half(loop, args.epochs)
     for r in range(args.rounds):
-        base = None if args.skip_plain else plain_pytorch(data_dir, args.model, args.batch_size, args.epochs, args.threads)
         cfg = config(r)
         if args.path == "fit":
             ours, beside = kcd_ray_path(cfg, args.epochs, args.paired)
@@ -181,14 +190,15 @@ def main() -> None:
             paired += pairs
             print(f"plain loop in the Train worker, right before each epoch: {[round(x) for x in beside]}; "
                   f"paired ratios {[round(x, 3) for x in pairs]}, median {statistics.median(pairs):.3f}", flush=True)
-        if base is None:
+        if loop is None:
             print(f"steady state: kcd_ray {o:.0f} img/s")
             continue
-        b = statistics.median(base[1:])
+        after = plain_half(loop, args.epochs)
+        b = statistics.median(before + after)
+        before = after
         ratios.append(o / b)
-        print(f"plain PyTorch (DataLoader, shuffle=True) img/s per epoch: {[round(x) for x in base]}")
-        print(f"round {r}: steady state: plain {b:.0f} img/s, kcd_ray {o:.0f} img/s, ratio {o / b:.3f} (target >= 0.95)",
-              flush=True)
+        print(f"round {r}: steady state: plain {b:.0f} img/s (before and after), kcd_ray {o:.0f} img/s, "
+              f"ratio {o / b:.3f} (target >= 0.95)", flush=True)
     if len(ratios) > 1:
         print(f"ratio per round {[round(x, 3) for x in ratios]}, median {statistics.median(ratios):.3f} (target >= 0.95)")
     if len(paired) > 1:
