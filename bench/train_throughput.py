@@ -8,10 +8,10 @@ epoch of each side is warm-up.
 Two ratios. Per round: the kcd_ray run's median against the plain loop's in this process, run before and after it
 on the bare host (Ray shut down; the rounds share their plain halves: plain, kcd_ray, plain, kcd_ray, plain), so
 a drift of the host's speed that is linear over the round cancels; Ray's resident processes count against
-kcd_ray, as they do for a user. ``--paired``: the
-Train worker also runs one plain-loop epoch right before each of its epochs (drill hook ``plain_epoch``), and each
-kcd_ray epoch is compared with the plain epoch next to it: the drift cancels, and what is left is the training
-path's own cost (engine, input path, Ray Train in the worker), both sides sharing the resident processes.
+kcd_ray, as they do for a user. ``--paired``: the Train worker also runs one plain-loop epoch right before each of
+its epochs (drill hook ``plain_epoch``), and each kcd_ray epoch is compared with the plain epoch next to it: the
+drift cancels, and what is left is the training path's own cost (engine, input path, Ray Train in the worker),
+both sides sharing the resident processes.
 
     .venv/bin/python bench/train_throughput.py                     # resnet8x4, batch 64, 2048 images
     .venv/bin/python bench/train_throughput.py --model resnet20 --epochs 4

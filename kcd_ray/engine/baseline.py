@@ -3,8 +3,9 @@ path is measured against (``bench/train_throughput.py``).
 
 Same model, batch size and augmentation code (``kcd_ray.data.transforms.train_transform``, what the Ray Data
 path runs) as a run, a torch ``DataLoader`` over the decoded split in memory, SGD, no kcd_ray loop. The driver
-runs it between rounds, and the ``plain_epoch`` drill hook (``kcd_ray.engine.faults``) inside a Train worker
-right before each of that run's epochs, so each epoch has a baseline measured next to it on the same host speed.
+runs it before and after each run, and the ``plain_epoch`` drill hook (``kcd_ray.engine.faults``) inside a Train
+worker right before each of that run's epochs, so each epoch has a baseline measured next to it on the same host
+speed.
 It keeps its own model, optimiser and random streams: running it never changes what the run draws.
 """
 
