@@ -17,6 +17,7 @@ both sides sharing the resident processes.
     .venv/bin/python bench/train_throughput.py --model resnet20 --epochs 4
     .venv/bin/python bench/train_throughput.py --shuffle block_local   # the former rows-within-1024-blocks shuffle
     .venv/bin/python bench/train_throughput.py --epochs 6 --rounds 2 --paired   # + a plain epoch beside each epoch
+    .venv/bin/python bench/train_throughput.py --epochs 4 --rounds 2 --workers 0  # the loop in this process, no Train
 
 Both sides shuffle: the DataLoader fully (shuffle=True), kcd_ray per ``--shuffle`` (default ``auto`` = ``full``, a
 uniform permutation of the whole set per epoch, from the split cached in the object store; see
@@ -143,6 +144,9 @@ def main() -> None:
                     help="data.augment_on of the kcd_ray side (where the crop/flip/normalisation runs)")
     ap.add_argument("--path", choices=("fit", "pipeline"), default="fit",
                     help="fit: kcd_ray's training entry point; pipeline: a minimal Ray Train loop over the pipeline")
+    ap.add_argument("--workers", type=int, default=1, choices=(0, 1),
+                    help="scaling.num_workers of the kcd_ray side: 1 = one Ray Train worker (default), 0 = the loop "
+                         "in this process over the same Ray Data pipeline (no Ray Train actors)")
     ap.add_argument("--skip-plain", action="store_true", help="only the kcd_ray side (reuse a plain rate measured before)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate plain and kcd_ray this many times (the host's speed drifts; each round's ratio "
@@ -165,7 +169,7 @@ def main() -> None:
                      "synthetic": {"num_train": args.num_train, "num_test": 256, "num_classes": 100, "image_size": 32}},
             "optim": {"epochs": args.epochs, "batch_size": args.batch_size, "threads": args.threads,
                       "scheduler": "constant"},
-            "scaling": {"num_workers": 1, "cpus_per_worker": 1.0, "data_cpus": 0.25},
+            "scaling": {"num_workers": args.workers, "cpus_per_worker": 1.0, "data_cpus": 0.25},
             "run": {"storage_path": str(work / "runs"), "name": f"bench-{os.getpid()}-{r}", "verbose": 0,
                     "num_cpus": os.cpu_count() or 2},
         })

@@ -63,7 +63,8 @@ def test_sample_keys_are_a_keyed_bijection():
 
 def test_shuffle_modes_and_renames():
     from kcd_ray.config import ConfigError, load_config
-    from kcd_ray.ray_layer.pipeline import SHUFFLES, _resolve_shuffle, _sort_boundaries
+    from kcd_ray.ray_layer.full_shuffle import sort_boundaries
+    from kcd_ray.ray_layer.pipeline import SHUFFLES, _resolve_shuffle
 
     assert _resolve_shuffle("auto") == "full" and _resolve_shuffle("block_local") == "block_local"
     with pytest.raises(ValueError, match="renamed 'block_local_files'"):
@@ -74,7 +75,7 @@ def test_shuffle_modes_and_renames():
     assert load_config().data.shuffle == "auto" and "full" in SHUFFLES
     with pytest.raises(ConfigError):
         load_config(base={"data": {"shuffle": "blocks"}})
-    b = _sort_boundaries(4)
+    b = sort_boundaries(4)
     assert len(b) == 3 and b[1] == 0 and all(-2**63 < x < 2**63 for x in b)
 
 
@@ -114,7 +115,7 @@ def _run(ds, batch_size=BATCH):
 
 
 def _order(ids, epoch):
-    from kcd_ray.ray_layer.pipeline import ORDER
+    from kcd_ray.ray_layer.batch_maps import ORDER
 
     ids = np.asarray(ids)
     return ids[np.argsort(T.sample_keys(ids, (SEED, epoch, ORDER)))]

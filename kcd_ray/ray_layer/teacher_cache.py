@@ -68,7 +68,7 @@ class TeacherForward:
         import pyarrow.dataset as pads
 
         from kcd_ray.models import load_model
-        from kcd_ray.ray_layer.pipeline import _uint8_images
+        from kcd_ray.ray_layer.batch_maps import uint8_images
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -78,7 +78,7 @@ class TeacherForward:
         # Row r of the build's items is row r of the split in file order (files sorted, rows sorted by sample_id).
         files = sorted(str(f) for f in (Path(data_dir) / "train").glob("part-*.parquet"))
         self.split = pads.dataset(files, format="parquet")
-        self.uint8_images = _uint8_images
+        self.uint8_images = uint8_images
 
     def __call__(self, batch: dict) -> dict:
         unit, start, stop = str(batch["unit"][0]), int(batch["start"][0]), int(batch["stop"][0])
