@@ -171,23 +171,24 @@ def train_dataset(data_dir, *, augment: str = "auto", seed: Optional[int] = 0, m
         seed = int(seed)
     # The row order's key: the seed, or (seed=None) entropy drawn now, the same for every task of the plan.
     order_seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-    cached = mode == "full" and parquet_bytes(split_dir) <= _cache_limit()
+    nbytes = parquet_bytes(split_dir)  # one listing of the split's files for every choice below
+    cached = mode == "full" and nbytes <= _cache_limit()
     if passes is not None and not cached:
         raise ValueError(f"curriculum.mix_groups: false (sequential passes over the groups) needs data.shuffle=full "
                          f"on a split of at most {_cache_limit() / 2**30:.2f} GiB; got shuffle {shuffle!r} and "
-                         f"{parquet_bytes(split_dir) / 2**30:.2f} GiB: set curriculum.mix_groups=true")
+                         f"{nbytes / 2**30:.2f} GiB: set curriculum.mix_groups=true")
     if cached:
         return full_cached(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus, teacher_cache, passes,
-                            workers=max(1, int(workers)))
+                           workers=max(1, int(workers)))
     if mode == "full":
         return full_sorted(split_dir, meta, kind, seed, order_seed, mask_store_name, cpus, teacher_cache)
     ds = read_split(split_dir, cpus, shuffle_seed=seed)
-    if mode == "block_local" and parquet_bytes(split_dir) <= BLOCK_SHUFFLE_MAX_BYTES:
+    if mode == "block_local" and nbytes <= BLOCK_SHUFFLE_MAX_BYTES:
         from ray.data import RandomSeedConfig
 
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return ds.map_batches(block_local_map, fn_kwargs=dict(meta=meta, kind=kind, seed=seed, order_seed=order_seed,
-                                                     store=mask_store_name, tcache=teacher_cache),
+                                                          store=mask_store_name, tcache=teacher_cache),
                           batch_size=map_batch_rows(meta), batch_format="numpy", num_cpus=cpus,
                           compute=task_pool())
 
