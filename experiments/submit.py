@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         if len(args.args) != 1:
             ap.error("report takes one folder: the sweep or run folder")
-        from kcd_ray.ray_layer.tune.report import report
+        from kcd_ray.report import report
 
         print(report(args.args[0])["text"], flush=True)
         return 0
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     _attach(args.address)
 
     if args.command == "sweep":
-        from kcd_ray.ray_layer.tune.report import report
+        from kcd_ray.report import report
         from kcd_ray.ray_layer.tune.sweep import run_sweep
 
         folder = run_sweep(config, overrides=args.overrides, storage_path=args.storage_path)
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from kcd_ray.config import config_from_dict, load_config, to_dict
     from kcd_ray.ray_layer.trainer import fit
-    from kcd_ray.ray_layer.tune.spec import absolute_paths
+    from kcd_ray.sweeps.spec import absolute_paths
 
     overrides = list(args.overrides) + ([f"run.storage_path={args.storage_path}"] if args.storage_path else [])
     # Absolute paths: Train workers run in their own folders, on other nodes.

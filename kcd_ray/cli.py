@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kcd_ray.config import ConfigError, describe, dump_yaml, load_config
+from kcd_ray.config import ConfigError, describe, dump_yaml, format_described, load_config
 
 OVERRIDES_HELP = "dotted config overrides, e.g. kcd.rho=0.7 optim.epochs=10 scaling.num_workers=2"
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, dry_run: bool = False) -> None:
     p.add_argument("--config", "-c", help="YAML config file (see experiments/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    if dry_run:
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the run's plan (what trains, from which teacher, with which strategy, at what "
+                            "expected compute ratio, with which resources, where files go) without starting Ray; "
+                            "prepares the data set if needed")
 
 
 def _cfg(args):
@@ -26,18 +31,26 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-def cmd_train_teacher(args) -> int:
-    from kcd_ray.ray_layer.trainer import fit
+def _run(args, kind: str) -> int:
+    """Plan the run (no Ray); print the plan with --dry-run, else execute it."""
+    from kcd_ray.engine.plan import describe_plan, plan_run
 
-    fit(_cfg(args), kind="teacher")
+    plan = plan_run(_cfg(args), kind)
+    if args.dry_run:
+        print(describe_plan(plan), flush=True)
+        return 0
+    from kcd_ray.ray_layer.trainer import execute
+
+    execute(plan)
     return 0
+
+
+def cmd_train_teacher(args) -> int:
+    return _run(args, "teacher")
 
 
 def cmd_distill(args) -> int:
-    from kcd_ray.ray_layer.trainer import fit
-
-    fit(_cfg(args), kind="distill")
-    return 0
+    return _run(args, "distill")
 
 
 def cmd_cache_teacher(args) -> int:
@@ -56,8 +69,7 @@ def cmd_demo(args) -> int:
 
 def cmd_config(args) -> int:
     if args.list:
-        for key, tp, default, help_ in describe():
-            print(f"{key:38s} {tp:10s} {default!r:>16}  {help_}")
+        print(format_described(describe()))
     else:
         print(dump_yaml(_cfg(args)), end="")
     return 0
@@ -75,12 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train-teacher", help="train a network with cross-entropy on Ray Train",
                        description="Teacher (or plain student) training: DDP on Ray Train, resumable by run.name.")
-    _add_config_args(s)
+    _add_config_args(s, dry_run=True)
     s.set_defaults(func=cmd_train_teacher)
 
     s = sub.add_parser("distill", help="distil a student from a teacher, with KCD unless kcd.enabled=false",
                        description="Knowledge distillation on Ray Train with the KCD E-step/M-step; resumable by run.name.")
-    _add_config_args(s)
+    _add_config_args(s, dry_run=True)
     s.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("cache-teacher", help="build the teacher-output cache a distill config reads (distill.cache)",
@@ -102,21 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--list", action="store_true", help="list every config key, its type, default and meaning")
     s.set_defaults(func=cmd_config)
 
-    try:
-        from kcd_ray.ray_layer.tune import report as _report
-        from kcd_ray.ray_layer.tune import sweep as _sweep
-    except ImportError:  # pragma: no cover - tune extras are part of the base install
-        _report = _sweep = None
-    if _sweep is not None:
-        s = sub.add_parser("sweep", help="Ray Tune sweep over config fields from a sweep YAML",
-                           description="Run a Ray Tune sweep (grid/random/optuna, optional ASHA); re-run to restore.")
-        _sweep.add_sweep_arguments(s)
-        s.set_defaults(func=_sweep.main_sweep)
-        s = sub.add_parser("report", help="table, CSV, Pareto plot and best config of a sweep or run folder",
-                           description="Summarise a sweep folder (Pareto front of top-1 vs compute) or a single run; "
-                                       "several sweep folders: one Pareto plot of the strategies, seeds averaged.")
-        _report.add_report_arguments(s)
-        s.set_defaults(func=_report.main_report)
+    from kcd_ray import report as _report
+    from kcd_ray.ray_layer.tune import sweep as _sweep
+
+    s = sub.add_parser("sweep", help="Ray Tune sweep over config fields from a sweep YAML",
+                       description="Run a Ray Tune sweep (grid/random/optuna, optional ASHA); re-run to restore.")
+    _sweep.add_sweep_arguments(s)
+    s.set_defaults(func=_sweep.main_sweep)
+    s = sub.add_parser("report", help="table, CSV, Pareto plot and best config of a sweep or run folder",
+                       description="Summarise a sweep folder (Pareto front of top-1 vs compute) or a single run; "
+                                   "several sweep folders: one Pareto plot of the strategies, seeds averaged.")
+    _report.add_report_arguments(s)
+    s.set_defaults(func=_report.main_report)
     return p
 
 

@@ -1,4 +1,5 @@
-"""Errors from inside Ray (or not), made one line: the root cause, and the traceback in a file.
+"""kcd_ray's errors: ``ConfigError`` for bad input, and errors from inside Ray (or not) made one line: the root
+cause, and the traceback in a file.
 
 A Train worker's exception reaches the driver wrapped (``WorkerGroupError`` -> per-rank failures ->
 ``RayTaskError`` -> ...), and printed whole it is 30-170 lines. :func:`root_cause` digs out the exception the
@@ -13,6 +14,10 @@ from __future__ import annotations
 import traceback
 from pathlib import Path
 from typing import Optional
+
+class ConfigError(ValueError):
+    """A bad configuration value (or a combination of values); the message names the dotted key."""
+
 
 # Exceptions that describe a problem with the user's input or files (exit code 2 in the CLI), as opposed to a
 # bug (exit code 1). ArrowInvalid is a ValueError; a corrupt Parquet page is an OSError.

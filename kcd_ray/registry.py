@@ -9,10 +9,12 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to factories; unknown names fail with the list of known ones."""
+    """Maps names to factories; unknown names fail with the list of known ones. ``aliases``: names a config may
+    use that a caller resolves itself (e.g. ``selection.strategy=auto``); listed by ``names()``, never ``get()``."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, aliases: tuple[str, ...] = ()):
         self.kind = kind
+        self.aliases = tuple(aliases)
         self._items: Dict[str, T] = {}
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
@@ -37,10 +39,14 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
-        return sorted(self._items)
+        return sorted(self._items) + [a for a in self.aliases if a not in self._items]
+
+    def items(self) -> list[tuple[str, T]]:
+        """(name, registered object) pairs, aliases left out."""
+        return sorted(self._items.items())
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or name in self.aliases
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -56,6 +62,7 @@ REGISTRIES = {
     "temperatures": "kcd_ray.distill.temperature:TEMPERATURES",
     "value_fns": "kcd_ray.condense.values:VALUE_FNS",
     "strategies": "kcd_ray.engine.selection:STRATEGIES",
+    "curricula": "kcd_ray.engine.curriculum:CURRICULA",
 }
 
 

@@ -16,10 +16,7 @@ import torch
 from kcd_ray.config import load_config
 from kcd_ray.data import iter_split, prepare_dataset
 from kcd_ray.data import transforms as T
-from kcd_ray.engine import Engine, LocalServices, RunContext
-from kcd_ray.engine.build import build_components
-from kcd_ray.engine.parts import run_hooks
-from kcd_ray.engine.rundir import RunDir
+from kcd_ray.engine import Engine, assemble_engine
 
 
 def load_split(data_dir, name: str):
@@ -55,15 +52,10 @@ def config(tiny: dict, **over):
 
 
 def make_engine(tiny: dict, folder: Path, cfg=None, hooks_extra=(), services=None, kind: str = "distill") -> Engine:
-    """An engine with the production hooks (+ ``hooks_extra``) writing its run folder to ``folder``."""
-    cfg = cfg or config(tiny)
-    run_dir = RunDir(folder)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, kind=kind, run_dir=run_dir, data_dir=tiny["data_dir"])
-    torch.manual_seed(cfg.optim.seed)
-    parts = build_components(cfg, kind, ctx.data_dir, torch.device("cpu"), distributed=False)
-    services = services or LocalServices(checkpoint_dir=Path(folder) / "local_checkpoint")
-    return Engine(ctx, parts, run_hooks(ctx, parts.num_train) + list(hooks_extra), services, torch.device("cpu"))
+    """An engine with the production hooks (+ ``hooks_extra``: hook instances) writing its run folder to
+    ``folder``: ``kcd_ray.engine.assemble_engine`` from the config, as every driver-less run builds one."""
+    return assemble_engine(cfg or config(tiny), torch.device("cpu"), services, kind=kind, data_dir=tiny["data_dir"],
+                           run_dir=folder, hooks=list(hooks_extra))
 
 
 def feeds(tiny: dict, engine: Engine, test_batch_size: int = 64):

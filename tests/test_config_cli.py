@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from kcd_ray.cli import build_parser, main
-from kcd_ray.config import ConfigError, describe, dump_yaml, load_config
+from kcd_ray.config import ConfigError, describe, dump_yaml, load_config, to_dict
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -90,8 +90,12 @@ def test_prepare_data_cli_is_idempotent(tmp_path, capsys):
 def test_elastic_scaling_keeps_the_global_batch():
     """scaling.min_workers: Ray Train's (min, max) ScalingConfig, and each worker's batch is the global batch
     ``optim.batch_size x num_workers`` shared by the workers there are; a fixed run is left alone."""
-    from kcd_ray.ray_layer.trainer import _scaling_config
+    from kcd_ray.engine.plan.derive import plan_resources
+    from kcd_ray.ray_layer.trainer import scaling_config
     from kcd_ray.ray_layer.worker import elastic_batch
+
+    def _scaling_config(sc):
+        return scaling_config(plan_resources(load_config(base={"scaling": to_dict(sc)})), sc.resize_interval_s)
 
     cfg = load_config(None, ["scaling.num_workers=4", "scaling.min_workers=1", "optim.batch_size=64",
                              "scaling.resize_interval_s=7"])

@@ -18,11 +18,9 @@ from engine_harness import batches, prepare_tiny
 from kcd_ray.config import ConfigError, load_config
 from kcd_ray.data.groups import ClassGroups, group_sizes, relabel_batches, sequential_order, subset_num_classes
 from kcd_ray.distill import build_distiller
-from kcd_ray.engine import Engine, Hook, LocalServices, RunContext
-from kcd_ray.engine.build import build_components, build_scheduler
-from kcd_ray.engine.curriculum import GradeSchedule, check_curriculum, check_pipeline, group_teacher_config
-from kcd_ray.engine.parts import run_hooks
-from kcd_ray.engine.rundir import RunDir
+from kcd_ray.engine import Hook, assemble_engine
+from kcd_ray.engine.build import build_scheduler
+from kcd_ray.engine.curriculum import GradeSchedule, check_curriculum, group_teacher_config
 from kcd_ray.models import build_model, load_model, save_model
 from kcd_ray.models.growing import GrowingStudent
 
@@ -243,9 +241,9 @@ def test_config_errors_are_one_line():
             check_curriculum(c, "distill")
         assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="mix_groups.*data.shuffle=full"):
-        check_pipeline(cfg("data.shuffle=block_local"))
-    check_pipeline(cfg())  # sequential passes: served by the cached full shuffle
-    check_pipeline(cfg("curriculum.mix_groups=true", "data.shuffle=block_local"))
+        check_curriculum(cfg("data.shuffle=block_local"), "distill")
+    check_curriculum(cfg(), "distill")  # sequential passes: served by the cached full shuffle
+    check_curriculum(cfg("curriculum.mix_groups=true", "data.shuffle=block_local"), "distill")
 
 
 def test_group_teacher_config():
@@ -299,13 +297,8 @@ _batches = batches
 def _engine(tiny, folder, hooks_extra=(), **over):
     flat = [f"{k}={json.dumps(v)}" for k, v in over.items()]
     cfg = load_config(base=copy.deepcopy(tiny["base"]), overrides=flat)
-    run_dir = RunDir(folder)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, kind="distill", run_dir=run_dir, data_dir=tiny["data_dir"])
-    torch.manual_seed(cfg.optim.seed)
-    parts = build_components(cfg, "distill", ctx.data_dir, torch.device("cpu"), distributed=False)
-    services = LocalServices(checkpoint_dir=folder / "local_checkpoint")
-    engine = Engine(ctx, parts, run_hooks(ctx, parts.num_train) + list(hooks_extra), services, torch.device("cpu"))
+    engine = assemble_engine(cfg, torch.device("cpu"), data_dir=tiny["data_dir"], run_dir=folder,
+                             hooks=list(hooks_extra))
     engine.test_batches = lambda: _batches(tiny["split"]["test"], 16, 0)  # the Ray worker does the same
     return engine
 

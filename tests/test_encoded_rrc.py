@@ -20,7 +20,8 @@ from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
 
 from kcd_ray.data import transforms as T
-from kcd_ray.ray_layer import batch_maps as B
+from kcd_ray.data import row_maps as B
+from kcd_ray.ray_layer import batch_maps
 from kcd_ray.ray_layer import full_shuffle as F
 
 S = 32
@@ -275,12 +276,12 @@ def test_pipeline_mixes_overlays_with_encoded_rows(files, overlays):
     o = torch.from_numpy(o).permute(2, 0, 1)
     assert torch.equal(eval_alone[1], norm([TF.center_crop(TF.resize(o, [37]), [S])])[0])
     # train: block_local map path (bytes), cached path (Arrow column), sorted path (overlay column): same rows
-    x1 = B._images(ids, list(data), ENC, manifest)
+    x1 = B.batch_images(ids, list(data), ENC, manifest)
     x2 = B.arrow_images(ids, column, ENC, manifest)
     assert isinstance(x1, list) and [a.shape[:2] for a in x1] == [(S, S) if int(i) in overlays else SIZES[j]
                                                                   for j, i in enumerate(ids)]
     for x in (x1, x2):
-        out = B._augmented(ids, x, ENC, kind, seed, epoch)["image"]
+        out = B.augmented(ids, x, ENC, kind, seed, epoch)["image"]
         np.testing.assert_array_equal(out, torch.stack(alone).numpy())
     over_col = pa.array([overlays[int(i)].tobytes() if int(i) in overlays else None for i in ids], pa.binary())
     table = pa.table({"sample_id": ids, "label": labels, "image": column, F._OVERLAY: over_col,
@@ -289,14 +290,14 @@ def test_pipeline_mixes_overlays_with_encoded_rows(files, overlays):
     np.testing.assert_array_equal(rows["image"], torch.stack(alone).numpy())
     # every row an overlay, or none: the same per-row results
     only = np.array([11, 14])
-    np.testing.assert_array_equal(B._augmented(only, B.arrow_images(only, column.take([1, 4]), ENC, manifest), ENC,
+    np.testing.assert_array_equal(B.augmented(only, B.arrow_images(only, column.take([1, 4]), ENC, manifest), ENC,
                                                kind, seed, epoch)["image"], torch.stack([alone[1], alone[4]]).numpy())
-    np.testing.assert_array_equal(B._augmented(ids, B.arrow_images(ids, column, ENC, None), ENC, kind, seed, epoch)["image"][0],
+    np.testing.assert_array_equal(B.augmented(ids, B.arrow_images(ids, column, ENC, None), ENC, kind, seed, epoch)["image"][0],
                                   alone[0].numpy())
     # eval: what eval_batch serves (decode with overlays, then eval_transform)
     assert torch.equal(T.eval_transform(x1, ENC), torch.stack(eval_alone))
     batch = {"sample_id": ids, "label": labels, "image": np.array(data, dtype=object)}
-    no_overlay = B.eval_batch(batch, ENC)["image"]
+    no_overlay = batch_maps.eval_batch(batch, ENC)["image"]
     np.testing.assert_array_equal(no_overlay[[0, 2, 3, 5]], torch.stack(eval_alone).numpy()[[0, 2, 3, 5]])
 
 
@@ -314,11 +315,11 @@ def test_teacher_cache_flow_matches_the_pipeline(files):
     cached = T.train_transform(x, ENC, "imagenet",
                                uniforms=T.sample_uniforms(ids[start:stop], T.n_uniforms("imagenet"),
                                                           unit_uniform_key(f"e{epoch}", seed)))
-    served = B._augmented(ids, B.arrow_images(ids, column, ENC, None), ENC, "imagenet", seed, epoch)["image"]
+    served = B.augmented(ids, B.arrow_images(ids, column, ENC, None), ENC, "imagenet", seed, epoch)["image"]
     np.testing.assert_array_equal(cached.numpy(), served[start:stop])
     plain = T.eval_transform(x, ENC)
     batch = {"sample_id": ids, "label": np.zeros(len(ids)), "image": np.array(data, dtype=object)}
-    np.testing.assert_array_equal(plain.numpy(), B.eval_batch(batch, ENC)["image"][start:stop])
+    np.testing.assert_array_equal(plain.numpy(), batch_maps.eval_batch(batch, ENC)["image"][start:stop])
 
 
 def test_decode_full_keeps_sizes_and_names_bad_files(files):
@@ -339,7 +340,7 @@ def test_pipeline_overlays_with_raw_rows_are_one_uint8_batch(overlays):
     want = x.copy()
     want[[1, 4]] = [overlays[11], overlays[14]]
     column = pa.array([v.tobytes() for v in x], pa.binary())
-    for got in (B._images(ids, [v.tobytes() for v in x], RAW, {"fake": True}),
+    for got in (B.batch_images(ids, [v.tobytes() for v in x], RAW, {"fake": True}),
                 B.arrow_images(ids, column, RAW, {"fake": True})):
         assert isinstance(got, np.ndarray) and got.dtype == np.uint8
         np.testing.assert_array_equal(got, want)

@@ -11,7 +11,7 @@ import yaml
 
 from kcd_ray.config import load_config
 from kcd_ray.models import build_model, list_models
-from kcd_ray.ray_layer.tune.spec import load_sweep
+from kcd_ray.sweeps.spec import load_sweep
 
 EXP = Path(__file__).resolve().parent.parent / "experiments"
 RECIPES = sorted(p for p in EXP.rglob("*.yaml") if not {"sweeps", "kuberay"} & set(p.parts))  # kuberay: manifests

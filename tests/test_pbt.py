@@ -11,7 +11,7 @@ import torch
 
 from kcd_ray.config import ConfigError
 from kcd_ray.models import build_model, save_model
-from kcd_ray.ray_layer.tune.spec import load_sweep
+from kcd_ray.sweeps.spec import load_sweep
 
 BASE = {"data": {"name": "digits", "image_size": 16}, "optim": {"epochs": 4}, "scaling": {"num_workers": 0},
         "kcd": {"enabled": True, "summary": False}}

@@ -17,8 +17,8 @@ import pytest
 from kcd_ray.cli import main
 from kcd_ray.config import dump_yaml, to_dict
 from kcd_ray.engine.metrics import summarize
-from kcd_ray.ray_layer.tune.report import report
-from kcd_ray.ray_layer.tune.spec import load_sweep
+from kcd_ray.report import report
+from kcd_ray.sweeps.spec import load_sweep
 from kcd_ray.ray_layer.tune.sweep import trial_config
 
 SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
@@ -46,7 +46,7 @@ def _trial(sw, values: dict, variant: str, trial_id: str, top1: float, ratio: fl
                         "compute_ratio": ratio})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     if done:
-        summary = summarize(history, kind="distill", kcd_enabled=variant == "kcd", num_train=NUM_TRAIN,
+        summary = summarize(history, kind="distill", num_train=NUM_TRAIN,
                             epochs=EPOCHS, run_dir=str(folder), config=to_dict(cfg))
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     else:  # ASHA stopped it: metrics only

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from engine_harness import batches, prepare_tiny
 from kcd_ray.config import load_config
 from kcd_ray.distill.base import StepOutput, kd_kl
-from kcd_ray.engine import Engine, Hook, LocalServices, RunContext
-from kcd_ray.engine.build import build_components
-from kcd_ray.engine.parts import run_hooks
+from kcd_ray.engine import Hook, LocalServices, RunContext, assemble_engine
+from kcd_ray.engine.assemble import run_hooks
+from kcd_ray.engine.condenser import Condenser
 from kcd_ray.engine.rundir import RunDir
-from kcd_ray.engine.selection import (InfoBatch, RandomSubset, UnixKD, epoch_rng, feed_batch_size, infobatch_keep_ratio,
+from kcd_ray.engine.selection import (InfoBatch, RandomSubset, SelectionStrategy, UnixKD, epoch_rng, feed_batch_size, infobatch_keep_ratio,
                                       infobatch_prune, infobatch_prunes, per_sample_loss, random_subset,
                                       resolve_strategy, uncertainty, unixkd_mask, unixkd_mix, unixkd_sizes)
 from kcd_ray.models import build_model, save_model
@@ -50,13 +50,13 @@ def test_strategy_resolution_kcd_enabled_is_a_synonym_and_exactly_one_runs(tmp_p
                            ("unixkd", "unixkd"), ("random", "random")):
         ctx = RunContext(cfg=_cfg(f"selection.strategy={strategy}"), kind="distill", run_dir=run_dir, data_dir="")
         hooks = run_hooks(ctx, 100)
-        picked = [h.name for h in hooks if h.name in ("kcd", "infobatch", "unixkd", "random")]
+        picked = [h.name for h in hooks if isinstance(h, SelectionStrategy)]
         assert picked == ([name] if name else []), (strategy, picked)
         kinds = [type(h).__name__ for h in hooks]
         assert kinds.index("ComputeLedger") < kinds.index("MetricsWriter")  # the ledger fills the row first
     ctx = RunContext(cfg=_cfg("selection.strategy=random"), kind="distill", run_dir=run_dir, data_dir="")
     with pytest.raises(ValueError, match="second data-selection strategy"):
-        run_hooks(ctx, 100, extra=[("kcd", {"kcd_cfg": ctx.cfg.kcd, "num_samples": 100})])
+        run_hooks(ctx, 100, extra=[Condenser])
 
 
 # --------------------------------------------------------------------------- InfoBatch
@@ -88,7 +88,7 @@ def test_infobatch_annealing_follows_the_reference_parameterisation():
     # The reference prunes unless epoch > num_epochs * delta (delta = 0.875: the first 0.875 of the epochs).
     assert [infobatch_prunes(e, 16, 0.875) for e in range(16)] == [True] * 15 + [False]
     assert [infobatch_prunes(e, 200, 0.875) for e in (175, 176)] == [True, False]
-    hook = InfoBatch(SimpleNamespace(ratio=0.5, delta=0.5), num_samples=6, epochs=4, seed=0)
+    hook = InfoBatch(_cfg("selection.infobatch.ratio=0.5", "selection.infobatch.delta=0.5", "optim.epochs=4"), 6)
     hook.scores[:] = [0, 0, 0, 10, 10, 10]
     hook.seen[:] = True
     engine = SimpleNamespace(parts=SimpleNamespace(temperature=lambda e: 4.0), device=torch.device("cpu"))
@@ -107,7 +107,7 @@ def test_infobatch_rescales_the_per_sample_loss_and_records_scores():
     losses = {"ce": gamma * F.cross_entropy(z, y), "kd": alpha * kd_kl(z, zt, T_)}
     l_i = per_sample_loss(z, zt, y, T_, gamma, alpha)
     assert torch.allclose(l_i.mean(), sum(losses.values()))  # the distiller's terms, per sample
-    hook = InfoBatch(SimpleNamespace(ratio=0.5, delta=0.875), num_samples=6, epochs=8, seed=0)
+    hook = InfoBatch(_cfg("selection.infobatch.ratio=0.5", "optim.epochs=8"), 6)
     hook.weights = np.array([1, 2, 1, 2, 1, 1], np.float32)
     hook._w_dev, hook._T = torch.as_tensor(hook.weights), T_
     engine = SimpleNamespace(distiller=SimpleNamespace(name="kd", gamma=gamma, alpha=alpha))
@@ -166,8 +166,7 @@ def test_unixkd_hook_batch_mixed_label_ce_and_forward_only_count():
     student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 4))
     from contextlib import nullcontext
 
-    cfg = _cfg("selection.strategy=unixkd").selection.unixkd
-    hook = UnixKD(cfg, optim_batch_size=8, seed=0)
+    hook = UnixKD(_cfg("selection.strategy=unixkd", "optim.batch_size=8"), 8)
     engine = SimpleNamespace(distiller=SimpleNamespace(student=student, name="kd", gamma=0.5, alpha=0.9),
                              parts=SimpleNamespace(amp_ctx=nullcontext()), ctx=SimpleNamespace(rank=0))
     hook.before_epoch(engine, 0)
@@ -197,15 +196,16 @@ def test_random_subset_fraction_seeding_and_kcd_schedule():
     assert kept.sum() == 300 and np.array_equal(kept, random_subset(1000, 300, epoch_rng(0, 2)))
     assert not np.array_equal(kept, random_subset(1000, 300, epoch_rng(0, 3)))
     assert not np.array_equal(kept, random_subset(1000, 300, epoch_rng(1, 2)))
-    cfg = _cfg("selection.random.fraction=0.3")
-    hook = RandomSubset(cfg.selection.random, cfg.kcd, 1000, 5, seed=0)
+    cfg = _cfg("selection.random.fraction=0.3", "optim.epochs=5")
+    hook = RandomSubset(cfg, 1000)
     hook.before_epoch(None, 2)
     assert np.array_equal(hook.kept, kept)
-    other_rank = RandomSubset(cfg.selection.random, cfg.kcd, 1000, 5, seed=0)
+    other_rank = RandomSubset(cfg, 1000)
     other_rank.before_epoch(SimpleNamespace(ctx=SimpleNamespace(rank=1, world=2)), 2)
     assert np.array_equal(other_rank.kept, kept)  # every rank draws the same subset (no all-gather needed)
-    cfg = _cfg("selection.random.follow_kcd_schedule=true", "kcd.interval=1", "kcd.stages=2", "kcd.rho=0.5")
-    hook = RandomSubset(cfg.selection.random, cfg.kcd, 100, 4, seed=0)
+    cfg = _cfg("selection.random.follow_kcd_schedule=true", "kcd.interval=1", "kcd.stages=2", "kcd.rho=0.5",
+               "optim.epochs=4")
+    hook = RandomSubset(cfg, 100)
     sizes = []
     for e in range(4):
         hook.before_epoch(None, e)
@@ -237,13 +237,8 @@ _batches = batches
 def _engine(tiny, path, hooks_extra=(), services=None, **over):
     cfg = load_config(base={**copy.deepcopy(tiny["base"]), "distill": {"teacher": tiny["teacher"]}},
                       overrides=[f"{k}={json.dumps(v)}" for k, v in over.items()])
-    run_dir = RunDir(path / "run")
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, kind="distill", run_dir=run_dir, data_dir=tiny["data_dir"])
-    torch.manual_seed(cfg.optim.seed)
-    parts = build_components(cfg, "distill", ctx.data_dir, torch.device("cpu"), distributed=False)
-    services = services or LocalServices(checkpoint_dir=path / "run" / "local_checkpoint")
-    return Engine(ctx, parts, run_hooks(ctx, parts.num_train) + list(hooks_extra), services, torch.device("cpu"))
+    return assemble_engine(cfg, torch.device("cpu"), services, data_dir=tiny["data_dir"], run_dir=path / "run",
+                           hooks=list(hooks_extra))
 
 
 def _run(tiny, engine):
@@ -300,12 +295,13 @@ def test_ledger_counts_passes_and_flops_on_a_tiny_run(tiny, tmp_path):
         assert summary["sample_pass_ratio"] == pytest.approx(trained / n)
         ref[strategy] = summary["compute_ratio"]
         # Every numeric row field is a metric a sweep may name, and every such metric is in every row.
-        from kcd_ray.ray_layer.tune.spec import EPOCH_METRICS, is_epoch_metric
+        from kcd_ray.engine.engine import ENGINE_COLUMNS
+        from kcd_ray.sweeps.spec import is_epoch_metric
 
         for r in rows:
             numeric = {k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             assert all(is_epoch_metric(k) for k in numeric), sorted(k for k in numeric if not is_epoch_metric(k))
-            assert set(EPOCH_METRICS) <= set(r), sorted(set(EPOCH_METRICS) - set(r))
+            assert set(ENGINE_COLUMNS) <= set(r), sorted(set(ENGINE_COLUMNS) - set(r))
     assert ref["none"] == pytest.approx(1.0) and ref["random"] == pytest.approx(0.5)
     assert ref["unixkd"] == pytest.approx((72 * per_kd + 96 * sf) / (96 * per_kd))  # UNIXKD pays for its ranking
 

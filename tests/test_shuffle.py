@@ -115,7 +115,7 @@ def _run(ds, batch_size=BATCH):
 
 
 def _order(ids, epoch):
-    from kcd_ray.ray_layer.batch_maps import ORDER
+    from kcd_ray.data.row_maps import ORDER
 
     ids = np.asarray(ids)
     return ids[np.argsort(T.sample_keys(ids, (SEED, epoch, ORDER)))]

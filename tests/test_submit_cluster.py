@@ -269,7 +269,7 @@ def test_sweep_of_two_trials(cluster, work):
     (work / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     text = _submit(cluster, work, "sweep", "--config", "sweep.yaml")
     assert "sweep two: 2 runs (2 done)" in text, text[-4000:]
-    from kcd_ray.ray_layer.tune.report import report
+    from kcd_ray.report import report
 
     res = report(work / "runs" / "sweeps" / "two")
     ratios = {r["kcd.rho"]: r["compute_ratio"] for r in res["rows"]}

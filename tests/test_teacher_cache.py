@@ -1,4 +1,4 @@
-"""Teacher-output cache (issue 12): exactness against the teacher on the pipeline's own batches, cached vs uncached
+"""Teacher-output cache: exactness against the teacher on the pipeline's own batches, cached vs uncached
 runs, one build per sweep, resumable builds, and the one-line refusals (mismatched teacher, data, seed; damaged
 shards; methods the cache cannot serve)."""
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kcd_ray.cache.store import (CacheError, CacheSpec, augment_uniforms, check_manifest, expand_topk, read_manifest,
-                                 read_unit, serve_reason, shard_table, view_of, write_shard)
+                                 read_unit, shard_table, view_of, write_shard)
 from kcd_ray.config import load_config
 from kcd_ray.data import transforms as T
 from kcd_ray.models import build_model, load_model, save_model
@@ -21,6 +21,20 @@ from kcd_ray.models import build_model, load_model, save_model
 
 def _cfg(base: dict, **over):
     return load_config(base=copy.deepcopy(base), overrides=[f"{k}={json.dumps(v)}" for k, v in over.items()])
+
+
+def _ensure(cfg, data_dir, **kw):
+    """Build (or reuse) the cache the run of ``cfg`` on the prepared ``data_dir`` reads."""
+    from kcd_ray.engine.plan import local_plan
+    from kcd_ray.ray_layer.teacher_cache import ensure_teacher_cache
+
+    return ensure_teacher_cache(local_plan(cfg, "distill", data_dir), **kw)
+
+
+def _reason(cfg):
+    from kcd_ray.engine.plan.derive import cache_reason, plan_selection
+
+    return cache_reason(cfg, "distill", plan_selection(cfg, "distill", 100))
 
 
 # --------------------------------------------------------------------------- pure parts (no Ray)
@@ -91,10 +105,11 @@ def test_manifest_mismatch_and_damaged_shard_are_one_line_errors(tmp_path):
 
 def test_methods_the_cache_cannot_serve_say_why():
     base = {"distill": {"teacher": "t.pt", "cache": "exact"}}
-    assert serve_reason(_cfg(base), "distill") is None
-    assert serve_reason(_cfg(base, **{"distill.method": "crd"}), "distill") is None  # feats[-1] is cached
-    assert "feature maps" in serve_reason(_cfg(base, **{"distill.method": "fitnet"}), "distill")
-    assert "unixkd" in serve_reason(_cfg(base, **{"selection.strategy": "unixkd"}), "distill")
+    assert _reason(_cfg(base)) is None
+    assert _reason(_cfg(base, **{"distill.method": "crd"})) is None  # feats[-1] is cached
+    assert "feature maps" in _reason(_cfg(base, **{"distill.method": "fitnet"}))
+    assert "several teachers" in _reason(_cfg(base, **{"distill.method": "mtkd"}))
+    assert "remakes every training batch" in _reason(_cfg(base, **{"selection.strategy": "unixkd"}))
 
 
 def test_distiller_reads_cached_outputs_and_runs_the_teacher_on_missing_rows_only():
@@ -148,10 +163,9 @@ def setup(ray_session, tmp_path_factory):
             "distill": {"teacher": str(teacher), "cache": "exact"}, "kcd": {"enabled": False},
             "run": {"verbose": 0, "storage_path": str(root / "runs")}}
     from kcd_ray.data import prepare_dataset
-    from kcd_ray.ray_layer.teacher_cache import ensure_teacher_cache
 
     data_dir = prepare_dataset(_cfg(base).data, verbose=False)
-    spec = ensure_teacher_cache(_cfg(base), data_dir, verbose=False)
+    spec = _ensure(_cfg(base), data_dir, verbose=False)
     return {"root": root, "base": base, "data_dir": str(data_dir), "spec": spec, "teacher": str(teacher)}
 
 
@@ -202,7 +216,6 @@ def test_cached_run_matches_the_teacher_in_the_loop_and_runs_no_teacher(setup):
 
 
 def test_build_resumes_at_the_missing_unit_and_grows_with_epochs(setup):
-    from kcd_ray.ray_layer.teacher_cache import ensure_teacher_cache
 
     folder = Path(setup["spec"].dir)
     before = read_manifest(folder)
@@ -213,7 +226,7 @@ def test_build_resumes_at_the_missing_unit_and_grows_with_epochs(setup):
 
     write_manifest(folder, m)  # as an interrupted build leaves it
     sha0 = before["units"]["e0000"]["sha256"]
-    ensure_teacher_cache(_cfg(setup["base"], **{"optim.epochs": 4}), setup["data_dir"], verbose=False)
+    _ensure(_cfg(setup["base"], **{"optim.epochs": 4}), setup["data_dir"], verbose=False)
     after = read_manifest(folder)
     assert after["units"]["e0000"]["sha256"] == sha0
     assert after["units"]["e0001"]["sha256"] == before["units"]["e0001"]["sha256"]  # recomputed identically
@@ -222,22 +235,21 @@ def test_build_resumes_at_the_missing_unit_and_grows_with_epochs(setup):
 
 def test_mismatched_teacher_data_or_seed_is_refused_with_one_line(setup, tmp_path):
     from kcd_ray.data import prepare_dataset
-    from kcd_ray.ray_layer.teacher_cache import ensure_teacher_cache
 
     cache_dir = setup["spec"].dir
     pinned = {"distill.cache_dir": cache_dir}
     with pytest.raises(CacheError, match=r"manifest.json: seed differs \(cache 0, this run 1\)"):
-        ensure_teacher_cache(_cfg(setup["base"], **pinned, **{"optim.seed": 1}), setup["data_dir"], verbose=False)
+        _ensure(_cfg(setup["base"], **pinned, **{"optim.seed": 1}), setup["data_dir"], verbose=False)
     other = tmp_path / "other.pt"
     torch.manual_seed(7)
     save_model(other, build_model("resnet8", 4))
     with pytest.raises(CacheError, match="teacher_sha256 differs"):
-        ensure_teacher_cache(_cfg(setup["base"], **pinned, **{"distill.teacher": str(other)}), setup["data_dir"],
+        _ensure(_cfg(setup["base"], **pinned, **{"distill.teacher": str(other)}), setup["data_dir"],
                              verbose=False)
     data = _cfg(setup["base"], **{"data.root": str(tmp_path / "d2"), "data.synthetic.seed": 3}).data
     d2 = prepare_dataset(data, verbose=False)
     with pytest.raises(CacheError, match="data_checksum differs"):
-        ensure_teacher_cache(_cfg(setup["base"], **pinned, **{"data.root": str(tmp_path / "d2"),
+        _ensure(_cfg(setup["base"], **pinned, **{"data.root": str(tmp_path / "d2"),
                                                               "data.synthetic.seed": 3}), d2, verbose=False)
 
 

@@ -17,8 +17,9 @@ import torch
 from engine_harness import batches, prepare_tiny
 from kcd_ray.config import ConfigError, load_config, to_dict
 from kcd_ray.engine import Engine, LocalServices, RunContext, build_hooks
+from kcd_ray.engine.assemble import run_hooks
 from kcd_ray.engine.build import build_components
-from kcd_ray.engine.parts import run_hooks
+from kcd_ray.engine.plan import local_plan
 from kcd_ray.engine.rundir import RunDir
 from kcd_ray.engine.trackers import Trackers, epoch_metrics, flat_params
 from kcd_ray.models import build_model, save_model
@@ -53,9 +54,9 @@ _batches = batches
 def _engine(tiny, cfg, run_dir: Path, before_trackers=()):
     """An engine with the production hooks; ``before_trackers``: test hooks placed just before the trackers."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, kind="distill", run_dir=RunDir(run_dir), data_dir=tiny["data_dir"])
+    ctx = RunContext.from_plan(local_plan(cfg, "distill", tiny["data_dir"], run_dir))
     torch.manual_seed(cfg.optim.seed)
-    parts = build_components(cfg, "distill", ctx.data_dir, torch.device("cpu"), distributed=False)
+    parts = build_components(ctx, torch.device("cpu"), distributed=False)
     hooks = run_hooks(ctx, parts.num_train)
     at = next(i for i, h in enumerate(hooks) if isinstance(h, Trackers)) if cfg.run.trackers else len(hooks)
     hooks[at:at] = list(before_trackers)
@@ -188,7 +189,7 @@ def test_trackers_turned_on_at_a_resume_get_the_whole_history(tiny, tmp_path):
 
 
 def test_sweep_trial_is_tagged_and_shares_the_sweep_store(tiny, tmp_path):
-    from kcd_ray.ray_layer.tune.spec import load_sweep
+    from kcd_ray.sweeps.spec import load_sweep
     from kcd_ray.ray_layer.tune.sweep import trial_config
 
     sw = load_sweep({"name": "sw", "base": tiny["base"], "storage_path": str(tmp_path), "search": "grid",

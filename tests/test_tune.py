@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from kcd_ray.config import ConfigError, load_config, to_dict
-from kcd_ray.ray_layer.tune.report import format_table, pareto_flags, report
-from kcd_ray.ray_layer.tune.space import apply_values, parse_space
-from kcd_ray.ray_layer.tune.spec import EPOCH_METRICS, REPORTED_METRICS, is_epoch_metric, load_sweep, split_overrides
+from kcd_ray.report import format_table, pareto_flags, report
+from kcd_ray.sweeps.space import apply_values, parse_space
+from kcd_ray.engine.engine import ENGINE_COLUMNS
+from kcd_ray.sweeps.spec import SUMMARY_KEYS, epoch_metrics, is_epoch_metric, is_reported_metric, load_sweep, split_overrides
 from kcd_ray.ray_layer.tune.sweep import derive_concurrency, trial_config, trial_resources
 
 BASE = {"data": {"name": "digits", "image_size": 16}, "optim": {"epochs": 2}}
@@ -95,7 +96,7 @@ def test_a_metric_the_runs_do_not_report_is_refused_at_load(tmp_path, monkeypatc
         assert all(m in msg for m in ("top1", "best_top1", "final_top1", "val_loss", "compute_ratio", "loss_<term>"))
     assert not (tmp_path / "out").exists()
     # Every reported name is accepted, loss terms included; Tune's own keys and the run's strings are not metrics.
-    for m in REPORTED_METRICS + ("loss_kd", "loss_ce"):
+    for m in epoch_metrics()[0] + SUMMARY_KEYS + ("loss_kd", "loss_ce", "stage", "group_top1_2"):
         assert load_sweep({"base": BASE, "metric": m}).metric == m
     for bad in ("loss_", "training_iteration", "kind", "Top1"):
         with pytest.raises(ConfigError, match=f"metric: '{bad}'"):
@@ -103,7 +104,7 @@ def test_a_metric_the_runs_do_not_report_is_refused_at_load(tmp_path, monkeypatc
     # The shipped sweeps name reported metrics.
     for p in sorted(Path(__file__).resolve().parents[1].glob("experiments/sweeps/*.yaml")):
         sw = load_sweep(p)
-        assert sw.metric in REPORTED_METRICS and (sw.asha is None or is_epoch_metric(sw.asha["metric"])), p
+        assert is_reported_metric(sw.metric) and (sw.asha is None or is_epoch_metric(sw.asha["metric"])), p
 
 
 def test_a_missing_teacher_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
@@ -129,7 +130,7 @@ def test_a_missing_teacher_is_refused_before_ray_starts(tmp_path, monkeypatch, c
         run_sweep({"base": BASE, "space": {"distill.teacher": [str(teacher), str(tmp_path / "gone.pt")]},
                    "storage_path": str(tmp_path / "out")})
     # kind: teacher needs no teacher file.
-    from kcd_ray.ray_layer.tune.spec import check_before_ray
+    from kcd_ray.sweeps.spec import check_before_ray
 
     check_before_ray(load_sweep({"base": BASE, "kind": "teacher"}))
     check_before_ray(load_sweep({"base": BASE, "space": {"distill.teacher": [str(teacher)]}}))
@@ -349,4 +350,4 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_local):
     for row in rows:
         numeric = {k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         assert all(is_epoch_metric(k) for k in numeric), sorted(k for k in numeric if not is_epoch_metric(k))
-        assert set(EPOCH_METRICS) <= set(row), sorted(set(EPOCH_METRICS) - set(row))
+        assert set(ENGINE_COLUMNS) <= set(row), sorted(set(ENGINE_COLUMNS) - set(row))

@@ -2,8 +2,8 @@
 by every run and sweep trial with the same teacher, data, augmentation and seed (pure numpy/torch/pyarrow; the
 Ray Data build pass lives in ``kcd_ray.ray_layer.teacher_cache``)."""
 
-from kcd_ray.cache.store import (CacheError, CacheSpec, TeacherLookup, augment_uniforms, cache_key, cache_spec,
-                                 check_manifest, read_manifest, serve_reason, units_for)
+from kcd_ray.cache.store import (CacheError, CacheSpec, TeacherLookup, augment_uniforms, cache_key,
+                                 check_manifest, read_manifest, units_for)
 
-__all__ = ["CacheError", "CacheSpec", "TeacherLookup", "augment_uniforms", "cache_key", "cache_spec",
-           "check_manifest", "read_manifest", "serve_reason", "units_for"]
+__all__ = ["CacheError", "CacheSpec", "TeacherLookup", "augment_uniforms", "cache_key",
+           "check_manifest", "read_manifest", "units_for"]

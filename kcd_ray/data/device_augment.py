@@ -34,6 +34,27 @@ from kcd_ray.data import transforms as T
 
 
 STAGES = ("worker", "split")  # data.augment_on values that serve uint8 rows (see the module docstring)
+AUGMENT_ON = ("pipeline", "worker", "split")  # resolved values of data.augment_on (augment_stage)
+CPU_AUGMENT_ON = "split"  # data.augment_on=auto on CPU workers: see augment_stage
+
+
+def augment_stage(choice: str, gpu: bool) -> str:
+    """Where a run's training augmentation runs (``data.augment_on``); ``auto``: ``worker`` on GPU workers,
+    ``split`` on CPU workers.
+
+    ``worker``: uint8 rows and their draws cross Ray Data; crop, flip and normalisation run on the worker's
+    device (on a GPU, vectorised over the batch after a pinned copy). ``split``: the pixel-exact part (cifar's
+    crop/flip on uint8) runs in Ray Data's map tasks, the worker only normalises (random-resized crops stay on
+    the worker). ``pipeline``: float rows, everything in Ray Data's tasks.
+
+    Measured on 2 CPU cores, no model (``bench/data_ceiling.py``, BENCHMARKS.md), 50k CIFAR rows: split 43k, worker
+    31k img/s (the in-process DataLoader 77k); float rows (``pipeline``) 14k at 8k rows. On a CPU the consumer is
+    the training process itself, so every microsecond of finishing moved to the map tasks is one the step gets
+    back; on this machine two processes doing numpy work on the two cores slow each other ~1.7x (memory-bound),
+    so the split that leaves the consumer the least work wins."""
+    if choice == "auto":
+        return "worker" if gpu else CPU_AUGMENT_ON
+    return choice
 
 
 def device_kind(meta: dict, kind: str, stage: str = "worker") -> str:

@@ -57,12 +57,35 @@ class Distiller(nn.Module):
     # What of the teacher a teacher-output cache must hold for this method: ("logits",), ("logits", "feat")
     # (feats[-1] only), or None: feature maps, so the teacher stays in the loop. Unset: by needs_features.
     teacher_outputs: ClassVar[Optional[tuple[str, ...]]] = ()
+    label: ClassVar[str] = ""  # how reports name it; "" = the registered name
 
     @classmethod
     def cache_outputs(cls) -> Optional[tuple[str, ...]]:
         if cls.teacher_outputs != ():
             return cls.teacher_outputs
         return None if cls.needs_features else ("logits",)
+
+    # ------------------------------------------------------------------ its teachers (the plan and the builder)
+    @classmethod
+    def teacher_files(cls, cfg) -> list[tuple[str, str]]:
+        """(config key, checkpoint) of every teacher file a run of this method reads: checked before Ray starts."""
+        return [("distill.teacher", cfg.distill.teacher)]
+
+    @classmethod
+    def load_teachers(cls, cfg, num_classes: int):
+        """The constructor's ``teacher`` argument: the module of ``distill.teacher`` (several teachers: a list)."""
+        from kcd_ray.models import load_model
+
+        d = cfg.distill
+        if not d.teacher:
+            raise ConfigError("distill.teacher: a teacher checkpoint is required for distillation (train one with "
+                              "`kcd-ray train-teacher`)")
+        return load_model(d.teacher, name=d.teacher_model or None, num_classes=num_classes)
+
+    @classmethod
+    def build_kwargs(cls, cfg, num_classes: int) -> dict:
+        """Constructor keyword arguments a method takes from other config sections (ed: the class groups)."""
+        return {}
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], cfg: DistillConfig, num_classes: int,
                  *, image_size: int = 32, in_channels: int = 3, num_samples: Optional[int] = None,

@@ -78,6 +78,21 @@ def _as_list(teacher) -> list:
 class MultiTeacherKD(_Teachers):
     """gamma * CE + alpha * (1/M) sum_i T^2 KL(p_{t_i} || p_s); teachers from ``distill.teachers``."""
 
+    label = "multi-teacher KD"
+
+    @classmethod
+    def teacher_files(cls, cfg) -> list[tuple[str, str]]:
+        return [("distill.teachers", p) for p in cfg.distill.teachers]
+
+    @classmethod
+    def load_teachers(cls, cfg, num_classes: int):
+        from kcd_ray.models import load_model
+
+        d = cfg.distill
+        if not d.teachers:
+            raise ConfigError("distill.teachers: method 'mtkd' needs a list of full-label teacher checkpoints")
+        return [load_model(p, name=d.teacher_model or None, num_classes=num_classes) for p in d.teachers]
+
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         teachers = _as_list(teacher)
         if not teachers:
@@ -106,6 +121,36 @@ class EducationDistiller(_Teachers):
     """ED's loss over a growing student (module doc). Built with ``groups`` (a ClassGroups) and ``curriculum``
     (the CurriculumConfig: alpha, teacher_source, tr_relu, tr1_grid) as keyword arguments."""
     routes_rows = True  # a row goes through its group's teacher only: one teacher forward per row (ledger)
+    label = "education distillation"
+
+    @classmethod
+    def teacher_files(cls, cfg) -> list[tuple[str, str]]:
+        cur = cfg.curriculum
+        if cur.teacher_source == "sliced":
+            return [("distill.teacher", cfg.distill.teacher)]
+        return [("curriculum.teachers", p) for p in cur.teachers]
+
+    @classmethod
+    def load_teachers(cls, cfg, num_classes: int):
+        """One teacher per group (local labels, n_g outputs), or the sliced full-label teacher."""
+        from kcd_ray.data.groups import ClassGroups
+        from kcd_ray.models import load_model
+
+        d, cur = cfg.distill, cfg.curriculum
+        if cur.teacher_source == "sliced":
+            return [load_model(d.teacher, name=d.teacher_model or None, num_classes=num_classes)]
+        groups = ClassGroups.from_config(cur, num_classes)
+        if len(cur.teachers) != groups.num_groups:
+            raise ConfigError(f"curriculum.teachers: {len(cur.teachers)} checkpoints for {groups.num_groups} groups "
+                              "(kcd-ray distill trains the missing ones first)")
+        return [load_model(p, name=cur.teacher_model or None, num_classes=groups.size(g + 1))
+                for g, p in enumerate(cur.teachers)]
+
+    @classmethod
+    def build_kwargs(cls, cfg, num_classes: int) -> dict:
+        from kcd_ray.data.groups import ClassGroups
+
+        return {"groups": ClassGroups.from_config(cfg.curriculum, num_classes), "curriculum": cfg.curriculum}
 
     def __init__(self, student, teacher, cfg, num_classes, *, groups=None, curriculum=None, **kw):
         from kcd_ray.models.growing import GrowingStudent

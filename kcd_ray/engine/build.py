@@ -14,8 +14,8 @@ from kcd_ray.data import load_meta
 from kcd_ray.data.groups import subset_num_classes
 from kcd_ray.distill import build_distiller
 from kcd_ray.distill.temperature import build_temperature
-from kcd_ray.models import build_model, load_model
-from kcd_ray.engine.curriculum import MULTI_TEACHER, check_curriculum, distiller_kwargs, load_teachers
+from kcd_ray.engine.plan.derive import method_class
+from kcd_ray.models import build_model
 
 
 @dataclass
@@ -69,29 +69,13 @@ def _amp(cfg, device):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
-def teacher_in_loop(cfg, kind: str, teacher_cache) -> bool:
-    """Whether a worker loads the teacher: without a cache, or when KCD's summary blends (images the cache never
-    saw) can reach the batches; those rows alone then go through it."""
-    from kcd_ray.engine.selection import resolve_strategy
-
-    if teacher_cache is None:
-        return True
-    return resolve_strategy(cfg, kind) == "kcd" and bool(cfg.kcd.summary)
-
-
-def load_teacher(dcfg, num_classes: int) -> torch.nn.Module:
-    if not dcfg.teacher:
-        raise ValueError("distill.teacher: a teacher checkpoint is required for distillation (train one with `kcd-ray train-teacher`)")
-    return load_model(dcfg.teacher, name=dcfg.teacher_model or None, num_classes=num_classes)
-
-
-def build_components(cfg, kind: str, data_dir: str, device: torch.device, distributed: bool,
-                     teacher_cache=None) -> Components:
-    """``teacher_cache``: the run's CacheSpec when batches carry the teacher's outputs; the teacher is then
-    loaded only if some rows can miss the cache (KCD's summary blends), see ``teacher_in_loop``."""
-    meta = load_meta(data_dir)
+def build_components(ctx, device: torch.device, distributed: bool) -> Components:
+    """Models, distiller, optimiser and schedules of the run ``ctx.plan`` describes (``ctx.cfg`` may carry an
+    elastic run's per-worker batch). The teacher is loaded when the plan keeps it in the loop; with a
+    teacher-output cache (``plan.cache``) batches carry its outputs instead."""
+    plan, cfg, kind = ctx.plan, ctx.cfg, ctx.kind
+    meta = load_meta(ctx.data_dir)
     num_train = int(meta["splits"]["train"]["num_rows"])
-    check_curriculum(cfg, kind)
     # A class-subset run with local labels (a group teacher) has that many outputs.
     num_classes = subset_num_classes(cfg.curriculum, int(meta["num_classes"]))
     student = build_model(cfg.model, num_classes)
@@ -99,14 +83,12 @@ def build_components(cfg, kind: str, data_dir: str, device: torch.device, distri
     if kind == "teacher":
         dcfg = dataclasses.replace(cfg.distill, method="ce", gamma=1.0, alpha=0.0, beta=0.0)
         teacher = None
-    elif cfg.distill.method in MULTI_TEACHER:  # mtkd, ed: a list of teachers (ed: with the class groups)
-        dcfg = cfg.distill
-        teacher, extra = load_teachers(cfg, num_classes), distiller_kwargs(cfg, num_classes)
     else:
-        dcfg = cfg.distill
-        teacher = load_teacher(dcfg, num_classes) if teacher_in_loop(cfg, kind, teacher_cache) else None
-        if teacher_cache is not None:
-            extra["teacher_cache"] = teacher_cache
+        dcfg, method = cfg.distill, method_class(cfg, kind)
+        teacher = method.load_teachers(cfg, num_classes) if plan.teacher.in_loop else None
+        extra = method.build_kwargs(cfg, num_classes)
+        if plan.cache is not None:
+            extra["teacher_cache"] = plan.cache
     distiller = build_distiller(dcfg, student, teacher, num_classes, num_samples=num_train,
                                 image_size=int(meta["image_shape"][0]), **extra).to(device)
     if cfg.optim.channels_last and device.type == "cuda":  # NHWC kernels (cuDNN); the batches come NHWC too

@@ -16,6 +16,7 @@ The pure algorithm (values, OGVE, schedule, selection, summary plan) is ``kcd_ra
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Optional
 
@@ -24,21 +25,29 @@ import torch
 
 from kcd_ray import storage
 from kcd_ray.condense import KCDState
-from kcd_ray.condense.values import VALUE_FNS, make_context
+from kcd_ray.condense.schedule import CondensationSchedule
+from kcd_ray.condense.values import VALUE_FNS, make_context, needs_teacher
 from kcd_ray.data.blend import BlendOverlays
 from kcd_ray.engine import distributed as D
-from kcd_ray.engine.hooks import HOOKS, Hook, Selection
+from kcd_ray.engine.hooks import Selection
+from kcd_ray.engine.selection.base import STRATEGIES, SelectionStrategy
 from kcd_ray.engine.metrics import say
 from kcd_ray.engine.value_tables import write_value_table
 
 
-@HOOKS.register("kcd")
-class Condenser(Hook):
+@STRATEGIES.register("kcd")
+class Condenser(SelectionStrategy):
     name = "kcd"
+    label, colour = "KCD", "tab:blue"
+    reads_sections = ("kcd",)
+    columns = ("stage", "estep_seconds", "mstep_seconds")
 
-    def __init__(self, kcd_cfg, num_samples: int, record_values: bool = False):
+    def __init__(self, cfg, num_train: int, record_values: bool = False):
+        super().__init__(cfg, num_train)
+        # selection.strategy=kcd runs KCD even when kcd.enabled is false (an explicit strategy wins).
+        kcd_cfg = dataclasses.replace(cfg.kcd, enabled=True)
         self.cfg = kcd_cfg
-        self.state = KCDState.from_config(kcd_cfg, num_samples)
+        self.state = KCDState.from_config(kcd_cfg, num_train)
         self.value_fn = VALUE_FNS.get(kcd_cfg.value_fn)
         self.online = kcd_cfg.estep == "online"
         self.record_values = record_values  # write every epoch's value table (tests, analysis)
@@ -49,6 +58,28 @@ class Condenser(Hook):
         self._mstep_s = self._estep_s = 0.0
         self._offline_passes = 0  # samples the offline E-step scored on this rank since the ledger last asked
         self._offline_teacher = 0  # ... and of those, the ones the teacher saw (a cache serves the rest)
+
+    # ------------------------------------------------------------------ what KCD declares
+    @classmethod
+    def images_made(cls, cfg) -> str:
+        return "rows" if cfg.kcd.summary else ""  # VAKS summary blends: served rows the data set does not hold
+
+    @classmethod
+    def planned_fractions(cls, cfg, num_train: int) -> tuple[np.ndarray, np.ndarray]:
+        """The schedule's planned sizes; the offline E-step scores all N samples at each condensation epoch."""
+        k, epochs = cfg.kcd, int(cfg.optim.epochs)
+        sched = CondensationSchedule(num_train, rho=k.rho, stages=k.stages, interval=k.interval, warmup=k.warmup,
+                                     shape=k.shape)
+        trained = sched.planned_sizes(epochs) / float(num_train)
+        offline = np.array([float(k.estep == "offline" and sched.is_condense_epoch(e)) for e in range(epochs)])
+        return trained, offline
+
+    @classmethod
+    def scores_with_teacher_offline(cls, cfg) -> bool:
+        return cfg.kcd.estep == "offline" and needs_teacher(cfg.kcd.value_fn)
+
+    def kept_set(self) -> Optional[np.ndarray]:
+        return self.state.kept if self.state.version else None
 
     def pop_compute_counts(self) -> dict:
         """Extra forward passes for the compute ledger: the offline E-step's student (and teacher) forwards."""
@@ -84,7 +115,7 @@ class Condenser(Hook):
             return None
         return Selection(kept=self.state.kept, overlay=self._overlay)
 
-    def before_epoch(self, engine, epoch: int) -> Optional[int]:
+    def before_epoch(self, engine, epoch: int) -> None:
         t0 = time.perf_counter()
         self._T, self._epoch = engine.parts.temperature(epoch), epoch
         self._mstep_s = self._estep_s = 0.0
@@ -96,14 +127,13 @@ class Condenser(Hook):
         if result is not None and engine.ctx.is_chief:
             self._write(engine, result)
         self._mstep_s = time.perf_counter() - t0 - self._estep_s
-        return None if result is None else result.version
 
     def _universe(self, engine) -> Optional[np.ndarray]:
         """The samples a curriculum lets this epoch train on (hooks with ``universe(engine)``, e.g. ED's active
         groups): the M-step condenses within them. None: no curriculum (all N samples)."""
         out = None
         for h in engine.hooks:
-            u = h.universe(engine) if h is not self and hasattr(h, "universe") else None
+            u = h.universe(engine) if h is not self else None
             if u is not None:
                 out = u.copy() if out is None else out & u
         return out
@@ -123,8 +153,7 @@ class Condenser(Hook):
             if engine.ctx.is_chief and (self.record_values or self.state.schedule.is_condense_epoch(epoch + 1)):
                 write_value_table(engine.ctx.run_dir, epoch, ids, vals, source="online")
         self._estep_s += time.perf_counter() - t0
-        row.update(kcd_enabled=self.state.enabled, kept_fraction=self.state.k / self.state.num_samples,
-                   stage=self.state.stage, estep_seconds=self._estep_s, mstep_seconds=self._mstep_s)
+        row.update(kept_fraction=self.state.k / self.state.num_samples, stage=self.state.stage, estep_seconds=self._estep_s, mstep_seconds=self._mstep_s)
 
     def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
         """Keep the blend versions the kept checkpoints reference (a checkpoint's version is its row's stage:

@@ -1,7 +1,8 @@
 """What a run's engine knows about its surroundings: the typed run context and the services it calls.
 
-``RunContext`` replaces the string-keyed loop-config dict: run folder, data folder, mask-store name, kind,
-rank/world. ``Services`` is the engine's only door to the outside (the Ray layer implements it with a
+``RunContext`` is what one rank knows: its run plan (every decision made before training), the run and data
+folders as this process sees them, the mask-store name, rank and world size, and the config it trains with (the
+plan's, or an elastic run's with this world size's per-worker batch). ``Services`` is the engine's only door to the outside (the Ray layer implements it with a
 MaskStore actor, Ray Data scoring and ``ray.train.report``); ``LocalServices`` does the same in plain Python
 for in-process unit tests of the engine and its hooks.
 """
@@ -15,6 +16,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 
 from kcd_ray.config import Config
+from kcd_ray.engine.plan.types import RunPlan
 from kcd_ray.engine.rundir import RunDir
 
 KINDS = ("teacher", "distill")
@@ -29,10 +31,18 @@ class RunContext:
     mask_store: Optional[str] = None  # name of the run's MaskStore (Ray layer); None in pure runs
     rank: int = 0
     world: int = 1
+    plan: Optional[RunPlan] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind: {self.kind!r} is not one of: {', '.join(KINDS)}")
+
+    @classmethod
+    def from_plan(cls, plan: RunPlan, *, run_dir: Optional[RunDir] = None, data_dir: Optional[str] = None,
+                  cfg: Optional[Config] = None, **kw) -> "RunContext":
+        run_dir = run_dir or RunDir(plan.folder.path, remote=plan.folder.remote)
+        return cls(cfg=cfg or plan.cfg, kind=plan.kind, run_dir=run_dir, data_dir=data_dir or plan.data.dir,
+                   plan=plan, **kw)
 
     @property
     def is_chief(self) -> bool:

@@ -22,8 +22,10 @@
 ``class_subset`` serves and evaluates only ``curriculum.only_groups``' classes (a group teacher's run; the
 relabelling to local labels is :func:`kcd_ray.data.groups.relabel_batches` in the batch feed).
 
-Also the pure helpers the builder and the driver use: :func:`check_curriculum`, :func:`load_teachers`,
-:class:`GradeSchedule`, :func:`group_teacher_config` / :func:`group_teacher_paths`.
+A curriculum is one class registered in ``CURRICULA`` (``curriculum.name``) declaring, on itself, its config
+checks, its sequential passes and the teachers it needs trained first (:class:`Curriculum`). Also the pure
+helpers the plan and the builder use: :func:`check_curriculum`, :func:`check_classes`, :class:`GradeSchedule`,
+:func:`group_teacher_config` / :func:`group_teacher_paths`.
 """
 
 from __future__ import annotations
@@ -42,12 +44,49 @@ from kcd_ray.data.groups import ClassGroups, class_mask, labels_by_id
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.hooks import HOOKS, Hook, Selection
 from kcd_ray.engine.metrics import say
+from kcd_ray.registry import Registry
 
 PER_GRADE_DECAYS = (0.625, 0.75, 0.875)  # ED.md 7, lr_mode=per_grade: 150/180/210 of 240, per grade
-MULTI_TEACHER = ("mtkd", "ed")
 
 
-# --------------------------------------------------------------------------- configuration
+# --------------------------------------------------------------------------- what a curriculum declares
+
+CURRICULA: Registry[type] = Registry("curriculum", aliases=("none",))
+
+
+class Curriculum(Hook):
+    """A curriculum (``curriculum.name``): a hook that decides which classes each epoch trains on, registered in
+    ``CURRICULA``, declaring what the driver and the data pipeline need to know before the run starts."""
+
+    label = ""
+
+    @classmethod
+    def check(cls, cfg: Config, kind: str) -> None:
+        """Cross-field checks against the rest of the config (one-line ConfigErrors), before anything runs."""
+
+    @classmethod
+    def check_classes(cls, cfg: Config, num_classes: int) -> None:
+        """Checks that need the data set's class count (before any group teacher trains)."""
+
+    @classmethod
+    def sequential_passes(cls, cfg: Config, num_classes: int) -> Optional[np.ndarray]:
+        """int[K]: the pass of each class when an epoch serves the classes in passes, else None."""
+        return None
+
+    @classmethod
+    def teachers_to_train(cls, cfg: Config) -> list[tuple[int, str, Optional[Config]]]:
+        """(group, checkpoint location, teacher config or None when it exists) of teachers trained first."""
+        return []
+
+    @classmethod
+    def with_teachers(cls, cfg: Config, paths: list) -> Config:
+        """The config once ``teachers_to_train`` exist at ``paths``."""
+        return cfg
+
+
+def curriculum_class(cfg: Config) -> Optional[type]:
+    name = cfg.curriculum.name
+    return None if name == "none" else CURRICULA.get(name)
 
 
 def check_curriculum(cfg: Config, kind: str) -> None:
@@ -57,41 +96,29 @@ def check_curriculum(cfg: Config, kind: str) -> None:
         raise ConfigError("curriculum.labels: local labels need curriculum.only_groups (the groups a teacher learns)")
     if cfg.distill.method == "ed" and cur.name != "ed" and kind == "distill":
         raise ConfigError("distill.method: 'ed' needs curriculum.name=ed (the grades and the growing student)")
-    if cur.name != "ed":
-        return
-    if kind != "distill":
-        raise ConfigError("curriculum.name: ed is a distillation; a group teacher trains with curriculum.name=none "
-                          "curriculum.only_groups=[g] curriculum.labels=local (kcd-ray distill trains missing ones)")
-    if cfg.distill.method != "ed":
-        raise ConfigError(f"distill.method: curriculum.name=ed trains with the ed loss; set distill.method=ed "
-                          f"(got {cfg.distill.method!r})")
-    if cur.only_groups:
-        raise ConfigError("curriculum.only_groups: not used with curriculum.name=ed (its grades choose the groups)")
-    if len(cur.grade_epochs) != cur.groups:
-        raise ConfigError(f"curriculum.grade_epochs: {len(cur.grade_epochs)} grades for curriculum.groups={cur.groups}")
-    if min(cur.grade_epochs) < 1 or sum(cur.grade_epochs) != cfg.optim.epochs:
-        raise ConfigError(f"curriculum.grade_epochs: {cur.grade_epochs} must be >= 1 each and sum to optim.epochs="
-                          f"{cfg.optim.epochs}")
-    if cfg.kcd.enabled and cfg.kcd.estep == "offline":
-        raise ConfigError("kcd.estep: offline scoring runs the native student head; with curriculum.name=ed use "
-                          "kcd.estep=online (values from the grade's own forward passes)")
-    if cur.teacher_source == "sliced" and not cfg.distill.teacher:
-        raise ConfigError("distill.teacher: curriculum.teacher_source=sliced slices one full-label teacher checkpoint")
+    cls = curriculum_class(cfg)
+    if cls is not None:
+        cls.check(cfg, kind)
 
 
-def check_pipeline(cfg: Config) -> None:
-    """What the Ray Data pipeline cannot serve (checked by the driver)."""
-    if cfg.curriculum.name == "ed" and not cfg.curriculum.mix_groups and cfg.data.shuffle not in ("auto", "full"):
-        raise ConfigError(f"curriculum.mix_groups: false (ED's sequential passes over D_1..D_g in each epoch) needs "
-                          f"data.shuffle=full, got {cfg.data.shuffle!r}; or set curriculum.mix_groups=true")
+def check_classes(cfg: Config, num_classes: int) -> None:
+    """The class groups fit the data set (before any teacher trains): one line naming the key otherwise."""
+    cur = cfg.curriculum
+    if cur.name != "none" or cur.only_groups:
+        try:
+            ClassGroups.from_config(cur, num_classes)
+        except ValueError as e:
+            raise ConfigError(f"curriculum.groups: {e}") from None
+    cls = curriculum_class(cfg)
+    if cls is not None:
+        cls.check_classes(cfg, num_classes)
 
 
 def sequential_passes(cfg: Config, num_classes: int) -> Optional[np.ndarray]:
-    """int[K]: the pass (group 1..G) of each class when ED trains in sequential passes over D_1..D_g
-    (``curriculum.mix_groups=false``), else None (one shuffled pass over the grade's union)."""
-    if cfg.curriculum.name != "ed" or cfg.curriculum.mix_groups:
-        return None
-    return np.asarray(ClassGroups.from_config(cfg.curriculum, num_classes).group_of_label, np.int64)
+    """int[K]: the pass of each class when the curriculum serves an epoch in passes (ED's sequential passes over
+    D_1..D_g), else None (one shuffled pass)."""
+    cls = curriculum_class(cfg)
+    return None if cls is None else cls.sequential_passes(cfg, num_classes)
 
 
 def run_groups(cfg: Config, num_classes: int) -> Optional[ClassGroups]:
@@ -99,35 +126,6 @@ def run_groups(cfg: Config, num_classes: int) -> Optional[ClassGroups]:
     if cur.name == "none" and not cur.only_groups:
         return None
     return ClassGroups.from_config(cur, num_classes)
-
-
-def load_teachers(cfg: Config, num_classes: int):
-    """The teacher argument of ``build_distiller``: one module, or a list (mtkd; ed: per group or sliced)."""
-    from kcd_ray.models import load_model
-
-    d = cfg.distill
-    name = d.teacher_model or None
-    if d.method == "mtkd":
-        if not d.teachers:
-            raise ConfigError("distill.teachers: method 'mtkd' needs a list of full-label teacher checkpoints")
-        return [load_model(p, name=name, num_classes=num_classes) for p in d.teachers]
-    if d.method == "ed":
-        cur = cfg.curriculum
-        if cur.teacher_source == "sliced":
-            return [load_model(d.teacher, name=name, num_classes=num_classes)]
-        groups = ClassGroups.from_config(cur, num_classes)
-        if len(cur.teachers) != groups.num_groups:
-            raise ConfigError(f"curriculum.teachers: {len(cur.teachers)} checkpoints for {groups.num_groups} groups "
-                              "(kcd-ray distill trains the missing ones first)")
-        return [load_model(p, name=cur.teacher_model or None, num_classes=groups.size(g + 1))
-                for g, p in enumerate(cur.teachers)]
-    return None  # the single-teacher path (build.load_teacher)
-
-
-def distiller_kwargs(cfg: Config, num_classes: int) -> dict:
-    if cfg.distill.method != "ed":
-        return {}
-    return {"groups": ClassGroups.from_config(cfg.curriculum, num_classes), "curriculum": cfg.curriculum}
 
 
 # --------------------------------------------------------------------------- grades and learning rate
@@ -163,13 +161,60 @@ class GradeSchedule:
 # --------------------------------------------------------------------------- hooks
 
 
+def check_ed(cfg: Config, kind: str) -> None:
+    """ED's cross-field checks: its loss, its grades against the epochs, what its pipeline can serve."""
+    cur = cfg.curriculum
+    if kind != "distill":
+        raise ConfigError("curriculum.name: ed is a distillation; a group teacher trains with curriculum.name=none "
+                          "curriculum.only_groups=[g] curriculum.labels=local (kcd-ray distill trains missing ones)")
+    if cfg.distill.method != "ed":
+        raise ConfigError(f"distill.method: curriculum.name=ed trains with the ed loss; set distill.method=ed "
+                          f"(got {cfg.distill.method!r})")
+    if cur.only_groups:
+        raise ConfigError("curriculum.only_groups: not used with curriculum.name=ed (its grades choose the groups)")
+    if len(cur.grade_epochs) != cur.groups:
+        raise ConfigError(f"curriculum.grade_epochs: {len(cur.grade_epochs)} grades for curriculum.groups={cur.groups}")
+    if min(cur.grade_epochs) < 1 or sum(cur.grade_epochs) != cfg.optim.epochs:
+        raise ConfigError(f"curriculum.grade_epochs: {cur.grade_epochs} must be >= 1 each and sum to optim.epochs="
+                          f"{cfg.optim.epochs}")
+    if cfg.kcd.enabled and cfg.kcd.estep == "offline":
+        raise ConfigError("kcd.estep: offline scoring runs the native student head; with curriculum.name=ed use "
+                          "kcd.estep=online (values from the grade's own forward passes)")
+    if cur.teacher_source == "sliced" and not cfg.distill.teacher:
+        raise ConfigError("distill.teacher: curriculum.teacher_source=sliced slices one full-label teacher checkpoint")
+    if not cur.mix_groups and cfg.data.shuffle not in ("auto", "full"):
+        raise ConfigError(f"curriculum.mix_groups: false (ED's sequential passes over D_1..D_g in each epoch) needs "
+                          f"data.shuffle=full, got {cfg.data.shuffle!r}; or set curriculum.mix_groups=true")
+
+
 def _train_labels(data_dir, labels) -> np.ndarray:
     return np.asarray(labels) if labels is not None else labels_by_id(data_dir, "train")
 
 
-@HOOKS.register("ed")
-class EDCurriculum(Hook):
+@CURRICULA.register("ed")
+class EDCurriculum(Curriculum):
     name = "ed"
+    label = "education distillation"
+    columns = ("grade", "grades", "active_classes", "active_samples", "seen_class_top1")
+    column_prefixes = ("group_top1_",)
+
+    @classmethod
+    def check(cls, cfg: Config, kind: str) -> None:
+        check_ed(cfg, kind)
+
+    @classmethod
+    def sequential_passes(cls, cfg: Config, num_classes: int) -> Optional[np.ndarray]:
+        if cfg.curriculum.mix_groups:
+            return None
+        return np.asarray(ClassGroups.from_config(cfg.curriculum, num_classes).group_of_label, np.int64)
+
+    @classmethod
+    def teachers_to_train(cls, cfg: Config) -> list[tuple[int, str, Optional[Config]]]:
+        return group_teacher_paths(cfg) if cfg.curriculum.teacher_source == "per_group" else []
+
+    @classmethod
+    def with_teachers(cls, cfg: Config, paths: list) -> Config:
+        return with_teachers(cfg, paths) if paths else cfg
 
     def __init__(self, cfg: Config, num_classes: int, data_dir=None, labels=None):
         cur = cfg.curriculum
@@ -282,6 +327,8 @@ class EDCurriculum(Hook):
 class ClassSubset(Hook):
     """Serve only the training samples of ``curriculum.only_groups``' classes."""
 
+    columns = ("active_classes", "active_samples")
+
     def __init__(self, cfg: Config, num_classes: int, data_dir=None, labels=None):
         groups = ClassGroups.from_config(cfg.curriculum, num_classes)
         self.classes = groups.subset_classes(cfg.curriculum.only_groups)
@@ -304,8 +351,9 @@ def curriculum_hooks(cfg: Config, kind: str, data_dir) -> list[Hook]:
     from kcd_ray.data import load_meta
 
     num_classes = int(load_meta(data_dir)["num_classes"])
-    if cfg.curriculum.name == "ed" and kind == "distill":
-        return [EDCurriculum(cfg, num_classes, data_dir)]
+    cls = curriculum_class(cfg)
+    if cls is not None and kind == "distill":
+        return [cls(cfg, num_classes, data_dir)]
     return [ClassSubset(cfg, num_classes, data_dir)]
 
 

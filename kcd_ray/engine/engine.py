@@ -28,10 +28,18 @@ from kcd_ray.engine.checkpoint import load_run_checkpoint, restore_into, save_ru
 from kcd_ray.engine.context import RunContext, Services
 from kcd_ray.engine.hooks import Hook
 from kcd_ray.engine.metrics import Progress, say, summarize
+from kcd_ray.engine.selection.base import strategy_class
 
 Batches = Callable[[int], Iterable[dict]]
 PROGRESS_EVERY_S = 30.0
 BATCH_KEYS = ("image", "label", "sample_id", "t_logits", "t_feat", "t_missing")  # t_*: teacher-output cache
+# The numeric columns of every metrics row the engine writes itself (hooks declare theirs: Hook.columns), and the
+# prefix of one column per loss term.
+ENGINE_COLUMNS = ("epoch", "epochs", "train_loss", "top1", "top5", "val_loss", "val_samples", "best_top1",
+                  "kept_fraction", "samples_seen", "sample_passes", "T", "lr", "train_seconds", "images_per_s",
+                  "data_wait_seconds", "hook_seconds", "world_size", "local_samples", "skipped_steps",
+                  "epoch_seconds", "wall_seconds")
+LOSS_PREFIX = "loss_"
 
 
 def grad_norm(params) -> torch.Tensor:
@@ -76,6 +84,7 @@ class Engine:
         self.test_batches: Optional[Callable[[], Iterable[dict]]] = None
         self._last_eval: Optional[dict] = None
         self._published, self._selection_version = (None, json.dumps(None)), 0  # nothing published: all samples
+        self._served = parts.num_train  # samples the published selection serves (the kept_fraction column)
         # Per-step hook points are called only on the hooks that override them (nothing to pay otherwise).
         self._batch_hooks = [h for h in self.hooks if type(h).before_step is not Hook.before_step]
         self._loss_hooks = [h for h in self.hooks if type(h).adjust_loss is not Hook.adjust_loss]
@@ -112,6 +121,7 @@ class Engine:
         self._published = key
         self._selection_version += 1
         ids = np.arange(self.parts.num_train, dtype=np.int64) if kept is None else np.flatnonzero(kept)
+        self._served = len(ids)
         self.services.publish_mask(self._selection_version, ids, overlay)
 
     def to_device(self, batch: dict) -> dict:
@@ -250,15 +260,14 @@ class Engine:
         ev = dict(self._last_eval)  # optim.eval_every > 1: skipped epochs carry the last evaluation
         best = max([ev["top1"]] + [m["best_top1"] for m in self.history[-1:]])
         row = {
-            "epoch": epoch, "epochs": epochs, "kind": self.ctx.kind, "kcd_enabled": False,
+            "epoch": epoch, "epochs": epochs, "kind": self.ctx.kind,
             "train_loss": sum(sums) / max(n_seen, 1),
-            **{f"loss_{k}": s / max(n_seen, 1) for k, s in zip(keys, sums)},
-            **ev, "best_top1": best, "kept_fraction": 1.0, "stage": 0,
+            **{f"{LOSS_PREFIX}{k}": s / max(n_seen, 1) for k, s in zip(keys, sums)},
+            **ev, "best_top1": best, "kept_fraction": self._served / max(self.parts.num_train, 1),
             "samples_seen": int(n_seen), "sample_passes": self.sample_passes,
-            "compute_ratio": self.sample_passes / (self.parts.num_train * (epoch + 1)),
             "T": T if self.ctx.kind == "distill" else None, "lr": lr,
             "train_seconds": train_s, "images_per_s": n_seen / max(train_s, 1e-9),
-            "estep_seconds": 0.0, "mstep_seconds": 0.0, "data_wait_seconds": tr["data_wait_seconds"],
+            "data_wait_seconds": tr["data_wait_seconds"], "hook_seconds": hook_s,
             "world_size": self.ctx.world, "local_samples": int(tr["local_samples"]),
             "skipped_steps": int(skipped), "evaluated": evaluated,
         }
@@ -291,9 +300,9 @@ class Engine:
             self._each("after_checkpoint", epoch, row)
         summary = None
         if self.ctx.is_chief and self.history:
-            summary = summarize(self.history, kind=self.ctx.kind, kcd_enabled=self.history[-1]["kcd_enabled"],
-                                num_train=self.parts.num_train, epochs=self.cfg.optim.epochs,
-                                run_dir=self.ctx.run_dir.where, config=to_dict(self.cfg))
+            summary = summarize(self.history, kind=self.ctx.kind, num_train=self.parts.num_train,
+                                epochs=self.cfg.optim.epochs, run_dir=self.ctx.run_dir.where, config=to_dict(self.cfg),
+                                strategy_info=strategy_class(self.cfg, self.ctx.kind).info(self.cfg))
         self._each("end_run", summary)
         return summary
 

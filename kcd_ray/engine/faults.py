@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -76,40 +75,12 @@ class RecordSelection(Hook):
     ``kept`` bool[N], and InfoBatch's ``weights`` and ``scores``), so a test can check that every rank holds the same."""
 
     def after_epoch(self, engine, epoch: int, row: dict) -> None:
-        from kcd_ray.engine.selection import STRATEGY_HOOK_NAMES
+        from kcd_ray.engine.selection import SelectionStrategy
 
-        hook = next((h for h in engine.hooks if h.name in STRATEGY_HOOK_NAMES), None)
+        hook = next((h for h in engine.hooks if isinstance(h, SelectionStrategy)), None)
         if hook is None:
             return
-        n = engine.parts.num_train
-        kept = getattr(hook, "kept", None)
-        if kept is None and hasattr(hook, "state"):  # KCD
-            kept = hook.state.kept if hook.state.version else None
-        arrays = {"kept": np.ones(n, bool) if kept is None else np.asarray(kept, bool)}
-        for name in ("weights", "scores"):
-            if getattr(hook, name, None) is not None:
-                arrays[name] = np.asarray(getattr(hook, name))
+        kept = hook.kept_set()
+        arrays = {"kept": np.ones(engine.parts.num_train, bool) if kept is None else np.asarray(kept, bool),
+                  **{k: np.asarray(v) for k, v in hook.state_arrays().items()}}
         np.savez(engine.ctx.run_dir.sub("selection", f"e{epoch:04d}_r{engine.ctx.rank}.npz"), **arrays)
-
-
-@HOOKS.register("plain_epoch")
-class PlainEpochBeside(Hook):
-    """Benchmark drill (``bench/train_throughput.py --paired``): before each epoch, rank 0 trains one epoch of a
-    plain PyTorch loop (:class:`kcd_ray.engine.baseline.PlainLoop`: same model, batch and augmentation, its own
-    weights and random streams) in this worker process, and appends its img/s to ``plain_epochs.jsonl`` in the
-    run folder. The engine leaves ``before_epoch`` time out of an epoch's ``train_seconds``."""
-
-    def __init__(self):
-        self.loop = None
-
-    def before_epoch(self, engine, epoch: int) -> None:
-        if not engine.ctx.is_chief:
-            return
-        if self.loop is None:
-            from kcd_ray.engine.baseline import PlainLoop
-
-            self.loop = PlainLoop(engine.ctx.data_dir, engine.cfg.model, engine.cfg.optim.batch_size,
-                                  seed=engine.cfg.optim.seed)
-        line = json.dumps({"epoch": epoch, "images_per_s": self.loop.epoch()})
-        with open(engine.ctx.run_dir.path / "plain_epochs.jsonl", "a") as f:
-            f.write(line + "\n")

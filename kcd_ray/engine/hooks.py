@@ -6,21 +6,27 @@ A hook is one registered class. The engine calls, in order of the hook list:
 - ``before_epoch(engine, epoch)``       before the epoch's data is read
 - ``data_selection(engine)``            (rank 0, after ``before_epoch``) which samples the epoch serves: a
                                          :class:`Selection`; the engine intersects every hook's and publishes it
-- ``universe(engine)`` (optional, not on the base class) bool[N] or None: the samples a data-selection strategy
-                                         may select from this epoch (a curriculum's active classes; KCD condenses within it)
+- ``universe(engine)``                 bool[N] or None: the samples a data-selection strategy may select from this
+                                         epoch (a curriculum's active classes; KCD condenses within them)
 - ``before_step(engine, batch)``        may return a replacement batch (on the device), e.g. UNIXKD's selection+mixup
 - ``adjust_loss(engine, batch, output, loss)`` may return a new loss tensor (e.g. InfoBatch's rescaling)
 - ``after_step(engine, batch, output)`` after each optimiser step (no host synchronisation here on a GPU)
 - ``after_epoch(engine, epoch, row)``   after training and evaluation; may add fields to the metrics row
 - ``after_checkpoint(engine, epoch, row)`` after the epoch's checkpoint was reported
 - ``end_run(engine, summary)``          rank 0's summary is complete (others get ``None``)
+- ``pop_compute_counts()``              this rank's extra forward passes since the last call, for the compute ledger:
+                                         ``{"student_forward_only": n, "teacher_forward": n}`` (ranking passes,
+                                         an offline E-step)
 
-and saves ``state_dict()`` under the hook's ``name`` in every run checkpoint (``load_state_dict`` on resume).
+and saves ``state_dict()`` under the hook's ``name`` in every run checkpoint (``load_state_dict`` on resume). The
+columns a hook adds to the metrics row are declared in ``columns`` (sweeps validate their metrics against them).
 Hooks never subclass or patch the engine; they read what they need from it (``engine.ctx``, ``engine.distiller``,
 ``engine.services``, ``engine.history``).
 
-Adding one: subclass :class:`Hook`, decorate with ``@HOOKS.register("name")``, and have the builder in
-``kcd_ray.engine.parts`` (or a test) put it in the list.
+Adding one: subclass :class:`Hook`, decorate with ``@HOOKS.register("name")``, and put it in the list: the
+production list is ``kcd_ray.engine.assemble.run_hooks``; tests and drills pass ``("name", {kwargs})`` (or the
+class itself) as extra hooks. A data-selection strategy is a hook too, registered as a strategy
+(:mod:`kcd_ray.engine.selection`).
 """
 
 from __future__ import annotations
@@ -47,14 +53,21 @@ class Selection:
 
 class Hook:
     name: str = ""  # key of this hook's state in a checkpoint ("" = stateless)
+    # The numeric metrics-row columns it adds in after_epoch (sweeps may name them as metrics), and prefixes of
+    # columns it adds per item (e.g. ED's group_top1_<h>).
+    columns: tuple[str, ...] = ()
+    column_prefixes: tuple[str, ...] = ()
 
     def before_run(self, engine: "Engine", start_epoch: int) -> None:
         pass
 
-    def before_epoch(self, engine: "Engine", epoch: int) -> Optional[int]:
-        return None
+    def before_epoch(self, engine: "Engine", epoch: int) -> None:
+        pass
 
     def data_selection(self, engine: "Engine") -> Optional[Selection]:
+        return None
+
+    def universe(self, engine: "Engine") -> Optional[np.ndarray]:
         return None
 
     def before_step(self, engine: "Engine", batch: dict) -> Optional[dict]:
@@ -75,6 +88,9 @@ class Hook:
     def end_run(self, engine: "Engine", summary: Optional[dict]) -> None:
         pass
 
+    def pop_compute_counts(self) -> dict[str, int]:
+        return {}
+
     def state_dict(self) -> Optional[dict]:
         return None
 
@@ -83,14 +99,3 @@ class Hook:
 
 
 HOOKS: Registry[type] = Registry("hook")
-
-
-def build_hooks(specs: list) -> list[Hook]:
-    """``[("name", {kwargs}), ...]`` -> hook instances (specs travel to Ray workers as plain data)."""
-    from kcd_ray.engine import faults, parts  # noqa: F401 - registers the engine's own hooks
-
-    out = []
-    for spec in specs or []:
-        name, kwargs = (spec, {}) if isinstance(spec, str) else spec
-        out.append(HOOKS.get(name)(**dict(kwargs)))
-    return out

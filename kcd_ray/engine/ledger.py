@@ -31,6 +31,7 @@ import torch
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.hooks import HOOKS, Hook
 from kcd_ray.engine.metrics import say
+from kcd_ray.engine.selection.base import resolve_strategy
 
 LEDGER_FIELDS = ("student_forward_only_samples", "teacher_forward_samples", "flops", "student_forward_only_passes",
                  "teacher_forward_passes", "flops_total", "flops_student_forward", "flops_student_backward",
@@ -82,6 +83,7 @@ def measure_flops(model: torch.nn.Module, input_shape, backward: bool, train: bo
 @HOOKS.register("ledger")
 class ComputeLedger(Hook):
     name = "ledger"
+    columns = LEDGER_FIELDS + ("compute_ratio",)
 
     def __init__(self):
         self.per_sample: Optional[dict] = None  # {"student_forward", "student_backward", "teacher_forward"}
@@ -132,9 +134,8 @@ class ComputeLedger(Hook):
         fwd_only, teacher = 0, self._teacher
         self._teacher = 0
         for h in engine.hooks:
-            pop = getattr(h, "pop_compute_counts", None)
-            if pop is not None and h is not self:
-                c = pop() or {}
+            if h is not self:
+                c = h.pop_compute_counts() or {}
                 fwd_only += int(c.get("student_forward_only", 0))
                 teacher += int(c.get("teacher_forward", 0))
         fwd_only, teacher = (int(v) for v in D.all_sum([fwd_only, teacher], engine.device))
@@ -158,8 +159,6 @@ class ComputeLedger(Hook):
         n_ref = engine.parts.num_train * (epoch + 1)
         sample_ratio = row["sample_passes"] / max(n_ref, 1)
         kd_per_sample = ps["student_forward"] + ps["student_backward"] + ps["teacher_forward"]
-        from kcd_ray.engine.selection import resolve_strategy
-
         row.update(
             strategy=resolve_strategy(engine.cfg, engine.ctx.kind),
             student_forward_only_samples=fwd_only, teacher_forward_samples=teacher, flops=flops,

@@ -52,11 +52,10 @@ class Progress:
 
 def format_epoch(m: dict) -> str:
     parts = [f"epoch {m['epoch'] + 1}/{m['epochs']}", f"loss {m['train_loss']:.4f}", f"top1 {m['top1']:.2f}", f"top5 {m['top5']:.2f}"]
-    if m.get("kcd_enabled"):
-        parts.append(f"kept {100 * m['kept_fraction']:.1f}%")
+    if m.get("strategy") not in (None, "none"):
+        parts.append(f"{m['strategy']} kept {100 * m['kept_fraction']:.1f}%")
+    if m.get("stage") is not None:  # KCD's condensation stage
         parts.append(f"stage {m['stage']}")
-    elif m.get("strategy") not in (None, "none", "kcd"):
-        parts.append(f"{m['strategy']} {100 * m['kept_fraction']:.1f}%")
     if m.get("T") is not None and m.get("kind") == "distill":
         parts.append(f"T {m['T']:.2f}")
     if m.get("grade") is not None:  # education distillation (engine/curriculum.py)
@@ -66,7 +65,9 @@ def format_epoch(m: dict) -> str:
     return " | ".join(parts)
 
 
-def summarize(history: list[dict], *, kind: str, kcd_enabled: bool, num_train: int, epochs: int, run_dir: str, config: dict) -> dict:
+def summarize(history: list[dict], *, kind: str, num_train: int, epochs: int, run_dir: str, config: dict,
+              strategy_info: dict | None = None) -> dict:
+    """The run's summary.json: final and best test figures, the compute ledger's totals, what trained it."""
     if not history:
         raise ValueError("no epochs recorded: nothing to summarise")
     best = max(history, key=lambda m: m["top1"])
@@ -93,11 +94,12 @@ def summarize(history: list[dict], *, kind: str, kcd_enabled: bool, num_train: i
         "sample_pass_ratio": sample_ratio,
         **ledger,
         "full_flops": full_flops,
-        "strategy": last.get("strategy", "kcd" if kcd_enabled else "none"),
+        "strategy": last.get("strategy", (strategy_info or {}).get("name", "none")),
+        "strategy_info": strategy_info or {},
         "wall_seconds": last["wall_seconds"],
         "epochs": epochs,
         "kind": kind,
-        "kcd_enabled": kcd_enabled,
+        "kcd_enabled": last.get("strategy") == "kcd",  # read by reports of older runs; strategy says more
         "num_train": int(num_train),
         "run_dir": run_dir,
         "config": config,

@@ -1,4 +1,4 @@
-"""The production hooks besides KCD's condenser, and the list a run is built with.
+"""Two production hooks every run has (the list they join is ``kcd_ray.engine.assemble.run_hooks``):
 
 - ``InitStage`` (AB, FT, FSP): train the method's connectors on the full data set before distillation.
 - ``MetricsWriter``: rank 0 writes ``metrics.jsonl``, ``best_model.pt``, the epoch line, and at the end
@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from kcd_ray.engine.condenser import Condenser  # noqa: F401 - registers the "kcd" hook
-from kcd_ray.engine.context import RunContext
-from kcd_ray.engine.curriculum import curriculum_hooks
-from kcd_ray.engine.hooks import HOOKS, Hook, build_hooks
-from kcd_ray.engine.ledger import ComputeLedger
+from kcd_ray.engine.hooks import HOOKS, Hook
 from kcd_ray.engine.metrics import format_epoch, say
-from kcd_ray.engine.selection import STRATEGY_HOOK_NAMES, build_strategy
 from kcd_ray.models import save_model
 
 
@@ -76,27 +71,3 @@ class MetricsWriter(Hook):
         save_model(run_dir.path / "final_model.pt", engine.distiller.student,
                    extra={"epoch": engine.cfg.optim.epochs - 1, "top1": engine.history[-1]["top1"]})
         run_dir.write_json("summary.json", summary)
-
-
-def run_hooks(ctx: RunContext, num_train: int, extra: list | None = None) -> list[Hook]:
-    """The hook list of a run: init stage, the one data-selection strategy (``selection.strategy``; ``auto``:
-    KCD with ``kcd.enabled``, else none; see ``kcd_ray.engine.selection``), the compute ledger, the metrics
-    writer (after the hooks that fill in the row), then extras (test hooks such as ``fail`` act after the row
-    is written)."""
-    hooks: list[Hook] = [InitStage()]
-    # A curriculum (ED's grades, a class subset) before the strategy: KCD condenses within its selection.
-    hooks += curriculum_hooks(ctx.cfg, ctx.kind, ctx.data_dir)
-    strategy = build_strategy(ctx, num_train)
-    if strategy is not None:
-        hooks.append(strategy)
-    hooks.append(ComputeLedger())
-    hooks.append(MetricsWriter())
-    if ctx.cfg.run.trackers:  # after the writer: its files (metrics, final model, summary) exist when logged
-        from kcd_ray.engine.trackers import Trackers
-
-        hooks.append(Trackers(ctx.cfg.run.trackers, chief=ctx.is_chief))
-    extras = build_hooks(extra or [])
-    clash = [h.name for h in extras if h.name in STRATEGY_HOOK_NAMES]
-    if clash:
-        raise ValueError(f"hooks: {clash} would run a second data-selection strategy; choose it with selection.strategy")
-    return hooks + extras

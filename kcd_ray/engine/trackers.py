@@ -287,7 +287,7 @@ def _curves_png(history: list[dict], path: Path, title: str) -> Optional[Path]:
     """The report's per-epoch curves (matplotlib only: the plotting module imports no Ray)."""
     if not history:
         return None
-    from kcd_ray.ray_layer.tune.plots import curves_plot
+    from kcd_ray.plots import curves_plot
 
     return curves_plot(history, path, title)
 

@@ -35,6 +35,8 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 import ray
 
+from kcd_ray.data.row_maps import is_kept  # noqa: F401 - the mask's membership test
+
 HEAD_NODE = "node:__internal_head__"  # the head node's own resource (ray._common.constants.HEAD_NODE_RESOURCE_NAME)
 
 
@@ -121,17 +123,6 @@ def kept_bool_array(kept_ids, num_samples: Optional[int] = None) -> np.ndarray:
         raise ValueError(f"kept_ids: id {int(a.max())} is out of range for num_samples={n}")
     out = np.zeros(n, np.bool_)
     out[a] = True
-    return out
-
-
-def is_kept(kept: Optional[np.ndarray], sample_ids: np.ndarray) -> np.ndarray:
-    """bool[B]: which ids the mask keeps (None = all kept; ids past the end are not kept)."""
-    ids = np.asarray(sample_ids, np.int64)
-    if kept is None:
-        return np.ones(ids.shape, np.bool_)
-    inside = (ids >= 0) & (ids < kept.size)
-    out = np.zeros(ids.shape, np.bool_)
-    out[inside] = kept[ids[inside]]
     return out
 
 

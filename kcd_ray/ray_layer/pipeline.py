@@ -100,16 +100,15 @@ from typing import Optional
 import numpy as np
 
 from kcd_ray.data import transforms as T
+from kcd_ray.data.device_augment import AUGMENT_ON
 from kcd_ray.ray_layer.batch_maps import block_local_map, eval_batch, map_batch_rows
 from kcd_ray.ray_layer.full_shuffle import full_cached, full_sorted
 from kcd_ray.ray_layer.split_reader import check_cpus, find_split, parquet_bytes, read_split, task_pool
 
 __all__ = ["train_dataset", "train_ingest_options", "eval_dataset", "scoring_dataset", "eval_batch",
-           "iter_train_batches", "rebatch", "split_passes", "augment_stage"]
+           "iter_train_batches", "rebatch", "split_passes"]
 
 SHUFFLES = ("auto", "full", "block_local", "block_local_files")
-AUGMENT_ON = ("pipeline", "worker", "split")  # resolved values of data.augment_on (augment_stage)
-CPU_AUGMENT_ON = "split"  # data.augment_on=auto on CPU workers: see augment_stage
 _RENAMED = {"files": "block_local_files", "blocks": "block_local"}
 BLOCK_SHUFFLE_MAX_BYTES = 2 * 2**30
 FULL_CACHE_MAX_BYTES = 2 * 2**30  # "full": splits up to this (and 1/4 of the object store) are cached; sorted above
@@ -300,23 +299,3 @@ def split_passes(batches, passes):
         for lo, hi in zip([0] + cuts, cuts + [len(g)]):
             yield {k: (v[lo:hi] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == len(g) else v)
                    for k, v in b.items()}
-
-
-def augment_stage(cfg, gpu: bool) -> str:
-    """Where a run's training augmentation runs (``data.augment_on``); ``auto``: ``worker`` on GPU workers,
-    ``split`` on CPU workers.
-
-    ``worker``: uint8 rows and their draws cross Ray Data; crop, flip and normalisation run on the worker's
-    device (on a GPU, vectorised over the batch after a pinned copy). ``split``: the pixel-exact part (cifar's
-    crop/flip on uint8) runs in Ray Data's map tasks, the worker only normalises (random-resized crops stay on
-    the worker). ``pipeline``: float rows, everything in Ray Data's tasks.
-
-    Measured on 2 CPU cores, no model (bench/data_ceiling.py, BENCHMARKS.md), 50k CIFAR rows: split 43k, worker
-    31k img/s (the in-process DataLoader 77k); float rows (``pipeline``) 14k at 8k rows. On a CPU the consumer is
-    the training process itself, so every microsecond of finishing moved to the map tasks is one the step gets
-    back; on this machine two processes doing numpy work on the two cores slow each other ~1.7x (memory-bound),
-    so the split that leaves the consumer the least work wins."""
-    choice = cfg.data.augment_on
-    if choice == "auto":
-        return "worker" if gpu else CPU_AUGMENT_ON
-    return choice

@@ -23,8 +23,8 @@ import ray.data
 import torch
 
 from kcd_ray import storage
-from kcd_ray.cache.store import (CacheSpec, cache_key, cache_spec, check_manifest, default_dir, file_sha256,
-                                 read_manifest, shard_table, unit_uniform_key, write_manifest, write_shard)
+from kcd_ray.cache.store import (CacheSpec, cache_key, check_manifest, default_dir, file_sha256, read_manifest,
+                                 shard_table, unit_uniform_key, write_manifest, write_shard)
 from kcd_ray.data import load_meta
 from kcd_ray.data import transforms as T
 from kcd_ray.ray_layer.resources import scorer_resources
@@ -68,7 +68,7 @@ class TeacherForward:
         import pyarrow.dataset as pads
 
         from kcd_ray.models import load_model
-        from kcd_ray.ray_layer.batch_maps import uint8_images
+        from kcd_ray.data.row_maps import uint8_images
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -162,23 +162,18 @@ def _build(cfg, spec: CacheSpec, data_dir: Path, meta: dict, manifest: dict, tod
                 f"~{el / done * (len(todo) - done):.0f}s left)")
 
 
-def ensure_teacher_cache(cfg, data_dir, kind: str = "distill", *, verbose: bool = True) -> Optional[CacheSpec]:
-    """The run's CacheSpec, building whatever units are missing first; None when the run keeps the teacher in
-    the loop (``distill.cache=off``, or a method the cache cannot serve: said in one line)."""
-    spec, reason = cache_spec(cfg, data_dir, kind)
-    if reason is not None:
-        if verbose:
-            say(f"distill.cache={cfg.distill.cache} not used: {reason}; the teacher stays in the loop")
+def ensure_teacher_cache(plan, *, verbose: bool = True) -> Optional[CacheSpec]:
+    """The plan's CacheSpec completed (folder, teacher shapes and FLOPs), building whatever units are missing
+    first; None when the plan keeps the teacher in the loop (``plan.cache`` is None)."""
+    if plan.cache is None:
         return None
-    if spec is None:
-        return None
-    data_dir = Path(data_dir)
+    cfg, data_dir = plan.cfg, Path(plan.data.dir)
     meta = load_meta(data_dir)
     num_classes = int(meta["num_classes"])
     key = cache_key(teacher_sha256=file_sha256(cfg.distill.teacher), teacher_model=cfg.distill.teacher_model,
-                    meta=meta, num_classes=num_classes, spec=spec)
-    folder = _cache_folder(spec, data_dir, key)
-    spec = dataclasses.replace(spec, dir=folder)
+                    meta=meta, num_classes=num_classes, spec=plan.cache)
+    folder = _cache_folder(plan.cache, data_dir, key)
+    spec = dataclasses.replace(plan.cache, dir=folder)
     with _locked(folder):
         manifest = read_manifest(folder) or {"key": key, "units": {}, "builds": []}
         check_manifest(manifest, key, folder)
@@ -186,14 +181,7 @@ def ensure_teacher_cache(cfg, data_dir, kind: str = "distill", *, verbose: bool 
             manifest.update(_probe(cfg.distill.teacher, cfg.distill.teacher_model, num_classes, meta))
         todo = [u for u in spec.units() if u not in manifest["units"]]
         if todo:
-            if verbose:
-                say(f"building {len(todo)} unit(s) x {meta['splits']['train']['num_rows']} rows in {folder}")
-            t0 = time.perf_counter()
-            _build(cfg, spec, data_dir, meta, manifest, todo, verbose)
-            manifest.setdefault("builds", []).append(
-                {"units": todo, "teacher_forwards": len(todo) * int(meta["splits"]["train"]["num_rows"]),
-                 "seconds": round(time.perf_counter() - t0, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            write_manifest(folder, manifest)
+            _build_units(cfg, spec, data_dir, meta, manifest, todo, verbose)
         elif verbose:
             say(f"reusing {folder} ({len(spec.units())} unit(s))")
     shapes = manifest["teacher_shapes"]
@@ -201,21 +189,34 @@ def ensure_teacher_cache(cfg, data_dir, kind: str = "distill", *, verbose: bool 
                                feat_shape=tuple(shapes[-1]), teacher_flops=float(manifest["teacher_flops"]))
 
 
+def _build_units(cfg, spec: CacheSpec, data_dir: Path, meta: dict, manifest: dict, todo: list[str],
+                 verbose: bool) -> None:
+    n = int(meta["splits"]["train"]["num_rows"])
+    if verbose:
+        say(f"building {len(todo)} unit(s) x {n} rows in {spec.dir}")
+    t0 = time.perf_counter()
+    _build(cfg, spec, data_dir, meta, manifest, todo, verbose)
+    manifest.setdefault("builds", []).append(
+        {"units": todo, "teacher_forwards": len(todo) * n, "seconds": round(time.perf_counter() - t0, 3),
+         "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    write_manifest(spec.dir, manifest)
+
+
 def build_for_config(cfg) -> CacheSpec:
-    """``kcd-ray cache-teacher``: prepare the data, start Ray, build the cache (``distill.cache=off`` -> exact)."""
+    """``kcd-ray cache-teacher``: plan the distillation (``distill.cache=off`` -> exact), start Ray, build the
+    cache it reads."""
     from kcd_ray.config import ConfigError
-    from kcd_ray.data import prepare_dataset
-    from kcd_ray.ray_layer.trainer import _resolve_paths, init_ray, preflight
+    from kcd_ray.engine.plan import plan_run
+    from kcd_ray.ray_layer.trainer import init_ray
 
     if cfg.distill.cache == "off":
         cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, cache="exact"))
-    cfg = _resolve_paths(cfg)
-    data_dir = Path(prepare_dataset(cfg.data, verbose=cfg.run.verbose > 0)).resolve()
-    preflight(cfg, "distill", data_dir)
-    init_ray(cfg)
-    spec = ensure_teacher_cache(cfg, data_dir, verbose=True)
-    if spec is None:
-        _, reason = cache_spec(cfg, data_dir)
-        raise ConfigError(f"distill.cache: nothing to build: {reason}")
+    plan = plan_run(cfg, "distill")
+    if plan.cache is None:
+        from kcd_ray.engine.plan.derive import cache_reason
+
+        raise ConfigError(f"distill.cache: nothing to build: {cache_reason(plan.cfg, 'distill', plan.selection)}")
+    init_ray(plan.cfg)
+    spec = ensure_teacher_cache(plan, verbose=True)
     say(f"ready: {spec.dir}")
     return spec

@@ -17,29 +17,23 @@ from typing import Optional
 
 import ray
 import ray.train
+import numpy as np
 import torch
 
 from kcd_ray import storage
-from kcd_ray.cache import CacheSpec
-from kcd_ray.config import config_from_dict
 from kcd_ray.data import transforms as T
 from kcd_ray.data.device_augment import BatchFinisher
 from kcd_ray.data.groups import local_label_feeds
-from kcd_ray.engine import Engine, Hook, RunContext
+from kcd_ray.engine import Engine, Hook, RunContext, assemble_engine
 from kcd_ray.engine import distributed as D
-from kcd_ray.engine.build import build_components
-from kcd_ray.engine.curriculum import sequential_passes
 from kcd_ray.engine.checkpoint import latest_local_checkpoint, replace_checkpoint
 from kcd_ray.engine.metrics import say
-from kcd_ray.models import CheckpointError
-from kcd_ray.engine.hooks import HOOKS
-from kcd_ray.engine.parts import run_hooks
+from kcd_ray.engine.plan import RunPlan
 from kcd_ray.engine.rundir import RunDir
-from kcd_ray.engine.selection import feed_batch_size
+from kcd_ray.models import CheckpointError
 from kcd_ray.ray_layer import mask_store
 from kcd_ray.ray_layer.logs import quiet_ray_data_and_train, quiet_worker_error_echo
 from kcd_ray.ray_layer.pipeline import iter_train_batches, split_passes
-from kcd_ray.ray_layer.resources import use_gpu
 
 
 def local_checkpoint_dir(run_dir: RunDir) -> Path:
@@ -48,10 +42,13 @@ def local_checkpoint_dir(run_dir: RunDir) -> Path:
 
 
 class RayServices:
+    """The engine's side effects through Ray: the MaskStore actor, the offline E-step's Ray Data pass (reading the
+    teacher-output cache's un-augmented unit when the plan has one) and ``ray.train.report``."""
+
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
-        self.in_process = ctx.cfg.scaling.num_workers == 0
-        self.teacher_cache: Optional[dict] = None  # the offline E-step reads the cache's un-augmented unit
+        self.in_process = ctx.plan.resources.num_workers == 0
+        self.teacher_cache = ctx.plan.cache.to_dict() if ctx.plan.cache is not None else None
 
     def publish_mask(self, version, kept_ids, overlay) -> None:
         # replace: after a worker-group restart the store may already hold this version from the lost attempt.
@@ -85,7 +82,6 @@ class RayServices:
             shutil.rmtree(folder, ignore_errors=True)  # already persisted to storage by report()
 
 
-@HOOKS.register("node_info")
 class NodeInfo(Hook):
     """Each rank's Ray node id in the metrics row, and in ``nodes/rank_<r>.txt`` (multi-node placement checks)."""
 
@@ -97,7 +93,6 @@ class NodeInfo(Hook):
             engine.ctx.run_dir.write_text(f"nodes/rank_{engine.ctx.rank}.txt", row["node_id"])
 
 
-@HOOKS.register("run_sync")
 class RunSync(Hook):
     """A run in an object store: rank 0 uploads the run folder's new files once each epoch's files are complete
     (after the checkpoint and the metrics row) and at the end (final model, summary, final mask)."""
@@ -133,21 +128,22 @@ class TestBatches:
         self.cache = kept
 
 
-def worker_device(cfg) -> torch.device:
-    if cfg.scaling.num_workers > 0:
+def worker_device(plan: RunPlan) -> torch.device:
+    if plan.resources.num_workers > 0:
         return ray.train.torch.get_device()
-    return torch.device("cuda" if use_gpu(cfg.scaling) and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if plan.resources.use_gpu == "true" and torch.cuda.is_available() else "cpu")
 
 
 def _restore(engine: Engine, ctx: RunContext) -> None:
-    ckpt = ray.train.get_checkpoint() if ctx.cfg.scaling.num_workers else None  # in-process: the local one below
+    workers = ctx.plan.resources.num_workers
+    ckpt = ray.train.get_checkpoint() if workers else None  # in-process: the local one below
     if ckpt is not None:
         with ckpt.as_directory() as folder:  # the folder in storage itself when it is local: no copy to clean
             try:
                 engine.restore(folder)
             except CheckpointError as e:
                 _fall_back(engine, ctx, Path(ckpt.path), e)  # ckpt.path: the folder's name in the store too
-    elif ctx.cfg.scaling.num_workers and ctx.run_dir.checkpoint_names():
+    elif workers and ctx.run_dir.checkpoint_names():
         _restore_unregistered(engine, ctx)
     elif ctx.world == 1 and (local := latest_local_checkpoint(local_checkpoint_dir(ctx.run_dir))) is not None:
         engine.restore(local)
@@ -188,13 +184,13 @@ def elastic_batch(cfg, world: int):
     return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=per))
 
 
-def _finisher(cfg, ctx: RunContext, device: torch.device, augment_on: str) -> Optional[BatchFinisher]:
+def _finisher(ctx: RunContext, device: torch.device) -> Optional[BatchFinisher]:
     """The last input stage on this worker's device when Ray Data serves uint8 rows (``data.augment_on``)."""
+    augment_on = ctx.plan.inputs.augment_on
     if augment_on == "pipeline":
         return None
-    meta = T.read_meta(ctx.data_dir)
-    return BatchFinisher(meta, T.resolve_augment(cfg.data.augment, meta), stage=augment_on,
-                         channels_last=cfg.optim.channels_last and device.type == "cuda")
+    return BatchFinisher(T.read_meta(ctx.data_dir), ctx.plan.data.augment, stage=augment_on,
+                         channels_last=ctx.cfg.optim.channels_last and device.type == "cuda")
 
 
 def _older_checkpoints(ctx: RunContext, name: str):
@@ -209,62 +205,64 @@ def _older_checkpoints(ctx: RunContext, name: str):
         yield folder
 
 
-def _open_storage(config: dict) -> tuple[RunDir, str]:
-    """The run folder (a working copy of the run's URI in an object store, fetched on rank 0 before a resume)
-    and the data set folder (a local working copy of a data set in an object store, fetched once per node)."""
-    storage.install(config.get("storage"))
-    run_dir = RunDir(config["run_dir"], remote=config.get("run_uri", ""))
-    data_dir = config["data_dir"]
-    if config.get("data_uri"):
+def _open_storage(plan: RunPlan, filesystems: Optional[dict]) -> tuple[RunDir, str]:
+    """The run folder (a working copy of the run's URI in an object store) and the data set folder (a local
+    working copy of a data set in an object store, fetched once per node)."""
+    storage.install(filesystems)
+    run_dir = RunDir(plan.folder.path, remote=plan.folder.remote)
+    data_dir = plan.data.dir
+    if plan.data.uri:
         from kcd_ray.data.prepare import fetch_prepared
 
-        data_dir = str(fetch_prepared(config["data_uri"], verbose=False))
+        data_dir = str(fetch_prepared(plan.data.uri, verbose=False))
     return run_dir, data_dir
 
 
-def train_loop_per_worker(config: dict) -> Optional[dict]:
-    """Ray Train's worker function: ``config`` holds the resolved config dict, kind, folders, store and
-    extra hook specs (tests)."""
-    cfg = config_from_dict(config["cfg"])
-    quiet_ray_data_and_train()
-    quiet_worker_error_echo()
-    # In-process (num_workers=0) there is one rank; ray.train.get_context() would raise inside a Tune trial.
-    tctx = ray.train.get_context() if cfg.scaling.num_workers else None
-    run_dir, data_dir = _open_storage(config)
+def _context(plan: RunPlan, config: dict) -> RunContext:
+    """This rank's context: rank, world size (elastic runs: the per-worker batch for it), folders, mask store."""
+    tctx = ray.train.get_context() if plan.resources.num_workers else None  # it raises inside an in-process trial
+    run_dir, data_dir = _open_storage(plan, config.get("storage"))
     world = tctx.get_world_size() if tctx else 1
-    cfg = elastic_batch(cfg, world)
-    ctx = RunContext(cfg=cfg, kind=config["kind"], run_dir=run_dir, data_dir=data_dir,
-                     mask_store=config["mask_store"], rank=tctx.get_world_rank() if tctx else 0, world=world)
-    if ctx.is_chief:
-        run_dir.sync_down()  # an object store: the files of the checkpoint this attempt resumes from
-    torch.manual_seed(cfg.optim.seed + ctx.rank)
-    share = cfg.scaling.cpus_per_worker if cfg.scaling.num_workers else (os.cpu_count() or 1)
-    torch.set_num_threads(cfg.optim.threads or max(1, math.ceil(share)))
-    device = worker_device(cfg)
-    tcache = CacheSpec.from_dict(config["teacher_cache"]) if config.get("teacher_cache") else None
-    parts = build_components(cfg, ctx.kind, ctx.data_dir, device, distributed=D.active(), teacher_cache=tcache)
-    hooks = run_hooks(ctx, parts.num_train, extra=["node_info", "run_sync", *config.get("hooks", [])])
-    services = RayServices(ctx)
-    services.teacher_cache = config.get("teacher_cache")
-    engine = Engine(ctx, parts, hooks, services, device)
-    _restore(engine, ctx)
+    return RunContext.from_plan(plan, run_dir=run_dir, data_dir=data_dir, cfg=elastic_batch(plan.cfg, world),
+                                mask_store=config["mask_store"], rank=tctx.get_world_rank() if tctx else 0,
+                                world=world)
+
+
+def _feeds(ctx: RunContext, device: torch.device):
+    """(train batches of an epoch, test batches): this worker's Ray Data shards, finished on its device."""
+    cfg, plan = ctx.cfg, ctx.plan
     train_shard = ray.train.get_dataset_shard("train")
     test_batches = TestBatches(ray.train.get_dataset_shard("test"), cfg.optim.eval_batch_size)
-
-    feed = feed_batch_size(cfg, ctx.kind)  # UNIXKD's candidate batch, else optim.batch_size
-    finish = _finisher(cfg, ctx, device, config.get("augment_on", "pipeline"))
-
-    # ED's sequential passes: batches cut at pass boundaries, with one worker only: a cut adds a step on that
-    # rank alone, and DDP needs the same number of steps on every rank (with several, a batch at a boundary
+    finish = _finisher(ctx, device)
+    # A curriculum's sequential passes: batches cut at pass boundaries, with one worker only: a cut adds a step on
+    # that rank alone, and DDP needs the same number of steps on every rank (with several, a batch at a boundary
     # holds the end of one pass and the start of the next; each sample still meets its own group's teacher).
-    passes = sequential_passes(cfg, int(T.read_meta(ctx.data_dir)["num_classes"])) if ctx.world == 1 else None
+    passes = np.asarray(plan.inputs.passes) if plan.inputs.passes is not None and ctx.world == 1 else None
 
     def train_batches(epoch: int):
-        batches = iter_train_batches(train_shard, feed, epoch=epoch, seed=cfg.optim.seed,
+        batches = iter_train_batches(train_shard, plan.selection.feed_batch_size, epoch=epoch, seed=cfg.optim.seed,
                                      shuffle_buffer=cfg.data.shuffle_buffer, finish=finish,
                                      pin_memory=device.type == "cuda")
         return batches if passes is None else split_passes(batches, passes)
 
     if cfg.curriculum.only_groups and cfg.curriculum.labels == "local":  # a group teacher: local labels
-        train_batches, test_batches = local_label_feeds(cfg.curriculum, ctx.data_dir, train_batches, test_batches)
-    return engine.run(train_batches, test_batches)
+        return local_label_feeds(cfg.curriculum, ctx.data_dir, train_batches, test_batches)
+    return train_batches, test_batches
+
+
+def train_loop_per_worker(config: dict) -> Optional[dict]:
+    """Ray Train's worker function: build the engine from the run plan, get the shards, run, report.
+    ``config``: ``{"plan": RunPlan, "mask_store": name, "storage": the filesystems of the run's stores}``."""
+    plan: RunPlan = config["plan"]
+    quiet_ray_data_and_train()
+    quiet_worker_error_echo()
+    ctx = _context(plan, config)
+    if ctx.is_chief:
+        ctx.run_dir.sync_down()  # an object store: the files of the checkpoint this attempt resumes from
+    share = plan.resources.cpus_per_worker if plan.resources.num_workers else (os.cpu_count() or 1)
+    torch.set_num_threads(ctx.cfg.optim.threads or max(1, math.ceil(share)))
+    device = worker_device(plan)
+    engine = assemble_engine(plan, device, RayServices(ctx), ctx=ctx, hooks=[NodeInfo, RunSync],
+                             distributed=D.active())
+    _restore(engine, ctx)
+    return engine.run(*_feeds(ctx, device))

@@ -23,8 +23,8 @@ import math
 from pathlib import Path
 
 from kcd_ray.config import Config, ConfigError, config_from_dict
-from kcd_ray.ray_layer.tune.space import apply_values, base_point, grid_size
-from kcd_ray.ray_layer.tune.spec import SUMMARY_KEYS, Sweep, check_before_ray, load_sweep
+from kcd_ray.sweeps.space import Dim, apply_values, base_point, grid_size
+from kcd_ray.sweeps.spec import SUMMARY_KEYS, Sweep, check_before_ray, load_sweep
 
 
 # --------------------------------------------------------------------------- trial side
@@ -145,6 +145,18 @@ def derive_concurrency(cfg: Config, trial_cpus: float, cluster: dict) -> int:
 # --------------------------------------------------------------------------- searchers
 
 
+def to_tune(d: Dim):
+    """A space dimension as Ray Tune's search-space object."""
+    from ray import tune
+
+    if d.kind == "grid":
+        return tune.grid_search(list(d.values))
+    if d.kind == "choice":
+        return tune.choice(list(d.values))
+    lo, hi = d.values
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[d.kind](lo, hi)
+
+
 def _search_alg(sw: Sweep, baseline: dict | None, max_concurrent: int):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -173,7 +185,7 @@ def _pbt(sw: Sweep):
 
     p = sw.pbt
     dims = {d.key: d for d in sw.dims}
-    mutations = {k: (list(dims[k].values) if dims[k].kind in ("grid", "choice") else dims[k].to_tune())
+    mutations = {k: (list(dims[k].values) if dims[k].kind in ("grid", "choice") else to_tune(dims[k]))
                  for k in p["mutate"]}
     return PopulationBasedTraining(time_attr="epoch", metric=p["metric"], mode=sw.mode,
                                    perturbation_interval=p["interval"], hyperparam_mutations=mutations,
@@ -182,14 +194,41 @@ def _pbt(sw: Sweep):
 
 
 def _param_space(sw: Sweep) -> dict:
-    strategy = (sw.base.get("selection") or {}).get("strategy", "auto")
-    if strategy == "auto":
-        strategy = "kcd" if sw.base["kcd"]["enabled"] else "none"
-    variant = "teacher" if sw.kind == "teacher" else {"none": "kd"}.get(strategy, strategy)
-    return {**{d.key: d.to_tune() for d in sw.dims}, "variant": variant}
+    from kcd_ray.engine.selection import strategy_class
+
+    cfg = config_from_dict(sw.base)
+    variant = "teacher" if sw.kind == "teacher" else strategy_class(cfg).info(cfg)["tag"]
+    return {**{d.key: to_tune(d) for d in sw.dims}, "variant": variant}
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def plan_sweep(sw: Sweep):
+    """The base recipe's run plan (its data set prepared, its teachers checked, its cache planned), without Ray:
+    missing files fail here, in a second, not in every trial after Tune started."""
+    from kcd_ray.engine.plan import plan_run
+
+    check_before_ray(sw)
+    return plan_run(config_from_dict(sw.base), sw.kind, open_folder=False)
+
+
+def describe_sweep(sw: Sweep, base_plan) -> str:
+    """``kcd-ray sweep --dry-run``: the sweep's trials, search and scheduler, then its base run's plan."""
+    from kcd_ray.engine.plan import describe_plan
+
+    n = grid_size(sw.dims) * sw.num_samples if sw.search == "grid" else sw.num_samples
+    scheduler = "ASHA on " + sw.asha["metric"] if sw.asha else ("PBT on " + sw.pbt["metric"] if sw.pbt else "none")
+    lines = ["kcd-ray sweep plan (dry run: nothing trained, Ray not started)",
+             f"sweep      {sw.name}: {n} trial(s){' + a plain-KD baseline' if sw.include_kd_baseline else ''}, "
+             f"search {sw.search}, metric {sw.metric} ({sw.mode}), scheduler {scheduler}",
+             f"folder     {sw.remote or sw.folder} (sweep.yaml, tune/, runs/<name>_<trial>/)",
+             f"trials     at most {sw.max_concurrent_trials or 'as many as the cluster holds'} at once; "
+             f"{sw.trial_cpus:g} CPU per trial driver"]
+    lines += [f"space      {d.key}: {d.kind} {list(d.values)}" for d in sw.dims]
+    lines += ["base run (each trial changes the space's keys):"]
+    lines += ["  " + line for line in describe_plan(base_plan).splitlines()[1:] if not line.startswith("run ")]
+    return "\n".join(lines)
 
 
 def _same(old, new) -> bool:
@@ -268,8 +307,8 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
     from ray import tune
 
     sw = load_sweep(sweep, overrides, storage_path)
-    check_before_ray(sw)  # missing files fail here, in a second, not in every trial after Tune started
-    base_cfg = config_from_dict(sw.base)
+    base_plan = plan_sweep(sw)  # data, teachers and the cache's plan, checked once here, before Ray and Tune start
+    base_cfg = base_plan.cfg
     if sw.remote:
         from kcd_ray import storage
 
@@ -284,15 +323,10 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
         from kcd_ray.ray_layer.trainer import init_ray
 
         init_ray(base_cfg)
-    # Prepare the base data set once here, rather than in every trial at the same time.
-    from kcd_ray.data import prepare_dataset
-
-    data_dir = prepare_dataset(base_cfg.data)
-    if sw.kind == "distill":  # the teacher-output cache, built once here: every trial then only reads it
+    if base_plan.cache is not None:  # the teacher-output cache, built once here: every trial then only reads it
         from kcd_ray.ray_layer.teacher_cache import ensure_teacher_cache
-        from kcd_ray.ray_layer.trainer import _resolve_paths
 
-        ensure_teacher_cache(_resolve_paths(base_cfg), data_dir, verbose=base_cfg.run.verbose > 0)
+        ensure_teacher_cache(base_plan, verbose=base_cfg.run.verbose > 0)
     cluster = ray.cluster_resources()
     max_conc = sw.max_concurrent_trials or derive_concurrency(base_cfg, sw.trial_cpus, cluster)
     payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": sw.runs_location, "pbt": sw.pbt}
@@ -307,7 +341,7 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
         tuner = _new_tuner(sw, trainable, max_conc, base_cfg.run.verbose)
     results = tuner.fit()
     if sw.pbt:
-        from kcd_ray.ray_layer.tune.schedules import write_pbt_schedule
+        from kcd_ray.report.pbt import write_pbt_schedule
 
         write_pbt_schedule(sw.folder, results, sw.pbt["metric"])
     errors = [r for r in results if r.error is not None]
@@ -331,14 +365,20 @@ def add_sweep_arguments(p) -> None:
     p.add_argument("--storage-path", default=None, help="folder holding sweep folders (default: the sweep's storage_path)")
     p.add_argument("--fresh", action="store_true", help="refuse to restore an existing sweep of the same name")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.add_argument("--dry-run", action="store_true", help="print the sweep's plan (trials, search, the base run's "
+                                                           "plan) without starting Ray")
     p.add_argument("overrides", nargs="*", help="sweep keys (num_samples=4, search=random) or config keys (optim.epochs=2)")
 
 
 def main_sweep(args) -> int:
+    if args.dry_run:
+        sw = load_sweep(args.config, list(args.overrides or []), args.storage_path)
+        print(describe_sweep(sw, plan_sweep(sw)), flush=True)
+        return 0
     folder = run_sweep(args.config, overrides=list(args.overrides or []), storage_path=args.storage_path,
                        resume=not args.fresh)
     if not args.no_report:
-        from kcd_ray.ray_layer.tune.report import report
+        from kcd_ray.report import report
 
         print(report(folder)["text"], flush=True)
     return 0

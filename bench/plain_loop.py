@@ -3,14 +3,16 @@ path is measured against (``bench/train_throughput.py``).
 
 Same model, batch size and augmentation code (``kcd_ray.data.transforms.train_transform``, what the Ray Data
 path runs) as a run, a torch ``DataLoader`` over the decoded split in memory, SGD, no kcd_ray loop. The driver
-runs it before and after each run, and the ``plain_epoch`` drill hook (``kcd_ray.engine.faults``) inside a Train
-worker right before each of that run's epochs, so each epoch has a baseline measured next to it on the same host
-speed.
+runs it before and after each run, and the :class:`PlainEpochBeside` hook inside a Train worker right before each
+of that run's epochs, so each epoch has a baseline measured next to it on the same host speed. Benchmarks only:
+nothing in ``kcd_ray`` imports this module (``bench/train_throughput.py`` ships the hook class to its workers by
+value).
 It keeps its own model, optimiser and random streams: running it never changes what the run draws.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 
 from kcd_ray.data import iter_split
 from kcd_ray.data import transforms as T
+from kcd_ray.engine.hooks import Hook
 from kcd_ray.models import build_model
 
 
@@ -66,3 +69,22 @@ class PlainLoop:
                 n += len(y)
         self.epochs += 1
         return n / (time.perf_counter() - t0)
+
+
+class PlainEpochBeside(Hook):
+    """Before each epoch, rank 0 trains one epoch of :class:`PlainLoop` (same model, batch and augmentation, its own
+    weights and random streams) in this worker process and appends its img/s to ``plain_epochs.jsonl`` in the run
+    folder. The engine leaves ``before_epoch`` time out of an epoch's ``train_seconds``."""
+
+    def __init__(self):
+        self.loop = None
+
+    def before_epoch(self, engine, epoch: int) -> None:
+        if not engine.ctx.is_chief:
+            return
+        if self.loop is None:
+            self.loop = PlainLoop(engine.ctx.data_dir, engine.cfg.model, engine.cfg.optim.batch_size,
+                                  seed=engine.cfg.optim.seed)
+        line = json.dumps({"epoch": epoch, "images_per_s": self.loop.epoch()})
+        with open(engine.ctx.run_dir.path / "plain_epochs.jsonl", "a") as f:
+            f.write(line + "\n")

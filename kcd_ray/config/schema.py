@@ -1,37 +1,16 @@
-"""Typed run configuration: dataclasses, loaded from YAML, overridden with dotted ``key=value``.
+"""The typed config's sections: one dataclass per top-level key of a config YAML.
 
-Every field is checked when the config is built: an unknown key, a value of the wrong type,
-a value out of range or a name that is not registered fails at once with a one-line
-``ConfigError`` naming the dotted key and what is allowed.
+Every field is declared with ``_f`` (default, choices, bounds, help); ``kcd_ray.config.build`` checks them when
+a config is built, and ``kcd-ray config --list`` prints them. Sections that registered parts extend (the
+selection strategies' ``selection.<name>``) are :class:`~kcd_ray.config.fields.OpenSection` s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import os
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
-import yaml
-
-from kcd_ray.registry import registry_names
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the dotted key."""
-
-
-def _f(default=dataclasses.MISSING, *, factory=None, choices=None, ge=None, gt=None, le=None, lt=None, help=""):
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-# --------------------------------------------------------------------------- sections
+from kcd_ray.config.fields import OpenSection, _f, extensions_field
 
 
 @dataclass
@@ -154,7 +133,7 @@ class DistillConfig:
 class CurriculumConfig:
     """Class groups and education distillation (ED.md): grades of classes, a growing student, one teacher per group."""
 
-    name: str = _f("none", choices=("none", "ed"), help="ed: education distillation (distill.method=ed); none: a fixed "
+    name: str = _f("none", choices="curricula", help="ed: education distillation (distill.method=ed); none: a fixed "
                                                          "student (only_groups still restricts the classes)")
     groups: int = _f(3, ge=1, help="G, the number of class groups (grades)")
     group_sizes: list[int] = _f(factory=list, help="explicit group sizes summing to the number of classes; empty = "
@@ -213,41 +192,16 @@ class KCDConfig:
 
 
 @dataclass
-class InfoBatchConfig:
-    ratio: float = _f(0.5, ge=0.0, le=0.9, help="prune probability r of a sample whose last loss is below the mean; "
-                                                "the kept ones weigh 1/(1-r)")
-    delta: float = _f(0.875, gt=0.0, le=1.0, help="prune while epoch <= delta * optim.epochs (the reference code's "
-                                                  "parameterisation): the last ~(1 - delta) of the epochs train on all")
+class SelectionConfig(OpenSection):
+    """``selection.<strategy>``: each registered strategy with a ``config_class`` adds its own sub-section
+    (``selection.infobatch``, ``selection.unixkd``, ``selection.random``, ...), see ``kcd_ray.engine.selection``."""
 
-
-@dataclass
-class UnixKDConfig:
-    ratio: float = _f(0.75, gt=0.0, le=1.0, help="training rows per candidate row (the reference: 48 of 64)")
-    batch_size: int = _f(0, ge=0, help="training batch per worker; 0 = candidate batches of optim.batch_size and "
-                                       "training batches of ratio * that (the reference); else candidates of "
-                                       "batch_size / ratio")
-    pure_fraction: float = _f(0.5, ge=0.0, le=1.0, help="share of a candidate batch, the most uncertain, trained "
-                                                        "unmixed (the reference: 32 of 64)")
-    sharpness: float = _f(1000.0, gt=0.0, help="steepness of the sigmoid between unmixed and mixed ranks")
-    mixup_alpha: float = _f(1.0, gt=0.0, help="mixup weight lambda ~ Beta(alpha, alpha), one per batch")
-    score: str = _f("entropy", choices=("entropy", "confidence", "margin", "random"), help="uncertainty ranking")
-
-
-@dataclass
-class RandomSubsetConfig:
-    fraction: float = _f(0.5, gt=0.0, le=1.0, help="kept fraction of the training set, redrawn every epoch")
-    follow_kcd_schedule: bool = _f(False, help="kept size per epoch from KCD's schedule (kcd.rho, interval, stages, "
-                                               "warmup, shape) instead of fraction: KCD's compute, random samples")
-
-
-@dataclass
-class SelectionConfig:
+    parts = "strategies"
     strategy: str = _f("auto", choices="strategies", help="data selection: auto (kcd if kcd.enabled, else none), "
-                                                          "none (plain KD), kcd, infobatch, unixkd, random")
+                                                          "or a registered strategy (kcd-ray config --list "
+                                                          "shows each one's section)")
     seed: Optional[int] = _f(None, help="seed of the strategies' per-epoch draws; None = optim.seed")
-    infobatch: InfoBatchConfig = _f(factory=InfoBatchConfig)
-    unixkd: UnixKDConfig = _f(factory=UnixKDConfig)
-    random: RandomSubsetConfig = _f(factory=RandomSubsetConfig)
+    extensions: dict = extensions_field("strategies")
 
 
 @dataclass
@@ -261,197 +215,3 @@ class Config:
     kcd: KCDConfig = _f(factory=KCDConfig)
     curriculum: CurriculumConfig = _f(factory=CurriculumConfig)
     selection: SelectionConfig = _f(factory=SelectionConfig)
-
-
-# --------------------------------------------------------------------------- building
-
-
-def _registry_names(kind: str) -> list[str]:
-    # By name through kcd_ray.registry: config.py imports no package that imports it back (distill does).
-    return registry_names(kind)
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(value: Any, tp, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)][0]
-        return _coerce(value, inner, key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {type(value).__name__}")
-        return _build(tp, value, key + ".")
-    if origin is list:
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        return _float(value, key)
-    if tp is str:
-        if not isinstance(value, str):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)
-            if isinstance(value, bool) and key in OFF_ON_KEYS:  # YAML 1.1 reads a bare `off` as false
-                return "on" if value else "off"
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-OFF_ON_KEYS = {"distill.cache"}  # string fields with an "off" choice
-
-
-def _float(value: Any, key: str) -> float:
-    """Every form Python's ``float()`` reads ("1e-4", "5E-4", ".5", 2), and only finite values.
-
-    YAML 1.1 (PyYAML) loads ``1e-4`` as the string '1e-4' (no dot), so strings are parsed here too."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-    if not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    return value
-
-
-def _check(value: Any, f: dataclasses.Field, key: str) -> None:
-    m = f.metadata
-    if value is None:
-        return
-    choices = m.get("choices")
-    if choices is not None:
-        allowed = _registry_names(choices) if isinstance(choices, str) else list(choices)
-        for item in value if isinstance(value, list) else [value]:  # a list field: every item is a choice
-            if item not in allowed:
-                raise ConfigError(f"{key}: {item!r} is not one of: {', '.join(map(str, allowed))}")
-    for bound, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"), ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
-        b = m.get(bound)
-        if b is not None and isinstance(value, (int, float)) and not op(float(value), float(b)):
-            raise ConfigError(f"{key}: {value!r} is out of range; expected {word} {b}")
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for k in data:
-        if k not in fields:
-            raise ConfigError(f"{prefix}{k}: unknown key; allowed: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        if name in data:
-            v = _coerce(data[name], hints[name], prefix + name)
-            _check(v, f, prefix + name)
-            kwargs[name] = v
-    return cls(**kwargs)
-
-
-def parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` strings to a nested dict (values parsed as YAML scalars/lists)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides take the form dotted.key=value")
-        key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {p} is not a section")
-        node[parts[-1]] = parse_scalar(text)
-    return data
-
-
-def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
-    """A YAML file whose top level is a mapping; errors name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} {p} does not exist")
-    try:
-        loaded = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
-    return loaded
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
-    """Build a Config from an optional YAML file plus dotted overrides; validated at once."""
-    data: dict = dict(base or {})
-    if path:
-        data = _merge(data, read_yaml_mapping(path, "config file"))
-    apply_overrides(data, list(overrides or []))
-    try:
-        return _build(Config, data)
-    except ConfigError as e:
-        if path:
-            raise ConfigError(f"{path}: {e}") from None
-        raise
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def config_from_dict(data: dict) -> Config:
-    return _build(Config, data)
-
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def dump_yaml(cfg) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, help) for every field: used by `kcd-ray config --list`."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    inst = cls()
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += describe(tp, prefix + f.name + ".")
-        else:
-            rows.append((prefix + f.name, _type_name(tp), getattr(inst, f.name), f.metadata.get("help", "")))
-    return rows

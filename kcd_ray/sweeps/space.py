@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import typing
 from typing import Any
 
-from kcd_ray.config import Config, ConfigError, config_from_dict
+from kcd_ray.config import ConfigError, config_from_dict, field_kind
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 _RANGE_KINDS = ("uniform", "loguniform", "randint")
@@ -32,36 +31,7 @@ _RANGE_KINDS = ("uniform", "loguniform", "randint")
 class Dim:
     key: str  # dotted config path
     kind: str  # one of KINDS
-    values: tuple  # grid/choice values, or (lo, hi) for ranges
-
-    def to_tune(self):
-        from ray import tune
-
-        if self.kind == "grid":
-            return tune.grid_search(list(self.values))
-        if self.kind == "choice":
-            return tune.choice(list(self.values))
-        lo, hi = self.values
-        return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](lo, hi)
-
-
-def field_kind(key: str) -> str:
-    """'leaf', 'section' or 'free' (inside a dict-typed field) for a dotted key; ConfigError if unknown."""
-    cls: Any = Config
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
-            # A free mapping (e.g. distill.options): any sub-key is allowed.
-            return "free"
-        hints = typing.get_type_hints(cls)
-        if part not in {f.name for f in dataclasses.fields(cls)}:
-            where = ".".join(parts[:i]) or "the config"
-            allowed = ", ".join(f.name for f in dataclasses.fields(cls))
-            raise ConfigError(f"{key}: unknown config key ({part!r} is not a field of {where}; allowed: {allowed})")
-        cls = hints[part]
-        if (cls is dict or typing.get_origin(cls) is dict) and i < len(parts) - 1:
-            return "free"
-    return "section" if dataclasses.is_dataclass(cls) else "leaf"
+    values: tuple  # grid/choice values, or (lo, hi) for ranges (Ray Tune's sampling: ray_layer.tune.sweep)
 
 
 def get_dotted(data: dict, key: str, default: Any = None) -> Any:

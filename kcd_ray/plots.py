@@ -1,4 +1,4 @@
-"""PNG figures for the report, drawn with matplotlib's Agg canvas (no display, no global pyplot state)."""
+"""PNG figures for reports and trackers, drawn with matplotlib's Agg canvas (no display, no global pyplot state)."""
 
 from __future__ import annotations
 
@@ -16,33 +16,35 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-# One colour per data-selection strategy, the same in every plot; plain KD is the red star.
-STRATEGY_STYLE = {"kcd": ("tab:blue", "KCD"), "infobatch": ("tab:green", "InfoBatch"),
-                  "unixkd": ("tab:purple", "UNIXKD"), "random": ("tab:gray", "random subset")}
-_SPARE_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+_SPARE_COLOURS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:orange", "tab:purple", "tab:green")
 
 
-def pareto_plot(rows: list[dict], y_key: str, path: Path, title: str, *, err_key: str | None = None,
-                group_key: str = "variant") -> Path:
+def _style(info: dict, spare) -> dict:
+    """Marker, colour and label of a strategy as its runs recorded them; the baseline (a star) gets a dashed line
+    at its top-1."""
+    star = info.get("marker") == "*"
+    return dict(marker=info.get("marker") or "o", s=220 if star else 30, color=info.get("colour") or next(spare),
+                alpha=1.0 if star else 0.8, zorder=5 if star else 3,
+                label=info.get("label", info.get("name", "?")) + (" (baseline)" if star else ""))
+
+
+def pareto_plot(rows: list[dict], y_key: str, path: Path, title: str, *, err_key: str | None = None) -> Path:
     """Top-1 against compute_ratio for every row (a trial, or a point averaged over seeds with ``err_key`` its
-    error bar), one colour per strategy (``group_key``); the Pareto front (rows flagged ``pareto``) joined, plain
-    KD (group ``kd``) starred with a dashed line at its top-1."""
+    error bar), one colour per strategy (each row's ``info``: its recorded label, colour and marker); the Pareto
+    front (rows flagged ``pareto``) joined."""
     fig = Figure(figsize=(7.2, 5.0))
     ax = fig.add_subplot(1, 1, 1)
     pts = [r for r in rows if r.get("compute_ratio") is not None and r.get(y_key) is not None]
-    groups = list(dict.fromkeys(r.get(group_key) for r in pts))
+    infos = {r["info"]["tag"]: r["info"] for r in pts}
     spare = iter(_SPARE_COLOURS * 4)
-    for g in groups:
-        members = [r for r in pts if r.get(group_key) == g]
+    for tag, info in infos.items():
+        members = [r for r in pts if r["info"]["tag"] == tag]
         xs, ys = [r["compute_ratio"] for r in members], [r[y_key] for r in members]
-        errs = [r.get(err_key) or 0.0 for r in members] if err_key else None
-        if g == "kd":
-            style = dict(marker="*", s=220, color="tab:red", zorder=5, label="plain KD (baseline)")
+        style = _style(info, spare)
+        if info.get("marker") == "*":
             for y in ys:
-                ax.axhline(y, color="tab:red", lw=0.8, ls="--", alpha=0.6)
-        else:
-            colour, label = STRATEGY_STYLE.get(g, (None, str(g)))
-            style = dict(s=30, color=colour or next(spare), alpha=0.8, zorder=3, label=label)
+                ax.axhline(y, color=style["color"], lw=0.8, ls="--", alpha=0.6)
+        errs = [r.get(err_key) or 0.0 for r in members] if err_key else None
         if errs and any(errs):
             ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor=style["color"], elinewidth=1, capsize=3, alpha=0.8,
                         zorder=2)

@@ -5,7 +5,7 @@ name: rho                        # sweep folder name (default: the file's stem)
 base: ../digits/kcd.yaml         # recipe, relative to this file; or an inline mapping
 kind: distill                    # distill | teacher
 overrides: {optim.epochs: 12}    # fixed dotted overrides (mapping, or a list of "k=v")
-space:                           # dotted config key -> values (see kcd_ray.ray_layer.tune.space)
+space:                           # dotted config key -> values (see kcd_ray.sweeps.space)
   kcd.rho: [0.5, 0.7, 0.9]
 search: grid                     # grid | random | optuna (lists become choices for random/optuna)
 num_samples: 1                   # grid: repeats of the whole grid; random/optuna: trials
@@ -38,7 +38,7 @@ import yaml
 
 from kcd_ray import storage
 from kcd_ray.config import ConfigError, parse_scalar, read_yaml_mapping, apply_overrides, config_from_dict, to_dict
-from kcd_ray.ray_layer.tune.space import Dim, field_kind, parse_space, set_dotted
+from kcd_ray.sweeps.space import Dim, field_kind, parse_space, set_dotted
 
 SWEEP_KEYS = ("name", "description", "base", "kind", "overrides", "space", "search", "num_samples", "metric", "mode",
               "asha", "pbt", "include_kd_baseline", "storage_path", "max_concurrent_trials", "trial_cpus", "seed")
@@ -48,36 +48,41 @@ ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "metric")
 # Config fields holding paths: made absolute up front, because Tune trials run in their own folder.
 PATH_KEYS = ("data.root", "data.source", "distill.teacher", "distill.cache_dir", "run.storage_path")
 
-# What a trial reports to Tune, i.e. what ``metric`` (and ``asha.metric``) may name. Kept in step with the
-# engine's metrics row (``kcd_ray.engine.engine.Engine.run_epoch``, and the rows of every metrics.jsonl; the
-# in-process sweep test in tests/test_tune.py checks a real row against this list): the numeric keys of
-# each epoch's row, plus one ``loss_<term>`` per loss term of the method (loss_kd, loss_ce, ...).
-EPOCH_METRICS = ("epoch", "epochs", "train_loss", "top1", "top5", "val_loss", "val_samples", "best_top1",
-                 "kept_fraction", "stage", "samples_seen", "sample_passes", "compute_ratio", "T", "lr",
-                 "train_seconds", "images_per_s", "estep_seconds", "mstep_seconds", "data_wait_seconds",
-                 "world_size", "local_samples", "skipped_steps", "epoch_seconds", "wall_seconds",
-                 # the compute ledger (kcd_ray.engine.ledger.LEDGER_FIELDS)
-                 "student_forward_only_samples", "teacher_forward_samples", "flops", "student_forward_only_passes",
-                 "teacher_forward_passes", "flops_total", "flops_student_forward", "flops_student_backward",
-                 "flops_teacher_forward", "sample_pass_ratio")
-LOSS_PREFIX = "loss_"
-# Reported once more at the end of each trial, from the run summary (``kcd_ray.ray_layer.tune.sweep._trial``).
+# What a trial reports to Tune, i.e. what ``metric`` (and ``asha.metric``) may name: the numeric columns of each
+# epoch's metrics row, which the engine and every registered part declare (``kcd_ray.engine.assemble.epoch_columns``:
+# the engine's own, the compute ledger's, a strategy's or curriculum's, one ``loss_<term>`` per loss term), and
+# the run summary's figures reported once at the end of each trial (``kcd_ray.ray_layer.tune.sweep._trial``).
 SUMMARY_KEYS = ("final_top1", "final_top5", "best_top1", "best_epoch", "compute_ratio", "sample_passes",
                 "full_sample_passes", "wall_seconds", "sample_pass_ratio", "flops_total", "full_flops")
-REPORTED_METRICS = tuple(dict.fromkeys(EPOCH_METRICS + SUMMARY_KEYS))
+LOSS_PREFIX = "loss_"
+
+
+def epoch_metrics() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from kcd_ray.engine.assemble import epoch_columns
+
+    return epoch_columns()
 
 
 def is_epoch_metric(name: str) -> bool:
     """Reported after every epoch (what ASHA can stop on)."""
-    return name in EPOCH_METRICS or (name.startswith(LOSS_PREFIX) and len(name) > len(LOSS_PREFIX))
+    names, prefixes = epoch_metrics()
+    return name in names or any(name.startswith(p) and len(name) > len(p) for p in prefixes)
 
 
 def is_reported_metric(name: str) -> bool:
-    return name in REPORTED_METRICS or is_epoch_metric(name)
+    return name in SUMMARY_KEYS or is_epoch_metric(name)
 
 
 def _metric_list(names) -> str:
     return ", ".join(sorted(names)) + f", {LOSS_PREFIX}<term> (a loss term: loss_kd, loss_ce, ...)"
+
+
+def _epoch_metric_list() -> str:
+    return _metric_list(epoch_metrics()[0])
+
+
+def _reported_metric_list() -> str:
+    return _metric_list(dict.fromkeys(epoch_metrics()[0] + SUMMARY_KEYS))
 
 
 @dataclasses.dataclass
@@ -259,7 +264,7 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
         raise _err(where, f"mode: {mode!r} is not one of: max, min")
     metric = str(raw.get("metric", "best_top1"))
     if not is_reported_metric(metric):
-        raise _err(where, f"metric: {metric!r} is not a metric the runs report; one of: {_metric_list(REPORTED_METRICS)}")
+        raise _err(where, f"metric: {metric!r} is not a metric the runs report; one of: {_reported_metric_list()}")
     baseline = raw.get("include_kd_baseline", False)
     if not isinstance(baseline, bool):
         raise _err(where, f"include_kd_baseline: expected true or false, got {baseline!r}")
@@ -305,7 +310,7 @@ def _parse_asha(asha: Any, base: dict, where: str) -> dict | None:
         raise _err(where, f"asha.reduction_factor: expected a number > 1, got {out['reduction_factor']!r}")
     if not isinstance(out["metric"], str) or not is_epoch_metric(out["metric"]):
         raise _err(where, f"asha.metric: {out['metric']!r} is not a metric the runs report every epoch; "
-                          f"one of: {_metric_list(EPOCH_METRICS)}")
+                          f"one of: {_epoch_metric_list()}")
     return out
 
 
@@ -341,7 +346,7 @@ def _parse_pbt(pbt: Any, base: dict, dims: list, where: str) -> dict | None:
         raise _err(where, f"pbt.quantile: expected a fraction in (0, 0.5], got {out['quantile']!r}")
     if not isinstance(out["metric"], str) or not is_epoch_metric(out["metric"]):
         raise _err(where, f"pbt.metric: {out['metric']!r} is not a metric the runs report every epoch; "
-                          f"one of: {_metric_list(EPOCH_METRICS)}")
+                          f"one of: {_epoch_metric_list()}")
     bad = [k for k in out["mutate"] if k not in keys]
     if bad or not out["mutate"]:
         raise _err(where, f"pbt.mutate: {bad or out['mutate']!r}: expected keys of space ({', '.join(keys) or 'empty'})")
