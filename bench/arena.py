@@ -56,10 +56,7 @@ from kcd_ray.config import load_config  # noqa: E402
 from kcd_ray.data import iter_split, prepare_dataset  # noqa: E402
 from kcd_ray.data import transforms as T  # noqa: E402
 from kcd_ray.data.blend import overlay_lookup  # noqa: E402
-from kcd_ray.engine import Engine, LocalServices, RunContext  # noqa: E402
-from kcd_ray.engine.build import build_components  # noqa: E402
-from kcd_ray.engine.parts import run_hooks  # noqa: E402
-from kcd_ray.engine.rundir import RunDir  # noqa: E402
+from kcd_ray.engine import Engine, assemble_engine  # noqa: E402
 from kcd_ray.engine.selection import feed_batch_size  # noqa: E402
 from kcd_ray.models import load_model  # noqa: E402
 
@@ -138,13 +135,7 @@ def test_feed(test):
 
 
 def engine_for(cfg, data_dir: str, folder: Path, kind="distill") -> Engine:
-    run_dir = RunDir(folder)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, kind=kind, run_dir=run_dir, data_dir=data_dir)
-    torch.manual_seed(cfg.optim.seed)
-    parts = build_components(cfg, kind, data_dir, torch.device("cpu"), distributed=False)
-    return Engine(ctx, parts, run_hooks(ctx, parts.num_train), LocalServices(checkpoint_dir=folder / "local_checkpoint"),
-                  torch.device("cpu"))
+    return assemble_engine(cfg, torch.device("cpu"), kind=kind, data_dir=data_dir, run_dir=folder)
 
 
 def run_one(cfg, data_dir, train, test, folder: Path, seed: int, kind="distill") -> dict:

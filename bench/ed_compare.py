@@ -40,10 +40,7 @@ from kcd_ray.config import load_config  # noqa: E402
 from kcd_ray.data import iter_split, prepare_dataset  # noqa: E402
 from kcd_ray.data import transforms as T  # noqa: E402
 from kcd_ray.data.groups import ClassGroups, local_label_feeds, sequential_order  # noqa: E402
-from kcd_ray.engine import Engine, LocalServices, RunContext  # noqa: E402
-from kcd_ray.engine.build import build_components  # noqa: E402
-from kcd_ray.engine.parts import run_hooks  # noqa: E402
-from kcd_ray.engine.rundir import RunDir  # noqa: E402
+from kcd_ray.engine import assemble_engine  # noqa: E402
 
 G = 3
 DATA = {"name": "digits", "image_size": 16}  # --data synthetic: a CIFAR-shaped set with --classes classes
@@ -91,13 +88,7 @@ class Feed:
 
 
 def run(cfg, kind, data, folder: Path, seed: int, sequential=False, local=False):
-    run_dir = RunDir(folder)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, kind=kind, run_dir=run_dir, data_dir=data["dir"])
-    torch.manual_seed(cfg.optim.seed)
-    parts = build_components(cfg, kind, ctx.data_dir, torch.device("cpu"), distributed=False)
-    services = LocalServices(checkpoint_dir=folder / "local_checkpoint")
-    engine = Engine(ctx, parts, run_hooks(ctx, parts.num_train), services, torch.device("cpu"))
+    engine = assemble_engine(cfg, torch.device("cpu"), kind=kind, data_dir=data["dir"], run_dir=folder)
     feed = Feed(data["train"], data["test"], seed, cfg.optim.batch_size, sequential)
     feed.engine = engine
     train, test = feed, feed.test_batches

@@ -35,10 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def _engine(work: Path, amp: bool, batch_size: int):
     from kcd_ray.config import load_config
     from kcd_ray.data import prepare_dataset
-    from kcd_ray.engine import Engine, LocalServices, RunContext
-    from kcd_ray.engine.build import build_components
-    from kcd_ray.engine.parts import run_hooks
-    from kcd_ray.engine.rundir import RunDir
+    from kcd_ray.engine import assemble_engine
     from kcd_ray.models import build_model, save_model
 
     save_model(work / "teacher.pt", build_model("resnet32x4", 100))
@@ -48,10 +45,7 @@ def _engine(work: Path, amp: bool, batch_size: int):
         "optim": {"epochs": 2, "batch_size": batch_size, "amp": amp}, "run": {"verbose": 0},
         "distill": {"teacher": str(work / "teacher.pt")}, "kcd": {"interval": 1, "stages": 1, "rho": 0.5}})
     data_dir = prepare_dataset(cfg.data, verbose=False)
-    ctx = RunContext(cfg=cfg, kind="distill", run_dir=RunDir(work / "run"), data_dir=str(data_dir))
-    device = torch.device("cuda")
-    parts = build_components(cfg, "distill", ctx.data_dir, device, distributed=False)
-    return Engine(ctx, parts, run_hooks(ctx, parts.num_train), LocalServices(), device)
+    return assemble_engine(cfg, torch.device("cuda"), data_dir=str(data_dir), run_dir=work / "run")
 
 
 def engine_rate(work: Path, amp: bool, steps: int, batch_size: int) -> float:
@@ -122,6 +116,8 @@ def cache_check(work: Path, steps: int, batch_size: int) -> None:
     from kcd_ray.data import prepare_dataset
     from kcd_ray.models import load_model
     from kcd_ray.models import build_model, save_model
+    from kcd_ray.engine import assemble_engine
+    from kcd_ray.engine.plan import local_plan
     from kcd_ray.ray_layer import compat
     from kcd_ray.ray_layer.teacher_cache import ensure_teacher_cache
 
@@ -135,7 +131,7 @@ def cache_check(work: Path, steps: int, batch_size: int) -> None:
     data_dir = prepare_dataset(cfg.data, verbose=False)
     compat.start_local_ray()  # as kcd_ray's own local Ray (trainer.init_ray)
     t0 = time.perf_counter()
-    spec = ensure_teacher_cache(cfg, data_dir, verbose=False)
+    spec = ensure_teacher_cache(local_plan(cfg, "distill", data_dir), verbose=False)
     built = time.perf_counter() - t0
     ray.shutdown()
     z = TeacherLookup(spec, 100).columns(list(range(8)), 0, plain=False)["t_logits"]
@@ -143,14 +139,9 @@ def cache_check(work: Path, steps: int, batch_size: int) -> None:
           f"{bool(torch.isfinite(torch.from_numpy(z).float()).all())}")
     live = _engine(work, False, batch_size)
     teacher = load_model(work / "teacher.pt").cuda().eval()
-    cached_cfg = live.cfg
-    from kcd_ray.engine import Engine, LocalServices
-    from kcd_ray.engine.build import build_components
-    from kcd_ray.engine.parts import run_hooks
-
-    ctx = dataclasses.replace(live.ctx, cfg=dataclasses.replace(cached_cfg, kcd=dataclasses.replace(cached_cfg.kcd, enabled=False)))
-    parts = build_components(ctx.cfg, "distill", ctx.data_dir, torch.device("cuda"), distributed=False, teacher_cache=spec)
-    cached = Engine(ctx, parts, run_hooks(ctx, parts.num_train), LocalServices(), torch.device("cuda"))
+    cached_cfg = dataclasses.replace(live.cfg, kcd=dataclasses.replace(live.cfg.kcd, enabled=False))
+    cached = assemble_engine(cached_cfg, torch.device("cuda"), data_dir=live.ctx.data_dir, run_dir=work / "cached",
+                             teacher_cache=spec)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 3, 32, 32, generator=g)
     host = {"image": x, "label": torch.randint(0, 100, (batch_size,), generator=g), "sample_id": torch.arange(batch_size)}

@@ -41,10 +41,7 @@ from kcd_ray.cache.store import CacheSpec, augment_uniforms  # noqa: E402
 from kcd_ray.config import load_config  # noqa: E402
 from kcd_ray.data import iter_split, prepare_dataset  # noqa: E402
 from kcd_ray.data import transforms as T  # noqa: E402
-from kcd_ray.engine import Engine, LocalServices, RunContext  # noqa: E402
-from kcd_ray.engine.build import build_components  # noqa: E402
-from kcd_ray.engine.parts import run_hooks  # noqa: E402
-from kcd_ray.engine.rundir import RunDir  # noqa: E402
+from kcd_ray.engine import Engine, LocalServices, assemble_engine  # noqa: E402
 from kcd_ray.models import build_model, save_model  # noqa: E402
 
 KD = {"method": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": {"schedule": "constant", "T": 4.0}}
@@ -56,13 +53,8 @@ def mean_se(xs):
 
 
 def engine_for(cfg, data_dir: str, folder: Path, kind="distill", teacher_cache=None) -> Engine:
-    run_dir = RunDir(folder)
-    run_dir.path.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(cfg=cfg, kind=kind, run_dir=run_dir, data_dir=data_dir)
-    torch.manual_seed(cfg.optim.seed)
-    parts = build_components(cfg, kind, data_dir, torch.device("cpu"), distributed=False, teacher_cache=teacher_cache)
-    return Engine(ctx, parts, run_hooks(ctx, parts.num_train), LocalServices(checkpoint_dir=folder / "ckpt"),
-                  torch.device("cpu"))
+    return assemble_engine(cfg, torch.device("cpu"), LocalServices(checkpoint_dir=folder / "ckpt"), kind=kind,
+                           data_dir=data_dir, run_dir=folder, teacher_cache=teacher_cache)
 
 
 # --------------------------------------------------------------------------- throughput

@@ -2,14 +2,14 @@
 
 Both sides train the same model at the same batch size on the same CIFAR-shaped data with the same
 augmentation code (`kcd_ray.data.transforms`) and the same torch thread count; the baseline feeds a torch
-DataLoader from the decoded arrays (``kcd_ray.engine.baseline.PlainLoop``). Steady-state throughput: the first
+DataLoader from the decoded arrays (``bench/plain_loop.py``'s ``PlainLoop``). Steady-state throughput: the first
 epoch of each side is warm-up.
 
 Two ratios. Per round: the kcd_ray run's median against the plain loop's in this process, run before and after it
 on the bare host (Ray shut down; the rounds share their plain halves: plain, kcd_ray, plain, kcd_ray, plain), so
 a drift of the host's speed that is linear over the round cancels; Ray's resident processes count against
 kcd_ray, as they do for a user. ``--paired``: the Train worker also runs one plain-loop epoch right before each of
-its epochs (drill hook ``plain_epoch``), and each kcd_ray epoch is compared with the plain epoch next to it: the
+its epochs (``plain_loop.PlainEpochBeside``), and each kcd_ray epoch is compared with the plain epoch next to it: the
 drift cancels, and what is left is the training path's own cost (engine, input path, Ray Train in the worker),
 both sides sharing the resident processes.
 
@@ -43,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kcd_ray.config import load_config  # noqa: E402
 from kcd_ray.data import load_meta, prepare_dataset  # noqa: E402
-from kcd_ray.engine.baseline import PlainLoop  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plain_loop  # noqa: E402
+from plain_loop import PlainEpochBeside, PlainLoop  # noqa: E402
 
 
 def plain_half(loop: PlainLoop, epochs: int) -> list[float]:
@@ -63,9 +65,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def kcd_ray_path(cfg, epochs: int, paired: bool) -> tuple[list[float], list[float]]:
     """kcd_ray's img/s per epoch, and (``paired``) the plain loop's, run in the Train worker right before each."""
+    import ray.cloudpickle
+
     from kcd_ray.ray_layer.trainer import fit
 
-    summary = fit(cfg, kind="teacher", hooks=["plain_epoch"] if paired else None)
+    ray.cloudpickle.register_pickle_by_value(plain_loop)  # the Train worker gets the hook class by value
+    summary = fit(cfg, kind="teacher", hooks=[PlainEpochBeside] if paired else None)
     rows = read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl")
     assert len(rows) == epochs
     print("kcd_ray data wait s per epoch:", [round(r["data_wait_seconds"], 2) for r in rows], "train s:", [round(r["train_seconds"], 2) for r in rows])

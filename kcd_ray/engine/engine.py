@@ -287,6 +287,10 @@ class Engine:
                      run_state=run_state, config=to_dict(self.cfg), hooks=hooks)
         return lambda folder: save_run_checkpoint(folder, **parts)
 
+    def _strategy_info(self) -> dict:
+        plan = self.ctx.plan
+        return plan.selection.info if plan is not None else strategy_class(self.cfg, self.ctx.kind).info(self.cfg)
+
     def run(self, train_batches: Batches, test_batches: Callable[[], Iterable[dict]]) -> Optional[dict]:
         """Train from ``start_epoch`` to the end; rank 0 returns the summary, other ranks None."""
         self.train_batches, self.test_batches = train_batches, test_batches
@@ -302,7 +306,7 @@ class Engine:
         if self.ctx.is_chief and self.history:
             summary = summarize(self.history, kind=self.ctx.kind, num_train=self.parts.num_train,
                                 epochs=self.cfg.optim.epochs, run_dir=self.ctx.run_dir.where, config=to_dict(self.cfg),
-                                strategy_info=strategy_class(self.cfg, self.ctx.kind).info(self.cfg))
+                                strategy_info=self._strategy_info())
         self._each("end_run", summary)
         return summary
 

@@ -128,8 +128,10 @@ def feed_batch_size(cfg, kind: str = "distill") -> int:
 
 
 def build_strategy(ctx, num_train: int) -> Optional[Hook]:
-    """The one selection hook of a run (None for plain KD and teacher training)."""
-    return strategy_class(ctx.cfg, ctx.kind).build(ctx, int(num_train))
+    """The one selection hook of a run (None for plain KD and teacher training): the class the run plan resolved
+    (it travels to the workers with the plan, registered there or not), else the registered one."""
+    cls = ctx.plan.selection.cls if ctx.plan is not None else strategy_class(ctx.cfg, ctx.kind)
+    return cls.build(ctx, int(num_train))
 
 
 @STRATEGIES.register("none")
