@@ -47,10 +47,24 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: str = _f("digits", choices="datasets", help="registered dataset: digits, synthetic, cifar10, cifar100, folder")
+    name: str = _f("digits", choices="datasets", help="registered dataset: digits, synthetic, cifar10, cifar100, folder, "
+                                                      "idx (MNIST-style IDX files), fashion_mnist")
     root: str = _f("~/.cache/kcd_ray/data", help="folder holding the prepared Parquet data sets")
-    source: str = _f("", help="raw source folder (CIFAR pickle folder, or an image folder with train/ and test/ or val/)")
-    image_size: int = _f(32, ge=8, help="digits: resize 8x8 handwriting to this size; folder: eval/crop size")
+    source: str = _f("", help="raw source folder: the CIFAR pickle folder; an image folder with train/ and test/ or "
+                              "val/; idx: the folder of the four MNIST-style IDX files (train-images-idx3-ubyte, "
+                              "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each may be "
+                              ".gz); fashion_mnist: empty = /usr/share/datasets/fashion-mnist (`apt-get install "
+                              "dataset-fashion-mnist`)")
+    image_size: int = _f(32, ge=8, help="digits: resize 8x8 handwriting to this size; folder: eval/crop size; "
+                                        "idx/fashion_mnist: 28x28 kept at 28, zero-padded to 29..32 (28 -> 32: 2 px a "
+                                        "side, the CIFAR-style recipe), bilinearly resized to any other size")
+    channels: int = _f(0, choices=(0, 1, 3), help="grey sources (idx, fashion_mnist, digits): 3 replicates the grey "
+                                                  "level (every zoo model takes 3), 1 keeps one channel (models with a "
+                                                  "1-channel input only), 0 = auto = 3; colour sources take 0 or 3")
+    train_subset: int = _f(0, ge=0, help="prepare a class-stratified, seeded subset of this many training rows "
+                                         "(any source; the test split stays whole; part of the prepared folder's "
+                                         "name and recorded in meta.json); 0 = the whole training split")
+    train_subset_seed: int = _f(0, ge=0, help="seed of data.train_subset's draw")
     augment: str = _f("auto", choices=("auto", "cifar", "imagenet", "none"), help="auto picks cifar for <=64px, imagenet above")
     download: bool = _f(False, help="CIFAR: let torchvision fetch the archive when the folder is missing")
     shuffle: str = _f("auto", choices=("auto", "full", "block_local", "block_local_files"), help="per-epoch row order: full (= auto) a uniform permutation of the kept set seeded by (seed, epoch); block_local: rows mixed only inside 1024-row blocks, file and block order reshuffled (block order up to 2 GiB); block_local_files: the same without block order")

@@ -14,7 +14,8 @@ from kcd_ray.data import load_meta
 from kcd_ray.data.groups import subset_num_classes
 from kcd_ray.distill import build_distiller
 from kcd_ray.distill.temperature import build_temperature
-from kcd_ray.models import build_model, load_model
+from kcd_ray.config import ConfigError
+from kcd_ray.models import build_model, input_channels, load_model
 from kcd_ray.engine.curriculum import MULTI_TEACHER, check_curriculum, distiller_kwargs, load_teachers
 
 
@@ -85,6 +86,15 @@ def load_teacher(dcfg, num_classes: int) -> torch.nn.Module:
     return load_model(dcfg.teacher, name=dcfg.teacher_model or None, num_classes=num_classes)
 
 
+def check_input_channels(model: torch.nn.Module, meta: dict, which: str) -> None:
+    """The prepared images' channels (meta.json ``image_shape``) must be what the model's first convolution takes."""
+    need, have = input_channels(model), int(meta["image_shape"][2])
+    if need is not None and need != have:
+        raise ConfigError(f"data.channels: the prepared images have {have} channel(s) (meta.json image_shape "
+                          f"{meta['image_shape']}) but {which} {getattr(model, 'arch', type(model).__name__)!r} takes "
+                          f"{need}; the zoo's models take 3: use data.channels=0 or 3")
+
+
 def build_components(cfg, kind: str, data_dir: str, device: torch.device, distributed: bool,
                      teacher_cache=None) -> Components:
     """``teacher_cache``: the run's CacheSpec when batches carry the teacher's outputs; the teacher is then
@@ -95,6 +105,7 @@ def build_components(cfg, kind: str, data_dir: str, device: torch.device, distri
     # A class-subset run with local labels (a group teacher) has that many outputs.
     num_classes = subset_num_classes(cfg.curriculum, int(meta["num_classes"]))
     student = build_model(cfg.model, num_classes)
+    check_input_channels(student, meta, "model")
     extra = {}
     if kind == "teacher":
         dcfg = dataclasses.replace(cfg.distill, method="ce", gamma=1.0, alpha=0.0, beta=0.0)
@@ -107,8 +118,11 @@ def build_components(cfg, kind: str, data_dir: str, device: torch.device, distri
         teacher = load_teacher(dcfg, num_classes) if teacher_in_loop(cfg, kind, teacher_cache) else None
         if teacher_cache is not None:
             extra["teacher_cache"] = teacher_cache
+    for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher] if teacher is not None else []):
+        check_input_channels(t, meta, "teacher")
     distiller = build_distiller(dcfg, student, teacher, num_classes, num_samples=num_train,
-                                image_size=int(meta["image_shape"][0]), **extra).to(device)
+                                image_size=int(meta["image_shape"][0]), in_channels=int(meta["image_shape"][2]),
+                                **extra).to(device)
     if cfg.optim.channels_last and device.type == "cuda":  # NHWC kernels (cuDNN); the batches come NHWC too
         distiller.to(memory_format=torch.channels_last)
     model = distiller
