@@ -47,8 +47,8 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: str = _f("digits", choices="datasets", help="registered dataset: digits, synthetic, cifar10, cifar100, folder, "
-                                                      "idx (MNIST-style IDX files), fashion_mnist")
+    name: str = _f("digits", choices="datasets", help="registered dataset: digits, synthetic, cifar10, cifar100, "
+                                                      "folder, idx (MNIST-style IDX files), fashion_mnist")
     root: str = _f("~/.cache/kcd_ray/data", help="folder holding the prepared Parquet data sets")
     source: str = _f("", help="raw source folder: the CIFAR pickle folder; an image folder with train/ and test/ or "
                               "val/; idx: the folder of the four MNIST-style IDX files (train-images-idx3-ubyte, "
@@ -134,11 +134,24 @@ class RunConfig:
 
 @dataclass
 class TemperatureConfig:
-    schedule: str = _f("constant", choices="temperatures", help="constant, linear, cosine, step, exponential")
-    T: float = _f(4.0, gt=0.0, help="start (or constant) temperature")
+    schedule: str = _f("constant", choices="temperatures", help="constant, linear, cosine, step, exponential, or ctkd: "
+                                                                "a learned global temperature (Curriculum Temperature "
+                                                                "KD, Li et al. AAAI 2023), trained by the student's "
+                                                                "optimiser through a gradient reversal layer")
+    T: float = _f(4.0, gt=0.0, help="start (or constant) temperature (ctkd: unused)")
     T_end: float = _f(4.0, gt=0.0, help="final temperature for linear/cosine/exponential")
     milestones: list[int] = _f(factory=list, help="step: epochs at which T changes")
     values: list[float] = _f(factory=list, help="step: T after each milestone")
+    ctkd_T_min: float = _f(1.0, gt=0.0, help="ctkd: T = ctkd_T_min + ctkd_T_span * sigmoid(theta) (the reference's "
+                                             "--t_start 1)")
+    ctkd_T_span: float = _f(20.0, gt=0.0, help="ctkd: the range of T above ctkd_T_min (the reference's --t_end 20)")
+    ctkd_init: float = _f(1.0, help="ctkd: theta's start (the reference's torch.ones(1): T = 1 + 20 sigmoid(1) = 15.6)")
+    ctkd_lambda_start: float = _f(0.0, ge=0.0, help="ctkd: gradient-reversal strength at the start of the ramp "
+                                                    "(the reference's --decay_max 0, negated)")
+    ctkd_lambda_end: float = _f(1.0, ge=0.0, help="ctkd: gradient-reversal strength after the ramp (the reference's "
+                                                  "--decay_min -1, negated)")
+    ctkd_ramp_epochs: int = _f(10, ge=0, help="ctkd: epochs of the cosine ramp of the reversal strength from "
+                                              "ctkd_lambda_start to ctkd_lambda_end (the reference's --decay_loops 10)")
 
 
 @dataclass
@@ -148,6 +161,11 @@ class DistillConfig:
     teacher_model: str = _f("", help="teacher architecture, needed for RepDistiller checkpoints")
     gamma: float = _f(0.1, ge=0.0, help="weight of cross-entropy with the hard label")
     alpha: float = _f(0.9, ge=0.0, help="weight of the KD term")
+    logit_standardize: bool = _f(False, help="z-score each sample's student and teacher logits (over the classes) "
+                                             "before the temperature softmax (Sun et al., CVPR 2024): in the KD term "
+                                             "(kd and every method's KD term, mtkd) and in dkd's term; not in KCD's "
+                                             "values. The reference pairs it with T 2 and a KD weight 9 (kd: alpha 9; "
+                                             "dkd: dkd_alpha 9, dkd_beta 72)")
     beta: Optional[float] = _f(None, help="weight of the method's own term; None = the method's default")
     temperature: TemperatureConfig = _f(factory=TemperatureConfig)
     options: dict = _f(factory=dict, help="method-specific options (e.g. feat_dim, nce_k)")

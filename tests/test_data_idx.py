@@ -171,7 +171,8 @@ def test_channels_one_is_refused_where_unsupported(tmp_path):
     cfg = load_config(overrides=["data.name=idx", f"data.source={tmp_path / 'raw'}", f"data.root={tmp_path / 'root'}",
                                  "data.channels=1", "model=resnet8", "optim.epochs=1"])
     path = prepare_dataset(cfg.data, verbose=False)
-    with pytest.raises(ConfigError, match=r"data.channels: the prepared images have 1 channel\(s\) .*'resnet8' takes 3"):
+    with pytest.raises(ConfigError, match=r"data.channels: the prepared images have 1 channel\(s\) .*'resnet8' "
+                                          r"takes 3"):
         build_components(cfg, "teacher", str(path), torch.device("cpu"), distributed=False)
 
 

@@ -27,7 +27,7 @@ class Components:
     scheduler: Any
     scaler: Any
     amp_ctx: Any
-    temperature: Callable[[int], float]
+    temperature: Callable[[int], float]  # epoch -> T (a learned temperature: its current value, see bind_temperature)
     params: list
     num_train: int
     num_classes: int
@@ -122,7 +122,10 @@ def build_components(cfg, kind: str, data_dir: str, device: torch.device, distri
         check_input_channels(t, meta, "teacher")
     distiller = build_distiller(dcfg, student, teacher, num_classes, num_samples=num_train,
                                 image_size=int(meta["image_shape"][0]), in_channels=int(meta["image_shape"][2]),
-                                **extra).to(device)
+                                **extra)
+    # before the optimiser and DDP: a learned temperature (ctkd) becomes a trained submodule of the distiller
+    temperature = distiller.bind_temperature(build_temperature(cfg.distill.temperature, cfg.optim.epochs))
+    distiller = distiller.to(device)
     if cfg.optim.channels_last and device.type == "cuda":  # NHWC kernels (cuDNN); the batches come NHWC too
         distiller.to(memory_format=torch.channels_last)
     model = distiller
@@ -134,6 +137,6 @@ def build_components(cfg, kind: str, data_dir: str, device: torch.device, distri
     amp_ctx, scaler = _amp(cfg, device)
     return Components(
         distiller=distiller, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.optim),
-        scaler=scaler, amp_ctx=amp_ctx, temperature=build_temperature(cfg.distill.temperature, cfg.optim.epochs),
+        scaler=scaler, amp_ctx=amp_ctx, temperature=temperature,
         params=params, num_train=num_train, num_classes=num_classes, fused=fused,
     )

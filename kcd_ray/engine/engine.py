@@ -256,7 +256,8 @@ class Engine:
             **ev, "best_top1": best, "kept_fraction": 1.0, "stage": 0,
             "samples_seen": int(n_seen), "sample_passes": self.sample_passes,
             "compute_ratio": self.sample_passes / (self.parts.num_train * (epoch + 1)),
-            "T": T if self.ctx.kind == "distill" else None, "lr": lr,
+            # a learned temperature (ctkd) changed during the epoch: its value at the epoch's end
+            "T": self.parts.temperature(epoch) if self.ctx.kind == "distill" else None, "lr": lr,
             "train_seconds": train_s, "images_per_s": n_seen / max(train_s, 1e-9),
             "estep_seconds": 0.0, "mstep_seconds": 0.0, "data_wait_seconds": tr["data_wait_seconds"],
             "world_size": self.ctx.world, "local_samples": int(tr["local_samples"]),

@@ -10,7 +10,9 @@
   kept ones weigh ``1 / keep_ratio``; pruning stops once ``epoch > delta * epochs`` (the code's
   parameterisation, ``delta = 0.875``: "prune during the first 0.875 of the epochs", i.e. the last ~0.125 train on
   the full set) and the weights are reset to 1; after each step the scores of the samples just trained on become
-  their (unweighted, all-gathered) per-sample loss, and the loss is rescaled by the weights.
+  their (unweighted, all-gathered) per-sample loss, and the loss is rescaled by the weights. The per-sample loss is
+  the distiller's own (``StepOutput.per_sample``: CE, KD, dkd's term), so logit standardization and a learned
+  temperature are in it.
 - ``unixkd``: UNIXKD (Xu, Liu & Loy 2020), following ``student_v0.py`` of github.com/xuguodong03/UNIXKD: each
   candidate batch of ``B`` samples gets a student forward (no grad, no teacher, the student in train mode as
   there) that ranks it by uncertainty (entropy of the softmax at T=1); the first ``k = ratio * B`` of the ranking
@@ -46,6 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from kcd_ray.condense.schedule import CondensationSchedule
+from kcd_ray.config import ConfigError
+from kcd_ray.distill.temperature import is_learned
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.condenser import Condenser
 from kcd_ray.engine.hooks import Hook, Selection
@@ -101,8 +105,13 @@ def _none(ctx, num_train):
 
 @STRATEGIES.register("kcd")
 def _kcd(ctx, num_train):
+    kcd = ctx.cfg.kcd
+    learned_T = is_learned(ctx.cfg.distill.temperature)
+    if kcd.estep == "offline" and kcd.value_fn == "kd" and kcd.value_T is None and learned_T:
+        raise ConfigError("kcd.value_T: the offline E-step's kd values need a fixed temperature and "
+                          "distill.temperature.schedule=ctkd learns it during training; set kcd.value_T")
     # selection.strategy=kcd runs KCD even when kcd.enabled is false (an explicit strategy wins).
-    return Condenser(dataclasses.replace(ctx.cfg.kcd, enabled=True), num_train)
+    return Condenser(dataclasses.replace(kcd, enabled=True), num_train)
 
 
 @STRATEGIES.register("auto")
@@ -120,19 +129,16 @@ def loss_weights(distiller, losses: dict) -> tuple[float, float]:
     return w_ce, w_kd
 
 
-def per_sample_loss(logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor, T: float,
-                    w_ce: float, w_kd: float) -> torch.Tensor:
-    """``w_ce * CE_i + w_kd * T^2 * KL_i(p_t || p_s)`` per sample (float32): the batch mean of it is the
-    distiller's ``ce + kd`` terms (``kcd_ray.distill.base``)."""
-    z = logits.float()
-    out = torch.zeros(z.shape[0], device=z.device, dtype=torch.float32)
-    if w_ce:
-        out = out + w_ce * F.cross_entropy(z, labels, reduction="none")
-    if w_kd and teacher_logits is not None:
-        log_p_s = F.log_softmax(z / T, dim=1)
-        p_t = F.softmax(teacher_logits.float() / T, dim=1)
-        out = out + w_kd * (T * T) * F.kl_div(log_p_s, p_t, reduction="none").sum(dim=1)
-    return out
+def per_sample_loss(output) -> torch.Tensor:
+    """The step's per-sample loss (float32 [B]): the sum of the distiller's ``StepOutput.per_sample`` terms (CE, KD
+    and per-sample method terms such as dkd's, each with its weight), so its batch mean is those terms of
+    ``output.losses`` exactly as the distiller computed them (standardized logits, a learned temperature,
+    several teachers). Terms that are not per-sample means (feature losses) are not in it."""
+    per = output.per_sample
+    if not per:
+        raise ValueError(f"selection.strategy=infobatch needs the distiller's per-sample losses; its step gave "
+                         f"none for terms {sorted(output.losses)}")
+    return sum(v.float() for v in per.values())
 
 
 # --------------------------------------------------------------------------- InfoBatch
@@ -179,7 +185,6 @@ class InfoBatch(Hook):
         self._w_dev: Optional[torch.Tensor] = None
         self._ids: list[torch.Tensor] = []
         self._losses: list[torch.Tensor] = []
-        self._T = 1.0
 
     def state_dict(self) -> dict:
         return {"scores": self.scores.copy(), "seen": self.seen.copy()}
@@ -189,7 +194,6 @@ class InfoBatch(Hook):
         self.seen = np.asarray(state["seen"], bool).copy()
 
     def before_epoch(self, engine, epoch: int) -> None:
-        self._T = engine.parts.temperature(epoch)
         if infobatch_prunes(epoch, self.epochs, self.delta):
             self.kept, self.weights = infobatch_prune(self.scores, self.seen, self.keep_ratio,
                                                       epoch_rng(self.seed, epoch))
@@ -201,10 +205,10 @@ class InfoBatch(Hook):
         return None if self.kept is None else Selection(kept=self.kept)
 
     def adjust_loss(self, engine, batch: dict, output, loss):
-        """``loss + mean((w_i - 1) l_i)``: the CE+KD part of the loss becomes ``mean(w_i l_i)`` (the reference's
-        ``values.mul_(weights); values.mean()``); other method terms (feature losses) are not rescaled."""
-        w_ce, w_kd = loss_weights(engine.distiller, output.losses)
-        l_i = per_sample_loss(output.logits, output.teacher_logits, batch["label"], self._T, w_ce, w_kd)
+        """``loss + mean((w_i - 1) l_i)``: the per-sample part of the loss (CE, KD, dkd's term: ``per_sample_loss``)
+        becomes ``mean(w_i l_i)`` (the reference's ``values.mul_(weights); values.mean()``); other method terms
+        (feature losses) are not rescaled."""
+        l_i = per_sample_loss(output)
         self._ids.append(batch["sample_id_cpu"])
         self._losses.append(l_i.detach())
         if self._w_dev is None:
