@@ -429,7 +429,7 @@ def test_stale_temp_folders_are_cleaned(tmp_path):
 
 
 def test_registry_lists_all_sources():
-    assert DATASETS.names() == ["cifar10", "cifar100", "digits", "folder", "synthetic"]
+    assert DATASETS.names() == ["cifar10", "cifar100", "digits", "fashion_mnist", "folder", "idx", "synthetic"]
     with pytest.raises(DatasetError, match="unknown dataset 'mnist'.*known: cifar10"):
         prepare_dataset(DataConfig(name="mnist"), verbose=False)
 

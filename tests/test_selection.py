@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from engine_harness import batches, prepare_tiny
 from kcd_ray.config import load_config
-from kcd_ray.distill.base import StepOutput, kd_kl
+from kcd_ray.distill.base import StepOutput, kd_kl, kd_per_sample
 from kcd_ray.engine import Hook, LocalServices, RunContext, assemble_engine
 from kcd_ray.engine.assemble import run_hooks
 from kcd_ray.engine.condenser import Condenser
@@ -105,15 +105,18 @@ def test_infobatch_rescales_the_per_sample_loss_and_records_scores():
     zt, y, T_ = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0]), 4.0
     gamma, alpha = 0.1, 0.9
     losses = {"ce": gamma * F.cross_entropy(z, y), "kd": alpha * kd_kl(z, zt, T_)}
-    l_i = per_sample_loss(z, zt, y, T_, gamma, alpha)
+    per = {"ce": gamma * F.cross_entropy(z, y, reduction="none"), "kd": alpha * kd_per_sample(z, zt, T_)}
+    l_i = per_sample_loss(StepOutput(z, losses, zt, per))
     assert torch.allclose(l_i.mean(), sum(losses.values()))  # the distiller's terms, per sample
+    with pytest.raises(ValueError, match="per-sample losses"):
+        per_sample_loss(StepOutput(z, losses, zt))
     hook = InfoBatch(_cfg("selection.infobatch.ratio=0.5", "optim.epochs=8"), 6)
     hook.weights = np.array([1, 2, 1, 2, 1, 1], np.float32)
-    hook._w_dev, hook._T = torch.as_tensor(hook.weights), T_
+    hook._w_dev = torch.as_tensor(hook.weights)
     engine = SimpleNamespace(distiller=SimpleNamespace(name="kd", gamma=gamma, alpha=alpha))
     ids = torch.tensor([5, 1, 2, 3, 4, 0])
     batch = {"label": y, "sample_id": ids, "sample_id_cpu": ids}
-    out = hook.adjust_loss(engine, batch, StepOutput(z, losses, zt), sum(losses.values()))
+    out = hook.adjust_loss(engine, batch, StepOutput(z, losses, zt, per), sum(losses.values()))
     w = torch.as_tensor(hook.weights)[ids]
     ref = (l_i * w).mean()  # InfoBatch.update: values.mul_(weights); values.mean()
     assert torch.allclose(out, ref)

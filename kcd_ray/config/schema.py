@@ -26,10 +26,24 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    name: str = _f("digits", choices="datasets", help="registered dataset: digits, synthetic, cifar10, cifar100, folder")
+    name: str = _f("digits", choices="datasets", help="registered dataset: digits, synthetic, cifar10, cifar100, "
+                                                      "folder, idx (MNIST-style IDX files), fashion_mnist")
     root: str = _f("~/.cache/kcd_ray/data", help="folder holding the prepared Parquet data sets")
-    source: str = _f("", help="raw source folder (CIFAR pickle folder, or an image folder with train/ and test/ or val/)")
-    image_size: int = _f(32, ge=8, help="digits: resize 8x8 handwriting to this size; folder: eval/crop size")
+    source: str = _f("", help="raw source folder: the CIFAR pickle folder; an image folder with train/ and test/ or "
+                              "val/; idx: the folder of the four MNIST-style IDX files (train-images-idx3-ubyte, "
+                              "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each may be "
+                              ".gz); fashion_mnist: empty = /usr/share/datasets/fashion-mnist (`apt-get install "
+                              "dataset-fashion-mnist`)")
+    image_size: int = _f(32, ge=8, help="digits: resize 8x8 handwriting to this size; folder: eval/crop size; "
+                                        "idx/fashion_mnist: 28x28 kept at 28, zero-padded to 29..32 (28 -> 32: 2 px a "
+                                        "side, the CIFAR-style recipe), bilinearly resized to any other size")
+    channels: int = _f(0, choices=(0, 1, 3), help="grey sources (idx, fashion_mnist, digits): 3 replicates the grey "
+                                                  "level (every zoo model takes 3), 1 keeps one channel (models with a "
+                                                  "1-channel input only), 0 = auto = 3; colour sources take 0 or 3")
+    train_subset: int = _f(0, ge=0, help="prepare a class-stratified, seeded subset of this many training rows "
+                                         "(any source; the test split stays whole; part of the prepared folder's "
+                                         "name and recorded in meta.json); 0 = the whole training split")
+    train_subset_seed: int = _f(0, ge=0, help="seed of data.train_subset's draw")
     augment: str = _f("auto", choices=("auto", "cifar", "imagenet", "none"), help="auto picks cifar for <=64px, imagenet above")
     download: bool = _f(False, help="CIFAR: let torchvision fetch the archive when the folder is missing")
     shuffle: str = _f("auto", choices=("auto", "full", "block_local", "block_local_files"), help="per-epoch row order: full (= auto) a uniform permutation of the kept set seeded by (seed, epoch); block_local: rows mixed only inside 1024-row blocks, file and block order reshuffled (block order up to 2 GiB); block_local_files: the same without block order")
@@ -99,11 +113,24 @@ class RunConfig:
 
 @dataclass
 class TemperatureConfig:
-    schedule: str = _f("constant", choices="temperatures", help="constant, linear, cosine, step, exponential")
-    T: float = _f(4.0, gt=0.0, help="start (or constant) temperature")
+    schedule: str = _f("constant", choices="temperatures", help="constant, linear, cosine, step, exponential, or ctkd: "
+                                                                "a learned global temperature (Curriculum Temperature "
+                                                                "KD, Li et al. AAAI 2023), trained by the student's "
+                                                                "optimiser through a gradient reversal layer")
+    T: float = _f(4.0, gt=0.0, help="start (or constant) temperature (ctkd: unused)")
     T_end: float = _f(4.0, gt=0.0, help="final temperature for linear/cosine/exponential")
     milestones: list[int] = _f(factory=list, help="step: epochs at which T changes")
     values: list[float] = _f(factory=list, help="step: T after each milestone")
+    ctkd_T_min: float = _f(1.0, gt=0.0, help="ctkd: T = ctkd_T_min + ctkd_T_span * sigmoid(theta) (the reference's "
+                                             "--t_start 1)")
+    ctkd_T_span: float = _f(20.0, gt=0.0, help="ctkd: the range of T above ctkd_T_min (the reference's --t_end 20)")
+    ctkd_init: float = _f(1.0, help="ctkd: theta's start (the reference's torch.ones(1): T = 1 + 20 sigmoid(1) = 15.6)")
+    ctkd_lambda_start: float = _f(0.0, ge=0.0, help="ctkd: gradient-reversal strength at the start of the ramp "
+                                                    "(the reference's --decay_max 0, negated)")
+    ctkd_lambda_end: float = _f(1.0, ge=0.0, help="ctkd: gradient-reversal strength after the ramp (the reference's "
+                                                  "--decay_min -1, negated)")
+    ctkd_ramp_epochs: int = _f(10, ge=0, help="ctkd: epochs of the cosine ramp of the reversal strength from "
+                                              "ctkd_lambda_start to ctkd_lambda_end (the reference's --decay_loops 10)")
 
 
 @dataclass
@@ -113,6 +140,11 @@ class DistillConfig:
     teacher_model: str = _f("", help="teacher architecture, needed for RepDistiller checkpoints")
     gamma: float = _f(0.1, ge=0.0, help="weight of cross-entropy with the hard label")
     alpha: float = _f(0.9, ge=0.0, help="weight of the KD term")
+    logit_standardize: bool = _f(False, help="z-score each sample's student and teacher logits (over the classes) "
+                                             "before the temperature softmax (Sun et al., CVPR 2024): in the KD term "
+                                             "(kd and every method's KD term, mtkd) and in dkd's term; not in KCD's "
+                                             "values. The reference pairs it with T 2 and a KD weight 9 (kd: alpha 9; "
+                                             "dkd: dkd_alpha 9, dkd_beta 72)")
     beta: Optional[float] = _f(None, help="weight of the method's own term; None = the method's default")
     temperature: TemperatureConfig = _f(factory=TemperatureConfig)
     options: dict = _f(factory=dict, help="method-specific options (e.g. feat_dim, nce_k)")

@@ -1,8 +1,8 @@
 """Data: sources -> Parquet (prepare), plus the Ray Data pipeline, mask store and blend overlay.
 
 Importing this package is cheap (no Ray, no torch): ``DATASETS`` lists the registered sources
-(digits, synthetic, cifar10, cifar100, folder). The Ray Data parts live in ``pipeline``,
-``mask`` and ``blend``; import them directly.
+(digits, synthetic, cifar10, cifar100, folder, idx, fashion_mnist; see docs/data.md). The Ray Data
+parts live in ``pipeline``, ``mask`` and ``blend``; import them directly.
 """
 
 from kcd_ray.data.parquet_io import (

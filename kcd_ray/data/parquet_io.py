@@ -91,8 +91,12 @@ class ContentHash:
 # --------------------------------------------------------------------------- writing
 
 
-def images_to_arrow(images: Union[np.ndarray, Sequence[bytes]]) -> pa.Array:
-    """uint8 [N, ...] array (one row per image) or a list of bytes -> pa.binary() array."""
+def images_to_arrow(images: Union[np.ndarray, Sequence[bytes], pa.Array, pa.ChunkedArray]) -> pa.Array:
+    """uint8 [N, ...] array (one row per image), a list of bytes or an Arrow binary column -> pa.binary() array."""
+    if isinstance(images, pa.ChunkedArray):
+        images = images.combine_chunks()
+    if isinstance(images, pa.Array):
+        return images if images.type == pa.binary() else images.cast(pa.binary())
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
             raise TypeError(f"raw images must be uint8, got {images.dtype}")

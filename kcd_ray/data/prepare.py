@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Optional
 
 from kcd_ray import storage
+from kcd_ray.config import ConfigError
 from kcd_ray.data.parquet_io import (FILES_KEY, FORMAT_VERSION, META_FILE, DatasetError, check_prepared,
                                      file_records, load_meta, verify_prepared, write_meta)
 from kcd_ray.data.sources import DATASETS, Source
 from kcd_ray.data.sources.base import log
+from kcd_ray.data.subset import write_train_subset
 
 TMP_PREFIX = ".tmp-"
 
@@ -40,13 +42,25 @@ def get_source(data_cfg) -> Source:
         cls = DATASETS.get(data_cfg.name)
     except KeyError as e:
         raise DatasetError(f"data.name: {e.args[0]}") from None
+    channels = int(getattr(data_cfg, "channels", 0))
+    if channels == 1 and not cls.grayscale:
+        grey = ", ".join(n for n in DATASETS.names() if DATASETS.get(n).grayscale)
+        raise ConfigError(f"data.channels: 1 keeps grey images at one channel; {data_cfg.name} images are colour "
+                          f"(grey sources: {grey}); use data.channels=0 or 3")
     return cls(data_cfg)
+
+
+def prepared_key(data_cfg, src: Optional[Source] = None) -> str:
+    """The prepared folder's name: the source's key, plus ``-sub<n>-s<seed>`` for a ``data.train_subset``."""
+    key = (src or get_source(data_cfg)).key()
+    n = int(getattr(data_cfg, "train_subset", 0) or 0)
+    return key if n == 0 else f"{key}-sub{n}-s{int(data_cfg.train_subset_seed)}"
 
 
 def dataset_dir(data_cfg) -> Path:
     """``<root>/<key>`` of the configured data set (whether or not it is prepared yet)."""
     src = get_source(data_cfg)
-    return src.root / src.key()
+    return src.root / prepared_key(data_cfg, src)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -84,7 +98,7 @@ def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True, full_ch
     if storage.is_uri(data_cfg.root):
         return _prepare_in_store(data_cfg, force, verbose, full_check)
     src = get_source(data_cfg)
-    key = src.key()
+    key = prepared_key(data_cfg, src)
     root = src.root
     target = root / key
     if target.exists() and not force:
@@ -98,6 +112,12 @@ def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True, full_ch
     t0 = time.time()
     try:
         fields = src.build(tmp, say)
+        if getattr(data_cfg, "train_subset", 0):
+            sub = write_train_subset(tmp, data_cfg.train_subset, data_cfg.train_subset_seed)
+            fields = {**fields, "splits": {**fields["splits"], "train": sub["train"]},
+                      "train_subset": sub["train_subset"]}
+            say(f"{data_cfg.name}: train subset of {sub['train_subset']['size']} of {sub['train_subset']['of']} "
+                f"rows (stratified, seed {sub['train_subset']['seed']})")
         meta = {"format_version": FORMAT_VERSION, "name": src.name, "key": key, **fields}
         meta[FILES_KEY] = file_records(tmp)
         write_meta(tmp, meta)
@@ -115,7 +135,7 @@ def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True, full_ch
 def _prepare_in_store(data_cfg, force: bool, verbose: bool, full_check: Optional[bool]) -> Path:
     """``prepare_dataset`` for a root in an object store; returns this node's verified working copy."""
     storage.check(data_cfg.root, "data.root")
-    uri = storage.join(data_cfg.root, get_source(data_cfg).key())
+    uri = storage.join(data_cfg.root, prepared_key(data_cfg))
     if not force and storage.exists(storage.join(uri, META_FILE)):
         return fetch_prepared(uri, verbose=verbose, full_check=full_check)
     stage = storage.stage_dir(uri)

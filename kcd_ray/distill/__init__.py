@@ -26,6 +26,10 @@ hkd             3       holistic KD: instance graph + GNN + contrastive         
 mtkd            --      multi-teacher KD: mean of KD over distill.teachers        multi_teacher
 ed              --      education distillation (curriculum.name=ed), ED.md 6      multi_teacher
 ==============  ======  =========================================================  ==================
+
+Two options act across methods (docs/methods/rivals_logit.md): ``distill.logit_standardize`` (z-scored logits in
+the KD term and dkd's, Sun et al. 2024) and ``distill.temperature.schedule=ctkd`` (a learned temperature, Li et al.
+2023, bound to the distiller with ``Distiller.bind_temperature``).
 """
 
 from __future__ import annotations

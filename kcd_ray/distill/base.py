@@ -3,7 +3,14 @@
 A training step is ``out = distiller(batch, T, epoch)`` followed by ``sum(out.losses.values()).backward()``.
 ``out.losses`` holds named terms that are already weighted:
 ``{"ce": gamma * CE, "kd": alpha * T^2 * KL, "<method>": beta * L_other}``; a term whose weight is 0 is
-left out (and not computed).
+left out (and not computed). ``out.per_sample`` holds, for the terms that are batch means of a per-sample loss
+(CE, KD, and methods whose ``extra_loss`` returns a vector, e.g. dkd), that loss per sample with the same weight:
+strategies that weight samples (InfoBatch) reweight exactly what the distiller computed (logit standardization,
+a learned temperature and all).
+
+``distill.logit_standardize`` z-scores both nets' logits per sample before the temperature softmax of the KD
+term (:func:`standardize_logits`). A learned temperature (``distill.temperature.schedule=ctkd``) is bound with
+:meth:`Distiller.bind_temperature` and replaces the engine's ``T`` inside ``forward`` (:meth:`step_temperature`).
 
 The teacher is deliberately *not* a registered submodule. It is held in a plain attribute so that
 ``parameters()`` (the optimiser, DDP's gradient buckets), ``state_dict()`` (checkpoints) and DDP's
@@ -14,7 +21,7 @@ trained, checkpointed and resumed together with the student.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, NamedTuple, Optional, Sequence
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -22,20 +29,42 @@ import torch.nn.functional as F
 
 from kcd_ray.config import ConfigError, DistillConfig
 from kcd_ray.distill.connectors import f32
+from kcd_ray.distill.temperature import LearnedTemperature, Schedule
 from kcd_ray.registry import Registry
+
+Temperature = Union[float, torch.Tensor]  # a step's T: a float, or a learned temperature's 0-dim tensor
+STANDARDIZE_EPS = 1e-7  # the reference's normalize(): (z - mean) / (1e-7 + std)
 
 
 class StepOutput(NamedTuple):
     logits: Optional[torch.Tensor]  # student logits (None in init-stage steps)
     losses: dict[str, torch.Tensor]  # weighted terms; the total loss is their sum
     teacher_logits: Optional[torch.Tensor]  # None when there is no teacher
+    per_sample: Optional[dict[str, torch.Tensor]] = None  # losses[k] == per_sample[k].mean() for the keys it holds
 
 
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), averaged over the batch (Hinton KD)."""
-    log_p_s = F.log_softmax(f32(student_logits) / T, dim=1)
-    p_t = F.softmax(f32(teacher_logits) / T, dim=1)
-    return F.kl_div(log_p_s, p_t, reduction="batchmean") * (T * T)
+def standardize_logits(z: torch.Tensor) -> torch.Tensor:
+    """Each row z-scored over the classes: ``(z - mean) / (1e-7 + std)``, std with Bessel's correction (torch's
+    default), as ``normalize`` in github.com/sunshangquan/logit-standardization-KD (mdistiller/distillers/KD.py)."""
+    z = f32(z)
+    return (z - z.mean(dim=1, keepdim=True)) / (STANDARDIZE_EPS + z.std(dim=1, keepdim=True))
+
+
+def kd_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: Temperature,
+                  standardize: bool = False) -> torch.Tensor:
+    """[B]: T^2 * KL(softmax(z_t/T) || softmax(z_s/T)) per sample (Hinton KD); ``standardize``: of the z-scored
+    logits (:func:`standardize_logits`, Sun et al. 2024)."""
+    z_s, z_t = (standardize_logits(student_logits), standardize_logits(teacher_logits)) if standardize \
+        else (f32(student_logits), f32(teacher_logits))
+    log_p_s = F.log_softmax(z_s / T, dim=1)
+    p_t = F.softmax(z_t / T, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="none").sum(dim=1) * (T * T)
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: Temperature,
+          standardize: bool = False) -> torch.Tensor:
+    """T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), averaged over the batch (Hinton KD): :func:`kd_per_sample`'s mean."""
+    return kd_per_sample(student_logits, teacher_logits, T, standardize).mean()
 
 
 class Distiller(nn.Module):
@@ -58,6 +87,8 @@ class Distiller(nn.Module):
     # (feats[-1] only), or None: feature maps, so the teacher stays in the loop. Unset: by needs_features.
     teacher_outputs: ClassVar[Optional[tuple[str, ...]]] = ()
     label: ClassVar[str] = ""  # how reports name it; "" = the registered name
+    own_term_uses_T: ClassVar[bool] = False  # the method's own term depends on T (dkd): a learned T may drive it
+    logit_standardize_applies: ClassVar[bool] = True  # distill.logit_standardize reaches its KD term (not ed's)
 
     @classmethod
     def cache_outputs(cls) -> Optional[tuple[str, ...]]:
@@ -111,6 +142,11 @@ class Distiller(nn.Module):
         self.beta = float(self.default_beta if cfg.beta is None else cfg.beta)
         if cfg.beta is not None and cfg.beta < 0:
             raise ConfigError(f"distill.beta: {cfg.beta!r} is out of range; expected >= 0")
+        self.logit_standardize = bool(getattr(cfg, "logit_standardize", False))
+        if self.logit_standardize and not self.logit_standardize_applies:
+            raise ConfigError(f"distill.logit_standardize: method {cfg.method!r} does not support it (its KD is "
+                              "over per-group logit slices); kd, dkd, mtkd and every method's KD term do")
+        self.learned_temperature: Optional[LearnedTemperature] = None  # CTKD's, once bound (bind_temperature)
         self.image_size = int(image_size)
         self.in_channels = int(in_channels)
         self.num_samples = num_samples if num_samples is not None else self.options.get("num_samples")
@@ -138,6 +174,27 @@ class Distiller(nn.Module):
 
     def student_state_dict(self) -> dict:
         return self.student.state_dict()
+
+    # ------------------------------------------------------------------ temperature and the KD term
+    def bind_temperature(self, temperature) -> Schedule:
+        """The engine's ``epoch -> T`` for ``build_temperature``'s result. A :class:`LearnedTemperature` (CTKD)
+        becomes this distiller's ``learned_temperature`` submodule (call this before building the optimiser: its
+        parameter is trained, checkpointed and resumed with the student) and every step uses its output."""
+        if not isinstance(temperature, LearnedTemperature):
+            return temperature
+        if not (self.alpha > 0 or (self.own_term_uses_T and self.beta > 0)):
+            raise ConfigError(f"distill.temperature.schedule: ctkd learns the temperature of the KD term, and method "
+                              f"{self.name!r} with distill.alpha=0 has none that uses T")
+        self.learned_temperature = temperature
+        return temperature.schedule
+
+    def step_temperature(self, T: Temperature, epoch: int) -> Temperature:
+        """The temperature this step's losses use: the learned one's output when bound, else the engine's ``T``."""
+        return T if self.learned_temperature is None else self.learned_temperature(epoch)
+
+    def kd_per_sample(self, s_logits: torch.Tensor, t_logits: torch.Tensor, T: Temperature) -> torch.Tensor:
+        """The KD term per sample, unweighted: T^2 * KL, of standardized logits with ``distill.logit_standardize``."""
+        return kd_per_sample(s_logits, t_logits, T, self.logit_standardize)
 
     # ------------------------------------------------------------------ options
     def opt(self, key: str, default: Any, kind: type = float, gt: Optional[float] = None) -> Any:
@@ -224,25 +281,31 @@ class Distiller(nn.Module):
         if init_stage:
             return StepOutput(None, self.init_stage_losses(batch), None)
         image, label = batch["image"], batch["label"]
+        T = self.step_temperature(T, epoch)
         s_feats, s_logits = self.run_student(image)
         t_feats, t_logits = self.teacher_outputs_of(batch)
-        losses: dict[str, torch.Tensor] = {}
+        per: dict[str, torch.Tensor] = {}
         if self.gamma > 0:
-            losses["ce"] = self.gamma * F.cross_entropy(f32(s_logits), label)
+            per["ce"] = self.gamma * F.cross_entropy(f32(s_logits), label, reduction="none")
         if self.alpha > 0:
-            losses["kd"] = self.alpha * kd_kl(s_logits, t_logits, T)
+            per["kd"] = self.alpha * self.kd_per_sample(s_logits, t_logits, T)
+        losses = {k: v.mean() for k, v in per.items()}
         if self.beta > 0:
             extra = self.extra_loss(s_feats, t_feats, s_logits, t_logits, batch, T, epoch)
-            if extra is not None:
+            if extra is not None and extra.shape == s_logits.shape[:1]:  # a per-sample term (dkd)
+                per[self.name] = self.beta * extra
+                losses[self.name] = per[self.name].mean()
+            elif extra is not None:
                 losses[self.name] = self.beta * extra
         if not losses:
             raise ConfigError(f"distill.gamma/alpha/beta: every loss weight of method {self.name!r} is zero")
-        return StepOutput(s_logits, losses, t_logits)
+        return StepOutput(s_logits, losses, t_logits, per)
 
     def extra_loss(self, s_feats: Optional[Sequence[torch.Tensor]], t_feats: Optional[Sequence[torch.Tensor]],
                    s_logits: torch.Tensor, t_logits: Optional[torch.Tensor], batch: dict, T: float,
                    epoch: int) -> Optional[torch.Tensor]:
-        """The method's own (unweighted) term; None for methods that have none."""
+        """The method's own (unweighted) term: a scalar, or a [B] vector of per-sample values whose mean is the term
+        (then also in ``StepOutput.per_sample``); None for methods that have none."""
         return None
 
     # ------------------------------------------------------------------ two-stage methods
@@ -263,7 +326,9 @@ class Distiller(nn.Module):
         left out of the graph in some step (init-stage-only modules, or a method term weighted 0)."""
         if self.has_init_stage:
             return True
-        own = [p for n, p in self.named_parameters() if not n.startswith("student.") and p.requires_grad]
+        # a bound learned temperature is used by every step (bind_temperature checks it has a term)
+        own = [p for n, p in self.named_parameters()
+               if not n.startswith(("student.", "learned_temperature.")) and p.requires_grad]
         return bool(own) and self.beta == 0
 
 

@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kcd_ray.config import ConfigError
-from kcd_ray.distill.base import Distiller, StepOutput, kd_kl, register_distiller
+from kcd_ray.distill.base import Distiller, StepOutput, register_distiller
 from kcd_ray.distill.connectors import f32
 
 
@@ -103,17 +103,18 @@ class MultiTeacherKD(_Teachers):
 
     def forward(self, batch: dict, T: float, epoch: int, init_stage: bool = False) -> StepOutput:
         image, label = batch["image"], batch["label"]
+        T = self.step_temperature(T, epoch)
         s = self.student(image)
         with torch.no_grad():
             ts = [t(image).detach() for t in self._teachers]
-        losses: dict[str, torch.Tensor] = {}
+        per: dict[str, torch.Tensor] = {}
         if self.gamma > 0:
-            losses["ce"] = self.gamma * F.cross_entropy(f32(s), label)
+            per["ce"] = self.gamma * F.cross_entropy(f32(s), label, reduction="none")
         if self.alpha > 0:
-            losses["kd"] = self.alpha * torch.stack([kd_kl(s, t, T) for t in ts]).mean()
-        if not losses:
+            per["kd"] = self.alpha * torch.stack([self.kd_per_sample(s, t, T) for t in ts]).mean(0)
+        if not per:
             raise ConfigError("distill.gamma/alpha: every loss weight of method 'mtkd' is zero")
-        return StepOutput(s, losses, torch.stack(ts).mean(0))
+        return StepOutput(s, {k: v.mean() for k, v in per.items()}, torch.stack(ts).mean(0), per)
 
 
 @register_distiller("ed")
@@ -122,6 +123,7 @@ class EducationDistiller(_Teachers):
     (the CurriculumConfig: alpha, teacher_source, tr_relu, tr1_grid) as keyword arguments."""
     routes_rows = True  # a row goes through its group's teacher only: one teacher forward per row (ledger)
     label = "education distillation"
+    logit_standardize_applies = False
 
     @classmethod
     def teacher_files(cls, cfg) -> list[tuple[str, str]]:
@@ -209,6 +211,7 @@ class EducationDistiller(_Teachers):
 
     def forward(self, batch: dict, T: float, epoch: int, init_stage: bool = False) -> StepOutput:
         image, label = batch["image"], batch["label"]
+        T = self.step_temperature(T, epoch)
         g = self.student.grade
         z = self.student.grade_logits(image)  # [B, K_g], class-position order
         pos = self.position[label]
@@ -218,8 +221,8 @@ class EducationDistiller(_Teachers):
         if len(counts) > g:
             raise ValueError(f"ed: a batch holds classes of group {len(counts)} in grade {g} (the data selection "
                              "serves groups 1..g only)")
-        losses = {"ce": self.alpha_ce * F.cross_entropy(f32(z), pos)} if self.alpha_ce > 0 else {}
-        kl_sum = z.new_zeros((), dtype=torch.float32)
+        per = {"ce": self.alpha_ce * F.cross_entropy(f32(z), pos, reduction="none")} if self.alpha_ce > 0 else {}
+        kl_rows = z.new_zeros(z.shape[0], dtype=torch.float32)
         t_pos = torch.empty_like(z.detach(), dtype=torch.float32)
         with torch.no_grad():
             full = self._teachers[0](image).detach() if self.sliced else None
@@ -235,13 +238,14 @@ class EducationDistiller(_Teachers):
             s = f32(z[idx, o:o + k])
             log_p = F.log_softmax(s / T, dim=1)
             log_q = F.log_softmax(t / T, dim=1)
-            kl_sum = kl_sum + (log_q.exp() * (log_q - log_p)).sum()
+            kl_rows = kl_rows.index_put((idx,), (log_q.exp() * (log_q - log_p)).sum(1))
             with torch.no_grad():  # a full-width row for KCD's teacher-based values: the teacher inside its group
                 row = (t.amin(dim=1, keepdim=True) - 50.0).expand(n, z.shape[1]).clone()
                 row[:, o:o + k] = t
                 t_pos[idx] = row
         if self.alpha_ce < 1.0:
-            losses["kd"] = (1.0 - self.alpha_ce) * (T * T) * kl_sum / max(z.shape[0], 1)
-        if not losses:
+            per["kd"] = (1.0 - self.alpha_ce) * (T * T) * kl_rows
+        if not per:
             raise ConfigError("curriculum.alpha: the ed loss needs alpha < 1 or a CE term")
-        return StepOutput(self.student.to_label_order(z), losses, self.student.to_label_order(t_pos))
+        return StepOutput(self.student.to_label_order(z), {k: v.mean() for k, v in per.items()},
+                          self.student.to_label_order(t_pos), per)

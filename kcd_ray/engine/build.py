@@ -14,8 +14,9 @@ from kcd_ray.data import load_meta
 from kcd_ray.data.groups import subset_num_classes
 from kcd_ray.distill import build_distiller
 from kcd_ray.distill.temperature import build_temperature
+from kcd_ray.config import ConfigError
 from kcd_ray.engine.plan.derive import method_class
-from kcd_ray.models import build_model
+from kcd_ray.models import build_model, input_channels
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Components:
     scheduler: Any
     scaler: Any
     amp_ctx: Any
-    temperature: Callable[[int], float]
+    temperature: Callable[[int], float]  # epoch -> T (a learned temperature: its current value, see bind_temperature)
     params: list
     num_train: int
     num_classes: int
@@ -69,6 +70,15 @@ def _amp(cfg, device):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def check_input_channels(model: torch.nn.Module, meta: dict, which: str) -> None:
+    """The prepared images' channels (meta.json ``image_shape``) must be what the model's first convolution takes."""
+    need, have = input_channels(model), int(meta["image_shape"][2])
+    if need is not None and need != have:
+        raise ConfigError(f"data.channels: the prepared images have {have} channel(s) (meta.json image_shape "
+                          f"{meta['image_shape']}) but {which} {getattr(model, 'arch', type(model).__name__)!r} takes "
+                          f"{need}; the zoo's models take 3: use data.channels=0 or 3")
+
+
 def build_components(ctx, device: torch.device, distributed: bool) -> Components:
     """Models, distiller, optimiser and schedules of the run ``ctx.plan`` describes (``ctx.cfg`` may carry an
     elastic run's per-worker batch). The teacher is loaded when the plan keeps it in the loop; with a
@@ -79,6 +89,7 @@ def build_components(ctx, device: torch.device, distributed: bool) -> Components
     # A class-subset run with local labels (a group teacher) has that many outputs.
     num_classes = subset_num_classes(cfg.curriculum, int(meta["num_classes"]))
     student = build_model(cfg.model, num_classes)
+    check_input_channels(student, meta, "model")
     extra = {}
     if kind == "teacher":
         dcfg = dataclasses.replace(cfg.distill, method="ce", gamma=1.0, alpha=0.0, beta=0.0)
@@ -89,8 +100,14 @@ def build_components(ctx, device: torch.device, distributed: bool) -> Components
         extra = method.build_kwargs(cfg, num_classes)
         if plan.cache is not None:
             extra["teacher_cache"] = plan.cache
+    for t in (teacher if isinstance(teacher, (list, tuple)) else [teacher] if teacher is not None else []):
+        check_input_channels(t, meta, "teacher")
     distiller = build_distiller(dcfg, student, teacher, num_classes, num_samples=num_train,
-                                image_size=int(meta["image_shape"][0]), **extra).to(device)
+                                image_size=int(meta["image_shape"][0]), in_channels=int(meta["image_shape"][2]),
+                                **extra)
+    # before the optimiser and DDP: a learned temperature (ctkd) becomes a trained submodule of the distiller
+    temperature = distiller.bind_temperature(build_temperature(cfg.distill.temperature, cfg.optim.epochs))
+    distiller = distiller.to(device)
     if cfg.optim.channels_last and device.type == "cuda":  # NHWC kernels (cuDNN); the batches come NHWC too
         distiller.to(memory_format=torch.channels_last)
     model = distiller
@@ -102,6 +119,6 @@ def build_components(ctx, device: torch.device, distributed: bool) -> Components
     amp_ctx, scaler = _amp(cfg, device)
     return Components(
         distiller=distiller, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.optim),
-        scaler=scaler, amp_ctx=amp_ctx, temperature=build_temperature(cfg.distill.temperature, cfg.optim.epochs),
+        scaler=scaler, amp_ctx=amp_ctx, temperature=temperature,
         params=params, num_train=num_train, num_classes=num_classes, fused=fused,
     )

@@ -27,7 +27,9 @@ from kcd_ray import storage
 from kcd_ray.condense import KCDState
 from kcd_ray.condense.schedule import CondensationSchedule
 from kcd_ray.condense.values import VALUE_FNS, make_context, needs_teacher
+from kcd_ray.config import ConfigError
 from kcd_ray.data.blend import BlendOverlays
+from kcd_ray.distill.temperature import is_learned
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.hooks import Selection
 from kcd_ray.engine.selection.base import STRATEGIES, SelectionStrategy
@@ -73,6 +75,13 @@ class Condenser(SelectionStrategy):
         trained = sched.planned_sizes(epochs) / float(num_train)
         offline = np.array([float(k.estep == "offline" and sched.is_condense_epoch(e)) for e in range(epochs)])
         return trained, offline
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        k = cfg.kcd
+        if k.estep == "offline" and k.value_fn == "kd" and k.value_T is None and is_learned(cfg.distill.temperature):
+            raise ConfigError("kcd.value_T: the offline E-step's kd values need a fixed temperature and "
+                              "distill.temperature.schedule=ctkd learns it during training; set kcd.value_T")
 
     @classmethod
     def scores_with_teacher_offline(cls, cfg) -> bool:

@@ -265,7 +265,8 @@ class Engine:
             **{f"{LOSS_PREFIX}{k}": s / max(n_seen, 1) for k, s in zip(keys, sums)},
             **ev, "best_top1": best, "kept_fraction": self._served / max(self.parts.num_train, 1),
             "samples_seen": int(n_seen), "sample_passes": self.sample_passes,
-            "T": T if self.ctx.kind == "distill" else None, "lr": lr,
+            # a learned temperature (ctkd) changed during the epoch: its value at the epoch's end
+            "T": self.parts.temperature(epoch) if self.ctx.kind == "distill" else None, "lr": lr,
             "train_seconds": train_s, "images_per_s": n_seen / max(train_s, 1e-9),
             "data_wait_seconds": tr["data_wait_seconds"], "hook_seconds": hook_s,
             "world_size": self.ctx.world, "local_samples": int(tr["local_samples"]),

@@ -10,13 +10,14 @@ imagenet_resnet18/34/50, imagenet_mobilenet_v2 (see ``imagenet.py``).
 
 from . import imagenet, mobilenetv2, resnet, resnetv2, shufflenetv1, shufflenetv2, vgg, wrn  # noqa: F401  (registration)
 from .checkpoint import CheckpointError, load_checkpoint, load_model, save_model
-from .zoo import MODELS, build_model, feature_shapes, list_models
+from .zoo import MODELS, build_model, feature_shapes, input_channels, list_models
 
 __all__ = [
     "MODELS",
     "build_model",
     "list_models",
     "feature_shapes",
+    "input_channels",
     "load_model",
     "load_checkpoint",
     "save_model",

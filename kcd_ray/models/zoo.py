@@ -36,6 +36,12 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     return model
 
 
+def input_channels(model: nn.Module) -> int | None:
+    """Channels the model's input must have: those of its first convolution (None when it has none)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else int(conv.in_channels)
+
+
 def list_models() -> list[str]:
     return MODELS.names()
 

@@ -103,7 +103,7 @@ def offline_scores(data_dir: str, cfg, student_state: dict, *, epoch: int, mask_
     import ray
 
     from kcd_ray.data import load_meta
-    from kcd_ray.distill.temperature import build_temperature
+    from kcd_ray.distill.temperature import epoch_temperature
     from kcd_ray.ray_layer.pipeline import scoring_dataset
 
     res = scorer_resources(cfg.scaling)
@@ -111,7 +111,7 @@ def offline_scores(data_dir: str, cfg, student_state: dict, *, epoch: int, mask_
     ref = ray.put({k: v.cpu() for k, v in student_state.items()})
     if decode_in_actor is None:
         decode_in_actor = not gpu
-    T = build_temperature(cfg.distill.temperature, cfg.optim.epochs)(epoch)
+    T = epoch_temperature(cfg.distill.temperature, cfg.optim.epochs, epoch)
     context = dict(epoch=int(epoch), seed=cfg.kcd.seed, T=T, value_T=cfg.kcd.value_T)
     if teacher_cache is not None and not teacher_cache.get("plain"):
         teacher_cache = None  # built without the un-augmented unit: the scorers run the teacher

@@ -1,6 +1,6 @@
 """Raw data sources; importing this package registers every source in ``DATASETS``."""
 
 from kcd_ray.data.sources.base import DATASETS, Source
-from kcd_ray.data.sources import cifar, digits, folder, synthetic  # noqa: F401  (registration)
+from kcd_ray.data.sources import cifar, digits, folder, idx, synthetic  # noqa: F401  (registration)
 
 __all__ = ["DATASETS", "Source"]

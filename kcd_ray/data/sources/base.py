@@ -30,10 +30,12 @@ class Source(abc.ABC):
     whenever the written content would) and ``build(out_dir, log)``, which writes ``train/`` and
     ``test/`` with ``SplitWriter`` and returns the meta fields other than ``format_version``,
     ``name`` and ``key``: ``source``, ``num_classes``, ``class_names``, ``image_shape``,
-    ``encoding``, ``mean``, ``std``, ``splits`` (and any extras).
+    ``encoding``, ``mean``, ``std``, ``splits`` (and any extras). ``data.train_subset`` is applied by
+    ``prepare`` to whatever ``build`` wrote (``kcd_ray.data.subset``), so sources need not know about it.
     """
 
     name = ""
+    grayscale = False  # grey images: data.channels may keep them at 1 channel (else they are stored RGB)
 
     def __init__(self, data_cfg):
         self.cfg = data_cfg

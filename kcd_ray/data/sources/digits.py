@@ -1,7 +1,8 @@
 """scikit-learn's bundled handwritten digits (1797 real 8x8 images, offline), made CIFAR-shaped.
 
 8x8 grey levels 0..16 -> uint8 0..255, bilinear resize to data.image_size, replicated to 3
-channels so the CIFAR networks run unchanged. A fixed stratified 75/25 split (seed 0).
+channels so the CIFAR networks run unchanged (``data.channels=1`` keeps one). A fixed stratified 75/25
+split (seed 0).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ TEST_FRACTION = 0.25
 SPLIT_SEED = 0
 
 
-def digits_arrays(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{"train"|"test": (uint8 [N, S, S, 3], int64 [N])} for the digits set at size S."""
+def digits_arrays(image_size: int, channels: int = 3) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"train"|"test": (uint8 [N, S, S, channels], int64 [N])} for the digits set at size S."""
     import torch
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
@@ -32,7 +33,7 @@ def digits_arrays(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                           mode="bilinear", align_corners=False)
         grey = t[:, 0].numpy()
     u8 = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-    rgb = np.repeat(u8[..., None], 3, axis=-1)
+    rgb = np.repeat(u8[..., None], channels, axis=-1)
     labels = d.target.astype(np.int64)
     idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=TEST_FRACTION,
                                            stratify=labels, random_state=SPLIT_SEED)
@@ -42,14 +43,19 @@ def digits_arrays(image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 @DATASETS.register("digits")
 class Digits(Source):
     name = "digits"
+    grayscale = True
+
+    def channels(self) -> int:
+        return int(getattr(self.cfg, "channels", 0)) or 3
 
     def key(self) -> str:
-        return f"digits-{int(self.cfg.image_size)}"
+        c = self.channels()
+        return f"digits-{int(self.cfg.image_size)}" + ("" if c == 3 else f"-c{c}")
 
     def build(self, out_dir: Path, log: Callable[[str], None] = log) -> dict:
-        s = int(self.cfg.image_size)
-        arrays = digits_arrays(s)
-        stats = ChannelStats(3)
+        s, c = int(self.cfg.image_size), self.channels()
+        arrays = digits_arrays(s, c)
+        stats = ChannelStats(c)
         stats.update(arrays["train"][0])
         mean, std = stats.result()
         splits = {}
@@ -61,7 +67,7 @@ class Digits(Source):
             "source": "sklearn.datasets.load_digits",
             "num_classes": 10,
             "class_names": [str(i) for i in range(10)],
-            "image_shape": [s, s, 3],
+            "image_shape": [s, s, c],
             "encoding": "raw",
             "mean": mean,
             "std": std,

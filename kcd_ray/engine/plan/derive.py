@@ -67,6 +67,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def plan_selection(cfg: Config, kind: str, num_train: int) -> SelectionPlan:
     cls = strategy_class(cfg, kind)
     if kind == "distill":
+        cls.check(cfg)
         trained, fwd_only = cls.planned_fractions(cfg, num_train)
     else:
         trained, fwd_only = np.ones(cfg.optim.epochs), np.zeros(cfg.optim.epochs)

@@ -53,6 +53,10 @@ class SelectionStrategy(Hook):
         return cls(ctx.cfg, int(num_train))
 
     @classmethod
+    def check(cls, cfg) -> None:
+        """Cross-field checks of a run that uses it (one-line ConfigErrors), before anything runs."""
+
+    @classmethod
     def images_made(cls, cfg) -> str:
         return cls.makes_images
 

@@ -6,7 +6,8 @@ probability ``r`` (``keep_ratio = 1 - r``, clamped to >= 0.1 as there), the kept
 pruning stops once ``epoch > delta * epochs`` (the code's parameterisation, ``delta = 0.875``: "prune during the
 first 0.875 of the epochs", i.e. the last ~0.125 train on the full set) and the weights are reset to 1; after each
 step the scores of the samples just trained on become their (unweighted, all-gathered) per-sample loss, and the
-loss is rescaled by the weights. Every rank computes the kept set from identical, all-gathered scores and the same
+loss is rescaled by the weights. The per-sample loss is the distiller's own (``StepOutput.per_sample``: CE, KD,
+dkd's term), so logit standardization and a learned temperature are in it. Every rank computes the kept set from identical, all-gathered scores and the same
 (seed, epoch) generator; the weights are looked up by sample id on each rank from that identical table.
 """
 
@@ -22,7 +23,7 @@ from kcd_ray.config import _f
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.hooks import Selection
 from kcd_ray.engine.selection.base import STRATEGIES, SelectionStrategy, epoch_rng, strategy_seed
-from kcd_ray.engine.selection.losses import loss_weights, per_sample_loss
+from kcd_ray.engine.selection.losses import per_sample_loss
 
 
 @dataclass
@@ -80,7 +81,6 @@ class InfoBatch(SelectionStrategy):
         self._w_dev: Optional[torch.Tensor] = None
         self._ids: list[torch.Tensor] = []
         self._losses: list[torch.Tensor] = []
-        self._T = 1.0
 
     BELOW_MEAN = 0.5  # the planned share of samples whose last loss is below the mean (data-dependent)
 
@@ -102,7 +102,6 @@ class InfoBatch(SelectionStrategy):
         self.seen = np.asarray(state["seen"], bool).copy()
 
     def before_epoch(self, engine, epoch: int) -> None:
-        self._T = engine.parts.temperature(epoch)
         if infobatch_prunes(epoch, self.epochs, self.delta):
             self.kept, self.weights = infobatch_prune(self.scores, self.seen, self.keep_ratio,
                                                       epoch_rng(self.seed, epoch))
@@ -120,10 +119,10 @@ class InfoBatch(SelectionStrategy):
         return {"weights": self.weights, "scores": self.scores}
 
     def adjust_loss(self, engine, batch: dict, output, loss):
-        """``loss + mean((w_i - 1) l_i)``: the CE+KD part of the loss becomes ``mean(w_i l_i)`` (the reference's
-        ``values.mul_(weights); values.mean()``); other method terms (feature losses) are not rescaled."""
-        w_ce, w_kd = loss_weights(engine.distiller, output.losses)
-        l_i = per_sample_loss(output.logits, output.teacher_logits, batch["label"], self._T, w_ce, w_kd)
+        """``loss + mean((w_i - 1) l_i)``: the per-sample part of the loss (CE, KD, dkd's term: ``per_sample_loss``)
+        becomes ``mean(w_i l_i)`` (the reference's ``values.mul_(weights); values.mean()``); other method terms
+        (feature losses) are not rescaled."""
+        l_i = per_sample_loss(output)
         self._ids.append(batch["sample_id_cpu"])
         self._losses.append(l_i.detach())
         if self._w_dev is None:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-import torch.nn.functional as F
 
 
 def loss_weights(distiller, losses: dict) -> tuple[float, float]:
@@ -15,16 +12,13 @@ def loss_weights(distiller, losses: dict) -> tuple[float, float]:
     return w_ce, w_kd
 
 
-def per_sample_loss(logits: torch.Tensor, teacher_logits: Optional[torch.Tensor], labels: torch.Tensor, T: float,
-                    w_ce: float, w_kd: float) -> torch.Tensor:
-    """``w_ce * CE_i + w_kd * T^2 * KL_i(p_t || p_s)`` per sample (float32): the batch mean of it is the
-    distiller's ``ce + kd`` terms (``kcd_ray.distill.base``)."""
-    z = logits.float()
-    out = torch.zeros(z.shape[0], device=z.device, dtype=torch.float32)
-    if w_ce:
-        out = out + w_ce * F.cross_entropy(z, labels, reduction="none")
-    if w_kd and teacher_logits is not None:
-        log_p_s = F.log_softmax(z / T, dim=1)
-        p_t = F.softmax(teacher_logits.float() / T, dim=1)
-        out = out + w_kd * (T * T) * F.kl_div(log_p_s, p_t, reduction="none").sum(dim=1)
-    return out
+def per_sample_loss(output) -> torch.Tensor:
+    """The step's per-sample loss (float32 [B]): the sum of the distiller's ``StepOutput.per_sample`` terms (CE, KD
+    and per-sample method terms such as dkd's, each with its weight), so its batch mean is those terms of
+    ``output.losses`` exactly as the distiller computed them (standardized logits, a learned temperature,
+    several teachers). Terms that are not per-sample means (feature losses) are not in it."""
+    per = output.per_sample
+    if not per:
+        raise ValueError(f"selection.strategy=infobatch needs the distiller's per-sample losses; its step gave "
+                         f"none for terms {sorted(output.losses)}")
+    return sum(v.float() for v in per.values())
