@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -56,6 +55,8 @@ from kcd_ray.config import load_config  # noqa: E402
 from kcd_ray.data import iter_split, prepare_dataset  # noqa: E402
 from kcd_ray.data import transforms as T  # noqa: E402
 from kcd_ray.data.blend import overlay_lookup  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import mean_se  # noqa: E402
 from kcd_ray.engine import Engine, assemble_engine  # noqa: E402
 from kcd_ray.engine.selection import feed_batch_size  # noqa: E402
 from kcd_ray.models import load_model  # noqa: E402
@@ -160,13 +161,6 @@ def teacher_top1(path, test) -> float:
 
 
 # --------------------------------------------------------------------------- aggregation
-
-
-def mean_se(xs):
-    xs = [float(x) for x in xs if x is not None]
-    if not xs:
-        return float("nan"), float("nan")
-    return float(np.mean(xs)), (float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0)
 
 
 def aggregate(runs: list) -> dict:

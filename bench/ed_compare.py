@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,9 @@ from kcd_ray.data import iter_split, prepare_dataset  # noqa: E402
 from kcd_ray.data import transforms as T  # noqa: E402
 from kcd_ray.data.groups import ClassGroups, local_label_feeds, sequential_order  # noqa: E402
 from kcd_ray.engine import assemble_engine  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import add_seed_args, fmt_mean_se, md_table, mean_se  # noqa: E402
 
 G = 3
 DATA = {"name": "digits", "image_size": 16}  # --data synthetic: a CIFAR-shaped set with --classes classes
@@ -133,17 +135,9 @@ def base(root: Path, epochs: int, seed: int, **sections) -> dict:
     return d
 
 
-def mean_se(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return float("nan"), float("nan")
-    m = float(np.mean(xs))
-    return m, (float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0)
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_seed_args(ap)
     ap.add_argument("--epochs", type=int, default=18)
     ap.add_argument("--grade-epochs", type=int, nargs=G, default=[6, 6, 6])
     ap.add_argument("--lr-mode", choices=("global", "per_grade"), default="per_grade")
@@ -153,32 +147,22 @@ def main(argv=None) -> int:
     ap.add_argument("--data", choices=("digits", "synthetic"), default="digits")
     ap.add_argument("--classes", type=int, default=30, help="synthetic: classes (CIFAR-shaped 32x32)")
     ap.add_argument("--per-class", type=int, default=60, help="synthetic: training samples per class")
-    args = ap.parse_args(argv)
-    if args.data == "synthetic":
-        DATA.clear()
-        DATA.update(name="synthetic", synthetic={"num_train": args.classes * args.per_class, "num_test":
-                                                 args.classes * 20, "num_classes": args.classes, "image_size": 32})
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    data_dir = prepare_dataset(load_config(base=base(out, 1, 0)).data, verbose=False)
-    data = {"dir": str(data_dir), "train": load_split(data_dir, "train"), "test": load_split(data_dir, "test")}
-    groups_cfg = {"groups": G}
-    t_all = time.perf_counter()
+    return ap.parse_args(argv)
 
-    # ---- teachers (shared by every seed)
-    teacher_wall = {}
-    group_teachers = []
+
+def train_teachers(args, out: Path, data: dict) -> tuple[list[str], list[str], dict]:
+    """(group teachers, full-label teachers, wall seconds of each kind): trained once, shared by every seed."""
+    wall, group_teachers, full_teachers = {}, [], []
     t0 = time.perf_counter()
     for g in range(1, G + 1):
         f = out / "teachers" / f"group{g}" / "final_model.pt"
         if not f.exists():
             cfg = load_config(base=base(out, args.teacher_epochs, 0, model="resnet20",
-                                        curriculum={**groups_cfg, "only_groups": [g], "labels": "local"}))
+                                        curriculum={"groups": G, "only_groups": [g], "labels": "local"}))
             s = run(cfg, "teacher", data, f.parent, 0, local=True)
             print(f"group teacher {g}: top1 {s['final_top1']:.2f} on its classes", flush=True)
         group_teachers.append(str(f))
-    teacher_wall["group"] = time.perf_counter() - t0
-    full_teachers = []
+    wall["group"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     for s_ in range(3 if "mtkd" in args.methods else 1):
         f = out / "teachers" / f"full{s_}" / "final_model.pt"
@@ -187,13 +171,17 @@ def main(argv=None) -> int:
             s = run(cfg, "teacher", data, f.parent, s_)
             print(f"full teacher {s_}: top1 {s['final_top1']:.2f}", flush=True)
         full_teachers.append(str(f))
-    teacher_wall["full"] = time.perf_counter() - t0
+    wall["full"] = time.perf_counter() - t0
+    return group_teachers, full_teachers, wall
 
-    cut = np.cumsum([149, 30, 61]) / 240 * args.epochs  # ED.md 7's grade changes, scaled
+
+def method_sections(args, group_teachers: list[str], full_teachers: list[str]) -> tuple[dict, list[int]]:
+    """(config sections of each method, the spec's grade epochs scaled to the run)."""
+    cut = np.cumsum([149, 30, 61]) / 240 * args.epochs  # docs/methods/ed.md §7's grade changes, scaled
     spec_grades = [int(round(cut[0])), int(round(cut[1])) - int(round(cut[0])), args.epochs - int(round(cut[1]))]
-    ed = {"name": "ed", **groups_cfg, "grade_epochs": list(args.grade_epochs), "mix_groups": True,
+    ed = {"name": "ed", "groups": G, "grade_epochs": list(args.grade_epochs), "mix_groups": True,
           "lr_mode": args.lr_mode, "teachers": group_teachers}
-    methods = {
+    return {
         "kd": dict(distill={**KD, "teacher": full_teachers[0]}),
         "mtkd": dict(distill={**KD, "method": "mtkd", "teachers": full_teachers}),
         "ed_spec": dict(distill={"method": "ed"}, curriculum={**ed, "lr_mode": "global", "grade_epochs": spec_grades}),
@@ -201,7 +189,45 @@ def main(argv=None) -> int:
         "ed_seq": dict(distill={"method": "ed"}, curriculum={**ed, "mix_groups": False}),
         "ed_kcd": dict(distill={"method": "ed"}, curriculum=ed,
                        kcd={"enabled": True, "interval": 3, "rho": 0.7, "stages": 6}),
-    }
+    }, spec_grades
+
+
+def print_table(args, data: dict, results: dict, spec_grades: list[int], teacher_wall: dict) -> None:
+    meta = data["train"]["meta"]
+    sizes = "/".join(str(n) for n in ClassGroups.build(int(meta["num_classes"]), G).sizes)
+    print(f"{args.data} ({len(data['train']['ids'])} train / {len(data['test']['ids'])} test, {meta['num_classes']} "
+          f"classes in {G} groups {sizes}), student resnet8, {args.epochs} epochs, "
+          f"seeds {args.seeds}; teachers resnet20 x {args.teacher_epochs} epochs; ed_spec grades {spec_grades} global, "
+          f"ed/ed_seq/ed_kcd grades {args.grade_epochs} {args.lr_mode}")
+    print(f"teacher training wall: {G} group teachers {teacher_wall['group']:.0f}s (0 if reused), "
+          f"full teachers {teacher_wall['full']:.0f}s")
+    rows = []
+    for m, rs in results.items():
+        grp = [mean_se([r["group_top1_final_model"][h] for r in rs if r.get("group_top1_final_model")]) for h in range(G)]
+        ends = "-"
+        if rs and rs[0].get("curriculum"):
+            ends = "/".join(f"{mean_se([r['curriculum']['seen_class_top1_at_grade_end'][h] for r in rs])[0]:.1f}"
+                            for h in range(G))
+        rows.append([m, fmt_mean_se([r["final_top1"] for r in rs]), fmt_mean_se([r["best_top1"] for r in rs]),
+                     "/".join(f"{g[0]:.1f}" for g in grp), ends, int(np.mean([r["sample_passes"] for r in rs])),
+                     f"{np.mean([r['bench_wall_seconds'] for r in rs]):.1f}"])
+    print("\n".join(md_table(["method", "last-epoch top-1", "best top-1", "final per-group top-1 (g1/g2/g3)",
+                               "seen-class top-1 at grade ends (g1/g2/g3)", "sample-passes", "wall s"], rows)))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.data == "synthetic":
+        DATA.clear()
+        DATA.update(name="synthetic", synthetic={"num_train": args.classes * args.per_class, "num_test":
+                                                 args.classes * 20, "num_classes": args.classes, "image_size": 32})
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    data_dir = prepare_dataset(load_config(base=base(out, 1, 0)).data, verbose=False)
+    data = {"dir": str(data_dir), "train": load_split(data_dir, "train"), "test": load_split(data_dir, "test")}
+    t_all = time.perf_counter()
+    group_teachers, full_teachers, teacher_wall = train_teachers(args, out, data)
+    methods, spec_grades = method_sections(args, group_teachers, full_teachers)
     results: dict[str, list] = {m: [] for m in args.methods}
     print(f"ed_spec grades {spec_grades} (global schedule); ed/ed_seq/ed_kcd grades {args.grade_epochs} "
           f"(lr_mode {args.lr_mode})", flush=True)
@@ -217,30 +243,8 @@ def main(argv=None) -> int:
             results[m].append(s)
             print(f"{m:7s} seed {seed}: top1 {s['final_top1']:.2f}  passes {s['sample_passes']}  "
                   f"{s['bench_wall_seconds']:.1f}s", flush=True)
-
     print()
-    meta = data["train"]["meta"]
-    sizes = "/".join(str(n) for n in ClassGroups.build(int(meta["num_classes"]), G).sizes)
-    print(f"{args.data} ({len(data['train']['ids'])} train / {len(data['test']['ids'])} test, {meta['num_classes']} "
-          f"classes in {G} groups {sizes}), student resnet8, {args.epochs} epochs, "
-          f"seeds {args.seeds}; teachers resnet20 x {args.teacher_epochs} epochs; ed_spec grades {spec_grades} global, "
-          f"ed/ed_seq/ed_kcd grades {args.grade_epochs} {args.lr_mode}")
-    print(f"teacher training wall: {G} group teachers {teacher_wall['group']:.0f}s (0 if reused), "
-          f"full teachers {teacher_wall['full']:.0f}s")
-    print("| method | last-epoch top-1 | best top-1 | final per-group top-1 (g1/g2/g3) | seen-class top-1 at grade ends "
-          "(g1/g2/g3) | sample-passes | wall s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for m, rs in results.items():
-        top1, best = mean_se([r["final_top1"] for r in rs]), mean_se([r["best_top1"] for r in rs])
-        grp = [mean_se([r["group_top1_final_model"][h] for r in rs if r.get("group_top1_final_model")]) for h in range(G)]
-        ends = "-"
-        if rs and rs[0].get("curriculum"):
-            ends = "/".join(f"{mean_se([r['curriculum']['seen_class_top1_at_grade_end'][h] for r in rs])[0]:.1f}"
-                            for h in range(G))
-        passes = int(np.mean([r["sample_passes"] for r in rs]))
-        wall = np.mean([r["bench_wall_seconds"] for r in rs])
-        print(f"| {m} | {top1[0]:.2f} +- {top1[1]:.2f} | {best[0]:.2f} +- {best[1]:.2f} | "
-              + "/".join(f"{g[0]:.1f}" for g in grp) + f" | {ends} | {passes} | {wall:.1f} |")
+    print_table(args, data, results, spec_grades, teacher_wall)
     print(f"\ntotal wall {time.perf_counter() - t_all:.0f}s")
     return 0
 

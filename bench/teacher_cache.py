@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -41,15 +40,12 @@ from kcd_ray.cache.store import CacheSpec, augment_uniforms  # noqa: E402
 from kcd_ray.config import load_config  # noqa: E402
 from kcd_ray.data import iter_split, prepare_dataset  # noqa: E402
 from kcd_ray.data import transforms as T  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import mean_se  # noqa: E402
 from kcd_ray.engine import Engine, LocalServices, assemble_engine  # noqa: E402
 from kcd_ray.models import build_model, save_model  # noqa: E402
 
 KD = {"method": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": {"schedule": "constant", "T": 4.0}}
-
-
-def mean_se(xs):
-    m = float(np.mean(xs))
-    return m, (float(np.std(xs, ddof=1) / math.sqrt(len(xs))) if len(xs) > 1 else 0.0)
 
 
 def engine_for(cfg, data_dir: str, folder: Path, kind="distill", teacher_cache=None) -> Engine:

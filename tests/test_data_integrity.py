@@ -19,7 +19,7 @@ from PIL import Image
 from kcd_ray.config import DataConfig, SyntheticConfig, load_config
 from kcd_ray.data import (DatasetDamagedError, DatasetError, check_prepared, compute_checksum, load_meta,
                           locate_sample, main_prepare, prepare_dataset, split_files, verify_prepared)
-from kcd_ray.data import parquet_io
+from kcd_ray.data import verify
 from kcd_ray.data import transforms as T
 from kcd_ray.data.parquet_io import SplitWriter, write_meta
 from kcd_ray.data.sources.folder import SkippedFilesWarning
@@ -147,7 +147,7 @@ def test_corrupt_parquet_page_names_file(prepared):
 def test_cheap_check_detects_truncation_and_row_counts(prepared, monkeypatch):
     _, path = prepared
     # the cheap path never reads data pages
-    monkeypatch.setattr(parquet_io, "_full_split", lambda *a, **k: pytest.fail("full check on the cheap path"))
+    monkeypatch.setattr(verify, "_full_split", lambda *a, **k: pytest.fail("full check on the cheap path"))
     verify_prepared(path)
     verify_prepared(path, full=False)
     f = train_part(path)
@@ -169,7 +169,7 @@ def test_cheap_check_detects_truncation_and_row_counts(prepared, monkeypatch):
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     monkeypatch.undo()
     prepare_dataset(syn_cfg(path.parent), verbose=False, full_check=True)  # intact again; records back
-    monkeypatch.setattr(parquet_io, "_full_split", lambda *a, **k: pytest.fail("full check on the cheap path"))
+    monkeypatch.setattr(verify, "_full_split", lambda *a, **k: pytest.fail("full check on the cheap path"))
     assert "files" in load_meta(path)
     pq.write_table(pq.read_table(f).slice(0, 1000), f)
     with pytest.raises(DatasetDamagedError) as e:
@@ -206,8 +206,8 @@ def test_changed_mtime_triggers_full_check_once(prepared, monkeypatch):
     _, path = prepared
     f = train_part(path)
     calls = []
-    real = parquet_io._full_split
-    monkeypatch.setattr(parquet_io, "_full_split", lambda root, meta, split, *a: calls.append(split) or
+    real = verify._full_split
+    monkeypatch.setattr(verify, "_full_split", lambda root, meta, split, *a: calls.append(split) or
                         real(root, meta, split, *a))
 
     # corrupted and touched (mtime changed): the default check reads the changed split and fails

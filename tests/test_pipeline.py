@@ -19,7 +19,8 @@ import torch
 
 from kcd_ray.condense.vaks import blend_uint8
 from kcd_ray.data import transforms as T
-from kcd_ray.data.blend import load_overlay, overlay_ids, overlay_lookup, prune_overlays, write_blend_overlay
+from kcd_ray.data.blend import load_overlay, overlay_ids, overlay_lookup, prune_overlays
+from kcd_ray.data.blend_writer import write_blend_overlay
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 

@@ -9,15 +9,14 @@ from kcd_ray.data.parquet_io import (
     FORMAT_VERSION,
     DatasetDamagedError,
     DatasetError,
-    check_prepared,
     compute_checksum,
     count_rows,
     iter_split,
     load_meta,
     locate_sample,
     split_files,
-    verify_prepared,
 )
+from kcd_ray.data.verify import check_prepared, verify_prepared
 from kcd_ray.data.prepare import dataset_dir, main_prepare, prepare_dataset
 from kcd_ray.data.sources import DATASETS, Source
 

@@ -1,7 +1,7 @@
 """Turn the configured source into a prepared Parquet folder: atomic, idempotent, shared by workers.
 
 ``prepare_dataset(data_cfg)`` returns ``<root>/<key>``. An existing folder is verified
-(``parquet_io.verify_prepared``) and returned untouched when intact; a damaged one is never
+(``verify.verify_prepared``) and returned untouched when intact; a damaged one is never
 rebuilt silently: the call fails with one line naming the damaged file and asking for
 ``--force`` (``force=True``), which rebuilds it. A missing folder is converted from the source
 into a temporary sibling folder, fully verified, and renamed into place at the end, so an
@@ -28,8 +28,8 @@ from typing import Optional
 
 from kcd_ray import storage
 from kcd_ray.config import ConfigError
-from kcd_ray.data.parquet_io import (FILES_KEY, FORMAT_VERSION, META_FILE, DatasetError, check_prepared,
-                                     file_records, load_meta, verify_prepared, write_meta)
+from kcd_ray.data.parquet_io import FORMAT_VERSION, META_FILE, DatasetError, load_meta, write_meta
+from kcd_ray.data.verify import FILES_KEY, check_prepared, file_records, verify_prepared
 from kcd_ray.data.sources import DATASETS, Source
 from kcd_ray.data.sources.base import log
 from kcd_ray.data.subset import write_train_subset

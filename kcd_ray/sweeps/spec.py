@@ -38,6 +38,7 @@ import yaml
 
 from kcd_ray import storage
 from kcd_ray.config import ConfigError, parse_scalar, read_yaml_mapping, apply_overrides, config_from_dict, to_dict
+from kcd_ray.engine.plan.prepare import check_run_name
 from kcd_ray.sweeps.space import Dim, field_kind, parse_space, set_dotted
 
 SWEEP_KEYS = ("name", "description", "base", "kind", "overrides", "space", "search", "num_samples", "metric", "mode",
@@ -214,8 +215,9 @@ def split_overrides(overrides: list[str] | None) -> tuple[dict, list[str]]:
     return sweep_level, config_level
 
 
-def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None, storage_path: str | None = None) -> Sweep:
-    """Read, resolve and validate a sweep (file path or mapping); every error names the file and the key."""
+def _read_raw(src, overrides, storage_path) -> tuple[dict, str, Path, str, list[str]]:
+    """(the sweep mapping with command-line sweep keys applied, where it came from, its folder, its file's stem,
+    the command-line config overrides)."""
     if isinstance(src, dict):
         raw, where, sweep_dir, stem = copy.deepcopy(src), "<inline sweep>", Path.cwd(), "sweep"
     else:
@@ -229,7 +231,11 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     raw.update(cli_sweep)
     if storage_path:
         raw["storage_path"] = storage_path
+    return raw, where, sweep_dir, stem, cli_config
 
+
+def _base_config(raw: dict, sweep_dir: Path, where: str, cli_config: list[str]) -> dict:
+    """The resolved base config (recipe + the sweep's fixed overrides + command-line ones), paths absolute."""
     data = _apply_fixed(_load_base(raw.get("base"), sweep_dir, where), raw.get("overrides"), where)
     for item in cli_config:
         try:
@@ -241,27 +247,32 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
         base = to_dict(config_from_dict(data))
     except ConfigError as e:
         raise _err(where, f"base recipe + overrides: {e}") from None
-    cwd = Path.cwd()
-    absolute_paths(base, cwd)
+    return absolute_paths(base, Path.cwd())
 
-    kind = raw.get("kind", "distill")
-    if kind not in ("distill", "teacher"):
-        raise _err(where, f"kind: {kind!r} is not one of: distill, teacher")
-    search = raw.get("search", "grid")
-    if search not in SEARCHES:
-        raise _err(where, f"search: {search!r} is not one of: {', '.join(SEARCHES)}")
+
+def _space(raw: dict, base: dict, search: str, where: str) -> list[Dim]:
     dims = parse_space(raw.get("space"), base, where)
     # Path values in the space are fixed against the working folder too (trials run in their own folders).
+    cwd = Path.cwd()
     dims = [Dim(d.key, d.kind, tuple(_abs_path(v, cwd) if isinstance(v, str) else v for v in d.values))
             if d.key in PATH_KEYS else d for d in dims]
     if search != "grid":  # lists mean "one of these" when sampling
         dims = [Dim(d.key, "choice", d.values) if d.kind == "grid" else d for d in dims]
+    return dims
+
+
+def _choice(raw: dict, key: str, default, allowed: tuple, where: str):
+    value = raw.get(key, default)
+    if value not in allowed:
+        raise _err(where, f"{key}: {value!r} is not one of: {', '.join(map(str, allowed))}")
+    return value
+
+
+def _search_keys(raw: dict, base: dict, kind: str, where: str) -> dict:
+    """num_samples, mode, metric and include_kd_baseline, checked."""
     num_samples = raw.get("num_samples", 1)
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise _err(where, f"num_samples: expected an integer >= 1, got {num_samples!r}")
-    mode = raw.get("mode", "max")
-    if mode not in ("max", "min"):
-        raise _err(where, f"mode: {mode!r} is not one of: max, min")
     metric = str(raw.get("metric", "best_top1"))
     if not is_reported_metric(metric):
         raise _err(where, f"metric: {metric!r} is not a metric the runs report; one of: {_reported_metric_list()}")
@@ -272,24 +283,42 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     if baseline and (kind != "distill" or strategy == "none" or (strategy == "auto" and not base["kcd"]["enabled"])):
         raise _err(where, "include_kd_baseline: needs kind distill with a data-selection strategy in the base recipe "
                           "(kcd.enabled true or selection.strategy; the baseline is the same recipe without it)")
-    asha, pbt = _parse_schedulers(raw, base, dims, baseline, where)
+    return {"num_samples": num_samples, "mode": _choice(raw, "mode", "max", ("max", "min"), where), "metric": metric,
+            "include_kd_baseline": baseline}
+
+
+def _resource_keys(raw: dict, where: str) -> dict:
     try:
-        max_conc = int(raw.get("max_concurrent_trials", 0))
-        trial_cpus = float(raw.get("trial_cpus", 0.25))
-        seed = int(raw.get("seed", 0))
+        out = {"max_concurrent_trials": int(raw.get("max_concurrent_trials", 0)),
+               "trial_cpus": float(raw.get("trial_cpus", 0.25)), "seed": int(raw.get("seed", 0))}
     except (TypeError, ValueError) as e:
         raise _err(where, f"max_concurrent_trials / trial_cpus / seed: expected numbers ({e})") from None
-    if max_conc < 0 or trial_cpus <= 0:
+    if out["max_concurrent_trials"] < 0 or out["trial_cpus"] <= 0:
         raise _err(where, "max_concurrent_trials must be >= 0 and trial_cpus > 0")
+    return out
+
+
+def _storage(raw: dict, base: dict, pbt, where: str) -> str:
     store = raw.get("storage_path") or storage.join(base["run"]["storage_path"], "sweeps")
     if storage.is_uri(store) and pbt:
         raise _err(where, f"storage_path: {store!r}: a pbt sweep exploits checkpoints in its trials' folders; "
                           "use a file-system path (an NFS/EFS mount on a cluster)")
-    name = str(raw.get("name") or stem)
-    return Sweep(name=name, source=where, kind=kind, base=base, dims=dims, search=search, num_samples=num_samples,
-                 metric=metric, mode=mode, asha=asha, pbt=pbt, include_kd_baseline=baseline,
-                 storage_path=_abs_path(str(store), cwd), max_concurrent_trials=max_conc, trial_cpus=trial_cpus,
-                 seed=seed, description=str(raw.get("description", "")))
+    return _abs_path(str(store), Path.cwd())
+
+
+def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None, storage_path: str | None = None) -> Sweep:
+    """Read, resolve and validate a sweep (file path or mapping); every error names the file and the key."""
+    raw, where, sweep_dir, stem, cli_config = _read_raw(src, overrides, storage_path)
+    base = _base_config(raw, sweep_dir, where, cli_config)
+    kind = _choice(raw, "kind", "distill", ("distill", "teacher"), where)
+    search = _choice(raw, "search", "grid", SEARCHES, where)
+    dims = _space(raw, base, search, where)
+    keys = _search_keys(raw, base, kind, where)
+    asha, pbt = _parse_schedulers(raw, base, dims, keys["include_kd_baseline"], where)
+    name = check_run_name(str(raw.get("name") or stem), "name")
+    return Sweep(name=name, source=where, kind=kind, base=base, dims=dims, search=search, asha=asha, pbt=pbt,
+                 storage_path=_storage(raw, base, pbt, where), description=str(raw.get("description", "")),
+                 **keys, **_resource_keys(raw, where))
 
 
 def _parse_asha(asha: Any, base: dict, where: str) -> dict | None:
