@@ -1,4 +1,4 @@
-"""Data-efficient distillation arena: data-selection strategies against plain KD under one compute ledger (issue 13 s4).
+"""Data-efficient distillation arena: data-selection strategies against plain KD under one compute ledger.
 
     .venv/bin/python bench/arena.py [--seeds 0 1 2] [--epochs 15] [--data synthetic digits] [--out runs/bench_arena]
                                     [--points kd kcd0.3 ib0.5 ...] [--kcd-interval 1] [--kcd-stages 6]

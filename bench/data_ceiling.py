@@ -1,4 +1,4 @@
-"""The data ceiling (issue 16): images/s of the training input path with no model at all.
+"""The data ceiling: images/s of the training input path with no model at all.
 
 kcd_ray's Ray Data pipeline, consumed by one Ray Train worker exactly as a training run consumes it (a
 MaskStore serving the epoch, ``iter_train_batches``), against a torch ``DataLoader`` running the same

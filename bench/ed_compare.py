@@ -1,4 +1,4 @@
-"""Education distillation against single-teacher KD, multi-teacher KD and ED + KCD on digits (issue 14, ED.md 9).
+"""Education distillation against single-teacher KD, multi-teacher KD and ED + KCD on digits (docs/methods/ed.md §9).
 
     .venv/bin/python bench/ed_compare.py [--seeds 0 1 2] [--epochs 18] [--grade-epochs 6 6 6] [--lr-mode per_grade]
                                          [--methods kd mtkd ed_spec ed ed_seq ed_kcd] [--out runs/bench_ed]

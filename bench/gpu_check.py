@@ -8,14 +8,14 @@ It checks that a training step (forward through the distiller, backward, the fus
 non-finite skip, the per-step loss/skip accumulation and KCD's online value recording) makes no host
 synchronisation: any ``.item()``/``float(tensor)``/``bool(tensor)`` inside the step raises under the debug
 mode. It then reports the engine's img/s against a plain PyTorch KD loop with the data resident on the GPU
-(same student, teacher, batch), fp32 and AMP. Last, the teacher-output cache (issue 12): it builds a small exact
+(same student, teacher, batch), fp32 and AMP. Last, the teacher-output cache: it builds a small exact
 cache with the Ray Data actor pass on the GPU, checks a sample of it against the teacher, and reports the KD
 step's img/s with the cached logits against the teacher in the loop (the ratio ``bench/teacher_cache.py
 throughput`` measures on CPU). Then KD and KD+KCD through ``fit()`` on one Ray Train GPU worker (NCCL process
 group, AMP, the Ray Data pipeline) with KCD's offline E-step on a GPU actor, against the plain loop; KD also with
 channels-last, with the augmentation (or only its crop/flip) in Ray Data instead of on the GPU (``data.augment_on``
 pipeline / split), and on every GPU
-when there are several. Before that (issue 16), the input stage on the GPU against the CPU path.
+when there are several. Before that, the input stage on the GPU against the CPU path.
 """
 
 from __future__ import annotations

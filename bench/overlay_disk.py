@@ -1,4 +1,4 @@
-"""Disk used by a run's VAKS blend overlays, all versions kept (before issue 10) against pruned (now).
+"""Disk used by a run's VAKS blend overlays, all versions kept (as before pruning existed) against pruned (now).
 
 Runs the condenser's M-step sequence of a CIFAR-sized run without training: the real ``KCDState`` (rho,
 stages, summary blends) with seeded random scores, the real overlay writer (``BlendOverlays.write``) on a

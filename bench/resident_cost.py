@@ -1,4 +1,4 @@
-"""What Ray's resident worker processes cost a CPU-bound training step on this host (issue 16).
+"""What Ray's resident worker processes cost a CPU-bound training step on this host.
 
 A plain PyTorch loop (resnet8x4, batch 64, in-memory tensors, ``--threads`` torch threads) trains in this process
 while an embedded local Ray (``compat.start_local_ray``, as kcd_ray's own) holds ``--actors`` idle actors: the

@@ -1,4 +1,4 @@
-"""Teacher-output cache benchmarks (issue 12). Three parts, each printing ratios measured in the same run:
+"""Teacher-output cache benchmarks. Three parts, each printing ratios measured in the same run:
 
     .venv/bin/python bench/teacher_cache.py throughput [--steps 30] [--threads 2]
     .venv/bin/python bench/teacher_cache.py sweep [--trials 4] [--epochs 3]

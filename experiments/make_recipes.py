@@ -21,11 +21,11 @@ sys.path.insert(0, str(ROOT.parent))  # run from a checkout without installing
 
 from kcd_ray.config import load_config, to_dict  # noqa: E402
 
-# --------------------------------------------------------------------------- the paper's CIFAR-100 setup (KCD.md)
+# --------------------------------------------------------------------------- the paper's CIFAR-100 setup (docs/methods/kcd.md §9)
 
 CIFAR_OPTIM = {"epochs": 240, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
                "scheduler": "multistep", "milestones": [150, 180, 210], "lr_decay": 0.1}
-SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # lr 0.01 for these (KCD.md)
+SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # lr 0.01 for these (docs/methods/kcd.md §9)
 KD = {"method": "kd", "gamma": 0.1, "alpha": 0.9, "beta": 0.0, "temperature": {"schedule": "constant", "T": 4.0}}
 KCD = {"enabled": True, "value_fn": "entropy", "mode": "multiple", "estep": "online", "lam": 0.03, "n_ref": 40.0,
        "interval": 40, "warmup": 0, "rho": 0.7, "stages": 6, "shape": "step", "summary": True, "lam_min": 0.7}
@@ -100,7 +100,7 @@ def recipes() -> dict[str, str]:
         optim = {**CIFAR_OPTIM, "lr": 0.01 if s in SMALL_LR_STUDENTS else 0.05}
         for variant in ("kd", "kcd"):
             what = "plain KD" if variant == "kd" else "KD + KCD (knowledge condensation)"
-            header = [f"{what}: {t} -> {s} on CIFAR-100, the paper's recipe (KCD.md).",
+            header = [f"{what}: {t} -> {s} on CIFAR-100, the paper's recipe (docs/methods/kcd.md §9).",
                       f"RepDistiller README (CIFAR-100 top-1): teacher {t_acc:.2f}, student alone {s_acc:.2f}, KD {kd_acc:.2f}.",
                       f"Teacher: RepDistiller's published checkpoint ({published_teacher(t)}; see experiments/README.md).",
                       f"Run: kcd-ray distill --config experiments/cifar100/{t}-{s}/{variant}.yaml"]
@@ -136,7 +136,7 @@ def recipes() -> dict[str, str]:
              "distill": {**KD, "teacher": "./runs/digits/digits-teacher/final_model.pt", "teacher_model": ""},
              "kcd": {**KCD, "interval": 3, "enabled": variant == "kcd"}})
     out["ed/digits.yaml"] = _render(
-        ["Education distillation (ED.md) on digits: resnet8 grown over 3 grades (classes 0-2, 3-5, 6-9), 18 epochs,",
+        ["Education distillation (docs/methods/ed.md) on digits: resnet8 grown over 3 grades (classes 0-2, 3-5, 6-9), 18 epochs,",
          "the optimiser of digits/kd.yaml. One resnet20 teacher per class group (15 epochs on its classes, local labels)",
          "is trained first when missing (runs/digits/edteacher-*/final_model.pt) and reused after.",
          "Even grades with the flagged per_grade learning rate: the spec's CIFAR reading (lr_mode global, grade_epochs",

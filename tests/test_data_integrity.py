@@ -1,4 +1,4 @@
-"""Integrity of prepared data sets (issue 11, section 4): checksums verified, damaged files named,
+"""Integrity of prepared data sets: checksums verified, damaged files named,
 undecodable images left out at prepare time, run-time decode errors naming the sample.
 
 Every data set is made here (synthetic generator, tiny image folders); no network, no Ray.

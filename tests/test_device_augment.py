@@ -1,4 +1,4 @@
-"""The worker-side input stage (issue 16): Ray Data's uint8 rows + draws, finished by ``device_stage``, equal
+"""The worker-side input stage: Ray Data's uint8 rows + draws, finished by ``device_stage``, equal
 what ``train_transform`` serves in one piece (no Ray; the GPU check script repeats this on CUDA)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Education distillation (issue 14, ED.md): class groups, the growing student, the ed and mtkd losses, the grade
+"""Education distillation (docs/methods/ed.md): class groups, the growing student, the ed and mtkd losses, the grade
 curriculum on the in-process engine (plain Python batch lists, no Ray), and two Ray Train runs at the end."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_group_sizes_sum_to_k_with_the_remainder_last():
-    assert group_sizes(100, 3) == [33, 33, 34]  # ED.md 3: classes 0-32, 33-65, 66-99
+    assert group_sizes(100, 3) == [33, 33, 34]  # docs/methods/ed.md §3: classes 0-32, 33-65, 66-99
     assert group_sizes(10, 3) == [3, 3, 4] and group_sizes(10, 1) == [10]
     for k, g in [(100, 3), (10, 3), (7, 7), (1000, 6)]:
         assert sum(group_sizes(k, g)) == k
@@ -99,7 +99,7 @@ def test_tr_heads_follow_ed_md_5():
     tr1, tr2 = gs.tr_heads
     assert tuple(tr1.conv.weight.shape) == (64, 16, 1, 1) and tr1.fc.in_features == 1024 and tr1.fc.out_features == 33
     assert tuple(tr2.conv.weight.shape) == (64, 32, 1, 1) and tr2.fc.in_features == 64 and tr2.fc.out_features == 66
-    assert sum(p.numel() for p in gs.parameters()) == 278324  # ED.md 5.3: the final student is exactly resnet20
+    assert sum(p.numel() for p in gs.parameters()) == 278324  # docs/methods/ed.md §5.3: the final student is exactly resnet20
     for name, (c1, c2, cfin) in {"wrn_16_2": (32, 64, 128), "vgg8": (128, 256, 512), "MobileNetV2": (12, 48, 1280),
                                   "ShuffleV1": (240, 480, 960), "ShuffleV2": (116, 232, 1024),
                                   "resnet8x4": (64, 128, 256)}.items():
@@ -165,7 +165,7 @@ def test_ed_loss_uses_the_groups_kd_slice(order, source):
         for i, y in enumerate(labels.tolist()):
             h = int(groups.group_of_label[y])
             o, n = groups.offset(h), groups.size(h)
-            s = z[i, o:o + n]  # ED.md 6: the student's slice [o_h, o_h + n_h)
+            s = z[i, o:o + n]  # docs/methods/ed.md §6: the student's slice [o_h, o_h + n_h)
             t = teachers[h - 1].table[i] if source == "per_group" else teachers[0].table[i][groups.classes(h)]
             q = F.softmax(t / T, 0)
             kl += float((q * (q.log() - F.log_softmax(s / T, 0))).sum())
@@ -216,7 +216,7 @@ def test_learning_rate_and_grades_per_epoch_follow_ed_md_7():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         lr_sched.step()
-    grade = [sched.grade_of(e) for e in range(240)]  # 0-based epochs; ED.md counts from 1
+    grade = [sched.grade_of(e) for e in range(240)]  # 0-based epochs; docs/methods/ed.md counts from 1
     assert grade.index(2) == 149 and grade.index(3) == 179 and grade[-1] == 3  # grades from epochs 150 and 180
     assert lrs[148] == lrs[149] == pytest.approx(0.05) and lrs[150] == pytest.approx(0.005)  # grade 2: one epoch at 0.05
     assert lrs[179] == pytest.approx(0.005) and lrs[180] == pytest.approx(5e-4) and lrs[210] == pytest.approx(5e-5)
@@ -395,7 +395,7 @@ def test_ed_with_kcd_condenses_within_the_active_groups(tiny, tmp_path):
         assert set(labels[ids].tolist()) <= set(range(2 * row["grade"])), e  # inside the grade's groups
         assert row["samples_seen"] == len(ids)
     assert set(published[0].tolist()) == group[1]
-    assert len(published[1]) == 32 - int(32 * 0.5 / 2)  # grade 1: KCD.md's step within group 1's 32 samples
+    assert len(published[1]) == 32 - int(32 * 0.5 / 2)  # grade 1: docs/methods/kcd.md §4's step within group 1's 32 samples
     assert group[2] <= set(published[2].tolist()) and group[3] <= set(published[4].tolist())  # joins whole
     assert summary["sample_passes"] == sum(len(ids) for ids in published)
 

@@ -1,6 +1,6 @@
-"""HKD (kcd_ray/distill/holistic.py) against HKD.md, point by point: pure torch, no Ray.
+"""HKD (kcd_ray/distill/holistic.py) against docs/methods/hkd.md, point by point: pure torch, no Ray.
 
-Most checks compare the distiller with a float64 NumPy re-implementation written from HKD.md (``ref_hkd``),
+Most checks compare the distiller with a float64 NumPy re-implementation written from docs/methods/hkd.md (``ref_hkd``),
 on a tiny problem where the negatives are fixed by construction: N = 12 samples in 3 classes of 4, all labels
 known, ``nce_k`` = 8 = the number of samples of the other classes, so drawing 8 without replacement among
 them gives exactly that set, whatever the random stream. Each check also computes the tempting wrong
@@ -65,7 +65,7 @@ def run(d, x, epoch=0):
     return d.extra_loss([x["f_s"]], [x["f_t"]], x["z_s"], x["z_t"], x["batch"], 4.0, epoch)
 
 
-# ---------------------------------------------------------------------- the NumPy reference (HKD.md)
+# ---------------------------------------------------------------------- the NumPy reference (docs/methods/hkd.md)
 
 
 def _np(t):
@@ -77,7 +77,7 @@ def _norm(x):
 
 
 def _nce(a, p, negs, tau=0.07):
-    """l(a, p, {n_j}) = -log(e^{a.p/tau} / (e^{a.p/tau} + sum_j e^{a.n_j/tau})) (HKD.md §4)."""
+    """l(a, p, {n_j}) = -log(e^{a.p/tau} / (e^{a.p/tau} + sum_j e^{a.n_j/tau})) (docs/methods/hkd.md §4)."""
     scores = np.concatenate([[a @ p], negs @ a]) / tau
     m = scores.max()
     return -(scores[0] - m) + math.log(np.exp(scores - m).sum())
@@ -89,7 +89,7 @@ def _softmax(z):
 
 
 def ref_neighbours(z, k=8):
-    """N(i) of HKD.md §5: the k smallest D_ij = 1 - cos(P_i, P_j), with D_ii = -1."""
+    """N(i) of docs/methods/hkd.md §5: the k smallest D_ij = 1 - cos(P_i, P_j), with D_ii = -1."""
     p = _softmax(z)
     dist = 1 - (p @ p.T) / np.outer(np.linalg.norm(p, axis=1), np.linalg.norm(p, axis=1))
     np.fill_diagonal(dist, -1.0)
@@ -123,7 +123,7 @@ def ref_propagation(z, graph, k=8):
 
 def ref_hkd(d, x, neg, *, negatives_from="own", graph="directed", smooth=0.75, skip_below=8, momentum=0.9,
             bank_holds="individual"):
-    """(L_HKD, new student bank, new teacher bank) per HKD.md §3-§7, in float64 NumPy.
+    """(L_HKD, new student bank, new teacher bank) per docs/methods/hkd.md §3-§7, in float64 NumPy.
     ``neg`` (B, K) negative ids; the keyword arguments select the wrong readings for the can-fail checks."""
     ids = x["batch"]["sample_id"].numpy()
     ms, mt = _np(d.memory.banks["student"]).copy(), _np(d.memory.banks["teacher"]).copy()

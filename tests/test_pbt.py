@@ -1,4 +1,4 @@
-"""Population Based Training over the temperature and KCD's kept fraction (issue 13, section 3): the sweep-file
+"""Population Based Training over the temperature and KCD's kept fraction: the sweep-file
 checks, and one real PBT sweep on Ray Tune whose trials take over each other's kcd_ray checkpoints."""
 
 from __future__ import annotations

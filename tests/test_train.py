@@ -209,4 +209,4 @@ def test_offline_estep_scores_every_sample_on_an_actor_pool(teacher, tmp_path):
         assert t.column("sample_id").to_pylist() == list(range(n))  # every sample, dropped ones included
         assert all(v >= 0 for v in t.column("value").to_pylist())  # KL values
     mask = pq.read_table(run_dir / "masks" / "mask_v002.parquet").to_pydict()
-    assert sum(mask["kept"]) == n - 2 * int(n * 0.5 / 2)  # KCD.md: K -= floor(N (1 - rho) / stages) per stage
+    assert sum(mask["kept"]) == n - 2 * int(n * 0.5 / 2)  # docs/methods/kcd.md §4: K -= floor(N (1 - rho) / stages) per stage

@@ -301,7 +301,7 @@ def test_two_trial_sweep_and_report(tmp_path, ray_local):
     assert len(res["rows"]) == 2 and set(rows) == {"kd", "kcd"}, res["text"]
     assert all(r["status"] == "done" for r in res["rows"])
     n = json.loads(next((folder / "runs").glob("*/summary.json")).read_text())["num_train"]
-    # KCD (KCD.md, one stage): epoch 0 on all N samples, epoch 1 on max(N - floor(N/2), floor(N/2)); KD: N each epoch.
+    # KCD (docs/methods/kcd.md §4, one stage): epoch 0 on all N samples, epoch 1 on max(N - floor(N/2), floor(N/2)); KD: N each epoch.
     kept = max(n - math.floor(n * 0.5), math.floor(0.5 * n))
     assert math.isclose(rows["kcd"]["compute_ratio"], (n + kept) / (epochs * n), rel_tol=1e-6)
     assert rows["kd"]["compute_ratio"] == 1.0

@@ -33,7 +33,7 @@ import numpy as np
 from kcd_ray import storage
 from kcd_ray.data import transforms as T
 
-FORMAT = 2  # 2: encoded images crop from the full decoded image (issue 16): older caches hold other views
+FORMAT = 2  # 2: encoded images crop from the full decoded image: older caches hold other views
 VIEW_TAG = 0x56494557  # "VIEW": the views' uniform keys never collide with (seed, epoch) keys
 MANIFEST = "manifest.json"
 MODES = ("off", "exact", "views")

@@ -3,7 +3,7 @@
 Per sample ``i`` the accumulator keeps ``S_i`` (sum of its per-epoch values) and ``n_i`` (the
 number of epochs in which it was observed). Within one epoch, several observations of the same
 sample (several workers, a repeated id, an offline pass plus the online one) are averaged into
-ONE observation for that epoch, so ``n_i`` counts epochs, as in KCD.md.
+ONE observation for that epoch, so ``n_i`` counts epochs, as in docs/methods/kcd.md §3.
 
 ``score_i = (n_i / n_ref) ** lam * S_i / n_i`` (frequency calibration). A sample that has never
 been observed has ``n_i = 0`` and gets score 0: every registered value function is >= 0, so it

@@ -1,4 +1,4 @@
-"""When the M-step runs and how many samples it keeps (KCD.md, VAKS step 1 "Size").
+"""When the M-step runs and how many samples it keeps (docs/methods/kcd.md §4).
 
 Condensation happens at the START of epoch ``e`` (before that epoch is trained) when
 ``e > 0``, ``e % interval == 0`` and ``e >= warmup``. With the CIFAR recipe (240 epochs,
@@ -10,7 +10,7 @@ size no longer shrinks, but the kept set is re-selected (dropped samples can ret
 
 Sizes are computed on the decimal value of ``rho`` (``Fraction(repr(rho))``), so that
 ``N = 10, rho = 0.9`` removes exactly 1 sample rather than ``floor(0.9999999999999998) = 0``.
-The one deviation from KCD.md: the floor is ``max(floor(rho N), 1)``, for tiny ``N * rho < 1``.
+The one deviation from the paper (docs/methods/kcd.md §4, §10): the floor is ``max(floor(rho N), 1)``, for tiny ``N * rho < 1``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class CondensationSchedule:
     def next_size(self, k_current: int, stage: int) -> int:
         """Kept size after the ``stage``-th condensation (1-based) when ``k_current`` are kept now.
 
-        step:   max(K - floor(N (1 - rho) / stages), floor(rho N))  -- KCD.md's formula.
+        step:   max(K - floor(N (1 - rho) / stages), floor(rho N))  -- docs/methods/kcd.md §4.
         linear/cosine: floor(N - (N - floor(rho N)) * f(min(stage / stages, 1))), f(x) = x or
         (1 - cos(pi x)) / 2. All shapes are clamped to [floor(rho N), K]: never below the
         floor, never growing.

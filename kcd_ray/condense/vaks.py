@@ -1,4 +1,4 @@
-"""M-step: selection and Value-Adaptive Knowledge Summary (VAKS), KCD.md steps 2 and 3.
+"""M-step: selection and Value-Adaptive Knowledge Summary (VAKS), docs/methods/kcd.md §5-§6.
 
 Pure numpy. :func:`rank` / :func:`select` pick the top-``K_new`` samples by score, ties broken
 by a permutation drawn from :func:`tie_break_rng` ``(seed, stage)`` in the M-step;
@@ -62,7 +62,7 @@ def select(scores, k_new: int, rng: np.random.Generator | None = None) -> tuple[
 
 
 def summary_plan(ranking, k_old: int, k_new: int, lam_min: float = 0.7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tail_ids, lost_ids, weights) of one condensation, exactly as KCD.md step 3.
+    """(tail_ids, lost_ids, weights) of one condensation, exactly as docs/methods/kcd.md §6.
 
     ``lost`` = ranks ``k_new .. k_old-1``; ``tail`` = the last ``L`` of the kept set (ranks
     ``k_new-L .. k_new-1``), both in rank order; ``weights[j] = lam_min + (1-lam_min)(L-j)/L``,

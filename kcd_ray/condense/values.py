@@ -1,4 +1,4 @@
-"""E-step, part 1: instant knowledge values (KCD.md, "Online Global Value Estimation").
+"""E-step, part 1: instant knowledge values (docs/methods/kcd.md §2).
 
 Every registered value function has the signature
 ``fn(student_logits, teacher_logits, labels, ctx: ValueContext) -> Tensor[B]`` and returns one
@@ -187,7 +187,7 @@ def uniform_hash(ids, epoch: int, seed: int) -> np.ndarray:
 @_register("entropy", teacher=False, labels=False)
 @torch.no_grad()
 def entropy(student_logits, teacher_logits, labels, ctx: ValueContext) -> torch.Tensor:
-    """The default: H(softmax(z_s)) at T=1 (KCD.md; ``ctx.T`` is not used). An unsure student gains most from the teacher."""
+    """The default: H(softmax(z_s)) at T=1 (docs/methods/kcd.md §2; ``ctx.T`` is not used). An unsure student gains most from the teacher."""
     s = _logits(student_logits, "student_logits", "entropy")
     _ctx(ctx, s.shape[0], "entropy")
     logp = F.log_softmax(s, dim=1)
@@ -238,7 +238,7 @@ def margin(student_logits, teacher_logits, labels, ctx: ValueContext) -> torch.T
 def acc(student_logits, teacher_logits, labels, ctx: ValueContext) -> torch.Tensor:
     """``1 - correct``: 1 where the student's top-1 is wrong, 0 where it is right.
 
-    KCD.md lists "the student's correctness"; we store its complement so that, as for every
+    The paper (docs/methods/kcd.md §2) lists "the student's correctness"; we store its complement so that, as for every
     other value function, higher = more valuable: samples the student gets wrong keep the
     teacher's knowledge.
     """

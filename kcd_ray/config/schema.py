@@ -163,7 +163,7 @@ class DistillConfig:
 
 @dataclass
 class CurriculumConfig:
-    """Class groups and education distillation (ED.md): grades of classes, a growing student, one teacher per group."""
+    """Class groups and education distillation (docs/methods/ed.md): grades of classes, a growing student, one teacher per group."""
 
     name: str = _f("none", choices="curricula", help="ed: education distillation (distill.method=ed); none: a fixed "
                                                          "student (only_groups still restricts the classes)")
@@ -179,7 +179,7 @@ class CurriculumConfig:
                                                                  "the chosen groups, y - o_g for one group) and that "
                                                                  "many outputs, or the global labels")
     grade_epochs: list[int] = _f(factory=lambda: [149, 30, 61], help="epochs of each grade; they sum to optim.epochs "
-                                                                     "(ED.md 7: grades change at the first milestones)")
+                                                                     "(docs/methods/ed.md §7: grades change at the first milestones)")
     lr_mode: str = _f("global", choices=("global", "per_grade"), help="global: optim's schedule runs through the "
                                                                       "grades; per_grade (flagged): restart at optim.lr "
                                                                       "each grade, x lr_decay at 62.5/75/87.5% of it")
@@ -198,7 +198,7 @@ class CurriculumConfig:
     teacher_epochs: int = _f(0, ge=0, help="epochs of a group teacher's training; 0 = optim.epochs")
     teacher_concurrency: int = _f(0, ge=0, help="group teachers trained at once when missing: 0 = as many as the "
                                                 "cluster's free CPUs/GPUs hold, 1 = one after another")
-    tr_relu: bool = _f(True, help="ReLU in the teaching-reference heads (ED.md 5.3)")
+    tr_relu: bool = _f(True, help="ReLU in the teaching-reference heads (docs/methods/ed.md §5.3)")
     tr1_grid: int = _f(1, ge=1, help="pooling grid of the grade-1 head: 1 = global; 4 = the code's resnet20 head")
 
 
@@ -215,7 +215,7 @@ class KCDConfig:
     warmup: int = _f(0, ge=0, help="no condensation before this epoch")
     rho: float = _f(0.7, gt=0.0, le=1.0, help="final kept ratio")
     stages: int = _f(6, ge=1)
-    shape: str = _f("step", choices=("step", "linear", "cosine"), help="step is KCD.md's fixed decrement")
+    shape: str = _f("step", choices=("step", "linear", "cosine"), help="step is the paper's fixed decrement (docs/methods/kcd.md §4)")
     summary: bool = _f(True, help="VAKS summary blends; false = pure selection")
     lam_min: float = _f(0.7, ge=0.0, le=1.0)
     offline_batch_size: int = _f(256, ge=1)

@@ -24,7 +24,7 @@ fsp             50      flow of solution procedure (init stage)                 
 crd             0.8     contrastive representation distillation (memory bank)      contrastive
 hkd             3       holistic KD: instance graph + GNN + contrastive            holistic
 mtkd            --      multi-teacher KD: mean of KD over distill.teachers        multi_teacher
-ed              --      education distillation (curriculum.name=ed), ED.md 6      multi_teacher
+ed              --      education distillation (curriculum.name=ed), docs/methods/ed.md §6      multi_teacher
 ==============  ======  =========================================================  ==================
 
 Two options act across methods (docs/methods/rivals_logit.md): ``distill.logit_standardize`` (z-scored logits in

@@ -1,6 +1,6 @@
 """Holistic knowledge distillation (HKD; Zhou et al., ICCV 2021), following the official code.
 
-The spec is ``HKD.md`` (shared with the project); the reference is the official code,
+The spec is ``docs/methods/hkd.md``; the reference is the official code,
 github.com/wyc-ruiker/HKD: ``distiller_zoo/GNN.py`` (``GNNLoss``, ``knn_graph``, ``NCEAverage``),
 ``dataset/cifar100.py`` (``CIFAR100InstanceSample``, mode ``hkd``) and ``scripts/run_cifar_distill.sh``.
 
@@ -41,7 +41,7 @@ Harness specifics (not in the official single-GPU code):
   from its own ``torch.Generator`` seeded with a hash of (option ``seed``, epoch, sample id): they do not
   depend on the global RNG, on the batch's composition or order, or on the DDP rank, so a resumed run (same
   checkpointed labels) draws the same negatives. The stream depends on the bank's device (CPU vs CUDA).
-- DDP. The graph is built over the all-gathered batch (HKD.md's reading): logits and embeddings are
+- DDP. The graph is built over the all-gathered batch (docs/methods/hkd.md's reading): logits and embeddings are
   gathered, this rank's rows keep their gradient and the other ranks' rows are constants; each rank's loss
   averages over its own anchors (DDP then averages the gradients); the ``B < knn`` rule uses the gathered
   batch size, so every rank decides alike; the banks are updated from the gathered embeddings and ids, so

@@ -1,16 +1,16 @@
-"""Distillers with several teachers: ``ed`` (education distillation, ED.md 6) and ``mtkd`` (multi-teacher KD).
+"""Distillers with several teachers: ``ed`` (education distillation, docs/methods/ed.md §6) and ``mtkd`` (multi-teacher KD).
 
 Both hold their teachers like the base class holds its one teacher: outside ``parameters()``/``state_dict()``
 (never in DDP buckets or checkpoints), frozen, in eval mode, moved by ``.to()``.
 
 ``ed``: the student is a :class:`kcd_ray.models.growing.GrowingStudent` (the zoo student is wrapped on
 construction) whose grade the curriculum hook sets. For a batch in grade g, every sample meets exactly one
-teacher, its group's (ED.md 4):
+teacher, its group's (docs/methods/ed.md §4):
 
     L = alpha * CE(z, pos(y)) + (1 - alpha) * T^2 * mean_batch KL(softmax(t_h / T) || softmax(z[o_h:o_h+n_h] / T))
 
 with ``z`` the student's ``K_g`` logits in class-position order and ``h`` the sample's group; CE runs over all
-``K_g`` logits, KD over the group's slice only (ED.md 6; alpha 0.3, T 4 by default). A batch may mix groups
+``K_g`` logits, KD over the group's slice only (docs/methods/ed.md §6; alpha 0.3, T 4 by default). A batch may mix groups
 (``curriculum.mix_groups=true``) or hold one (ED's sequential passes; on several Ray workers a batch at a pass
 boundary holds two): the same
 per-sample loss either way. ``teacher_source=per_group``: G teachers with ``n_h`` outputs in local-label order;
@@ -22,7 +22,7 @@ low, a teacher's row padded outside its group), so KCD's value functions and the
 distiller.
 
 ``mtkd``: ``gamma * CE + alpha * mean_i T^2 KL(p_{t_i} || p_s)`` over the teachers of ``distill.teachers`` (the
-equal-weight baseline of the CA-MKD code base ED comes from, ED.md 9).
+equal-weight baseline of the CA-MKD code base ED comes from, docs/methods/ed.md §9).
 """
 
 from __future__ import annotations

@@ -1,20 +1,20 @@
 """Curricula as engine hooks: education distillation's grades (``ed``) and class subsets (``class_subset``).
 
-``ed`` (ED.md 3, 7, 8), with the ``ed`` distiller (:mod:`kcd_ray.distill.multi_teacher`) over a growing student
+``ed`` (docs/methods/ed.md §3, §7, §8), with the ``ed`` distiller (:mod:`kcd_ray.distill.multi_teacher`) over a growing student
 (:mod:`kcd_ray.models.growing`):
 
 - ``before_epoch``: the epoch's grade from ``curriculum.grade_epochs``; at a grade change the new stage and the
   fresh ``TR_{g+1}`` head (built at construction, untouched so far) start running, and the optimiser's state is
   dropped: with every parameter already in the one SGD, clearing its momentum buffers is exactly "a new SGD over
-  all parameters, momentum reset, learning rate carried over" (ED.md 7), and the optimiser object, its
+  all parameters, momentum reset, learning rate carried over" (docs/methods/ed.md §7), and the optimiser object, its
   checkpoint layout and DDP stay as they are (the ed distiller makes DDP tolerate unused parameters).
   ``lr_mode=per_grade`` sets the epoch's rate (restart at ``optim.lr``, x ``lr_decay`` at 62.5/75/87.5% of the
-  grade); ``global`` leaves ``optim``'s schedule alone (ED.md 7: grades change at its first milestones).
+  grade); ``global`` leaves ``optim``'s schedule alone (docs/methods/ed.md §7: grades change at its first milestones).
 - ``data_selection``: the training samples of groups 1..g (the engine intersects it with KCD's mask and
   publishes it; the pipeline serves one shuffled pass over that union with ``mix_groups=true``, else ED's
   sequential passes over D_1..D_g: ``pipeline.train_dataset(passes=sequential_passes(...))``).
 - ``after_epoch``: ``grade``, ``active_classes`` (K_g), ``seen_class_top1`` (test samples of the seen classes,
-  the K_g-way head, eval mode: ED.md 3's monitoring) and ``group_top1_<h>`` per group seen so far, from its own
+  the K_g-way head, eval mode: docs/methods/ed.md §3's monitoring) and ``group_top1_<h>`` per group seen so far, from its own
   pass over the engine's test batches (``engine.test_batches``); ``complete_model`` (the last grade: the model
   is the zoo student). ``top1`` stays the engine's: the whole test split, unseen classes counted as errors.
 - ``state_dict``: the grade of the last epoch begun, so a resume knows whether it resumes across a change.
@@ -46,7 +46,7 @@ from kcd_ray.engine.hooks import HOOKS, Hook, Selection
 from kcd_ray.engine.metrics import say
 from kcd_ray.registry import Registry
 
-PER_GRADE_DECAYS = (0.625, 0.75, 0.875)  # ED.md 7, lr_mode=per_grade: 150/180/210 of 240, per grade
+PER_GRADE_DECAYS = (0.625, 0.75, 0.875)  # docs/methods/ed.md §7, lr_mode=per_grade: 150/180/210 of 240, per grade
 
 
 # --------------------------------------------------------------------------- what a curriculum declares
@@ -132,7 +132,7 @@ def run_groups(cfg: Config, num_classes: int) -> Optional[ClassGroups]:
 
 
 class GradeSchedule:
-    """Grade of each (0-based) epoch and, for ``lr_mode=per_grade``, its learning rate (ED.md 7)."""
+    """Grade of each (0-based) epoch and, for ``lr_mode=per_grade``, its learning rate (docs/methods/ed.md §7)."""
 
     def __init__(self, grade_epochs, lr_mode: str = "global", lr: float = 0.05, lr_decay: float = 0.1):
         self.grade_epochs = [int(e) for e in grade_epochs]

@@ -1,8 +1,8 @@
-"""The growing student of education distillation (ED.md 5 and 8): a zoo model trained grade by grade.
+"""The growing student of education distillation (docs/methods/ed.md §5 and 8): a zoo model trained grade by grade.
 
 The whole zoo model is built once, with its own initialisation. Its backbone is cut at resolution-stage
-boundaries (:data:`SPLITS`, ED.md 5.2): grade ``g < G`` runs the stem and stages ``1..g`` and a *teaching
-reference* head ``TR_g`` (ED.md 5.3: ``Linear(GAP(ReLU(BN(Conv1x1_{C_g -> C_fin}(x)))))`` with ``K_g``
+boundaries (:data:`SPLITS`, docs/methods/ed.md §5.2): grade ``g < G`` runs the stem and stages ``1..g`` and a *teaching
+reference* head ``TR_g`` (docs/methods/ed.md §5.3: ``Linear(GAP(ReLU(BN(Conv1x1_{C_g -> C_fin}(x)))))`` with ``K_g``
 outputs); grade ``G`` runs every stage (trailing stages merge into it) and the architecture's native head. A
 module outside the active grade is never called, so it gets no gradient (SGD skips it, weight decay included)
 and its BN statistics do not move: inactive stages stay as initialised until their grade.
@@ -11,7 +11,7 @@ and its BN statistics do not move: inactive stages stay as initialised until the
 zoo model's keys and shapes (``tests/fixtures/cifar_model_state_dicts.json``) at every grade: a checkpoint or
 ``final_model.pt`` of it loads with :func:`kcd_ray.models.load_model` like any student. The TR heads live
 outside that state dict (the ED distiller registers them as its own submodule ``tr_heads``, so they are trained
-and checkpointed with the run; they are discarded at the end, ED.md 5.3).
+and checkpointed with the run; they are discarded at the end, docs/methods/ed.md §5.3).
 
 Logit layouts: :meth:`GrowingStudent.grade_logits` gives the ``K_g`` logits in class-*position* order (the
 curriculum's order; the KD slice of group h is ``[o_h, o_h + n_h)``); :meth:`GrowingStudent.forward` gives the
@@ -90,7 +90,7 @@ def _vgg() -> ArchSplit:
 
 
 def _mobilenetv2() -> ArchSplit:
-    # ED.md 5.2: cuts at feats[1] (blocks 0-1) and feats[3] (blocks 2-4); blocks 5-6 and conv2 end the body.
+    # docs/methods/ed.md §5.2: cuts at feats[1] (blocks 0-1) and feats[3] (blocks 2-4); blocks 5-6 and conv2 end the body.
     def blocks(idx):
         def run(m, x, h):
             for i in idx:
@@ -134,23 +134,23 @@ def arch_split(model: nn.Module) -> ArchSplit:
         if isinstance(model, cls):
             return build()
     name = getattr(model, "arch", type(model).__name__)
-    raise ConfigError(f"model: {name!r} has no education-distillation split (ED.md 5.2 covers the CIFAR zoo: "
+    raise ConfigError(f"model: {name!r} has no education-distillation split (docs/methods/ed.md §5.2 covers the CIFAR zoo: "
                       "resnet8..110, resnet8x4/32x4, ResNet50, wrn_*, vgg*, MobileNetV2, ShuffleV1, ShuffleV2)")
 
 
 def grade_plan(num_stages: int, grades: int, arch: str = "") -> list[list[int]]:
     """Stage indices active in each grade: grade g < G runs stages 0..g-1, grade G runs every stage
-    (trailing stages merge into the last grade). Fewer stages than grades is refused (ED.md 5.2)."""
+    (trailing stages merge into the last grade). Fewer stages than grades is refused (docs/methods/ed.md §5.2)."""
     if grades > num_stages:
         raise ConfigError(f"curriculum.groups: {grades} grades but model {arch!r} has {num_stages} resolution stages; "
-                          f"use at most {num_stages} groups (ED.md 5.2)")
+                          f"use at most {num_stages} groups (docs/methods/ed.md §5.2)")
     if grades < 1:
         raise ConfigError(f"curriculum.groups: expected >= 1, got {grades}")
     return [list(range(g)) for g in range(1, grades)] + [list(range(num_stages))]
 
 
 class TRBlock(nn.Module):
-    """The teaching-reference head of grade g < G (ED.md 5.3): Conv1x1 (no bias) -> BN -> ReLU (``relu``) ->
+    """The teaching-reference head of grade g < G (docs/methods/ed.md §5.3): Conv1x1 (no bias) -> BN -> ReLU (``relu``) ->
     average pool to ``grid`` x ``grid`` (1 = global) -> flatten -> Linear to ``K_g`` logits."""
 
     def __init__(self, in_channels: int, width: int, num_outputs: int, relu: bool = True, grid: int = 1):
@@ -266,7 +266,7 @@ class GrowingStudent(nn.Module):
             return self._net(x, is_feat=is_feat, preact=preact)
         if is_feat:
             raise ValueError(f"GrowingStudent: feature taps are only defined at the last grade (now grade "
-                             f"{self.grade} of {self.num_grades}); ED distils logits only (ED.md A18)")
+                             f"{self.grade} of {self.num_grades}); ED distils logits only (docs/methods/ed.md A18)")
         return self.to_label_order(self.grade_logits(x))
 
     # ------------------------------------------------------------------ plumbing

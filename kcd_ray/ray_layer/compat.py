@@ -238,7 +238,7 @@ def job_runtime_env() -> Optional[dict]:
 def start_local_ray(num_cpus=None, **init_kwargs):
     """Start an embedded local Ray as kcd_ray's drivers do (``trainer.init_ray``, the bench scripts): its
     environment (:func:`local_ray_env`), no dashboard, warnings only, kcd_ray's job runtime env. ``address="local"``
-    never attaches to a stray cluster someone else left running (RAY.md). Returns ``ray.init``'s context."""
+    never attaches to a stray cluster someone else left running (docs/methods/ray.md). Returns ``ray.init``'s context."""
     local_ray_env()  # before the raylet starts: it and Ray Train read these from this environment
     return ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
                     runtime_env=job_runtime_env(), **init_kwargs)

@@ -131,7 +131,7 @@ def trial_resources(cfg: Config, trial_cpus: float, cluster: dict) -> dict:
 def derive_concurrency(cfg: Config, trial_cpus: float, cluster: dict) -> int:
     """How many trials fit at once: driver + workers + one Ray Data task's CPUs (and the workers' GPUs).
 
-    Leaving room for a data task matters: trials that take every CPU starve Ray Data and hang (RAY.md).
+    Leaving room for a data task matters: trials that take every CPU starve Ray Data and hang (docs/methods/ray.md).
     """
     s = cfg.scaling
     per_cpu = (s.cpus_per_worker if s.num_workers == 0 else trial_cpus + s.num_workers * s.cpus_per_worker) + s.data_cpus
