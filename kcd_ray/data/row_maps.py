@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from kcd_ray.data import transforms as T
+from kcd_ray.data.kept import is_kept
 
 ORDER = 0x0D5E  # third key word of the row-order hash: the order never reuses the augmentation's key
 
@@ -149,17 +150,6 @@ def raw_view(arr, meta: dict) -> Optional[np.ndarray]:
     return None
 
 
-
-
-def is_kept(kept: Optional[np.ndarray], sample_ids: np.ndarray) -> np.ndarray:
-    """bool[B]: which ids the mask keeps (None = all kept; ids past the end are not kept)."""
-    ids = np.asarray(sample_ids, np.int64)
-    if kept is None:
-        return np.ones(ids.shape, np.bool_)
-    inside = (ids >= 0) & (ids < kept.size)
-    out = np.zeros(ids.shape, np.bool_)
-    out[inside] = kept[ids[inside]]
-    return out
 
 
 def block_local_rows(batch: dict, meta: dict, kind: str, seed: Optional[int], order_seed: int, state,

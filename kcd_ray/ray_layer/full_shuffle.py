@@ -61,7 +61,7 @@ def _permutation(cache: dict, ids: np.ndarray, kept, epoch: int, order_seed: int
     if kept is None:
         pos = np.arange(len(ids))
     else:
-        from kcd_ray.data.row_maps import is_kept
+        from kcd_ray.data.kept import is_kept
 
         pos = np.flatnonzero(is_kept(kept, ids))
     keys = order_keys(ids[pos], order_seed, epoch)
@@ -172,7 +172,7 @@ def _select_map(table, order_seed: int, store: Optional[str]):
     state = store_state(store)
     ids = table.column("sample_id").to_numpy()
     if state.kept is not None:
-        from kcd_ray.data.row_maps import is_kept
+        from kcd_ray.data.kept import is_kept
 
         keep = is_kept(state.kept, ids)
         if not keep.all():

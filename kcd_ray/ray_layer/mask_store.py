@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional, Union
 import numpy as np
 import ray
 
-from kcd_ray.data.row_maps import is_kept  # noqa: F401 - the mask's membership test
+from kcd_ray.data.kept import is_kept  # noqa: F401 - the mask's membership test
 
 HEAD_NODE = "node:__internal_head__"  # the head node's own resource (ray._common.constants.HEAD_NODE_RESOURCE_NAME)
 
