@@ -30,6 +30,10 @@ class Registry(Generic[T]):
     def add(self, name: str, obj: T) -> None:
         self.register(name)(obj)
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` (a test's temporary part); KeyError when it is not registered."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

@@ -17,6 +17,7 @@ from kcd_ray.config import load_config
 from kcd_ray.data import iter_split, prepare_dataset
 from kcd_ray.data import transforms as T
 from kcd_ray.engine import Engine, assemble_engine
+from kcd_ray.models import build_model, save_model
 
 
 def load_split(data_dir, name: str):
@@ -34,6 +35,27 @@ def prepare_tiny(root: Path, base: dict) -> dict:
     data_dir = prepare_dataset(load_config(base=copy.deepcopy(base)).data, verbose=False)
     return {"base": base, "data_dir": str(data_dir),
             "split": {name: load_split(data_dir, name) for name in ("train", "test")}}
+
+
+def tiny_set(root: Path, *, num_train: int = 96, num_test: int = 40, num_classes: int = 4, teacher: bool = True,
+             **sections) -> dict:
+    """The one tiny setup of the engine-level tests: a prepared synthetic set (8x8) under ``root`` held in memory,
+    a (random, untrained: these tests are about plumbing) resnet8 teacher file when ``teacher``, and a base config
+    (resnet8, in-process, quiet; ``sections`` are merged into it)."""
+    base = {"model": "resnet8",
+            "data": {"name": "synthetic", "root": str(root / "data"),
+                     "synthetic": {"num_train": num_train, "num_test": num_test, "num_classes": num_classes,
+                                   "image_size": 8}},
+            "optim": {"epochs": 3, "batch_size": 16, "lr": 0.05, "scheduler": "cosine", "threads": 1},
+            "scaling": {"num_workers": 0}, "run": {"verbose": 0}}
+    out = {}
+    if teacher:
+        torch.manual_seed(1)
+        out["teacher"] = str(save_model(root / "teacher.pt", build_model("resnet8", num_classes)))
+        base["distill"] = {"teacher": out["teacher"]}
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return {**prepare_tiny(root, base), **out}
 
 
 def batches(split, batch_size: int, epoch: int, keep=None):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine_harness import batches, prepare_tiny
+from engine_harness import batches, tiny_set
 from kcd_ray.config import ConfigError, load_config
 from kcd_ray.data.groups import ClassGroups, group_sizes, relabel_batches, sequential_order, subset_num_classes
 from kcd_ray.distill import build_distiller
@@ -275,20 +275,14 @@ def test_new_modules_import_no_ray():
 def tiny(tmp_path_factory):
     """A synthetic set (8x8, 6 classes: groups of 2), its tensors in memory, random group/full teachers."""
     root = tmp_path_factory.mktemp("ed")
-    base = {"model": "resnet8",
-            "data": {"name": "synthetic", "root": str(root / "data"),
-                     "synthetic": {"num_train": 96, "num_test": 48, "num_classes": 6, "image_size": 8}},
-            "optim": {"epochs": 6, "batch_size": 16, "lr": 0.05, "scheduler": "multistep", "milestones": [3, 5],
-                      "threads": 1},
-            "scaling": {"num_workers": 0}, "run": {"verbose": 0}, "kcd": {"enabled": False},
-            "distill": {"method": "ed"},
-            "curriculum": {"name": "ed", "groups": 3, "grade_epochs": [2, 2, 2], "mix_groups": True}}
     teachers = []
     for g in range(3):
         torch.manual_seed(10 + g)
         teachers.append(str(save_model(root / f"group{g + 1}.pt", build_model("resnet8", 2))))
-    base["curriculum"]["teachers"] = teachers
-    return prepare_tiny(root, base)
+    return tiny_set(root, num_test=48, num_classes=6, teacher=False, kcd={"enabled": False},
+                    optim={"epochs": 6, "scheduler": "multistep", "milestones": [3, 5]}, distill={"method": "ed"},
+                    curriculum={"name": "ed", "groups": 3, "grade_epochs": [2, 2, 2], "mix_groups": True,
+                                "teachers": teachers})
 
 
 _batches = batches

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from engine_harness import batches, config, feeds, make_engine, prepare_tiny
+from engine_harness import batches, config, feeds, make_engine, tiny_set
 from kcd_ray.engine import Hook, LocalServices
-from kcd_ray.models import build_model, load_model, save_model
+from kcd_ray.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,16 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A prepared synthetic set (8x8, 4 classes), its tensors in memory, and a (random) teacher file."""
-    root = tmp_path_factory.mktemp("engine")
-    torch.manual_seed(1)
-    teacher = save_model(root / "teacher.pt", build_model("resnet8", 4))
-    base = {"model": "resnet8",
-            "data": {"name": "synthetic", "root": str(root / "data"),
-                     "synthetic": {"num_train": 96, "num_test": 40, "num_classes": 4, "image_size": 8}},
-            "optim": {"epochs": 3, "batch_size": 16, "lr": 0.05, "scheduler": "cosine", "threads": 1},
-            "scaling": {"num_workers": 0}, "run": {"verbose": 0}, "distill": {"teacher": str(teacher)},
-            "kcd": {"interval": 1, "stages": 2, "rho": 0.5}}
-    return prepare_tiny(root, base)
+    return tiny_set(tmp_path_factory.mktemp("engine"), kcd={"interval": 1, "stages": 2, "rho": 0.5})
 
 
 def _engine(tiny, tmp_path, hooks_extra=(), services=None, kind="distill", **over):

@@ -11,7 +11,6 @@ import math
 from contextlib import nullcontext
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -22,7 +21,6 @@ from distill_nets import TinyNet, make_batch
 from engine_harness import config, feeds, make_engine, prepare_tiny
 from kcd_ray.config import ConfigError, DistillConfig, TemperatureConfig, describe, load_config
 from kcd_ray.distill import build_distiller, build_temperature, kd_kl
-from kcd_ray.distill.base import kd_per_sample
 from kcd_ray.distill.temperature import CurriculumTemperature, ctkd_lambda, reverse_gradient
 from kcd_ray.engine.selection import InfoBatch, UnixKD, per_sample_loss
 from kcd_ray.models import build_model, save_model

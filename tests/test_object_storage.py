@@ -9,15 +9,6 @@ that play "another node" point KCD_RAY_STAGE (where a process keeps its working 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -27,48 +18,7 @@ from kcd_ray import storage
 from kcd_ray.config import load_config
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-PORT = _free_port()
-ENDPOINT = f"http://127.0.0.1:{PORT}"
-# The working copies of every process (Ray's too) in one folder of our own, removed with the server.
-STAGE = tempfile.mkdtemp(prefix="kcd_ray_stage_test_")
-os.environ.update(AWS_ENDPOINT_URL=ENDPOINT, AWS_ACCESS_KEY_ID="kcd-test", AWS_SECRET_ACCESS_KEY="kcd-test",
-                  AWS_REGION="us-east-1", KCD_RAY_STAGE=STAGE)
-BUCKET = "kcd-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto_server on a free loopback port, with an empty bucket; yields ``s3://<bucket>``."""
-    exe = Path(sys.executable).with_name("moto_server")
-    if not exe.exists():
-        pytest.fail(f"{exe}: moto_server is not installed; the test extras have it (pip install -e '.[test]')")
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(PORT)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(ENDPOINT + "/moto-api/", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"moto_server did not start on {ENDPOINT}")
-        import pyarrow.fs as pafs
-
-        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{PORT}", scheme="http", region="us-east-1",
-                          access_key="kcd-test", secret_key="kcd-test", allow_bucket_creation=True).create_dir(BUCKET)
-        yield f"s3://{BUCKET}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-        shutil.rmtree(STAGE, ignore_errors=True)
+from conftest import BUCKET, ENDPOINT, PORT, free_port as _free_port  # noqa: E402,F401 - the moto server's
 
 
 def test_storage_module_round_trip(s3, tmp_path, monkeypatch):

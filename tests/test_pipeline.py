@@ -230,16 +230,6 @@ def test_damaged_overlay_files_are_named(tmp_path):
 # --------------------------------------------------------------------------- Ray Data (real local Ray)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-
-
 def _epoch(ds, epoch=None, finish=None):
     from kcd_ray.ray_layer.pipeline import iter_train_batches
 
@@ -258,7 +248,7 @@ def _epoch(ds, epoch=None, finish=None):
 
 
 @pytest.mark.ray
-def test_train_and_eval_datasets_serve_every_row_once(ray_local, tmp_path):
+def test_train_and_eval_datasets_serve_every_row_once(ray_session, tmp_path):
     from kcd_ray.ray_layer.pipeline import eval_dataset, train_dataset
 
     d, data = make_prepared(tmp_path / "ds", n_train=40, n_test=12)
@@ -299,7 +289,7 @@ def test_train_and_eval_datasets_serve_every_row_once(ray_local, tmp_path):
 
 
 @pytest.mark.ray
-def test_worker_augmentation_serves_the_pipelines_images(ray_local, tmp_path, monkeypatch):
+def test_worker_augmentation_serves_the_pipelines_images(ray_session, tmp_path, monkeypatch):
     """``augment_on="worker"``/``"split"``: uint8 rows (and their draws) cross Ray Data, and the worker's finishing
     stage gives the images the pipeline serves itself for the same (seed, epoch, id): on every back end (the sorted
     one forced by a zero cache limit) and on encoded data, whose random-resized crop stays in Ray Data."""
@@ -334,7 +324,7 @@ def test_worker_augmentation_serves_the_pipelines_images(ray_local, tmp_path, mo
 
 
 @pytest.mark.ray
-def test_sequential_passes_serve_each_group_in_turn(ray_local, tmp_path):
+def test_sequential_passes_serve_each_group_in_turn(ray_session, tmp_path):
     """ED's sequential passes (``passes``): every epoch the kept rows of group 1 in a shuffled order, then group 2's,
     ...; each pass reshuffled per epoch; batches cut at pass boundaries; refused where the order cannot be served."""
     from kcd_ray.ray_layer import pipeline as P
@@ -365,14 +355,14 @@ def test_sequential_passes_serve_each_group_in_turn(ray_local, tmp_path):
 
 
 @pytest.mark.ray
-def test_mask_and_overlay_reach_the_next_epoch_and_every_shard(ray_local, tmp_path):
+def test_mask_and_overlay_reach_the_next_epoch_and_every_shard(ray_session, tmp_path):
     from kcd_ray.ray_layer.mask_store import get_mask_store, publish_mask
     from kcd_ray.ray_layer.pipeline import train_dataset
 
     d, data = make_prepared(tmp_path / "ds", n_train=48)
     name = f"test_mask_{tmp_path.name}"
     store = get_mask_store(name, create=True)
-    assert ray_local.get(store.current.remote()) == (0, None, None)
+    assert ray_session.get(store.current.remote()) == (0, None, None)
     ds = train_dataset(d, augment="none", seed=0, mask_store_name=name)
     assert len(list(ds.iter_rows())) == 48  # version 0: everything kept
 
@@ -405,7 +395,7 @@ def test_mask_and_overlay_reach_the_next_epoch_and_every_shard(ray_local, tmp_pa
 
 @pytest.mark.ray
 @pytest.mark.parametrize("decode_in_actor", [True, False])
-def test_offline_scores_equal_a_plain_torch_pass_over_the_current_images(ray_local, tmp_path, decode_in_actor):
+def test_offline_scores_equal_a_plain_torch_pass_over_the_current_images(ray_session, tmp_path, decode_in_actor):
     """The offline E-step scores every sample once, on its current (blended) image, un-augmented: the values
     equal the value function applied by hand, whether the scoring actor or separate tasks decode."""
     from kcd_ray.condense.values import VALUE_FNS, make_context

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine_harness import batches, prepare_tiny
+from engine_harness import batches, tiny_set
 from kcd_ray.config import load_config
 from kcd_ray.distill.base import StepOutput, kd_kl, kd_per_sample
 from kcd_ray.engine import Hook, LocalServices, RunContext, assemble_engine
@@ -222,16 +222,7 @@ def test_random_subset_fraction_seeding_and_kcd_schedule():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A prepared synthetic set (8x8, 4 classes, 96 training samples) in memory and a (random) teacher file."""
-    root = tmp_path_factory.mktemp("selection")
-    base = {"model": "resnet8",
-            "data": {"name": "synthetic", "root": str(root / "data"),
-                     "synthetic": {"num_train": 96, "num_test": 40, "num_classes": 4, "image_size": 8}},
-            "optim": {"epochs": 2, "batch_size": 16, "lr": 0.05, "scheduler": "cosine", "threads": 1},
-            "scaling": {"num_workers": 0}, "run": {"verbose": 0}}
-    torch.manual_seed(1)
-    teacher = root / "teacher.pt"
-    save_model(teacher, build_model("resnet8", 4))
-    return {**prepare_tiny(root, base), "teacher": str(teacher)}
+    return tiny_set(tmp_path_factory.mktemp("selection"), optim={"epochs": 2})
 
 
 _batches = batches

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_object_storage import s3  # noqa: F401 - the moto_server fixture (and its AWS_* variables)
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBMIT = ROOT / "experiments" / "submit.py"

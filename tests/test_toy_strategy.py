@@ -81,6 +81,14 @@ class HighLoss(SelectionStrategy):
 # --------------------------------------------------------------------------- the runs
 
 
+@pytest.fixture(scope="module", autouse=True)
+def registered_only_here():
+    """The toy strategy leaves the registry with this module: later tests' configs (and the sweep trials, in
+    processes that never imported this file) do not get a ``selection.high_loss`` section."""
+    yield
+    STRATEGIES.unregister("high_loss")
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
@@ -130,3 +138,23 @@ def test_a_toy_strategy_runs_in_process_and_on_two_train_workers(ray_session, ba
     _check_run(two, Path(two["run_dir"]), world=2)
     text = report([one["run_dir"], two["run_dir"]], tmp_path / "report")["text"]
     assert "high_loss" in text and (tmp_path / "report" / "compare_pareto.png").is_file()
+
+
+def test_run_plugins_import_a_users_module_before_the_config_is_checked(tmp_path, monkeypatch):
+    """A strategy in the user's own module: ``run.plugins`` imports it first, so its name and section check."""
+    (tmp_path / "my_strategies.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from kcd_ray.config import _f\n"
+        "from kcd_ray.engine.selection import STRATEGIES, SelectionStrategy\n\n\n"
+        "@dataclass\nclass EveryOtherConfig:\n    offset: int = _f(0, ge=0, le=1)\n\n\n"
+        "@STRATEGIES.register('every_other')\nclass EveryOther(SelectionStrategy):\n"
+        "    name = 'every_other'\n    config_class = EveryOtherConfig\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        cfg = load_config(overrides=["run.plugins=[my_strategies]", "selection.strategy=every_other",
+                                     "selection.every_other.offset=1"])
+        assert cfg.selection.every_other.offset == 1
+    finally:
+        STRATEGIES.unregister("every_other")
+    with pytest.raises(Exception, match=r"run.plugins: module 'no_such_module' does not import"):
+        load_config(overrides=["run.plugins=[no_such_module]"])

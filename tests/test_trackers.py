@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_harness import batches, prepare_tiny
+from engine_harness import batches, tiny_set
 from kcd_ray.config import ConfigError, load_config, to_dict
 from kcd_ray.engine import Engine, LocalServices, RunContext, build_hooks
 from kcd_ray.engine.assemble import run_hooks
@@ -22,7 +22,6 @@ from kcd_ray.engine.build import build_components
 from kcd_ray.engine.plan import local_plan
 from kcd_ray.engine.rundir import RunDir
 from kcd_ray.engine.trackers import Trackers, epoch_metrics, flat_params
-from kcd_ray.models import build_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,17 +30,8 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trackers")
-    base = {"model": "resnet8",
-            "data": {"name": "synthetic", "root": str(root / "data"),
-                     "synthetic": {"num_train": 64, "num_test": 32, "num_classes": 4, "image_size": 8}},
-            "optim": {"epochs": EPOCHS, "batch_size": 16, "lr": 0.05, "scheduler": "cosine", "threads": 1},
-            "scaling": {"num_workers": 0}, "run": {"verbose": 0, "trackers": ["tensorboard", "mlflow"]},
-            "kcd": {"interval": 1, "stages": 2, "rho": 0.5}}
-    torch.manual_seed(1)
-    save_model(root / "teacher.pt", build_model("resnet8", 4))
-    base["distill"] = {"teacher": str(root / "teacher.pt")}
-    return prepare_tiny(root, base)
+    return tiny_set(tmp_path_factory.mktemp("trackers"), num_train=64, num_test=32, optim={"epochs": EPOCHS},
+                    run={"trackers": ["tensorboard", "mlflow"]}, kcd={"interval": 1, "stages": 2, "rho": 0.5})
 
 
 def _cfg(tiny, **over):

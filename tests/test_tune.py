@@ -267,18 +267,9 @@ def test_a_different_sweep_under_the_same_name_is_refused(tmp_path):
 # --------------------------------------------------------------------------- a real sweep on Ray Tune
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False)
-    yield ray
-
-
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_two_trial_sweep_and_report(tmp_path, ray_local):
+def test_two_trial_sweep_and_report(tmp_path, ray_session):
     from kcd_ray.models import build_model, save_model
     from kcd_ray.ray_layer.tune.sweep import run_sweep
 
@@ -315,7 +306,7 @@ def test_two_trial_sweep_and_report(tmp_path, ray_local):
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_in_process_sweep_reports_every_epoch(tmp_path, ray_local):
+def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session):
     """scaling.num_workers=0: each trial runs fit() in its own process, as a run does, and reports each epoch."""
     from kcd_ray.models import build_model, save_model
     from kcd_ray.ray_layer.tune.sweep import run_sweep

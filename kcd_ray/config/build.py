@@ -8,6 +8,7 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import typing
 from typing import Any
@@ -146,7 +147,20 @@ def _registered(cls) -> dict[str, type]:
     return registered_sections(cls.parts)
 
 
+def import_plugins(data: dict) -> None:
+    """Import ``run.plugins`` (a user's registered parts) before the config that names them is checked."""
+    plugins = (data.get("run") or {}).get("plugins") or []
+    if not isinstance(plugins, list):
+        raise ConfigError(f"run.plugins: expected a list of module names, got {plugins!r}")
+    for name in plugins:
+        try:
+            importlib.import_module(str(name))
+        except Exception as e:  # noqa: BLE001 - any import failure is the user's module: name it
+            raise ConfigError(f"run.plugins: module {name!r} does not import ({type(e).__name__}: {e})") from None
+
+
 def config_from_dict(data: dict) -> Config:
+    import_plugins(data)
     return build(Config, data)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from kcd_ray.config.build import build, to_dict, type_name
+from kcd_ray.config.build import build, import_plugins, to_dict, type_name
 from kcd_ray.config.fields import OpenSection, is_extensions, registered_sections
 from kcd_ray.config.schema import Config
 from kcd_ray.errors import ConfigError
@@ -69,13 +69,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path:
         data = merge(data, read_yaml_mapping(path, "config file"))
         try:
+            import_plugins(data)
             build(Config, data)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     if not overrides:
+        import_plugins(data)
         return build(Config, data)
     apply_overrides(data, list(overrides))
     try:
+        import_plugins(data)
         return build(Config, data)
     except ConfigError as e:
         raise ConfigError(f"command-line override {e}" if path or base is not None else str(e)) from None

@@ -109,6 +109,10 @@ class RunConfig:
                                     "sqlite:///<run folder>/mlflow.db, for a sweep's trials <sweep folder>/mlflow.db")
     experiment: str = _f("", help="MLflow experiment; '' = the sweep's name for a sweep's trials, else kcd_ray")
     sweep: str = _f("", help="set by `kcd-ray sweep` on each trial: the sweep's name (trackers group trials by it)")
+    plugins: list[str] = _f(factory=list, help="modules imported before the config is read, in every process that "
+                                               "reads it (the driver, sweep trials, Train workers): where a user's "
+                                               "registered strategies, distillers, curricula or hooks live; each must "
+                                               "be importable on every node")
 
 
 @dataclass
