@@ -95,7 +95,7 @@ def run(cfg, kind, data, folder: Path, seed: int, sequential=False, local=False)
     feed.engine = engine
     train, test = feed, feed.test_batches
     if local:
-        train, test = local_label_feeds(cfg.curriculum, data["dir"], train, test)
+        train, test, _ = local_label_feeds(cfg.curriculum, data["dir"], train, test)
     engine.test_batches = test
     t0 = time.perf_counter()
     summary = engine.run(train, test)

@@ -15,6 +15,7 @@ import torch
 
 from kcd_ray.config import load_config
 from kcd_ray.data import iter_split, prepare_dataset
+from kcd_ray.data.parquet_io import splits_of
 from kcd_ray.data import transforms as T
 from kcd_ray.engine import Engine, assemble_engine
 from kcd_ray.models import build_model, save_model
@@ -31,10 +32,11 @@ def load_split(data_dir, name: str):
 
 
 def prepare_tiny(root: Path, base: dict) -> dict:
-    """Prepare ``base``'s data set under ``root`` and load both splits: ``{"base", "data_dir", "split"}``."""
+    """Prepare ``base``'s data set under ``root`` and load its splits (a validation split too, when it has one):
+    ``{"base", "data_dir", "split"}``."""
     data_dir = prepare_dataset(load_config(base=copy.deepcopy(base)).data, verbose=False)
     return {"base": base, "data_dir": str(data_dir),
-            "split": {name: load_split(data_dir, name) for name in ("train", "test")}}
+            "split": {name: load_split(data_dir, name) for name in splits_of(T.read_meta(data_dir))}}
 
 
 def tiny_set(root: Path, *, num_train: int = 96, num_test: int = 40, num_classes: int = 4, teacher: bool = True,
@@ -81,11 +83,15 @@ def make_engine(tiny: dict, folder: Path, cfg=None, hooks_extra=(), services=Non
 
 
 def feeds(tiny: dict, engine: Engine, test_batch_size: int = 64):
-    """Train batches follow the published mask (as the Ray Data pipeline does); test batches are fixed."""
+    """(train, test[, val]) feeds: train batches follow the published mask (as the Ray Data pipeline does);
+    the evaluation splits' batches are fixed. The validation feed only when the set has a validation split."""
     services, bs = engine.services, engine.cfg.optim.batch_size
 
     def train(epoch):
         kept = services.masks[-1][1] if services.masks else None
         return batches(tiny["split"]["train"], bs, epoch, keep=kept)
 
-    return train, lambda: batches(tiny["split"]["test"], test_batch_size, 0)
+    out = [train, lambda: batches(tiny["split"]["test"], test_batch_size, 0)]
+    if "val" in tiny["split"]:
+        out.append(lambda: batches(tiny["split"]["val"], test_batch_size, 0))
+    return tuple(out)

@@ -491,7 +491,7 @@ def test_distill_trains_the_missing_group_teachers_then_the_student(ray_session,
         assert load_model(tmp_path / "runs" / name / "final_model.pt").num_classes == 5  # local labels: n_g outputs
         rows = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert rows[0]["active_classes"] == 5 and rows[0]["samples_seen"] < summary["num_train"]
-        evaluated.append(rows[0]["val_samples"])  # its own group's test samples
+        evaluated.append(rows[0]["test_samples"])  # its own group's test samples
     assert sum(evaluated) == 450 and min(evaluated) > 0  # digits' test split, split between the two groups
     # 2 CPUs hold both in-process teacher runs (0.75 CPU each): they trained at once (each started before the
     # other had its final model), as concurrent Ray tasks

@@ -44,6 +44,12 @@ class DataConfig:
                                          "(any source; the test split stays whole; part of the prepared folder's "
                                          "name and recorded in meta.json); 0 = the whole training split")
     train_subset_seed: int = _f(0, ge=0, help="seed of data.train_subset's draw")
+    val_fraction: float = _f(0.0, ge=0.0, lt=1.0, help="a class-stratified validation split of this share of the "
+                                                       "training split, carved out once at preparation (its own "
+                                                       "Parquet split; training, the E-step, the teacher cache and "
+                                                       "every strategy see only the rest); sweeps and run.select "
+                                                       "choose on it; 0 = none")
+    val_seed: int = _f(0, ge=0, help="seed of data.val_fraction's draw (recorded in meta.json)")
     augment: str = _f("auto", choices=("auto", "cifar", "imagenet", "none"), help="auto picks cifar for <=64px, imagenet above")
     download: bool = _f(False, help="CIFAR: let torchvision fetch the archive when the folder is missing")
     shuffle: str = _f("auto", choices=("auto", "full", "block_local", "block_local_files"), help="per-epoch row order: full (= auto) a uniform permutation of the kept set seeded by (seed, epoch); block_local: rows mixed only inside 1024-row blocks, file and block order reshuffled (block order up to 2 GiB); block_local_files: the same without block order")
@@ -102,6 +108,10 @@ class RunConfig:
     resume: str = _f("auto", choices=("auto", "force", "never"),
                      help="re-running a run name: auto resumes if the config matches (run.*, scaling.*, optim.epochs may "
                           "change), force resumes with any change, never starts afresh (the old folder is moved aside)")
+    select: str = _f("auto", choices=("auto", "val_top1", "val_top5", "val_loss", "top1", "top5", "test_loss"),
+                     help="the per-epoch metric that picks the best epoch (best_model.pt, summary.json's "
+                          "selected_*): auto = val_top1 with a validation split (data.val_fraction), else top1 "
+                          "(the test split: the summary then says selected_on_test)")
     trackers: list[str] = _f(factory=list, choices=("tensorboard", "mlflow"),
                              help="experiment trackers rank 0 logs to (pip install 'kcd_ray[tracking]'): tensorboard "
                                   "(events in <run folder>/tensorboard), mlflow (metrics, config, artifacts)")

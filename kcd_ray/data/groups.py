@@ -210,10 +210,12 @@ def optional_groups(cur, num_classes: int) -> Optional[ClassGroups]:
     return ClassGroups.from_config(cur, num_classes)
 
 
-def local_label_feeds(cur, data_dir, train_batches, test_batches):
-    """Wrap a run's batch callables for ``curriculum.only_groups`` with local labels: both relabelled, the
-    test split filtered to the chosen classes (the train split already is, by the class-subset selection)."""
+def local_label_feeds(cur, data_dir, train_batches, test_batches, val_batches=None):
+    """Wrap a run's batch callables for ``curriculum.only_groups`` with local labels: all relabelled, the
+    evaluation splits filtered to the chosen classes (the train split already is, by the class-subset selection)."""
     from kcd_ray.data.parquet_io import load_meta
 
     lut = ClassGroups.from_config(cur, int(load_meta(data_dir)["num_classes"])).local_lut(cur.only_groups)
-    return (lambda epoch: relabel_batches(train_batches(epoch), lut)), (lambda: relabel_batches(test_batches(), lut))
+    val = None if val_batches is None else (lambda: relabel_batches(val_batches(), lut))
+    return ((lambda epoch: relabel_batches(train_batches(epoch), lut)), (lambda: relabel_batches(test_batches(), lut)),
+            val)

@@ -1,7 +1,8 @@
 """The on-disk format of a prepared data set: Parquet parts, meta.json, content checksums.
 
 A prepared data set is ``<root>/<key>/`` holding ``meta.json``, ``train/part-00000.parquet ...`` and
-``test/part-*.parquet``. Columns: ``sample_id`` int64 (dense 0..N-1 per split, parts sorted by it),
+``test/part-*.parquet`` (and ``val/`` with a validation split). Columns: ``sample_id`` int64 (dense per split,
+0..N-1 for train; a validation split's ids follow the training ids and the test ids follow both; parts sorted by it),
 ``label`` int64, ``image`` binary, plus optional extra columns readers must ignore. See
 docs/ARCHITECTURE.md; ``transforms.py`` and ``pipeline.py`` read exactly this.
 
@@ -26,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # every prepared data set has these
+OPTIONAL_SPLITS = ("val",)  # data.val_fraction > 0: a validation split carved out of the training split
 ENCODINGS = ("raw", "encoded")
 META_FILE = "meta.json"
 META_KEYS = ("format_version", "name", "source", "num_classes", "class_names", "image_shape",
@@ -109,14 +111,14 @@ def images_to_arrow(images: Union[np.ndarray, Sequence[bytes], pa.Array, pa.Chun
 
 
 class SplitWriter:
-    """Streams rows of one split into ``part-NNNNN.parquet`` files, assigning dense sample ids.
+    """Streams rows of one split into ``part-NNNNN.parquet`` files, assigning dense sample ids (from ``first_id``).
 
     ``add(labels, images, extra)`` takes any batch size; ``close()`` returns
     ``{"num_rows", "checksum"}`` for meta.json.
     """
 
     def __init__(self, split_dir: Path, extra: Optional[Mapping[str, pa.DataType]] = None,
-                 rows_per_group: int = ROWS_PER_GROUP, rows_per_file: int = ROWS_PER_FILE):
+                 rows_per_group: int = ROWS_PER_GROUP, rows_per_file: int = ROWS_PER_FILE, first_id: int = 0):
         self.dir = Path(split_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.extra = dict(extra or {})
@@ -129,6 +131,7 @@ class SplitWriter:
         self._file_rows = self._file_bytes = 0
         self._n_files = 0
         self.num_rows = 0
+        self.first_id = int(first_id)  # ids first_id, first_id + 1, ... (a split renumbered after another)
         self._hash = ContentHash()
         self._info: Optional[dict] = None
 
@@ -140,7 +143,7 @@ class SplitWriter:
         extra = dict(extra or {})
         if set(extra) != set(self.extra):
             raise ValueError(f"extra columns {sorted(extra)} differ from the declared {sorted(self.extra)}")
-        ids = np.arange(self.num_rows, self.num_rows + len(labels), dtype=np.int64)
+        ids = np.arange(self.num_rows, self.num_rows + len(labels), dtype=np.int64) + self.first_id
         self._hash.update(ids, labels, img)
         cols = [pa.array(ids), pa.array(labels), img] + [pa.array(np.asarray(extra[k]), type=t) for k, t in self.extra.items()]
         self._pending.append(pa.Table.from_arrays(cols, schema=self.schema))
@@ -199,6 +202,11 @@ class SplitWriter:
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def splits_of(meta: dict) -> tuple[str, ...]:
+    """The splits a prepared data set holds: train, test, and val when it has a validation split."""
+    return SPLITS + tuple(s for s in OPTIONAL_SPLITS if s in (meta.get("splits") or {}))
 
 
 def split_files(data_dir: Union[str, os.PathLike], split: str) -> list[Path]:
@@ -300,6 +308,14 @@ def load_meta(path: Union[str, os.PathLike]) -> dict:
 
 # --------------------------------------------------------------------------- integrity
 
+def _first_id(path: Path) -> int:
+    """The split's first sample id (0, or where a renumbered split starts): the first row of its first file."""
+    pf = pq.ParquetFile(path)
+    if pf.metadata.num_rows == 0:
+        return 0
+    return int(pf.read_row_group(0, columns=["sample_id"]).column(0)[0].as_py())
+
+
 def locate_sample(data_dir: Union[str, os.PathLike], split: str, sample_id: int) -> dict:
     """Where a row lives: ``{"file": Path, "row": int (in the file), "source_path": str | None}``.
 
@@ -308,8 +324,9 @@ def locate_sample(data_dir: Union[str, os.PathLike], split: str, sample_id: int)
     ``source``); empty dict when the id is out of range. For error messages, not hot paths.
     """
     root = Path(data_dir).expanduser()
-    start = 0
-    for f in split_files(root, split):
+    files = split_files(root, split)
+    start = _first_id(files[0]) if files else 0
+    for f in files:
         pf = pq.ParquetFile(f)
         n = pf.metadata.num_rows
         if start <= sample_id < start + n:

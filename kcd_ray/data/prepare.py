@@ -28,11 +28,11 @@ from typing import Optional
 
 from kcd_ray import storage
 from kcd_ray.config import ConfigError
-from kcd_ray.data.parquet_io import FORMAT_VERSION, META_FILE, DatasetError, load_meta, write_meta
+from kcd_ray.data.parquet_io import FORMAT_VERSION, META_FILE, DatasetError, load_meta, splits_of, write_meta
 from kcd_ray.data.verify import FILES_KEY, check_prepared, file_records, verify_prepared
 from kcd_ray.data.sources import DATASETS, Source
 from kcd_ray.data.sources.base import log
-from kcd_ray.data.subset import write_train_subset
+from kcd_ray.data.subset import write_train_subset, write_val_split
 
 TMP_PREFIX = ".tmp-"
 
@@ -51,10 +51,16 @@ def get_source(data_cfg) -> Source:
 
 
 def prepared_key(data_cfg, src: Optional[Source] = None) -> str:
-    """The prepared folder's name: the source's key, plus ``-sub<n>-s<seed>`` for a ``data.train_subset``."""
+    """The prepared folder's name: the source's key, plus ``-sub<n>-s<seed>`` for a ``data.train_subset`` and
+    ``-val<fraction>-s<seed>`` for a ``data.val_fraction`` (a changed split is a new folder, never a silent change)."""
     key = (src or get_source(data_cfg)).key()
     n = int(getattr(data_cfg, "train_subset", 0) or 0)
-    return key if n == 0 else f"{key}-sub{n}-s{int(data_cfg.train_subset_seed)}"
+    if n:
+        key += f"-sub{n}-s{int(data_cfg.train_subset_seed)}"
+    v = float(getattr(data_cfg, "val_fraction", 0.0) or 0.0)
+    if v:
+        key += f"-val{v:g}-s{int(data_cfg.val_seed)}"
+    return key
 
 
 def dataset_dir(data_cfg) -> Path:
@@ -118,6 +124,11 @@ def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True, full_ch
                       "train_subset": sub["train_subset"]}
             say(f"{data_cfg.name}: train subset of {sub['train_subset']['size']} of {sub['train_subset']['of']} "
                 f"rows (stratified, seed {sub['train_subset']['seed']})")
+        if getattr(data_cfg, "val_fraction", 0.0):
+            val = write_val_split(tmp, data_cfg.val_fraction, data_cfg.val_seed)
+            fields = {**fields, "splits": {**fields["splits"], **val["splits"]}, "val_split": val["val_split"]}
+            say(f"{data_cfg.name}: validation split of {val['val_split']['size']} of {val['val_split']['of']} "
+                f"training rows (stratified, seed {val['val_split']['seed']})")
         meta = {"format_version": FORMAT_VERSION, "name": src.name, "key": key, **fields}
         meta[FILES_KEY] = file_records(tmp)
         write_meta(tmp, meta)
@@ -128,7 +139,7 @@ def prepare_dataset(data_cfg, force: bool = False, verbose: bool = True, full_ch
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     say(f"prepared {target} in {time.time() - t0:.1f}s: "
-        + ", ".join(f"{s} {meta['splits'][s]['num_rows']} rows" for s in ("train", "test")))
+        + ", ".join(f"{s} {meta['splits'][s]['num_rows']} rows" for s in splits_of(meta)))
     return target
 
 
@@ -141,7 +152,7 @@ def _prepare_in_store(data_cfg, force: bool, verbose: bool, full_check: Optional
     stage = storage.stage_dir(uri)
     path = prepare_dataset(dataclasses.replace(data_cfg, root=str(stage.parent)), force=force, verbose=verbose,
                            full_check=full_check)
-    files = [f for f in storage.list_files(path) if f == META_FILE or f.startswith(("train/", "test/"))]
+    files = [f for f in storage.list_files(path) if f == META_FILE or f.startswith(("train/", "test/", "val/"))]
     (log if verbose else (lambda msg: None))(f"uploading {len(files)} files -> {uri}")
     storage.upload_tree(path, uri, files, last=[META_FILE])  # meta.json last: its presence means complete
     storage.mark_staged(path, uri, storage.sha256(storage.read_bytes(storage.join(uri, META_FILE))))
@@ -219,7 +230,7 @@ def describe(data_dir: Path) -> list[str]:
     meta = load_meta(data_dir)
     h, w, c = meta["image_shape"]
     lines = [f"{meta['name']} {s}: {meta['splits'][s]['num_rows']} rows, {meta['num_classes']} classes, "
-             f"image {h}x{w}x{c} ({meta['encoding']}) -> {Path(data_dir) / s}" for s in ("train", "test")]
+             f"image {h}x{w}x{c} ({meta['encoding']}) -> {Path(data_dir) / s}" for s in splits_of(meta)]
     skipped = meta.get("skipped_files")
     for s in ("train", "test"):
         bad = skipped.get(s) if isinstance(skipped, dict) else None

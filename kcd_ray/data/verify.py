@@ -11,8 +11,9 @@ from typing import Optional, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kcd_ray.data.parquet_io import (META_FILE, ROWS_PER_GROUP, SPLITS, ContentHash, DatasetError, _damaged, _oneline,
-                                     load_meta, split_files, write_meta)
+from kcd_ray.data.parquet_io import (META_FILE, ROWS_PER_GROUP, ContentHash, DatasetError, _damaged, _oneline,
+                                     load_meta, split_files, splits_of, write_meta)
+from kcd_ray.data.parquet_io import OPTIONAL_SPLITS, SPLITS
 
 
 FILES_KEY = "files"
@@ -39,8 +40,8 @@ def file_records(data_dir: Union[str, os.PathLike]) -> dict:
     What ``prepare_dataset`` stores under meta.json's ``files`` key (reads every file once).
     """
     out = {}
-    for s in SPLITS:
-        for f in split_files(data_dir, s):
+    for s in SPLITS + OPTIONAL_SPLITS:  # a split's folder present on disk (val: only with a validation split)
+        for f in split_files(data_dir, s) if (Path(data_dir) / s).is_dir() else []:
             data = _read_file(f)
             out[_rel(s, f)] = _record(f, pq.read_metadata(pa.BufferReader(data)).num_rows, _sha256(data))
     return out
@@ -109,7 +110,7 @@ def verify_prepared(data_dir: Union[str, os.PathLike], full: Optional[bool] = No
     if records is not None and not isinstance(records, dict):
         raise DatasetError(f"{root / META_FILE}: {FILES_KEY!r} is a {type(records).__name__}; expected an object")
     files, to_check = {}, []
-    for s in SPLITS:
+    for s in splits_of(meta):
         files[s], stale = _cheap_split(root, meta, s, records)
         if full or (full is None and (records is None or stale)):
             to_check.append(s)

@@ -95,11 +95,11 @@ def epoch_columns() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(names, prefixes) of the numeric metrics-row columns a run can report: the engine's own and every
     registered part's declared ones (hooks, strategies, curricula). What a sweep may name as its metric."""
     from kcd_ray.engine.curriculum import CURRICULA
-    from kcd_ray.engine.engine import ENGINE_COLUMNS, LOSS_PREFIX
+    from kcd_ray.engine.engine import ENGINE_COLUMNS, LOSS_PREFIX, VAL_COLUMNS
     from kcd_ray.engine.selection import STRATEGIES
 
     parts = [cls for reg in (HOOKS, STRATEGIES, CURRICULA) for _, cls in reg.items()]
-    names = dict.fromkeys(ENGINE_COLUMNS + tuple(c for p in parts for c in p.columns))
+    names = dict.fromkeys(ENGINE_COLUMNS + VAL_COLUMNS + tuple(c for p in parts for c in p.columns))
     prefixes = dict.fromkeys((LOSS_PREFIX,) + tuple(c for p in parts for c in p.column_prefixes))
     return tuple(names), tuple(prefixes)
 

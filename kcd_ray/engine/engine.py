@@ -35,10 +35,14 @@ PROGRESS_EVERY_S = 30.0
 BATCH_KEYS = ("image", "label", "sample_id", "t_logits", "t_feat", "t_missing")  # t_*: teacher-output cache
 # The numeric columns of every metrics row the engine writes itself (hooks declare theirs: Hook.columns), and the
 # prefix of one column per loss term.
-ENGINE_COLUMNS = ("epoch", "epochs", "train_loss", "top1", "top5", "val_loss", "val_samples", "best_top1",
+ENGINE_COLUMNS = ("epoch", "epochs", "train_loss", "top1", "top5", "test_loss", "test_samples", "best_top1",
                   "kept_fraction", "samples_seen", "sample_passes", "T", "lr", "train_seconds", "images_per_s",
                   "data_wait_seconds", "hook_seconds", "world_size", "local_samples", "skipped_steps",
-                  "epoch_seconds", "wall_seconds")
+                  "selected_epoch", "epoch_seconds", "wall_seconds")
+# ... and with a validation split (data.val_fraction > 0), the same figures on it
+VAL_COLUMNS = ("val_top1", "val_top5", "val_loss", "val_samples", "best_val_top1")
+SELECT_MODES = {"val_top1": "max", "val_top5": "max", "val_loss": "min", "top1": "max", "top5": "max",
+                "test_loss": "min"}
 LOSS_PREFIX = "loss_"
 
 
@@ -82,6 +86,8 @@ class Engine:
         self.history: list[dict] = []
         self.train_batches: Optional[Batches] = None
         self.test_batches: Optional[Callable[[], Iterable[dict]]] = None
+        self.val_batches: Optional[Callable[[], Iterable[dict]]] = None
+        self.select = ctx.plan.select if ctx.plan is not None else "top1"  # the metric that picks the best epoch
         self._last_eval: Optional[dict] = None
         self._published, self._selection_version = (None, json.dumps(None)), 0  # nothing published: all samples
         self._served = parts.num_train  # samples the published selection serves (the kept_fraction column)
@@ -218,8 +224,9 @@ class Engine:
                 f"distill.beta for method {self.cfg.distill.method!r}")
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, batches: Iterable[dict]) -> dict:
-        """Exact test accuracy: the unsplit test set, each rank doing every world-th batch, counts all-reduced."""
+    def evaluate(self, batches: Iterable[dict], split: str = "test") -> dict:
+        """Exact accuracy on an unsplit evaluation set (``test``: ``top1``, ``top5``, ``test_loss``, ``test_samples``;
+        ``val``: ``val_top1`` ...), each rank doing every world-th batch, counts all-reduced."""
         self.distiller.eval()
         acc = torch.zeros(4, dtype=torch.float64, device=self.device)  # top1, top5, n, loss sum
         rank, world = self.ctx.rank, self.ctx.world
@@ -235,8 +242,35 @@ class Engine:
                 acc += torch.cat([topk_hits(logits, y).double(), torch.tensor([y.numel()], device=self.device,
                                                                              dtype=torch.float64), loss.double()[None]])
         c1, c5, n, ls = D.all_sum(list(acc), self.device)
-        return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "val_loss": ls / max(n, 1),
-                "val_samples": int(n)}
+        p = "" if split == "test" else f"{split}_"
+        return {f"{p}top1": 100.0 * c1 / max(n, 1), f"{p}top5": 100.0 * c5 / max(n, 1),
+                f"{split}_loss": ls / max(n, 1), f"{split}_samples": int(n)}
+
+    def _evaluations(self, test_batches, evaluated: bool) -> dict:
+        """The epoch's test figures (and validation figures, with a validation split); an epoch skipped by
+        ``optim.eval_every`` carries the last evaluation."""
+        if evaluated:
+            ev = self.evaluate(test_batches())
+            if self.val_batches is not None:
+                ev.update(self.evaluate(self.val_batches(), "val"))
+            self._last_eval = ev
+        return dict(self._last_eval)
+
+    def _best(self, ev: dict, epoch: int) -> dict:
+        """Running bests: test top-1, validation top-1, and the epoch the selection metric (``run.select``) picks."""
+        prev = self.history[-1] if self.history else None
+        out = {"best_top1": max([ev["top1"]] + ([prev["best_top1"]] if prev else []))}
+        if "val_top1" in ev:
+            out["best_val_top1"] = max([ev["val_top1"]] + ([prev["best_val_top1"]] if prev and "best_val_top1" in prev
+                                                          else []))
+        metric, sign = self.select, (1 if SELECT_MODES.get(self.select, "max") == "max" else -1)
+        chosen = epoch
+        if prev is not None and prev.get("selected_epoch") is not None:
+            old = next((r for r in self.history if r["epoch"] == prev["selected_epoch"]), None)
+            if old is not None and metric in old and sign * old[metric] >= sign * ev[metric]:
+                chosen = old["epoch"]  # ties keep the earlier epoch
+        out["selected_epoch"] = chosen
+        return out
 
     # ------------------------------------------------------------------ one epoch, the run
     def run_epoch(self, epoch: int, test_batches: Callable[[], Iterable[dict]], t_run: float) -> dict:
@@ -255,15 +289,12 @@ class Engine:
         train_s = time.perf_counter() - t_epoch - hook_s
         epochs = self.cfg.optim.epochs
         evaluated = (self._last_eval is None or (epoch + 1) % self.cfg.optim.eval_every == 0 or epoch == epochs - 1)
-        if evaluated:
-            self._last_eval = self.evaluate(test_batches())
-        ev = dict(self._last_eval)  # optim.eval_every > 1: skipped epochs carry the last evaluation
-        best = max([ev["top1"]] + [m["best_top1"] for m in self.history[-1:]])
+        ev = self._evaluations(test_batches, evaluated)
         row = {
             "epoch": epoch, "epochs": epochs, "kind": self.ctx.kind,
             "train_loss": sum(sums) / max(n_seen, 1),
             **{f"{LOSS_PREFIX}{k}": s / max(n_seen, 1) for k, s in zip(keys, sums)},
-            **ev, "best_top1": best, "kept_fraction": self._served / max(self.parts.num_train, 1),
+            **ev, **self._best(ev, epoch), "kept_fraction": self._served / max(self.parts.num_train, 1),
             "samples_seen": int(n_seen), "sample_passes": self.sample_passes,
             # a learned temperature (ctkd) changed during the epoch: its value at the epoch's end
             "T": self.parts.temperature(epoch) if self.ctx.kind == "distill" else None, "lr": lr,
@@ -292,9 +323,11 @@ class Engine:
         plan = self.ctx.plan
         return plan.selection.info if plan is not None else strategy_class(self.cfg, self.ctx.kind).info(self.cfg)
 
-    def run(self, train_batches: Batches, test_batches: Callable[[], Iterable[dict]]) -> Optional[dict]:
-        """Train from ``start_epoch`` to the end; rank 0 returns the summary, other ranks None."""
-        self.train_batches, self.test_batches = train_batches, test_batches
+    def run(self, train_batches: Batches, test_batches: Callable[[], Iterable[dict]],
+            val_batches: Optional[Callable[[], Iterable[dict]]] = None) -> Optional[dict]:
+        """Train from ``start_epoch`` to the end; rank 0 returns the summary, other ranks None. ``val_batches``: the
+        validation split's batches, when the data set has one (evaluated with the test split every epoch)."""
+        self.train_batches, self.test_batches, self.val_batches = train_batches, test_batches, val_batches
         self._each("before_run", self.start_epoch)
         t_run = time.perf_counter()
         for epoch in range(self.start_epoch, self.cfg.optim.epochs):
@@ -307,7 +340,7 @@ class Engine:
         if self.ctx.is_chief and self.history:
             summary = summarize(self.history, kind=self.ctx.kind, num_train=self.parts.num_train,
                                 epochs=self.cfg.optim.epochs, run_dir=self.ctx.run_dir.where, config=to_dict(self.cfg),
-                                strategy_info=self._strategy_info())
+                                strategy_info=self._strategy_info(), select=self.select)
         self._each("end_run", summary)
         return summary
 

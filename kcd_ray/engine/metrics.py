@@ -65,9 +65,32 @@ def format_epoch(m: dict) -> str:
     return " | ".join(parts)
 
 
+def _selection(history: list[dict], select: str) -> dict:
+    """The best epoch by ``select`` (``run.select``) and what it scored, on validation and on test."""
+    chosen = history[-1].get("selected_epoch")
+    row = next((r for r in history if r["epoch"] == chosen), None)
+    if row is None:  # rows written before run.select existed: by test top-1
+        row, select = max(history, key=lambda m: m["top1"]), "top1"
+    out = {"selected_by": select, "selected_epoch": row["epoch"], "selected_top1": row["top1"],
+           "selected_on_test": not select.startswith("val_")}
+    if "val_top1" in row:
+        out["selected_val_top1"] = row["val_top1"]
+    return out
+
+
+def _validation(history: list[dict]) -> dict:
+    if "val_top1" not in history[-1]:
+        return {}
+    best = max(history, key=lambda m: m["val_top1"])
+    last = history[-1]
+    return {"final_val_top1": last["val_top1"], "final_val_top5": last["val_top5"], "final_val_loss": last["val_loss"],
+            "best_val_top1": best["val_top1"], "best_val_epoch": best["epoch"]}
+
+
 def summarize(history: list[dict], *, kind: str, num_train: int, epochs: int, run_dir: str, config: dict,
-              strategy_info: dict | None = None) -> dict:
-    """The run's summary.json: final and best test figures, the compute ledger's totals, what trained it."""
+              strategy_info: dict | None = None, select: str = "top1") -> dict:
+    """The run's summary.json: final and best figures on test (and on validation, with a validation split), the
+    epoch ``select`` picks (``selected_*``: best_model.pt), the compute ledger's totals, what trained it."""
     if not history:
         raise ValueError("no epochs recorded: nothing to summarise")
     best = max(history, key=lambda m: m["top1"])
@@ -84,6 +107,8 @@ def summarize(history: list[dict], *, kind: str, num_train: int, epochs: int, ru
                                     "flops_student_forward", "flops_student_backward", "flops_teacher_forward")
               if k in last}
     return {
+        **_validation(history),
+        **_selection(history, select),
         "final_top1": last["top1"],
         "final_top5": last["top5"],
         "best_top1": best["top1"],

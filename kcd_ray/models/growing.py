@@ -17,7 +17,7 @@ Logit layouts: :meth:`GrowingStudent.grade_logits` gives the ``K_g`` logits in c
 curriculum's order; the KD slice of group h is ``[o_h, o_h + n_h)``); :meth:`GrowingStudent.forward` gives the
 usual ``num_classes`` logits in *label* order: at grade G the native model's, before it the ``K_g`` logits put in
 their label columns and the unseen classes padded with the row's minimum minus :data:`PAD_MARGIN` (never
-predicted; their cross-entropy is large, so an engine's ``val_loss`` before the last grade is not comparable).
+predicted; their cross-entropy is large, so an engine's ``test_loss`` before the last grade is not comparable).
 """
 
 from __future__ import annotations

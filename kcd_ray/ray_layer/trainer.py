@@ -250,6 +250,7 @@ def _datasets(plan: RunPlan, mask_store: str) -> dict:
                                teacher_cache=plan.cache.to_dict() if plan.cache is not None else None,
                                augment_on=plan.inputs.augment_on, passes=passes, workers=r.num_workers),
         "test": eval_dataset(plan.data.dir, split="test", data_cpus=r.data_cpus),
+        **({"val": eval_dataset(plan.data.dir, split="val", data_cpus=r.data_cpus)} if plan.data.num_val else {}),
     }
 
 
@@ -280,7 +281,7 @@ def _trainer(plan: RunPlan, run_dir: RunDir, callbacks) -> TorchTrainer:
         ),
         datasets=_datasets(plan, mask_store),
         # One worker needs no split: iterating the dataset directly skips the SplitCoordinator hop
-        # (bench/train_throughput.py). The test split is never split: each rank evaluates every world-th batch.
+        # (bench/train_throughput.py). The evaluation splits are never split: each rank evaluates every world-th batch.
         # preserve_order: each worker sees the (seed, epoch) permutation exactly (Train would reset it otherwise).
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"] if plan.resources.num_workers > 1 else [],
                                             execution_options=train_ingest_options()),

@@ -229,10 +229,12 @@ def _context(plan: RunPlan, config: dict) -> RunContext:
 
 
 def _feeds(ctx: RunContext, device: torch.device):
-    """(train batches of an epoch, test batches): this worker's Ray Data shards, finished on its device."""
+    """(train batches of an epoch, test batches, validation batches or None): this worker's Ray Data shards, the
+    training one finished on its device."""
     cfg, plan = ctx.cfg, ctx.plan
     train_shard = ray.train.get_dataset_shard("train")
     test_batches = TestBatches(ray.train.get_dataset_shard("test"), cfg.optim.eval_batch_size)
+    val_batches = TestBatches(ray.train.get_dataset_shard("val"), cfg.optim.eval_batch_size) if plan.data.num_val else None
     finish = _finisher(ctx, device)
     # A curriculum's sequential passes: batches cut at pass boundaries, with one worker only: a cut adds a step on
     # that rank alone, and DDP needs the same number of steps on every rank (with several, a batch at a boundary
@@ -246,8 +248,8 @@ def _feeds(ctx: RunContext, device: torch.device):
         return batches if passes is None else split_passes(batches, passes)
 
     if cfg.curriculum.only_groups and cfg.curriculum.labels == "local":  # a group teacher: local labels
-        return local_label_feeds(cfg.curriculum, ctx.data_dir, train_batches, test_batches)
-    return train_batches, test_batches
+        return local_label_feeds(cfg.curriculum, ctx.data_dir, train_batches, test_batches, val_batches)
+    return train_batches, test_batches, val_batches
 
 
 def train_loop_per_worker(config: dict) -> Optional[dict]:

@@ -31,6 +31,7 @@ def data_plan(data_dir, augment: str = "auto", uri: str = "") -> DataPlan:
     return DataPlan(dir=str(data_dir), uri=uri, name=str(meta.get("name", "")),
                     num_train=int(meta["splits"]["train"]["num_rows"]),
                     num_test=int(meta["splits"].get("test", {}).get("num_rows", 0)),
+                    num_val=int(meta["splits"].get("val", {}).get("num_rows", 0)),
                     num_classes=int(meta["num_classes"]), image_shape=tuple(T.image_shape(meta)),
                     augment=T.resolve_augment(augment, meta))
 
@@ -125,6 +126,17 @@ def plan_inputs(cfg: Config, kind: str, data: DataPlan, use_gpu: str) -> InputPl
                      passes=None if passes is None else tuple(int(p) for p in passes), seed=int(cfg.optim.seed))
 
 
+def plan_select(cfg: Config, data: DataPlan) -> str:
+    """``run.select`` resolved: auto = val_top1 with a validation split, else top1 (test)."""
+    choice = cfg.run.select
+    if choice == "auto":
+        return "val_top1" if data.num_val else "top1"
+    if choice.startswith("val_") and not data.num_val:
+        raise ConfigError(f"run.select: {choice} needs a validation split, and data set {data.name!r} has none: set "
+                          "data.val_fraction (e.g. 0.1), or run.select=auto")
+    return choice
+
+
 def plan_resources(cfg: Config) -> ResourcePlan:
     sc = cfg.scaling
     if sc.min_workers and not 0 < sc.min_workers <= sc.num_workers:
@@ -163,7 +175,8 @@ def derive_plan(cfg: Config, kind: str, *, data: DataPlan, folder: FolderPlan, h
         teacher = TeacherPlan(**{**teacher.__dict__, "note": cache_note})
     return RunPlan(cfg=cfg, kind=kind, data=data, folder=folder, teacher=teacher, selection=selection,
                    compute=plan_compute(selection, flops, cached=cache is not None),
-                   inputs=plan_inputs(cfg, kind, data, resources.use_gpu), resources=resources, cache=cache,
+                   inputs=plan_inputs(cfg, kind, data, resources.use_gpu), resources=resources,
+                   select=plan_select(cfg, data), cache=cache,
                    cache_note=cache_note, hooks=tuple(hooks))
 
 

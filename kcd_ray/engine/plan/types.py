@@ -24,6 +24,7 @@ class DataPlan:
     name: str
     num_train: int
     num_test: int
+    num_val: int  # rows of the validation split (data.val_fraction); 0 = none
     num_classes: int
     image_shape: tuple  # (H, W, C)
     augment: str  # the resolved augmentation kind (cifar, imagenet, none)
@@ -120,6 +121,7 @@ class RunPlan:
     compute: ComputePlan
     inputs: InputPlan
     resources: ResourcePlan
+    select: str = "top1"  # the per-epoch metric that picks the best epoch (run.select, resolved)
     cache: Any = None  # the teacher-output cache's CacheSpec when the run reads it (completed once built)
     cache_note: str = ""  # what the cache does for this run, in words
     hooks: tuple = field(default=())  # extra hooks: (Hook subclass, kwargs) pairs (tests and drills)
