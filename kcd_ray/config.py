@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from kcd_ray.registry import registry_names
+from kcd_ray.registry import registry_accepts, registry_names
 
 
 class ConfigError(ValueError):
@@ -131,7 +131,15 @@ class TemperatureConfig:
 class DistillConfig:
     method: str = _f("kd", choices="distillers", help="registered distiller")
     teacher: str = _f("", help="teacher checkpoint (kcd_ray or RepDistiller format)")
-    teacher_model: str = _f("", help="teacher architecture, needed for RepDistiller checkpoints")
+    teacher_model: str = _f("", choices="models", help="teacher architecture (a zoo name, torchvision/<name> or "
+                                                      "package.module:callable), needed for RepDistiller checkpoints "
+                                                      "and plain state dicts; kcd_ray checkpoints record it")
+    teacher_kwargs: dict = _f(factory=dict, help="constructor arguments of a torchvision or factory teacher (e.g. "
+                                                 "image_size for ViT); kcd_ray checkpoints record them")
+    student_taps: list[str] = _f(factory=list, help="feature methods, torchvision/factory student: graph nodes giving "
+                                                    "feats[:-1] (`kcd-ray models --nodes NAME`); empty = its family's "
+                                                    "stage outputs. The pooled pre-logit vector is appended")
+    teacher_taps: list[str] = _f(factory=list, help="the same for the teacher")
     gamma: float = _f(0.1, ge=0.0, help="weight of cross-entropy with the hard label")
     alpha: float = _f(0.9, ge=0.0, help="weight of the KD term")
     beta: Optional[float] = _f(None, help="weight of the method's own term; None = the method's default")
@@ -183,7 +191,8 @@ class CurriculumConfig:
                                                                                "slice of each group")
     teachers: list[str] = _f(factory=list, help="per_group: the G group teachers' checkpoints; missing ones are "
                                                 "trained first (empty = <run.storage_path>/<derived name>/final_model.pt)")
-    teacher_model: str = _f("", help="architecture of the group teachers (trained when missing; RepDistiller files)")
+    teacher_model: str = _f("", choices="models", help="architecture of the group teachers (trained when missing; "
+                                                      "RepDistiller files)")
     teacher_epochs: int = _f(0, ge=0, help="epochs of a group teacher's training; 0 = optim.epochs")
     teacher_concurrency: int = _f(0, ge=0, help="group teachers trained at once when missing: 0 = as many as the "
                                                 "cluster's free CPUs/GPUs hold, 1 = one after another")
@@ -252,7 +261,10 @@ class SelectionConfig:
 
 @dataclass
 class Config:
-    model: str = _f("resnet8x4", choices="models", help="the trained network (student, or teacher in train-teacher)")
+    model: str = _f("resnet8x4", choices="models", help="the trained network (student, or teacher in train-teacher): a "
+                                                        "zoo name, torchvision/<name> or package.module:callable")
+    model_kwargs: dict = _f(factory=dict, help="constructor arguments of a torchvision or factory model (e.g. "
+                                               "image_size for ViT); num_classes comes from the data set")
     data: DataConfig = _f(factory=DataConfig)
     optim: OptimConfig = _f(factory=OptimConfig)
     scaling: ScalingConfig = _f(factory=ScalingConfig)
@@ -347,15 +359,23 @@ def _check(value: Any, f: dataclasses.Field, key: str) -> None:
     if value is None:
         return
     choices = m.get("choices")
-    if choices is not None:
-        allowed = _registry_names(choices) if isinstance(choices, str) else list(choices)
+    if choices is not None and not (value == "" and f.default == ""):  # "" where it is the default: unset
         for item in value if isinstance(value, list) else [value]:  # a list field: every item is a choice
-            if item not in allowed:
-                raise ConfigError(f"{key}: {item!r} is not one of: {', '.join(map(str, allowed))}")
+            _check_choice(item, choices, key)
     for bound, op, word in (("ge", float.__ge__, ">="), ("gt", float.__gt__, ">"), ("le", float.__le__, "<="), ("lt", float.__lt__, "<")):
         b = m.get(bound)
         if b is not None and isinstance(value, (int, float)) and not op(float(value), float(b)):
             raise ConfigError(f"{key}: {value!r} is out of range; expected {word} {b}")
+
+
+def _check_choice(item: Any, choices, key: str) -> None:
+    if isinstance(choices, str):  # a registry: its names, or a form it is open to (models: torchvision/<name>)
+        ok, hint = registry_accepts(choices, item) if isinstance(item, str) else (False, "")
+        if not ok:
+            raise ConfigError(f"{key}: {item!r} is not one of: {', '.join(_registry_names(choices))}"
+                              + (f"; or {hint}" if hint else ""))
+    elif item not in choices:
+        raise ConfigError(f"{key}: {item!r} is not one of: {', '.join(map(str, choices))}")
 
 
 def _build(cls, data: dict, prefix: str = ""):
