@@ -14,7 +14,9 @@ from kcd_ray.data import load_meta
 from kcd_ray.data.groups import subset_num_classes
 from kcd_ray.distill import build_distiller
 from kcd_ray.distill.temperature import build_temperature
-from kcd_ray.models import build_model, load_model
+from kcd_ray.config import ConfigError
+from kcd_ray.models import ModelSourceError, build_model, load_model
+from kcd_ray.models.taps import TapError
 from kcd_ray.engine.curriculum import MULTI_TEACHER, check_curriculum, distiller_kwargs, load_teachers
 
 
@@ -80,9 +82,78 @@ def teacher_in_loop(cfg, kind: str, teacher_cache) -> bool:
 
 
 def load_teacher(dcfg, num_classes: int) -> torch.nn.Module:
+    """``distill.teacher`` (a kcd_ray or RepDistiller checkpoint, or a plain state dict) as ``distill.teacher_model``
+    with ``distill.teacher_kwargs`` and ``distill.teacher_taps``; a bad file is a CheckpointError naming it."""
     if not dcfg.teacher:
         raise ValueError("distill.teacher: a teacher checkpoint is required for distillation (train one with `kcd-ray train-teacher`)")
-    return load_model(dcfg.teacher, name=dcfg.teacher_model or None, num_classes=num_classes)
+    try:
+        return load_model(dcfg.teacher, name=dcfg.teacher_model or None, num_classes=num_classes,
+                          kwargs=dcfg.teacher_kwargs, taps=dcfg.teacher_taps)
+    except TapError as e:
+        raise ConfigError(f"distill.teacher_taps: {e}") from None
+
+
+def build_student(cfg, num_classes: int) -> torch.nn.Module:
+    """``model`` with ``model_kwargs``; a torchvision or factory student taps ``distill.student_taps``."""
+    try:
+        return build_model(cfg.model, num_classes, kwargs=cfg.model_kwargs, taps=cfg.distill.student_taps)
+    except TapError as e:
+        raise ConfigError(f"distill.student_taps: {e}") from None
+    except ModelSourceError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def check_model(key: str, taps_key: str, name: str, num_classes: int, kwargs, taps, input_shape,
+                features: bool = False, preact: bool = False) -> None:
+    """A torchvision or factory model builds from its source (on the meta device: no memory, no arithmetic) and
+    runs on the data's images, giving its logits and, for a feature method, its taps; else one ConfigError line
+    naming ``key`` (its source) or ``taps_key``. Zoo models are the zoo's own tests' business."""
+    from kcd_ray.models import build_meta
+    from kcd_ray.models.sources import source_kind
+
+    if source_kind(name) in (None, "zoo"):
+        return
+    try:
+        model = build_meta(name, num_classes, build=lambda: build_model(name, num_classes, kwargs=kwargs, taps=taps))
+    except TapError as e:
+        raise ConfigError(f"{taps_key}: {e}") from None
+    except ModelSourceError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    x = torch.zeros(2, *input_shape, device="meta")
+    try:
+        with torch.no_grad():
+            out = model.train()(x)
+    except Exception as e:  # noqa: BLE001 - whatever the model raises on this input size
+        raise ConfigError(f"{key}: {name} does not run on {tuple(input_shape)} images ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); set its input size in "
+                          "its constructor arguments (e.g. image_size)") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
+        raise ConfigError(f"{key}: {name}'s train-mode forward gives {what}, expected logits of shape (B, {num_classes}) "
+                          "(torchvision's googlenet/inception_v3: aux_logits=false)")
+    if features:
+        try:
+            with torch.no_grad():
+                model.eval()(x, is_feat=True, preact=preact)
+        except TapError as e:
+            raise ConfigError(f"{taps_key}: {e}") from None
+
+
+def check_models(cfg, kind: str, meta: dict, teacher=None, student: bool = True) -> None:
+    """Before Ray starts (the preflight): the student and/or a loaded teacher (``check_model``)."""
+    from kcd_ray.distill import DISTILLERS
+
+    num_classes = subset_num_classes(cfg.curriculum, int(meta["num_classes"]))
+    h, w, c = (int(v) for v in meta["image_shape"])
+    shape = (c, h, w)
+    method = DISTILLERS.get(cfg.distill.method) if kind == "distill" else None
+    features, preact = bool(method and method.needs_features), bool(method and method.needs_preact)
+    if student:
+        check_model("model", "distill.student_taps", cfg.model, num_classes, cfg.model_kwargs,
+                    cfg.distill.student_taps, shape, features, preact)
+    if teacher is not None:
+        check_model("distill.teacher_model", "distill.teacher_taps", teacher.arch, num_classes, teacher.model_kwargs,
+                    cfg.distill.teacher_taps, shape, features, preact)
 
 
 def build_components(cfg, kind: str, data_dir: str, device: torch.device, distributed: bool,
@@ -94,7 +165,7 @@ def build_components(cfg, kind: str, data_dir: str, device: torch.device, distri
     check_curriculum(cfg, kind)
     # A class-subset run with local labels (a group teacher) has that many outputs.
     num_classes = subset_num_classes(cfg.curriculum, int(meta["num_classes"]))
-    student = build_model(cfg.model, num_classes)
+    student = build_student(cfg, num_classes)
     extra = {}
     if kind == "teacher":
         dcfg = dataclasses.replace(cfg.distill, method="ce", gamma=1.0, alpha=0.0, beta=0.0)

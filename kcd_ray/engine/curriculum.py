@@ -42,6 +42,7 @@ from kcd_ray.data.groups import ClassGroups, class_mask, labels_by_id
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.hooks import HOOKS, Hook, Selection
 from kcd_ray.engine.metrics import say
+from kcd_ray.engine.rundir import slug
 
 PER_GRADE_DECAYS = (0.625, 0.75, 0.875)  # ED.md 7, lr_mode=per_grade: 150/180/210 of 240, per grade
 MULTI_TEACHER = ("mtkd", "ed")
@@ -110,16 +111,16 @@ def load_teachers(cfg: Config, num_classes: int):
     if d.method == "mtkd":
         if not d.teachers:
             raise ConfigError("distill.teachers: method 'mtkd' needs a list of full-label teacher checkpoints")
-        return [load_model(p, name=name, num_classes=num_classes) for p in d.teachers]
+        return [load_model(p, name=name, num_classes=num_classes, kwargs=d.teacher_kwargs) for p in d.teachers]
     if d.method == "ed":
         cur = cfg.curriculum
         if cur.teacher_source == "sliced":
-            return [load_model(d.teacher, name=name, num_classes=num_classes)]
+            return [load_model(d.teacher, name=name, num_classes=num_classes, kwargs=d.teacher_kwargs)]
         groups = ClassGroups.from_config(cur, num_classes)
         if len(cur.teachers) != groups.num_groups:
             raise ConfigError(f"curriculum.teachers: {len(cur.teachers)} checkpoints for {groups.num_groups} groups "
                               "(kcd-ray distill trains the missing ones first)")
-        return [load_model(p, name=cur.teacher_model or None, num_classes=groups.size(g + 1))
+        return [load_model(p, name=cur.teacher_model or None, num_classes=groups.size(g + 1), kwargs=d.teacher_kwargs)
                 for g, p in enumerate(cur.teachers)]
     return None  # the single-teacher path (build.load_teacher)
 
@@ -325,6 +326,7 @@ def group_teacher_config(cfg: Config, g: int) -> Config:
     keep = {k: d["curriculum"][k] for k in _TEACHER_KEEP}
     d["curriculum"] = {**to_dict(CurriculumConfig()), **keep, "only_groups": [int(g)], "labels": "local"}
     d["model"] = cur.teacher_model
+    d["model_kwargs"] = dict(cfg.distill.teacher_kwargs)  # the group teachers are built as the teacher is
     d["optim"]["epochs"] = cur.teacher_epochs or cfg.optim.epochs
     d["distill"] = to_dict(Config().distill)
     d["kcd"]["enabled"] = False
@@ -339,7 +341,7 @@ def teacher_run_name(teacher_cfg: Config, g: int) -> str:
     d.pop("run")
     digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
     cur = teacher_cfg.curriculum
-    return f"edteacher-{teacher_cfg.model}-{teacher_cfg.data.name}-g{g}of{cur.groups}-{digest}"
+    return slug(f"edteacher-{teacher_cfg.model}-{teacher_cfg.data.name}-g{g}of{cur.groups}-{digest}")
 
 
 def group_teacher_paths(cfg: Config) -> list[tuple[int, str, Config]]:

@@ -109,7 +109,7 @@ class PlainEpochBeside(Hook):
             from kcd_ray.engine.baseline import PlainLoop
 
             self.loop = PlainLoop(engine.ctx.data_dir, engine.cfg.model, engine.cfg.optim.batch_size,
-                                  seed=engine.cfg.optim.seed)
+                                  seed=engine.cfg.optim.seed, model_kwargs=engine.cfg.model_kwargs)
         line = json.dumps({"epoch": epoch, "images_per_s": self.loop.epoch()})
         with open(engine.ctx.run_dir.path / "plain_epochs.jsonl", "a") as f:
             f.write(line + "\n")

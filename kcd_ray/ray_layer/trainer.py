@@ -137,9 +137,13 @@ def _teacher_files(cfg: Config) -> list[str]:
 
 
 def preflight(cfg: Config, kind: str, data_dir: Path) -> None:
-    """What can fail before Ray starts fails here, in a second: the teacher file (the prepared data set was
+    """What can fail before Ray starts fails here, in a second: the student's source (a factory that does not
+    import, a model that does not take the data's images) and the teacher file (the prepared data set was
     verified by ``prepare_dataset``: footers and row counts, everything when its files changed)."""
+    from kcd_ray.engine.build import check_models
+
     check_curriculum(cfg, kind)
+    check_models(cfg, kind, load_meta(data_dir))
     if cfg.scaling.min_workers and not 0 < cfg.scaling.min_workers <= cfg.scaling.num_workers:
         _scaling_config(cfg.scaling)  # raises the one-line error
     if kind != "distill":
@@ -160,7 +164,9 @@ def preflight(cfg: Config, kind: str, data_dir: Path) -> None:
         raise FileNotFoundError(f"distill.teacher: {cfg.distill.teacher} does not exist")
     from kcd_ray.engine.build import load_teacher
 
-    load_teacher(cfg.distill, int(load_meta(data_dir)["num_classes"]))  # loads and matches, or names the file
+    meta = load_meta(data_dir)
+    teacher = load_teacher(cfg.distill, int(meta["num_classes"]))  # loads and matches, or names the file
+    check_models(cfg, kind, meta, teacher, student=False)
 
 
 def has_checkpoint(run_dir: RunDir) -> bool:
