@@ -15,7 +15,7 @@ from kcd_ray.cache.store import CacheSpec, teacher_cache_key
 from kcd_ray.cli import main as cli_main
 from kcd_ray.config import ConfigError, load_config
 from kcd_ray.engine import Hook
-from kcd_ray.engine.build import check_models
+from kcd_ray.engine.build import build_student, check_models
 from kcd_ray.models import CheckpointError, ModelSourceError, build_model, feature_shapes, load_model, save_model
 from kcd_ray.models.taps import TapError, tap_plan
 
@@ -136,6 +136,8 @@ def test_the_preflight_checks_a_factory_and_the_input_size_in_one_line():
     with pytest.raises(ConfigError, match=r"^model: byom_pkg.models:tiny_vit does not run on \(3, 16, 16\) images "
                                           r"\(AssertionError: Wrong image height! Expected 32 but got 16!\)"):
         check_models(cfg, "teacher", meta)
+    with pytest.raises(ConfigError, match=r"^distill.student_taps: resnet8: a zoo model has its own feature taps"):
+        build_student(load_config(None, ["model=resnet8", "distill.student_taps=[layer1]"]), 4)
     cfg = load_config(None, ["model=byom_pkg.models:small_cnn", "distill.method=ab", "distill.teacher=t.pt"])
     with pytest.raises(ConfigError, match=r"^distill.student_taps: byom_pkg.models:small_cnn: pre-activation taps"):
         check_models(cfg, "distill", meta)

@@ -44,8 +44,10 @@ def build_model(name: str, num_classes: int, kwargs: Optional[Mapping[str, Any]]
         if kwargs:
             raise ModelSourceError(f"{name}: a zoo model takes no constructor arguments (got {dict(kwargs)})")
         if taps:
-            raise ModelSourceError(f"{name}: a zoo model has its own feature taps; taps apply to torchvision/ and "
-                                   "factory models")
+            from .taps import TapError
+
+            raise TapError(f"{name}: a zoo model has its own feature taps; taps apply to torchvision/ and factory "
+                           "models")
         model = factory(num_classes)
     else:
         from .taps import attach_taps
