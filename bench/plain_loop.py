@@ -37,7 +37,7 @@ def load_train_arrays(data_dir) -> tuple[dict, np.ndarray, np.ndarray]:
 class PlainLoop:
     """One model and optimiser trained epoch after epoch on the CPU; :meth:`epoch` returns its img/s."""
 
-    def __init__(self, data_dir, model: str, batch_size: int, seed: int = 0):
+    def __init__(self, data_dir, model: str, batch_size: int, seed: int = 0, model_kwargs: dict | None = None):
         meta, labels, images = load_train_arrays(data_dir)
         kind = T.resolve_augment("auto", meta)
         data = torch.utils.data.TensorDataset(torch.from_numpy(images), torch.from_numpy(labels))
@@ -51,7 +51,7 @@ class PlainLoop:
                                                   num_workers=0, generator=torch.Generator().manual_seed(seed))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model = build_model(model, int(meta["num_classes"]))
+            self.model = build_model(model, int(meta["num_classes"]), kwargs=model_kwargs)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         self.seed, self.epochs = seed, 0
 

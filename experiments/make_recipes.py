@@ -62,6 +62,22 @@ IMAGENET_SCALING = {"num_workers": 8, "cpus_per_worker": 6.0, "use_gpu": "auto",
                     "data_cpus": 1.0}
 IMAGENET_DATA = {"name": "folder", "source": "./data/imagenet", "image_size": 224, "augment": "auto"}
 
+# ImageNet with models from outside the zoo (docs/models.md): a torchvision teacher by name, a torchvision or factory
+# student. Documented recipes: they have not been run by kcd_ray's authors (no ImageNet-scale compute here).
+TV_WEIGHTS = "Teacher: torchvision's {w} weights as a plain state dict: python -c \"import torch, torchvision; torch.save(torchvision.models.{m}(weights='{w}').state_dict(), '{path}')\""
+CONVNEXT_RESNET = {"teacher": "torchvision/convnext_tiny", "student": "torchvision/resnet18",
+                   "file": "./save/models/convnext_tiny_imagenet1k_v1.pth", "weights": "IMAGENET1K_V1"}
+# DeiT-Ti's shape (Touvron et al., "Training data-efficient image transformers", 2021: 12 blocks, 3 heads, width 192)
+# from torchvision's VisionTransformer class, called as a factory.
+DEIT_TINY = {"image_size": 224, "patch_size": 16, "num_layers": 12, "num_heads": 3, "hidden_dim": 192, "mlp_dim": 768}
+VIT_DEIT = {"teacher": "torchvision/vit_b_16", "student": "torchvision.models.vision_transformer:VisionTransformer",
+            "file": "./save/models/vit_b_16_imagenet1k_v1.pth", "weights": "IMAGENET1K_V1"}
+# DeiT's soft distillation: (1 - lambda) CE + lambda tau^2 KL, lambda 0.1, tau 3; 300 epochs, cosine, 5 warm-up.
+# kcd_ray trains with SGD only, and has none of DeiT's RandAugment/Mixup/CutMix/repeated augmentation.
+DEIT_OPTIM = {"epochs": 300, "batch_size": 64, "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True,
+              "scheduler": "cosine", "warmup_epochs": 5, "amp": True, "eval_batch_size": 128}
+DEIT_KD = {"method": "kd", "gamma": 0.9, "alpha": 0.1, "beta": 0.0, "temperature": {"schedule": "constant", "T": 3.0}}
+
 # --------------------------------------------------------------------------- digits: laptop scale, the sweeps' base
 
 DIGITS_DATA = {"name": "digits", "image_size": 16}
@@ -120,6 +136,7 @@ def recipes() -> dict[str, str]:
              "run": {"storage_path": "./runs/imagenet", "name": f"imagenet-resnet34-resnet18-{variant}", "max_failures": 3},
              "distill": {**KD, "teacher": "./save/models/imagenet_resnet34.pth", "teacher_model": "imagenet_resnet34"},
              "kcd": {**KCD, "interval": 17, "enabled": variant == "kcd"}})
+    out.update(_byom_recipes())
     out["digits/teacher.yaml"] = _render(
         ["Laptop-scale teacher on scikit-learn's digits (offline, 16x16): the teacher for the digits recipes and sweeps.",
          "Run: kcd-ray train-teacher --config experiments/digits/teacher.yaml"],
@@ -150,6 +167,43 @@ def recipes() -> dict[str, str]:
          "curriculum": {"name": "ed", "groups": 3, "grade_epochs": [6, 6, 6], "lr_mode": "per_grade", "alpha": 0.3,
                         "mix_groups": True, "teacher_source": "per_group", "teacher_model": "resnet20",
                         "teacher_epochs": 15}})
+    return out
+
+
+def _byom_recipes() -> dict[str, str]:
+    """ConvNeXt-T -> ResNet-18 and a DeiT-style ViT: models named by torchvision name and by factory."""
+    out = {}
+    c, v = CONVNEXT_RESNET, VIT_DEIT
+    for variant in ("kd", "kcd"):
+        what = "plain KD" if variant == "kd" else "KD + KCD"
+        rel = f"imagenet/convnext_tiny-resnet18/{variant}.yaml"
+        out[rel] = _render(
+            [f"{what}: ConvNeXt-T -> ResNet-18 on ImageNet, both torchvision models named torchvision/<name> (docs/models.md).",
+             "NOT RUN HERE: a documented recipe; no result of it is claimed. torchvision reports 82.52 (ConvNeXt-T,",
+             "IMAGENET1K_V1) and 69.76 (ResNet-18) top-1. The ResNet-34 -> ResNet-18 recipe's schedule: 8 GPUs x batch 32,",
+             "lr 0.1, steps at 30/60/90, AMP, channels-last; KCD in 6 blocks of 17 epochs, rho 0.7 (our choice).",
+             TV_WEIGHTS.format(w=c["weights"], m="convnext_tiny", path=c["file"]),
+             f"Run: kcd-ray distill --config experiments/{rel}"],
+            {"model": c["student"], "data": IMAGENET_DATA, "optim": {**IMAGENET_OPTIM, "channels_last": True},
+             "scaling": IMAGENET_SCALING,
+             "run": {"storage_path": "./runs/imagenet", "name": f"imagenet-convnext_tiny-resnet18-{variant}", "max_failures": 3},
+             "distill": {**KD, "teacher": c["file"], "teacher_model": c["teacher"]},
+             "kcd": {**KCD, "interval": 17, "enabled": variant == "kcd"}})
+        rel = f"imagenet/vit_b_16-deit_tiny/{variant}.yaml"
+        out[rel] = _render(
+            [f"{what}, DeiT-style: ViT-B/16 (torchvision/vit_b_16) -> a DeiT-Ti-shaped ViT built by a factory: torchvision's",
+             "VisionTransformer class, called as VisionTransformer(num_classes=..., **model_kwargs) (docs/models.md).",
+             "NOT RUN HERE: a documented recipe; no result of it is claimed. DeiT's soft distillation (lambda 0.1, tau 3:",
+             "gamma 0.9, alpha 0.1, T 3), 300 epochs, cosine with 5 warm-up epochs, 8 GPUs x batch 64; but SGD (kcd_ray's",
+             "optimiser) instead of DeiT's AdamW, and none of its RandAugment/Mixup/CutMix: expect far below DeiT-Ti's",
+             "72.2 top-1, and compare KD with KD + KCD here. KCD: 6 blocks of 50 epochs, rho 0.7 (our choice).",
+             TV_WEIGHTS.format(w=v["weights"], m="vit_b_16", path=v["file"]),
+             f"Run: kcd-ray distill --config experiments/{rel}"],
+            {"model": v["student"], "model_kwargs": DEIT_TINY, "data": IMAGENET_DATA, "optim": DEIT_OPTIM,
+             "scaling": IMAGENET_SCALING,
+             "run": {"storage_path": "./runs/imagenet", "name": f"imagenet-vit_b_16-deit_tiny-{variant}", "max_failures": 3},
+             "distill": {**DEIT_KD, "teacher": v["file"], "teacher_model": v["teacher"]},
+             "kcd": {**KCD, "interval": 50, "enabled": variant == "kcd"}})
     return out
 
 

@@ -75,6 +75,32 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    import yaml
+
+    from kcd_ray.models import MODELS, feature_shapes
+    from kcd_ray.models.sources import source_kind, torchvision_names
+
+    if not args.nodes:
+        print("zoo: " + ", ".join(MODELS.names()))
+        print("torchvision: torchvision/<name>, <name> one of " + ", ".join(torchvision_names()))
+        print("factory: package.module:callable, called as callable(num_classes=..., **model_kwargs)")
+        print("taps of one: kcd-ray models --nodes NAME [--kwargs '{image_size: 32}']")
+        return 0
+    kwargs = yaml.safe_load(args.kwargs) if args.kwargs else {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--kwargs: expected a mapping, got {args.kwargs!r}")
+    if source_kind(args.nodes) in (None, "zoo"):
+        MODELS.get(args.nodes)  # KeyError listing the zoo
+        shapes = feature_shapes(args.nodes, args.num_classes, args.image_size)
+        print(f"{args.nodes}: a zoo model with fixed taps; feats at {args.image_size}px: {shapes}")
+        return 0
+    from kcd_ray.models.taps import node_listing
+
+    print("\n".join(node_listing(args.nodes, args.num_classes, kwargs, args.taps or ())))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kcd-ray", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -108,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=None, help="student epochs (default from the demo config)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (applied to both student runs)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("models", help="list the model names, or one model's graph nodes and feature taps",
+                       description="Without --nodes: the zoo's names and how to name torchvision models and factories. "
+                                   "With --nodes NAME: the model's graph nodes (train mode), its default taps marked.")
+    s.add_argument("--nodes", metavar="NAME", help="a model name: zoo, torchvision/<name> or package.module:callable")
+    s.add_argument("--kwargs", help="constructor arguments as YAML/JSON, e.g. '{image_size: 32}' (model_kwargs)")
+    s.add_argument("--taps", nargs="*", help="own taps to check and mark instead of the defaults")
+    s.add_argument("--num-classes", type=int, default=1000, help="classes of the built model (default 1000)")
+    s.add_argument("--image-size", type=int, default=32, help="zoo models: input size of the shapes shown (32)")
+    s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("config", help="print the resolved config, or list every key with --list")
     _add_config_args(s)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+from typing import Callable, Dict, Generic, Iterator, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -16,6 +16,17 @@ class Registry(Generic[T]):
         self.kind = kind
         self.aliases = tuple(aliases)
         self._items: Dict[str, T] = {}
+        # Names outside the registered ones that are still valid (models: torchvision/<name>, pkg.mod:fn), and
+        # what to say about them when a name is refused; see ``open_to``.
+        self._accepts: Optional[Callable[[str], bool]] = None
+        self.hint = ""
+
+    def open_to(self, accepts: Callable[[str], bool], hint: str) -> None:
+        """Also accept names for which ``accepts(name)`` is true (resolved later, by whoever builds them)."""
+        self._accepts, self.hint = accepts, hint
+
+    def accepts(self, name: str) -> bool:
+        return name in self._items or (self._accepts is not None and self._accepts(name))
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -70,7 +81,17 @@ REGISTRIES = {
 }
 
 
+def _registry(kind: str) -> Registry:
+    module, attr = REGISTRIES[kind].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def registry_names(kind: str) -> list[str]:
     """Registered names of the registry ``kind`` (a key of ``REGISTRIES``)."""
-    module, attr = REGISTRIES[kind].split(":")
-    return getattr(importlib.import_module(module), attr).names()
+    return _registry(kind).names()
+
+
+def registry_accepts(kind: str, name: str) -> tuple[bool, str]:
+    """Whether ``name`` is valid for registry ``kind`` (registered, or of a form it is open to), and its hint."""
+    reg = _registry(kind)
+    return reg.accepts(name), reg.hint

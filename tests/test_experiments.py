@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from kcd_ray.config import load_config
-from kcd_ray.models import build_model, list_models
+from kcd_ray.engine.build import check_model
+from kcd_ray.models import build_model, is_model_name
 from kcd_ray.sweeps.spec import load_sweep
 
 EXP = Path(__file__).resolve().parent.parent / "experiments"
@@ -37,11 +38,11 @@ def test_generated_recipes_match_the_generator():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(EXP)))
 def test_recipe_loads(path):
     cfg = load_config(path)
-    assert cfg.model in list_models()
+    assert is_model_name(cfg.model)  # a zoo name, torchvision/<name> or package.module:callable
     raw = yaml.safe_load(path.read_text())
     assert raw["run"]["name"], "recipes name their runs, so re-running resumes"
     if cfg.distill.teacher_model:
-        assert cfg.distill.teacher_model in list_models()
+        assert is_model_name(cfg.distill.teacher_model)
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
@@ -90,6 +91,18 @@ def test_teacher_and_imagenet_recipes():
         assert (cfg.model, cfg.distill.teacher_model, cfg.data.name, cfg.data.image_size) == (
             "imagenet_resnet18", "imagenet_resnet34", "folder", 224)
         assert cfg.kcd.enabled == (v == "kcd")
+
+
+@pytest.mark.parametrize("pair", ["convnext_tiny-resnet18", "vit_b_16-deit_tiny"])
+def test_recipes_of_models_outside_the_zoo_build_and_take_224px_images(pair):
+    """Documented, not run: their student and teacher build from their sources on the meta device and give logits
+    and (for a feature method) taps at 224 px, as the preflight checks them."""
+    for v in ("kd", "kcd"):
+        cfg = load_config(EXP / "imagenet" / pair / f"{v}.yaml")
+        assert cfg.data.image_size == 224 and cfg.kcd.enabled == (v == "kcd") and cfg.distill.teacher.endswith(".pth")
+        for key, name, kwargs in (("model", cfg.model, cfg.model_kwargs),
+                                  ("distill.teacher_model", cfg.distill.teacher_model, cfg.distill.teacher_kwargs)):
+            check_model(key, "taps", name, 1000, kwargs, (), (3, 224, 224), features=True)
 
 
 def _one_step(teacher_arch: str, student_arch: str, num_classes: int) -> None:

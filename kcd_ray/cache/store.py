@@ -119,13 +119,31 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def cache_key(*, teacher_sha256: str, teacher_model: str, meta: dict, num_classes: int, spec: CacheSpec) -> dict:
-    """Everything the cached values depend on; a manifest whose key differs in any field is refused."""
-    return {"format": FORMAT, "teacher_sha256": teacher_sha256, "teacher_model": teacher_model or "",
-            "data_checksum": meta["splits"]["train"].get("checksum", ""),
-            "num_train": int(meta["splits"]["train"]["num_rows"]), "num_classes": int(num_classes),
-            "augment": spec.augment, "seed": int(spec.seed), "mode": spec.mode, "views": int(spec.views),
-            "logits": "fp16" if not spec.topk else f"top{spec.topk}", "feat": bool(spec.feat)}
+def cache_key(*, teacher_sha256: str, teacher_model: str, meta: dict, num_classes: int, spec: CacheSpec,
+              teacher_kwargs: Optional[dict] = None, teacher_taps: tuple = ()) -> dict:
+    """Everything the cached values depend on; a manifest whose key differs in any field is refused.
+
+    The teacher is its file's bytes (its weights: ``teacher_sha256``), its architecture and, when set, its
+    constructor arguments and (for a cached ``feats[-1]``) its own taps; unset ones stay out of the key, so caches
+    built before they existed still match."""
+    key = {"format": FORMAT, "teacher_sha256": teacher_sha256, "teacher_model": teacher_model or "",
+           "data_checksum": meta["splits"]["train"].get("checksum", ""),
+           "num_train": int(meta["splits"]["train"]["num_rows"]), "num_classes": int(num_classes),
+           "augment": spec.augment, "seed": int(spec.seed), "mode": spec.mode, "views": int(spec.views),
+           "logits": "fp16" if not spec.topk else f"top{spec.topk}", "feat": bool(spec.feat)}
+    if teacher_kwargs:
+        key["teacher_kwargs"] = json.dumps(dict(teacher_kwargs), sort_keys=True, default=str)
+    if teacher_taps and spec.feat:
+        key["teacher_taps"] = list(teacher_taps)
+    return key
+
+
+def teacher_cache_key(cfg, meta: dict, spec: CacheSpec) -> dict:
+    """The cache key of a run's teacher (``distill.teacher`` hashed, wherever it is stored)."""
+    d = cfg.distill
+    return cache_key(teacher_sha256=file_sha256(d.teacher), teacher_model=d.teacher_model, meta=meta,
+                     num_classes=int(meta["num_classes"]), spec=spec, teacher_kwargs=d.teacher_kwargs,
+                     teacher_taps=tuple(d.teacher_taps))
 
 
 def default_dir(data_dir, key: dict) -> str:

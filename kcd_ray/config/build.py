@@ -16,7 +16,7 @@ from typing import Any
 from kcd_ray.config.fields import OpenSection, extension_class, is_extensions
 from kcd_ray.config.schema import Config
 from kcd_ray.errors import ConfigError
-from kcd_ray.registry import registry_names
+from kcd_ray.registry import registry_accepts, registry_names
 
 OFF_ON_KEYS = {"distill.cache"}  # string fields with an "off" choice (YAML 1.1 reads a bare `off` as false)
 
@@ -101,15 +101,23 @@ def _check(value: Any, f: dataclasses.Field, key: str) -> None:
     if value is None:
         return
     choices = m.get("choices")
-    if choices is not None:
-        allowed = registry_names(choices) if isinstance(choices, str) else list(choices)
+    if choices is not None and not (value == "" and f.default == ""):  # "" where it is the default: unset
         for item in value if isinstance(value, list) else [value]:  # a list field: every item is a choice
-            if item not in allowed:
-                raise ConfigError(f"{key}: {item!r} is not one of: {', '.join(map(str, allowed))}")
+            _check_choice(item, choices, key)
     for bound, op, word in _BOUNDS:
         b = m.get(bound)
         if b is not None and isinstance(value, (int, float)) and not op(float(value), float(b)):
             raise ConfigError(f"{key}: {value!r} is out of range; expected {word} {b}")
+
+
+def _check_choice(item: Any, choices, key: str) -> None:
+    if isinstance(choices, str):  # a registry: its names, or a form it is open to (models: torchvision/<name>)
+        ok, hint = registry_accepts(choices, item) if isinstance(item, str) else (False, "")
+        if not ok:
+            raise ConfigError(f"{key}: {item!r} is not one of: {', '.join(registry_names(choices))}"
+                              + (f"; or {hint}" if hint else ""))
+    elif item not in choices:
+        raise ConfigError(f"{key}: {item!r} is not one of: {', '.join(map(str, choices))}")
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:

@@ -151,7 +151,15 @@ class TemperatureConfig:
 class DistillConfig:
     method: str = _f("kd", choices="distillers", help="registered distiller")
     teacher: str = _f("", help="teacher checkpoint (kcd_ray or RepDistiller format)")
-    teacher_model: str = _f("", help="teacher architecture, needed for RepDistiller checkpoints")
+    teacher_model: str = _f("", choices="models", help="teacher architecture (a zoo name, torchvision/<name> or "
+                                                      "package.module:callable), needed for RepDistiller checkpoints "
+                                                      "and plain state dicts; kcd_ray checkpoints record it")
+    teacher_kwargs: dict = _f(factory=dict, help="constructor arguments of a torchvision or factory teacher (e.g. "
+                                                 "image_size for ViT); kcd_ray checkpoints record them")
+    student_taps: list[str] = _f(factory=list, help="feature methods, torchvision/factory student: graph nodes giving "
+                                                    "feats[:-1] (`kcd-ray models --nodes NAME`); empty = its family's "
+                                                    "stage outputs. The pooled pre-logit vector is appended")
+    teacher_taps: list[str] = _f(factory=list, help="the same for the teacher")
     gamma: float = _f(0.1, ge=0.0, help="weight of cross-entropy with the hard label")
     alpha: float = _f(0.9, ge=0.0, help="weight of the KD term")
     logit_standardize: bool = _f(False, help="z-score each sample's student and teacher logits (over the classes) "
@@ -208,7 +216,8 @@ class CurriculumConfig:
                                                                                "slice of each group")
     teachers: list[str] = _f(factory=list, help="per_group: the G group teachers' checkpoints; missing ones are "
                                                 "trained first (empty = <run.storage_path>/<derived name>/final_model.pt)")
-    teacher_model: str = _f("", help="architecture of the group teachers (trained when missing; RepDistiller files)")
+    teacher_model: str = _f("", choices="models", help="architecture of the group teachers (trained when missing; "
+                                                      "RepDistiller files)")
     teacher_epochs: int = _f(0, ge=0, help="epochs of a group teacher's training; 0 = optim.epochs")
     teacher_concurrency: int = _f(0, ge=0, help="group teachers trained at once when missing: 0 = as many as the "
                                                 "cluster's free CPUs/GPUs hold, 1 = one after another")
@@ -252,7 +261,10 @@ class SelectionConfig(OpenSection):
 
 @dataclass
 class Config:
-    model: str = _f("resnet8x4", choices="models", help="the trained network (student, or teacher in train-teacher)")
+    model: str = _f("resnet8x4", choices="models", help="the trained network (student, or teacher in train-teacher): a "
+                                                        "zoo name, torchvision/<name> or package.module:callable")
+    model_kwargs: dict = _f(factory=dict, help="constructor arguments of a torchvision or factory model (e.g. "
+                                               "image_size for ViT); num_classes comes from the data set")
     data: DataConfig = _f(factory=DataConfig)
     optim: OptimConfig = _f(factory=OptimConfig)
     scaling: ScalingConfig = _f(factory=ScalingConfig)

@@ -104,14 +104,21 @@ class Distiller(nn.Module):
 
     @classmethod
     def load_teachers(cls, cfg, num_classes: int):
-        """The constructor's ``teacher`` argument: the module of ``distill.teacher`` (several teachers: a list)."""
+        """The constructor's ``teacher`` argument: the module of ``distill.teacher`` (a kcd_ray or RepDistiller
+        checkpoint, or a plain state dict) as ``distill.teacher_model`` with ``teacher_kwargs`` and ``teacher_taps``;
+        several teachers: a list."""
         from kcd_ray.models import load_model
+        from kcd_ray.models.taps import TapError
 
         d = cfg.distill
         if not d.teacher:
             raise ConfigError("distill.teacher: a teacher checkpoint is required for distillation (train one with "
                               "`kcd-ray train-teacher`)")
-        return load_model(d.teacher, name=d.teacher_model or None, num_classes=num_classes)
+        try:
+            return load_model(d.teacher, name=d.teacher_model or None, num_classes=num_classes,
+                              kwargs=d.teacher_kwargs, taps=d.teacher_taps)
+        except TapError as e:
+            raise ConfigError(f"distill.teacher_taps: {e}") from None
 
     @classmethod
     def build_kwargs(cls, cfg, num_classes: int) -> dict:

@@ -91,7 +91,8 @@ class MultiTeacherKD(_Teachers):
         d = cfg.distill
         if not d.teachers:
             raise ConfigError("distill.teachers: method 'mtkd' needs a list of full-label teacher checkpoints")
-        return [load_model(p, name=d.teacher_model or None, num_classes=num_classes) for p in d.teachers]
+        return [load_model(p, name=d.teacher_model or None, num_classes=num_classes, kwargs=d.teacher_kwargs)
+                for p in d.teachers]
 
     def __init__(self, student, teacher, cfg, num_classes, **kw):
         teachers = _as_list(teacher)
@@ -140,12 +141,13 @@ class EducationDistiller(_Teachers):
 
         d, cur = cfg.distill, cfg.curriculum
         if cur.teacher_source == "sliced":
-            return [load_model(d.teacher, name=d.teacher_model or None, num_classes=num_classes)]
+            return [load_model(d.teacher, name=d.teacher_model or None, num_classes=num_classes,
+                               kwargs=d.teacher_kwargs)]
         groups = ClassGroups.from_config(cur, num_classes)
         if len(cur.teachers) != groups.num_groups:
             raise ConfigError(f"curriculum.teachers: {len(cur.teachers)} checkpoints for {groups.num_groups} groups "
                               "(kcd-ray distill trains the missing ones first)")
-        return [load_model(p, name=cur.teacher_model or None, num_classes=groups.size(g + 1))
+        return [load_model(p, name=cur.teacher_model or None, num_classes=groups.size(g + 1), kwargs=d.teacher_kwargs)
                 for g, p in enumerate(cur.teachers)]
 
     @classmethod

@@ -16,7 +16,8 @@ from kcd_ray.distill import build_distiller
 from kcd_ray.distill.temperature import build_temperature
 from kcd_ray.config import ConfigError
 from kcd_ray.engine.plan.derive import method_class
-from kcd_ray.models import build_model, input_channels
+from kcd_ray.models import ModelSourceError, build_model, input_channels
+from kcd_ray.models.taps import TapError
 
 
 @dataclass
@@ -79,6 +80,69 @@ def check_input_channels(model: torch.nn.Module, meta: dict, which: str) -> None
                           f"{need}; the zoo's models take 3: use data.channels=0 or 3")
 
 
+def build_student(cfg, num_classes: int) -> torch.nn.Module:
+    """``model`` with ``model_kwargs``; a torchvision or factory student taps ``distill.student_taps``."""
+    try:
+        return build_model(cfg.model, num_classes, kwargs=cfg.model_kwargs, taps=cfg.distill.student_taps)
+    except TapError as e:
+        raise ConfigError(f"distill.student_taps: {e}") from None
+    except ModelSourceError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def check_model(key: str, taps_key: str, name: str, num_classes: int, kwargs, taps, input_shape,
+                features: bool = False, preact: bool = False) -> None:
+    """A torchvision or factory model builds from its source (on the meta device: no memory, no arithmetic) and
+    runs on the data's images, giving its logits and, for a feature method, its taps; else one ConfigError line
+    naming ``key`` (its source) or ``taps_key``. Zoo models are the zoo's own tests' business."""
+    from kcd_ray.models import build_meta
+    from kcd_ray.models.sources import source_kind
+
+    if source_kind(name) in (None, "zoo"):
+        return
+    try:
+        model = build_meta(name, num_classes, build=lambda: build_model(name, num_classes, kwargs=kwargs, taps=taps))
+    except TapError as e:
+        raise ConfigError(f"{taps_key}: {e}") from None
+    except ModelSourceError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    x = torch.zeros(2, *input_shape, device="meta")
+    try:
+        with torch.no_grad():
+            out = model.train()(x)
+    except Exception as e:  # noqa: BLE001 - whatever the model raises on this input size
+        raise ConfigError(f"{key}: {name} does not run on {tuple(input_shape)} images ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); set its input size in "
+                          "its constructor arguments (e.g. image_size)") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
+        raise ConfigError(f"{key}: {name}'s train-mode forward gives {what}, expected logits of shape (B, {num_classes}) "
+                          "(torchvision's googlenet/inception_v3: aux_logits=false)")
+    if features:
+        try:
+            with torch.no_grad():
+                model.eval()(x, is_feat=True, preact=preact)
+        except TapError as e:
+            raise ConfigError(f"{taps_key}: {e}") from None
+
+
+def check_models(cfg, kind: str, meta: dict, teacher=None, student: bool = True) -> None:
+    """Before Ray starts (the preflight): the student and/or a loaded teacher (``check_model``)."""
+    from kcd_ray.distill import DISTILLERS
+
+    num_classes = subset_num_classes(cfg.curriculum, int(meta["num_classes"]))
+    h, w, c = (int(v) for v in meta["image_shape"])
+    shape = (c, h, w)
+    method = DISTILLERS.get(cfg.distill.method) if kind == "distill" else None
+    features, preact = bool(method and method.needs_features), bool(method and method.needs_preact)
+    if student:
+        check_model("model", "distill.student_taps", cfg.model, num_classes, cfg.model_kwargs,
+                    cfg.distill.student_taps, shape, features, preact)
+    if teacher is not None:
+        check_model("distill.teacher_model", "distill.teacher_taps", teacher.arch, num_classes, teacher.model_kwargs,
+                    cfg.distill.teacher_taps, shape, features, preact)
+
+
 def build_components(ctx, device: torch.device, distributed: bool) -> Components:
     """Models, distiller, optimiser and schedules of the run ``ctx.plan`` describes (``ctx.cfg`` may carry an
     elastic run's per-worker batch). The teacher is loaded when the plan keeps it in the loop; with a
@@ -88,7 +152,7 @@ def build_components(ctx, device: torch.device, distributed: bool) -> Components
     num_train = int(meta["splits"]["train"]["num_rows"])
     # A class-subset run with local labels (a group teacher) has that many outputs.
     num_classes = subset_num_classes(cfg.curriculum, int(meta["num_classes"]))
-    student = build_model(cfg.model, num_classes)
+    student = build_student(cfg, num_classes)
     check_input_channels(student, meta, "model")
     extra = {}
     if kind == "teacher":

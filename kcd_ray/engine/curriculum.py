@@ -44,6 +44,7 @@ from kcd_ray.data.groups import ClassGroups, class_mask, labels_by_id
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.hooks import HOOKS, Hook, Selection
 from kcd_ray.engine.metrics import say
+from kcd_ray.engine.rundir import slug
 from kcd_ray.registry import Registry
 
 PER_GRADE_DECAYS = (0.625, 0.75, 0.875)  # docs/methods/ed.md §7, lr_mode=per_grade: 150/180/210 of 240, per grade
@@ -373,6 +374,7 @@ def group_teacher_config(cfg: Config, g: int) -> Config:
     keep = {k: d["curriculum"][k] for k in _TEACHER_KEEP}
     d["curriculum"] = {**to_dict(CurriculumConfig()), **keep, "only_groups": [int(g)], "labels": "local"}
     d["model"] = cur.teacher_model
+    d["model_kwargs"] = dict(cfg.distill.teacher_kwargs)  # the group teachers are built as the teacher is
     d["optim"]["epochs"] = cur.teacher_epochs or cfg.optim.epochs
     d["distill"] = to_dict(Config().distill)
     d["kcd"]["enabled"] = False
@@ -387,7 +389,7 @@ def teacher_run_name(teacher_cfg: Config, g: int) -> str:
     d.pop("run")
     digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
     cur = teacher_cfg.curriculum
-    return f"edteacher-{teacher_cfg.model}-{teacher_cfg.data.name}-g{g}of{cur.groups}-{digest}"
+    return slug(f"edteacher-{teacher_cfg.model}-{teacher_cfg.data.name}-g{g}of{cur.groups}-{digest}")
 
 
 def group_teacher_paths(cfg: Config) -> list[tuple[int, str, Config]]:

@@ -41,10 +41,9 @@ LEDGER_FIELDS = ("student_forward_only_samples", "teacher_forward_samples", "flo
 def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     arch, classes = getattr(model, "arch", None), getattr(model, "num_classes", None)
     if arch and classes:
-        from kcd_ray.models import build_model
+        from kcd_ray.models import build_meta
 
-        with torch.device("meta"):
-            return build_model(arch, int(classes))
+        return build_meta(arch, int(classes), getattr(model, "model_kwargs", None))
     return copy.deepcopy(model).to("meta")
 
 
@@ -52,19 +51,38 @@ def _logits(out):
     return out[-1] if isinstance(out, (tuple, list)) else out
 
 
-def _count(net: torch.nn.Module, device: str, input_shape, backward: bool, train: bool) -> tuple[float, float]:
+def _conv_backward_flop(*args, out_shape=None, **kwargs) -> int:
+    """torch's count of ``aten.convolution_backward`` with the weight gradient of a grouped convolution counted per
+    group: torch 2.14's formula works on transposed shapes that lose the group division, so a depthwise conv's
+    backward counted ``groups`` times its weight gradient (MobileNet's backward came out 19x its forward). The fix
+    is pytorch/pytorch PR 183405 (torch/utils/flop_counter.py, ``conv_backward_flop``: ``// _groups``)."""
+    from torch.utils.flop_counter import conv_backward_flop
+
+    total = conv_backward_flop(*args, out_val=out_shape, **kwargs)
+    groups, mask = args[9], args[10]
+    if groups > 1 and mask[1]:
+        weight_grad = conv_backward_flop(*args[:10], [False, True, False], *args[11:], out_val=out_shape, **kwargs)
+        total -= weight_grad - weight_grad // groups
+    return total
+
+
+def _flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
+
+
+def _count(net: torch.nn.Module, device: str, input_shape, backward: bool, train: bool) -> tuple[float, float]:
     net.train(train)
     if not backward:
         net.requires_grad_(False)
     x = torch.zeros((2, *[int(s) for s in input_shape]), device=device)
-    with FlopCounterMode(display=False) as fc:
+    with _flop_counter() as fc:
         out = _logits(net(x))
     fwd = fc.get_total_flops() / 2.0
     bwd = 0.0
     if backward:
-        with FlopCounterMode(display=False) as fc:
+        with _flop_counter() as fc:
             out.float().sum().backward()
         bwd = fc.get_total_flops() / 2.0
     return float(fwd), float(bwd)

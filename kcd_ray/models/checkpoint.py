@@ -2,10 +2,13 @@
 
 Formats read by ``load_model``:
   * kcd_ray files written by ``save_model``:
-    ``{"format": "kcd_ray", "arch", "num_classes", "model": state_dict, **extra}``;
+    ``{"format": "kcd_ray", "arch", "num_classes", "model": state_dict, **extra}`` (and ``"model_kwargs"``, the
+    constructor arguments of a torchvision or factory model, when it has any);
   * RepDistiller / CRD files: a torch file with the state dict under ``"model"`` (other keys such
     as ``epoch`` or ``accuracy`` are ignored); the architecture ``name`` must be given and
     ``num_classes`` is read off the classifier weight when not given;
+  * a plain state dict ``{name: tensor}`` (what ``torch.save(model.state_dict())`` writes, e.g. torchvision's
+    weights files), read as the RepDistiller form;
   * a directory holding ``model.pt`` in either format.
 State dicts saved from a DDP-wrapped or compiled model (keys prefixed ``module.`` or
 ``_orig_mod.``) are accepted.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +28,8 @@ from torch import nn
 
 from kcd_ray import storage
 
+from .sources import HINT, ModelSourceError, build_meta, is_model_name, kwargs_key
+from .taps import TapError
 from .zoo import MODELS, build_model
 
 FORMAT = "kcd_ray"
@@ -79,9 +84,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"{file}: not a readable torch checkpoint ({reason}); expected a file written by "
             f"torch.save holding a dict with a 'model' state dict (plain tensors and Python values)"
         ) from e
+    if isinstance(obj, Mapping) and "model" not in obj and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = {"model": obj}  # a plain state dict (torch.save(model.state_dict()), torchvision's weights files)
     if not isinstance(obj, Mapping) or "model" not in obj:
         what = f"a dict with keys {_short(sorted(map(str, obj)))}" if isinstance(obj, Mapping) else type(obj).__name__
-        raise CheckpointError(f"{file}: holds {what}; expected a dict with the state dict under key 'model'")
+        raise CheckpointError(f"{file}: holds {what}; expected a dict with the state dict under key 'model' (or a "
+                              "plain state dict {name: tensor})")
     state = obj["model"]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{file}: 'model' is not a state dict (a mapping of names to tensors)")
@@ -111,10 +119,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def _classifier_key(name: str) -> str:
+def _classifier_key(name: str, kwargs: Mapping[str, Any]) -> str:
     """State-dict key of the model's last Linear weight (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = build_model(name, 2)
+    model = build_meta(name, 2, kwargs)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return f"{linears[-1]}.weight"
 
@@ -135,7 +142,11 @@ def _check_fits(file: Path, name: str, model: nn.Module, state: dict[str, torch.
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
     if missing or unexpected or shapes:
-        parts = [f"{file}: state dict does not fit model {name!r} (num_classes={model.num_classes})"]
+        first = next((f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" if k in state else f"{k}: not in file"
+                      for k, v in expected.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)),
+                     f"{unexpected[0] if unexpected else ''}: not in model")
+        parts = [f"{file}: state dict does not fit model {name!r} (num_classes={model.num_classes}); first mismatch "
+                 f"{first}"]
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
         if unexpected:
@@ -150,31 +161,47 @@ def load_model(
     name: str | None = None,
     num_classes: int | None = None,
     map_location: Any = "cpu",
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    taps: Sequence[str] = (),
 ) -> nn.Module:
-    """Build the model a checkpoint describes and load its weights; returned in eval mode."""
+    """Build the model a checkpoint describes and load its weights; returned in eval mode.
+
+    ``name``/``kwargs``: the architecture and its constructor arguments (recorded in kcd_ray files; required for
+    RepDistiller files and plain state dicts); ``taps``: feature taps of a torchvision or factory model.
+    """
     file = _resolve(path)
     ckpt = load_checkpoint(file, map_location="cpu")
     state = _strip_wrappers(ckpt["model"])
+    kwargs = dict(kwargs or {})
     if ckpt.get("format") == FORMAT:
-        arch, saved_classes = ckpt.get("arch"), ckpt.get("num_classes")
+        arch, saved_classes, saved_kwargs = ckpt.get("arch"), ckpt.get("num_classes"), ckpt.get("model_kwargs") or {}
         if name is not None and name != arch:
             raise CheckpointError(f"{file}: holds a {arch!r} model but name={name!r} was requested")
         if num_classes is not None and num_classes != saved_classes:
             raise CheckpointError(f"{file}: holds num_classes={saved_classes} but num_classes={num_classes} was requested")
-        name, num_classes = arch, saved_classes
+        if kwargs and kwargs_key(kwargs) != kwargs_key(saved_kwargs):
+            raise CheckpointError(f"{file}: holds a model built with {kwargs_key(saved_kwargs)} but {kwargs_key(kwargs)} "
+                                  "was requested")
+        name, num_classes, kwargs = arch, saved_classes, dict(saved_kwargs)
     elif name is None:
         raise CheckpointError(
-            f"{file}: a RepDistiller-style checkpoint ({{'model': state_dict}}) does not record its "
-            f"architecture; pass name= (one of: {', '.join(MODELS.names())})"
+            f"{file}: a RepDistiller-style checkpoint ({{'model': state_dict}}) or plain state dict does not record "
+            f"its architecture; pass name= (one of: {', '.join(MODELS.names())}; or {HINT})"
         )
-    if name not in MODELS:
-        raise CheckpointError(f"{file}: unknown model {name!r}; known: {', '.join(MODELS.names())}")
-    if num_classes is None:
-        key = _classifier_key(name)
-        if key not in state:
-            raise CheckpointError(f"{file}: cannot infer num_classes for {name!r}: missing classifier key {key!r}")
-        num_classes = int(state[key].shape[0])
-    model = build_model(name, int(num_classes))
+    if not is_model_name(name):
+        raise CheckpointError(f"{file}: unknown model {name!r}; known: {', '.join(MODELS.names())}; or {HINT}")
+    try:
+        if num_classes is None:
+            key = _classifier_key(name, kwargs)
+            if key not in state:
+                raise CheckpointError(f"{file}: cannot infer num_classes for {name!r}: missing classifier key {key!r}")
+            num_classes = int(state[key].shape[0])
+        model = build_model(name, int(num_classes), kwargs=kwargs, taps=taps)
+    except TapError:
+        raise  # names the taps, not the file: the caller says which config key
+    except ModelSourceError as e:
+        raise CheckpointError(f"{file}: {e}") from None
     _check_fits(file, name, model, state)
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval()
@@ -192,10 +219,13 @@ def save_model(path: str | os.PathLike, model: nn.Module, extra: Mapping[str, An
             raise ValueError(f"save_model: model has no {attr!r} attribute; build it with build_model()")
     extra = dict(extra or {})
     clash = sorted(set(extra) & {"format", "arch", "num_classes", "model"})
+    clash += ["model_kwargs"] if "model_kwargs" in extra else []
     if clash:
         raise ValueError(f"save_model: extra keys {clash} are reserved")
     state = {k: v.detach().cpu() for k, v in inner.state_dict().items()}
     payload = {"format": FORMAT, "arch": inner.arch, "num_classes": int(inner.num_classes), "model": state, **extra}
+    if getattr(inner, "model_kwargs", None):  # a torchvision or factory model's constructor arguments (plain values)
+        payload["model_kwargs"] = dict(inner.model_kwargs)
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write next to the target and rename, so a crash never leaves a half-written checkpoint.

@@ -31,7 +31,8 @@ class Scorer:
 
     def __init__(self, student_arch: str, num_classes: int, student_state, teacher_path: str, teacher_model: str,
                  value_fn: str, use_gpu: bool, context: dict, threads: int = 1, decode: dict | None = None,
-                 teacher_cache: dict | None = None):
+                 teacher_cache: dict | None = None, student_kwargs: dict | None = None,
+                 teacher_kwargs: dict | None = None):
         import ray
 
         # Ray pins fractional-CPU actors to 1 OpenMP thread; the trainers idle during this pass, so use their share.
@@ -42,7 +43,7 @@ class Scorer:
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         state = ray.get(student_state) if isinstance(student_state, ray.ObjectRef) else student_state
-        self.student = build_model(student_arch, num_classes)
+        self.student = build_model(student_arch, num_classes, kwargs=student_kwargs)
         self.student.load_state_dict(state)
         self.student.to(self.device).eval()
         self.teacher = None
@@ -51,8 +52,8 @@ class Scorer:
             from kcd_ray.cache.store import CacheSpec, TeacherLookup
 
             self.lookup = TeacherLookup(CacheSpec.from_dict(teacher_cache), num_classes)
-        self.load_teacher = lambda: load_model(teacher_path, name=teacher_model or None,
-                                               num_classes=num_classes).to(self.device).eval()
+        self.load_teacher = lambda: load_model(teacher_path, name=teacher_model or None, num_classes=num_classes,
+                                               kwargs=teacher_kwargs).to(self.device).eval()
         if needs_teacher(value_fn) and self.lookup is None:
             self.teacher = self.load_teacher()
         self.fn = VALUE_FNS.get(value_fn)
@@ -122,6 +123,7 @@ def offline_scores(data_dir: str, cfg, student_state: dict, *, epoch: int, mask_
         fn_constructor_kwargs=dict(student_arch=cfg.model, num_classes=int(load_meta(data_dir)["num_classes"]),
                                    student_state=ref, teacher_path=cfg.distill.teacher,
                                    teacher_model=cfg.distill.teacher_model, value_fn=cfg.kcd.value_fn, use_gpu=gpu,
+                                   student_kwargs=cfg.model_kwargs, teacher_kwargs=cfg.distill.teacher_kwargs,
                                    context=context,
                                    threads=cfg.optim.threads or math.ceil(cfg.scaling.cpus_per_worker),
                                    decode=dict(data_dir=str(data_dir), store=mask_store) if decode_in_actor else None,

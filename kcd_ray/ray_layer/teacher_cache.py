@@ -23,8 +23,8 @@ import ray.data
 import torch
 
 from kcd_ray import storage
-from kcd_ray.cache.store import (CacheSpec, cache_key, check_manifest, default_dir, file_sha256, read_manifest,
-                                 shard_table, unit_uniform_key, write_manifest, write_shard)
+from kcd_ray.cache.store import (CacheSpec, check_manifest, default_dir, read_manifest, shard_table,
+                                 teacher_cache_key, unit_uniform_key, write_manifest, write_shard)
 from kcd_ray.data import load_meta
 from kcd_ray.data import transforms as T
 from kcd_ray.ray_layer.resources import scorer_resources
@@ -64,7 +64,8 @@ class TeacherForward:
     as the training pipeline augments it for that unit, then the teacher's forward."""
 
     def __init__(self, teacher_path: str, teacher_model: str, num_classes: int, data_dir: str, augment: str,
-                 seed: int, feat: bool, use_gpu: bool, threads: int):
+                 seed: int, feat: bool, use_gpu: bool, threads: int, teacher_kwargs: dict | None = None,
+                 teacher_taps: tuple = ()):
         import pyarrow.dataset as pads
 
         from kcd_ray.models import load_model
@@ -72,7 +73,8 @@ class TeacherForward:
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.teacher = load_model(teacher_path, name=teacher_model or None, num_classes=num_classes)
+        self.teacher = load_model(teacher_path, name=teacher_model or None, num_classes=num_classes,
+                                  kwargs=teacher_kwargs, taps=teacher_taps)
         self.teacher.to(self.device).eval()
         self.meta, self.kind, self.seed, self.feat = T.read_meta(data_dir), augment, int(seed), feat
         # Row r of the build's items is row r of the split in file order (files sorted, rows sorted by sample_id).
@@ -109,12 +111,12 @@ class TeacherForward:
         return self.teacher(img).float().cpu().numpy(), np.zeros((len(img), 0), np.float32)
 
 
-def _probe(teacher_path: str, teacher_model: str, num_classes: int, meta: dict) -> dict:
+def _probe(cfg, num_classes: int, meta: dict) -> dict:
     """What a worker that never loads the teacher needs from it: feature shapes and forward FLOPs per sample."""
+    from kcd_ray.distill import DISTILLERS
     from kcd_ray.engine.ledger import measure_flops
-    from kcd_ray.models import load_model
 
-    teacher = load_model(teacher_path, name=teacher_model or None, num_classes=num_classes).eval()
+    teacher = DISTILLERS.get(cfg.distill.method).load_teachers(cfg, num_classes).eval()  # the cache's one teacher
     h, w, c = T.image_shape(meta)
     with torch.no_grad():
         feats, _ = teacher(torch.zeros(2, c, h, w), is_feat=True)
@@ -139,6 +141,7 @@ def _build(cfg, spec: CacheSpec, data_dir: Path, meta: dict, manifest: dict, tod
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         TeacherForward, batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs=dict(teacher_path=cfg.distill.teacher, teacher_model=cfg.distill.teacher_model,
+                                   teacher_kwargs=cfg.distill.teacher_kwargs, teacher_taps=tuple(cfg.distill.teacher_taps),
                                    num_classes=int(meta["num_classes"]), data_dir=str(data_dir), augment=spec.augment,
                                    seed=spec.seed, feat=spec.feat, use_gpu=res["num_gpus"] > 0, threads=threads),
         **res)
@@ -170,15 +173,14 @@ def ensure_teacher_cache(plan, *, verbose: bool = True) -> Optional[CacheSpec]:
     cfg, data_dir = plan.cfg, Path(plan.data.dir)
     meta = load_meta(data_dir)
     num_classes = int(meta["num_classes"])
-    key = cache_key(teacher_sha256=file_sha256(cfg.distill.teacher), teacher_model=cfg.distill.teacher_model,
-                    meta=meta, num_classes=num_classes, spec=plan.cache)
+    key = teacher_cache_key(cfg, meta, plan.cache)
     folder = _cache_folder(plan.cache, data_dir, key)
     spec = dataclasses.replace(plan.cache, dir=folder)
     with _locked(folder):
         manifest = read_manifest(folder) or {"key": key, "units": {}, "builds": []}
         check_manifest(manifest, key, folder)
         if "teacher_shapes" not in manifest:
-            manifest.update(_probe(cfg.distill.teacher, cfg.distill.teacher_model, num_classes, meta))
+            manifest.update(_probe(cfg, num_classes, meta))
         todo = [u for u in spec.units() if u not in manifest["units"]]
         if todo:
             _build_units(cfg, spec, data_dir, meta, manifest, todo, verbose)

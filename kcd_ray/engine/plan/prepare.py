@@ -20,7 +20,8 @@ import torch
 
 from kcd_ray import storage
 from kcd_ray.config import Config, ConfigError, load_config, to_dict
-from kcd_ray.data import prepare_dataset
+from kcd_ray.data import load_meta, prepare_dataset
+from kcd_ray.engine.build import check_models
 from kcd_ray.engine.curriculum import check_classes, check_curriculum, curriculum_class
 from kcd_ray.engine.plan.derive import data_plan, derive_plan, method_class
 from kcd_ray.engine.plan.types import FolderPlan, RunPlan
@@ -125,12 +126,11 @@ def check_teacher_files(cfg: Config, kind: str, skip: set) -> None:
 def measure_flops(cfg: Config, kind: str, num_classes: int, image_shape: tuple, teachers) -> tuple:
     """(student forward, student backward, teacher forward) FLOPs per sample, on meta-device copies."""
     from kcd_ray.engine.ledger import measure_flops as flops_of
-    from kcd_ray.models import build_model
+    from kcd_ray.models import build_meta
 
     h, w, c = image_shape
     try:
-        with torch.device("meta"):
-            student = build_model(cfg.model, num_classes)
+        student = build_meta(cfg.model, num_classes, cfg.model_kwargs)
         sf, sb = flops_of(student, (c, h, w), backward=True, train=True)
         nets = teachers if isinstance(teachers, (list, tuple)) else [teachers] if teachers is not None else []
         tf = sum(flops_of(t, (c, h, w), backward=False, train=False)[0] for t in nets)
@@ -164,8 +164,12 @@ def plan_run(cfg: Config, kind: str = "distill", *, hooks: tuple = (), verbose: 
         folder = FolderPlan(name="", path=str(storage.local_path(cfg.run.storage_path)) if not
                             storage.is_uri(cfg.run.storage_path) else "", remote="", start="new")
     check_teacher_files(cfg, kind, skip={path for _, path, _ in to_train})
+    meta = load_meta(data_dir)
+    check_models(cfg, kind, meta)  # a torchvision or factory student builds and runs on the data's images
     teachers = None
     if kind == "distill" and not to_train:  # loads and matches every teacher, or names the file
         teachers = method_class(cfg, kind).load_teachers(cfg, data.num_classes)
+        if not isinstance(teachers, (list, tuple)):
+            check_models(cfg, kind, meta, teachers, student=False)
     flops = measure_flops(cfg, kind, data.num_classes, data.image_shape, teachers)
     return derive_plan(cfg, kind, data=data, folder=folder, hooks=tuple(hooks), to_train=to_train, flops=flops)
