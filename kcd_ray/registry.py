@@ -26,7 +26,7 @@ class Registry(Generic[T]):
         self._accepts, self.hint = accepts, hint
 
     def accepts(self, name: str) -> bool:
-        return name in self._items or (self._accepts is not None and self._accepts(name))
+        return name in self or (self._accepts is not None and self._accepts(name))
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
         def deco(obj: T) -> T:

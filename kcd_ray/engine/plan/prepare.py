@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from kcd_ray import storage
 from kcd_ray.config import Config, ConfigError, load_config, to_dict
