@@ -6,7 +6,7 @@
 - ``load``: YAML files, overrides, the YAML and ``--list`` views.
 """
 
-from kcd_ray.config.build import config_from_dict, field_kind, to_dict
+from kcd_ray.config.build import config_digest, config_from_dict, field_kind, to_dict
 from kcd_ray.config.fields import OpenSection, _f
 from kcd_ray.config.load import (apply_overrides, describe, dump_yaml, format_described, load_config, merge,
                                  parse_scalar, read_yaml_mapping)
@@ -17,6 +17,6 @@ from kcd_ray.errors import ConfigError
 __all__ = [
     "Config", "ConfigError", "CurriculumConfig", "DataConfig", "DistillConfig", "KCDConfig", "OpenSection",
     "OptimConfig", "RunConfig", "ScalingConfig", "SelectionConfig", "SyntheticConfig", "TemperatureConfig", "_f",
-    "apply_overrides", "config_from_dict", "describe", "dump_yaml", "field_kind", "format_described",
+    "apply_overrides", "config_digest", "config_from_dict", "describe", "dump_yaml", "field_kind", "format_described",
     "load_config", "merge", "parse_scalar", "read_yaml_mapping", "to_dict",
 ]

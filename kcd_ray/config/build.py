@@ -8,7 +8,9 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import json
 import math
 import typing
 from typing import Any
@@ -209,3 +211,22 @@ def field_kind(key: str) -> str:
         if (cls is dict or typing.get_origin(cls) is dict) and i < len(parts) - 1:
             return "free"
     return "section" if dataclasses.is_dataclass(cls) else "leaf"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and not (prefix + k).endswith(".options"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_digest(cfg) -> str:
+    """8 hex digits of the config's values that differ from the defaults, ``run.*`` left out (storage, verbosity,
+    failures never change the experiment): what a derived run name carries. Values at their defaults are left
+    out, so a kcd_ray version that adds a field (with its default) names the same experiment the same way."""
+    d, defaults = _flat(to_dict(cfg)), _flat(to_dict(Config()))
+    changed = {k: v for k, v in d.items() if not k.startswith("run.") and defaults.get(k, object()) != v}
+    return hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -31,15 +31,13 @@ helpers the plan and the builder use: :func:`check_curriculum`, :func:`check_cla
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from typing import Optional
 
 import numpy as np
 import torch
 
 from kcd_ray import storage
-from kcd_ray.config import Config, ConfigError, CurriculumConfig, config_from_dict, to_dict
+from kcd_ray.config import Config, ConfigError, CurriculumConfig, config_digest, config_from_dict, to_dict
 from kcd_ray.data.groups import ClassGroups, class_mask, labels_by_id
 from kcd_ray.engine import distributed as D
 from kcd_ray.engine.hooks import HOOKS, Hook, Selection
@@ -385,9 +383,7 @@ def group_teacher_config(cfg: Config, g: int) -> Config:
 
 
 def teacher_run_name(teacher_cfg: Config, g: int) -> str:
-    d = to_dict(teacher_cfg)
-    d.pop("run")
-    digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = config_digest(teacher_cfg)
     cur = teacher_cfg.curriculum
     return slug(f"edteacher-{teacher_cfg.model}-{teacher_cfg.data.name}-g{g}of{cur.groups}-{digest}")
 

@@ -10,15 +10,13 @@ Ray layer executes the plan (``kcd_ray.ray_layer.trainer.execute``).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Optional
 
 
 from kcd_ray import storage
-from kcd_ray.config import Config, ConfigError, load_config, to_dict
+from kcd_ray.config import Config, ConfigError, config_digest, load_config, to_dict
 from kcd_ray.data import load_meta, prepare_dataset
 from kcd_ray.engine.build import check_models
 from kcd_ray.engine.curriculum import check_classes, check_curriculum, curriculum_class
@@ -60,9 +58,7 @@ def check_run_name(name: str, key: str = "run.name") -> str:
 
 def default_run_name(cfg: Config, kind: str) -> str:
     """Stable for a given config, so re-running the same command resumes the same run."""
-    d = to_dict(cfg)
-    del d["run"]  # run.* (storage, verbosity, failures) never changes the experiment
-    digest = hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = config_digest(cfg)
     tag = strategy_class(cfg, kind).info(cfg)["tag"] if kind == "distill" else "teacher"
     return slug(f"{tag}-{cfg.distill.method if kind == 'distill' else 'ce'}-{cfg.model}-{cfg.data.name}-{digest}")
 
