@@ -44,7 +44,9 @@ PAIRS = {
     ("resnet32x4", "ShuffleV2"): (79.42, 71.82, 74.45),
     ("wrn_40_2", "ShuffleV1"): (75.61, 70.50, 74.83),
 }
-CIFAR_DATA = {"name": "cifar100", "source": "./data", "augment": "auto", "download": False}
+# Validation splits (data.val_fraction): checkpoints and sweeps choose on them, never on the test split.
+CIFAR_VAL = "Validation: data.val_fraction 0.1 (45,000 train / 5,000 validation images, stratified); best_model.pt and sweeps choose on it."
+CIFAR_DATA = {"name": "cifar100", "source": "./data", "augment": "auto", "download": False, "val_fraction": 0.1}
 CIFAR_RUN = {"storage_path": "./runs/cifar100", "checkpoints_to_keep": 2, "max_failures": 3}
 
 
@@ -60,7 +62,8 @@ IMAGENET_OPTIM = {"epochs": 100, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "
                   "eval_batch_size": 128}
 IMAGENET_SCALING = {"num_workers": 8, "cpus_per_worker": 6.0, "use_gpu": "auto", "gpus_per_worker": 1.0,
                     "data_cpus": 1.0}
-IMAGENET_DATA = {"name": "folder", "source": "./data/imagenet", "image_size": 224, "augment": "auto"}
+IMAGENET_VAL = "Validation: data.val_fraction 0.01 (~12,800 training images held out; the folder's val/ is the test split)."
+IMAGENET_DATA = {"name": "folder", "source": "./data/imagenet", "image_size": 224, "augment": "auto", "val_fraction": 0.01}
 
 # ImageNet with models from outside the zoo (docs/models.md): a torchvision teacher by name, a torchvision or factory
 # student. Documented recipes: they have not been run by kcd_ray's authors (no ImageNet-scale compute here).
@@ -80,7 +83,8 @@ DEIT_KD = {"method": "kd", "gamma": 0.9, "alpha": 0.1, "beta": 0.0, "temperature
 
 # --------------------------------------------------------------------------- digits: laptop scale, the sweeps' base
 
-DIGITS_DATA = {"name": "digits", "image_size": 16}
+DIGITS_VAL = "Validation: data.val_fraction 0.2 (287 of the 1,437 training images; 1,150 train, 360 test)."
+DIGITS_DATA = {"name": "digits", "image_size": 16, "val_fraction": 0.2}
 DIGITS_OPTIM = {"batch_size": 64, "lr": 0.05, "scheduler": "cosine", "eval_batch_size": 512}
 DIGITS_SCALING = {"num_workers": 1, "cpus_per_worker": 1.0, "use_gpu": "auto", "data_cpus": 0.25}
 DIGITS_RUN = {"storage_path": "./runs/digits"}
@@ -109,7 +113,8 @@ def recipes() -> dict[str, str]:
             [f"Teacher {t} on CIFAR-100, cross-entropy, 240 epochs (RepDistiller's vanilla recipe).",
              f"RepDistiller's published {t} teacher: {t_acc:.2f} top-1.",
              f"Run: kcd-ray train-teacher --config experiments/cifar100/teachers/{t}.yaml",
-             f"Output: ./runs/cifar100/cifar100-teacher-{t}/final_model.pt (use it with distill.teacher=... distill.teacher_model='')"],
+             f"Output: ./runs/cifar100/cifar100-teacher-{t}/final_model.pt (use it with distill.teacher=... distill.teacher_model='')",
+             CIFAR_VAL],
             {"model": t, "data": CIFAR_DATA, "optim": CIFAR_OPTIM, "scaling": GPU_SCALING,
              "run": {**CIFAR_RUN, "name": f"cifar100-teacher-{t}"}, "kcd": {"enabled": False}})
     for (t, s), (t_acc, s_acc, kd_acc) in PAIRS.items():
@@ -119,7 +124,7 @@ def recipes() -> dict[str, str]:
             header = [f"{what}: {t} -> {s} on CIFAR-100, the paper's recipe (docs/methods/kcd.md §9).",
                       f"RepDistiller README (CIFAR-100 top-1): teacher {t_acc:.2f}, student alone {s_acc:.2f}, KD {kd_acc:.2f}.",
                       f"Teacher: RepDistiller's published checkpoint ({published_teacher(t)}; see experiments/README.md).",
-                      f"Run: kcd-ray distill --config experiments/cifar100/{t}-{s}/{variant}.yaml"]
+                      f"Run: kcd-ray distill --config experiments/cifar100/{t}-{s}/{variant}.yaml", CIFAR_VAL]
             out[f"cifar100/{t}-{s}/{variant}.yaml"] = _render(header, {
                 "model": s, "data": CIFAR_DATA, "optim": optim, "scaling": GPU_SCALING,
                 "run": {**CIFAR_RUN, "name": f"cifar100-{t}-{s}-{variant}"},
@@ -131,7 +136,7 @@ def recipes() -> dict[str, str]:
              "torchvision's 100-epoch schedule on 8 GPUs (8 workers x batch 32 = 256, lr 0.1, steps at 30/60/90, AMP).",
              "KCD: the CIFAR recipe scaled to 100 epochs (6 blocks of 17 epochs, rho 0.7); our choice, not a published setting.",
              "Teacher: torchvision's ResNet-34 weights saved as {'model': state_dict} (see experiments/README.md).",
-             f"Run: kcd-ray distill --config experiments/imagenet/resnet34-resnet18/{variant}.yaml"],
+             f"Run: kcd-ray distill --config experiments/imagenet/resnet34-resnet18/{variant}.yaml", IMAGENET_VAL],
             {"model": "imagenet_resnet18", "data": IMAGENET_DATA, "optim": IMAGENET_OPTIM, "scaling": IMAGENET_SCALING,
              "run": {"storage_path": "./runs/imagenet", "name": f"imagenet-resnet34-resnet18-{variant}", "max_failures": 3},
              "distill": {**KD, "teacher": "./save/models/imagenet_resnet34.pth", "teacher_model": "imagenet_resnet34"},
@@ -139,7 +144,7 @@ def recipes() -> dict[str, str]:
     out.update(_byom_recipes())
     out["digits/teacher.yaml"] = _render(
         ["Laptop-scale teacher on scikit-learn's digits (offline, 16x16): the teacher for the digits recipes and sweeps.",
-         "Run: kcd-ray train-teacher --config experiments/digits/teacher.yaml"],
+         "Run: kcd-ray train-teacher --config experiments/digits/teacher.yaml", DIGITS_VAL],
         {"model": "resnet20", "data": DIGITS_DATA, "optim": {**DIGITS_OPTIM, "epochs": 15}, "scaling": DIGITS_SCALING,
          "run": {**DIGITS_RUN, "name": "digits-teacher"}, "kcd": {"enabled": False}})
     for variant in ("kd", "kcd"):
@@ -147,7 +152,7 @@ def recipes() -> dict[str, str]:
             [f"Laptop-scale {'plain KD' if variant == 'kd' else 'KD + KCD'} on digits: resnet20 -> resnet8, 18 epochs,",
              "the paper's schedule shrunk (6 blocks of 3 epochs, rho 0.7). The base of experiments/sweeps/.",
              "Needs the digits teacher: kcd-ray train-teacher --config experiments/digits/teacher.yaml",
-             f"Run: kcd-ray distill --config experiments/digits/{variant}.yaml"],
+             f"Run: kcd-ray distill --config experiments/digits/{variant}.yaml", DIGITS_VAL],
             {"model": "resnet8", "data": DIGITS_DATA, "optim": {**DIGITS_OPTIM, "epochs": 18}, "scaling": DIGITS_SCALING,
              "run": {**DIGITS_RUN, "name": f"digits-{variant}"},
              "distill": {**KD, "teacher": "./runs/digits/digits-teacher/final_model.pt", "teacher_model": ""},
@@ -158,8 +163,8 @@ def recipes() -> dict[str, str]:
          "is trained first when missing (runs/digits/edteacher-*/final_model.pt) and reused after.",
          "Even grades with the flagged per_grade learning rate: the spec's CIFAR reading (lr_mode global, grade_epochs",
          "149/30/61 of 240) trains far worse on 18 epochs (bench/ed_compare.py, BENCHMARKS.md). Mixed batches: the Ray",
-         "Data pipeline's order (ED's sequential passes are not available on it).",
-         "Run: kcd-ray distill --config experiments/ed/digits.yaml"],
+         "Data pipeline's order (curriculum.mix_groups=false runs ED's sequential passes over D_1..D_g instead).",
+         "Run: kcd-ray distill --config experiments/ed/digits.yaml", DIGITS_VAL],
         {"model": "resnet8", "data": DIGITS_DATA, "optim": {**DIGITS_OPTIM, "epochs": 18}, "scaling": DIGITS_SCALING,
          "run": {**DIGITS_RUN, "name": "digits-ed"},
          "distill": {"method": "ed", "temperature": {"schedule": "constant", "T": 4.0}},

@@ -28,12 +28,9 @@ def _style(info: dict, spare) -> dict:
                 label=info.get("label", info.get("name", "?")) + (" (baseline)" if star else ""))
 
 
-def pareto_plot(rows: list[dict], y_key: str, path: Path, title: str, *, err_key: str | None = None) -> Path:
-    """Top-1 against compute_ratio for every row (a trial, or a point averaged over seeds with ``err_key`` its
-    error bar), one colour per strategy (each row's ``info``: its recorded label, colour and marker); the Pareto
-    front (rows flagged ``pareto``) joined."""
-    fig = Figure(figsize=(7.2, 5.0))
-    ax = fig.add_subplot(1, 1, 1)
+def _pareto_axes(ax, rows: list[dict], y_key: str, err_key: str | None, title: str, ylabel: str) -> None:
+    """One panel: ``y_key`` against compute_ratio, one colour per strategy (each row's ``info``), the rows flagged
+    ``pareto`` joined as the front."""
     pts = [r for r in rows if r.get("compute_ratio") is not None and r.get(y_key) is not None]
     infos = {r["info"]["tag"]: r["info"] for r in pts}
     spare = iter(_SPARE_COLOURS * 4)
@@ -56,11 +53,25 @@ def pareto_plot(rows: list[dict], y_key: str, path: Path, title: str, *, err_key
         ax.scatter([r["compute_ratio"] for r in front], [r[y_key] for r in front], s=80, facecolors="none",
                    edgecolors="tab:orange", lw=1.5, zorder=4)
     ax.set_xlabel("compute ratio (FLOPs / plain KD's)")
-    ax.set_ylabel(f"{y_key} (%)" + (" (mean +- SE over seeds)" if err_key else ""))
-    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if pts:
         ax.legend(loc="lower right", fontsize=8)
+
+
+def pareto_plot(rows: list[dict], y_key: str, path: Path, title: str, *, err_key: str | None = None,
+                beside_key: str | None = None) -> Path:
+    """Top-1 against compute_ratio for every row (a trial, or a point averaged over seeds with ``err_key`` its
+    error bar), one colour per strategy (each row's ``info``: its recorded label, colour and marker); the Pareto
+    front (rows flagged ``pareto``) joined. ``beside_key``: a second panel with the same rows' other figure (the
+    test accuracy beside a front chosen on validation), the same rows marked."""
+    fig = Figure(figsize=(13.0 if beside_key else 7.2, 5.0))
+    ylabel = f"{y_key} (%)" + (" (mean +- SE over seeds)" if err_key else "")
+    _pareto_axes(fig.add_subplot(1, 2 if beside_key else 1, 1), rows, y_key, err_key, title, ylabel)
+    if beside_key:
+        _pareto_axes(fig.add_subplot(1, 2, 2), rows, beside_key, None, f"{beside_key} of the same trials (front "
+                     f"chosen on {y_key})", f"{beside_key} (%)")
     return _save(fig, path)
 
 

@@ -13,14 +13,14 @@ from kcd_ray.config import ConfigError
 from kcd_ray.models import build_model, save_model
 from kcd_ray.sweeps.spec import load_sweep
 
-BASE = {"data": {"name": "digits", "image_size": 16}, "optim": {"epochs": 4}, "scaling": {"num_workers": 0},
+BASE = {"data": {"name": "digits", "image_size": 16, "val_fraction": 0.2}, "optim": {"epochs": 4}, "scaling": {"num_workers": 0},
         "kcd": {"enabled": True, "summary": False}}
 SPACE = {"distill.temperature.T": [2.0, 4.0, 8.0], "kcd.rho": [0.5, 0.7, 0.9]}
 
 
 def test_pbt_settings_are_checked_with_one_line_each():
     sw = load_sweep({"base": BASE, "space": SPACE, "pbt": True})
-    assert sw.pbt == {"interval": 2, "metric": "top1", "quantile": 0.25, "resample_probability": 0.25,
+    assert sw.pbt == {"interval": 2, "metric": "val_top1", "quantile": 0.25, "resample_probability": 0.25,
                       "mutate": ["distill.temperature.T", "kcd.rho"]}
     cases = [({"pbt": {"intervall": 2}}, "pbt.intervall: unknown key"),
              ({"pbt": {"interval": 4}}, r"pbt.interval: expected an integer in 1..optim.epochs-1 \(3\)"),

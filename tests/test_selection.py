@@ -290,7 +290,7 @@ def test_ledger_counts_passes_and_flops_on_a_tiny_run(tiny, tmp_path):
         ref[strategy] = summary["compute_ratio"]
         # Every numeric row field is a metric a sweep may name, and every such metric is in every row.
         from kcd_ray.engine.engine import ENGINE_COLUMNS
-        from kcd_ray.sweeps.spec import is_epoch_metric
+        from kcd_ray.sweeps.metrics import is_epoch_metric
 
         for r in rows:
             numeric = {k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -13,10 +14,11 @@ from kcd_ray.config import ConfigError, load_config, to_dict
 from kcd_ray.report import format_table, pareto_flags, report
 from kcd_ray.sweeps.space import apply_values, parse_space
 from kcd_ray.engine.engine import ENGINE_COLUMNS
-from kcd_ray.sweeps.spec import SUMMARY_KEYS, epoch_metrics, is_epoch_metric, is_reported_metric, load_sweep, split_overrides
+from kcd_ray.sweeps.metrics import SUMMARY_KEYS, epoch_metrics, is_epoch_metric, is_reported_metric
+from kcd_ray.sweeps.spec import load_sweep, split_overrides
 from kcd_ray.ray_layer.tune.sweep import derive_concurrency, trial_config, trial_resources
 
-BASE = {"data": {"name": "digits", "image_size": 16}, "optim": {"epochs": 2}}
+BASE = {"data": {"name": "digits", "image_size": 16, "val_fraction": 0.2}, "optim": {"epochs": 2}}
 
 
 def _write(path: Path, data) -> Path:
@@ -61,7 +63,7 @@ def test_unknown_sweep_key_and_bad_settings(tmp_path):
     with pytest.raises(ConfigError, match="include_kd_baseline"):
         load_sweep({"base": {**BASE, "kcd": {"enabled": False}}, "include_kd_baseline": True})
     # In-process trials report every epoch too, so ASHA works with them.
-    assert load_sweep({"base": {**BASE, "scaling": {"num_workers": 0}}, "asha": True}).asha["metric"] == "top1"
+    assert load_sweep({"base": {**BASE, "scaling": {"num_workers": 0}}, "asha": True}).asha["metric"] == "val_top1"
     with pytest.raises(ConfigError, match=r"asha\.metric: 'final_top1' is not a metric the runs report every epoch"):
         load_sweep({"base": BASE, "asha": {"metric": "final_top1"}})  # only known at the end: nothing to stop on
     with pytest.raises(ConfigError, match="mode: 'maximize'"):
@@ -97,7 +99,7 @@ def test_a_metric_the_runs_do_not_report_is_refused_at_load(tmp_path, monkeypatc
     assert not (tmp_path / "out").exists()
     # Every reported name is accepted, loss terms included; Tune's own keys and the run's strings are not metrics.
     for m in epoch_metrics()[0] + SUMMARY_KEYS + ("loss_kd", "loss_ce", "stage", "group_top1_2"):
-        assert load_sweep({"base": BASE, "metric": m}).metric == m
+        assert load_sweep({"base": BASE, "metric": m, "select_on_test": True}).metric == m
     for bad in ("loss_", "training_iteration", "kind", "Top1"):
         with pytest.raises(ConfigError, match=f"metric: '{bad}'"):
             load_sweep({"base": BASE, "metric": bad})
@@ -278,7 +280,7 @@ def test_two_trial_sweep_and_report(tmp_path, ray_session):
     epochs = 2
     sweep = {
         "name": "tiny", "storage_path": str(tmp_path / "sweeps"), "include_kd_baseline": True,
-        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data")},
+        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data"), "val_fraction": 0.2},
                  "optim": {"epochs": epochs, "batch_size": 128, "eval_batch_size": 512},
                  "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
                  "run": {"verbose": 0},
@@ -316,7 +318,7 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session):
     epochs = 2
     sweep = {
         "name": "inproc", "storage_path": str(tmp_path / "sweeps"),
-        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data")},
+        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data"), "val_fraction": 0.2},
                  "optim": {"epochs": epochs, "batch_size": 128, "eval_batch_size": 512},
                  "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
                  "run": {"verbose": 0}, "distill": {"teacher": str(teacher)}, "kcd": {"interval": 1, "stages": 1}},
@@ -342,3 +344,25 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session):
         numeric = {k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         assert all(is_epoch_metric(k) for k in numeric), sorted(k for k in numeric if not is_epoch_metric(k))
         assert set(ENGINE_COLUMNS) <= set(row), sorted(set(ENGINE_COLUMNS) - set(row))
+
+
+def test_sweeps_select_on_validation_and_refuse_test_metrics_unless_told(tmp_path):
+    """The default metric is the last epoch's validation top-1; a test metric is refused (naming the key and the
+    way out) unless the sweep says select_on_test; a validation metric needs a validation split."""
+    assert load_sweep({"base": BASE}).metric == "val_top1"
+    for key, sweep in (("metric", {"metric": "best_top1"}), ("asha.metric", {"asha": {"metric": "top1"}}),
+                       ("objectives[0].metric", {"search": "optuna", "objectives": [
+                           {"metric": "final_top1", "mode": "max"}, {"metric": "compute_ratio", "mode": "min"}]})):
+        with pytest.raises(ConfigError, match=rf"{re.escape(key)}: '\w+' is measured on the test split.*"
+                                              r"select_on_test: true"):
+            load_sweep({"base": BASE, **sweep})
+    assert load_sweep({"base": BASE, "metric": "best_top1", "select_on_test": True}).metric == "best_top1"
+    no_val = {**BASE, "data": {"name": "digits", "image_size": 16}}
+    with pytest.raises(ConfigError, match=r"metric: 'val_top1' needs a validation split.*data.val_fraction"):
+        load_sweep({"base": no_val})
+    assert load_sweep({"base": no_val, "select_on_test": True}).metric == "top1"  # the labelled fallback
+    sw = load_sweep({"base": BASE, "search": "optuna", "objectives": [{"metric": "val_top1", "mode": "max"},
+                                                                      {"metric": "compute_ratio", "mode": "min"}]})
+    assert sw.objectives == (("val_top1", "max"), ("compute_ratio", "min")) and sw.metric == "val_top1"
+    with pytest.raises(ConfigError, match="objectives: a multi-objective search needs search: optuna"):
+        load_sweep({"base": BASE, "objectives": [{"metric": "val_top1"}, {"metric": "compute_ratio", "mode": "min"}]})

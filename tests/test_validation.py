@@ -112,3 +112,36 @@ def test_the_pipeline_never_serves_a_validation_id_to_training_or_the_estep(ray_
         assert set(pq.read_table(f).column("sample_id").to_pylist()) <= set(range(90)), f
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["val_samples"] for r in rows] == [30, 30] and summary["selected_by"] == "val_top1"
+
+
+def _fake_trial(runs: Path, name: str, val: float, test: float, ratio: float) -> None:
+    """A finished trial's run folder: its summary and one metrics row (what a report reads)."""
+    cfg = load_config(overrides=[f"run.name={name}", "data.val_fraction=0.2", f"kcd.rho={ratio}"])
+    folder = runs / name
+    folder.mkdir(parents=True)
+    from kcd_ray.config import to_dict
+
+    row = {"epoch": 0, "top1": test, "val_top1": val, "compute_ratio": ratio, "strategy": "kcd"}
+    (folder / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    (folder / "summary.json").write_text(json.dumps({
+        "final_top1": test, "best_top1": test, "final_val_top1": val, "compute_ratio": ratio, "epochs": 1,
+        "strategy": "kcd", "kind": "distill", "config": to_dict(cfg)}))
+
+
+def test_a_sweeps_choice_follows_validation_and_reports_the_test_figure_once(tmp_path):
+    from kcd_ray.report import report
+
+    folder = tmp_path / "sw"
+    (folder / "runs").mkdir(parents=True)
+    (folder / "sweep.yaml").write_text(json.dumps({"name": "sw", "metric": "val_top1", "mode": "max"}))
+    for name, val, test, ratio in (("sw_a", 80.0, 95.0, 0.5), ("sw_b", 90.0, 85.0, 0.6), ("sw_c", 85.0, 99.0, 0.7)):
+        _fake_trial(folder / "runs", name, val, test, ratio)
+    res = report(folder)
+    assert res["best"]["run"] == "sw_b"  # best on validation, although sw_c is best on test
+    assert "chosen on validation (val_top1); its test accuracy is reported once" in res["text"]
+    assert "test top-1 85" in res["text"] and res["best_config"]["kcd"]["rho"] == 0.6
+    front = [line.split(",")[0] for line in Path(res["pareto_csv"]).read_text().splitlines()[1:]]
+    assert front == ["sw_a", "sw_b"]  # non-dominated on (compute, validation top-1): sw_c is dominated by sw_b
+    (folder / "sweep.yaml").write_text(json.dumps({"name": "sw", "metric": "final_top1", "select_on_test": True}))
+    res = report(folder)
+    assert res["best"]["run"] == "sw_c" and "a TEST-split figure (select_on_test)" in res["text"]

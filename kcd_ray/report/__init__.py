@@ -40,7 +40,7 @@ def report(path, out_dir=None, *, compare: bool = False) -> dict:
     return res
 
 
-_REPORT_FILES = ("csv", "png", "best_config_path")
+_REPORT_FILES = ("csv", "png", "pareto_csv", "best_config_path")
 
 
 def _fetch_folder(uri: str) -> Path:

@@ -9,14 +9,20 @@ space:                           # dotted config key -> values (see kcd_ray.swee
   kcd.rho: [0.5, 0.7, 0.9]
 search: grid                     # grid | random | optuna (lists become choices for random/optuna)
 num_samples: 1                   # grid: repeats of the whole grid; random/optuna: trials
-metric: best_top1                # a metric the runs report (REPORTED_METRICS: best_top1, top1, val_loss, ...)
-mode: max
+metric: val_top1                 # what the best trial is chosen by: a metric the runs report, on validation
+mode: max                        #   (data.val_fraction in the base recipe); a test metric needs select_on_test
+objectives:                      # or two (or more): a multi-objective Optuna search for the front, e.g.
+  - {metric: val_top1, mode: max}
+  - {metric: compute_ratio, mode: min}
+select_on_test: false            # true: allow choosing on a test metric (the report then labels it)
 asha: false                      # true, or {grace_period, reduction_factor, max_t, metric}
 pbt: false                       # true, or {interval, metric, quantile, resample_probability, mutate}: Population
                                  # Based Training over the space while the trials train (in-process trials)
 include_kd_baseline: true        # one extra plain-KD trial (kcd.enabled=false) for the report
 storage_path: ./runs/sweeps      # the sweep folder is <storage_path>/<name>
 max_concurrent_trials: 0         # 0: derived from the cluster's resources
+trials_at_once: 0                # > 0: this many trials share the machine (and its GPUs) at once, each with that
+                                 #   fraction of the CPUs and GPUs
 trial_cpus: 0.25                 # CPU of each trial's driver (the Train workers have their own)
 seed: 0                          # random/optuna sampling seed
 ```
@@ -39,52 +45,16 @@ import yaml
 from kcd_ray import storage
 from kcd_ray.config import ConfigError, parse_scalar, read_yaml_mapping, apply_overrides, config_from_dict, to_dict
 from kcd_ray.engine.plan.prepare import check_run_name
+from kcd_ray.sweeps.metrics import SUMMARY_KEYS, check_metric, default_metric  # noqa: F401 - SUMMARY_KEYS: trials
+from kcd_ray.sweeps.schedulers import parse_schedulers
 from kcd_ray.sweeps.space import Dim, field_kind, parse_space, set_dotted
 
 SWEEP_KEYS = ("name", "description", "base", "kind", "overrides", "space", "search", "num_samples", "metric", "mode",
-              "asha", "pbt", "include_kd_baseline", "storage_path", "max_concurrent_trials", "trial_cpus", "seed")
-PBT_KEYS = ("interval", "metric", "quantile", "resample_probability", "mutate")
+              "objectives", "select_on_test", "asha", "pbt", "include_kd_baseline", "storage_path",
+              "max_concurrent_trials", "trials_at_once", "trial_cpus", "seed")
 SEARCHES = ("grid", "random", "optuna")
-ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "metric")
 # Config fields holding paths: made absolute up front, because Tune trials run in their own folder.
 PATH_KEYS = ("data.root", "data.source", "distill.teacher", "distill.cache_dir", "run.storage_path")
-
-# What a trial reports to Tune, i.e. what ``metric`` (and ``asha.metric``) may name: the numeric columns of each
-# epoch's metrics row, which the engine and every registered part declare (``kcd_ray.engine.assemble.epoch_columns``:
-# the engine's own, the compute ledger's, a strategy's or curriculum's, one ``loss_<term>`` per loss term), and
-# the run summary's figures reported once at the end of each trial (``kcd_ray.ray_layer.tune.sweep._trial``).
-SUMMARY_KEYS = ("final_top1", "final_top5", "best_top1", "best_epoch", "compute_ratio", "sample_passes",
-                "full_sample_passes", "wall_seconds", "sample_pass_ratio", "flops_total", "full_flops")
-LOSS_PREFIX = "loss_"
-
-
-def epoch_metrics() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from kcd_ray.engine.assemble import epoch_columns
-
-    return epoch_columns()
-
-
-def is_epoch_metric(name: str) -> bool:
-    """Reported after every epoch (what ASHA can stop on)."""
-    names, prefixes = epoch_metrics()
-    return name in names or any(name.startswith(p) and len(name) > len(p) for p in prefixes)
-
-
-def is_reported_metric(name: str) -> bool:
-    return name in SUMMARY_KEYS or is_epoch_metric(name)
-
-
-def _metric_list(names) -> str:
-    return ", ".join(sorted(names)) + f", {LOSS_PREFIX}<term> (a loss term: loss_kd, loss_ce, ...)"
-
-
-def _epoch_metric_list() -> str:
-    return _metric_list(epoch_metrics()[0])
-
-
-def _reported_metric_list() -> str:
-    return _metric_list(dict.fromkeys(epoch_metrics()[0] + SUMMARY_KEYS))
-
 
 @dataclasses.dataclass
 class Sweep:
@@ -95,13 +65,16 @@ class Sweep:
     dims: list[Dim]
     search: str = "grid"
     num_samples: int = 1
-    metric: str = "best_top1"
+    metric: str = "val_top1"
     mode: str = "max"
+    objectives: tuple = ()  # ((metric, mode), ...): a multi-objective search (metric/mode are the first)
+    select_on_test: bool = False
     asha: dict | None = None
     pbt: dict | None = None
     include_kd_baseline: bool = False
     storage_path: str = ""
     max_concurrent_trials: int = 0
+    trials_at_once: int = 0
     trial_cpus: float = 0.25
     seed: int = 0
     description: str = ""
@@ -130,13 +103,14 @@ class Sweep:
         """What makes two invocations the same sweep (compared before restoring a sweep folder)."""
         d = {"kind": self.kind, "base": self.base, "space": [dataclasses.asdict(x) for x in self.dims],
              "search": self.search, "num_samples": self.num_samples, "metric": self.metric, "mode": self.mode,
+             "objectives": [list(o) for o in self.objectives], "select_on_test": self.select_on_test,
              "asha": self.asha, "pbt": self.pbt, "include_kd_baseline": self.include_kd_baseline, "seed": self.seed}
         return json.loads(json.dumps(d, default=list))
 
     def to_yaml(self) -> str:
         d = {"name": self.name, "source": self.source, "description": self.description, **self.identity(),
              "storage_path": self.storage_path, "max_concurrent_trials": self.max_concurrent_trials,
-             "trial_cpus": self.trial_cpus}
+             "trials_at_once": self.trials_at_once, "trial_cpus": self.trial_cpus}
         return yaml.safe_dump(d, sort_keys=False)
 
 
@@ -268,14 +242,38 @@ def _choice(raw: dict, key: str, default, allowed: tuple, where: str):
     return value
 
 
-def _search_keys(raw: dict, base: dict, kind: str, where: str) -> dict:
-    """num_samples, mode, metric and include_kd_baseline, checked."""
+def _objectives(raw: dict, base: dict, where: str, select_on_test: bool) -> tuple:
+    objs = raw.get("objectives") or []
+    if not isinstance(objs, list) or any(not isinstance(o, dict) or set(o) - {"metric", "mode"} for o in objs):
+        raise _err(where, f"objectives: expected a list of {{metric, mode}} mappings, got {objs!r}")
+    out = []
+    for i, o in enumerate(objs):
+        mode = o.get("mode", "max")
+        if mode not in ("max", "min"):
+            raise _err(where, f"objectives[{i}].mode: {mode!r} is not one of: max, min")
+        out.append((check_metric(o.get("metric"), f"objectives[{i}].metric", where, base, select_on_test), mode))
+    if len(out) == 1:
+        raise _err(where, "objectives: give two or more (e.g. val_top1 max, compute_ratio min), or use metric/mode")
+    return tuple(out)
+
+
+def _search_keys(raw: dict, base: dict, kind: str, search: str, where: str) -> dict:
+    """num_samples, metric, mode, objectives, select_on_test and include_kd_baseline, checked."""
     num_samples = raw.get("num_samples", 1)
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
         raise _err(where, f"num_samples: expected an integer >= 1, got {num_samples!r}")
-    metric = str(raw.get("metric", "best_top1"))
-    if not is_reported_metric(metric):
-        raise _err(where, f"metric: {metric!r} is not a metric the runs report; one of: {_reported_metric_list()}")
+    select_on_test = raw.get("select_on_test", False)
+    if not isinstance(select_on_test, bool):
+        raise _err(where, f"select_on_test: expected true or false, got {select_on_test!r}")
+    objectives = _objectives(raw, base, where, select_on_test)
+    if objectives and ("metric" in raw or "mode" in raw):
+        raise _err(where, "objectives and metric/mode: give one or the other")
+    if objectives and search != "optuna":
+        raise _err(where, f"objectives: a multi-objective search needs search: optuna, got {search!r} (a grid or "
+                          "random sweep is drawn against compute by the report whatever its metric)")
+    metric, mode = objectives[0] if objectives else (raw.get("metric") or default_metric(base, select_on_test),
+                                                     _choice(raw, "mode", "max", ("max", "min"), where))
+    check_metric(metric, "metric", where, base, select_on_test)
     baseline = raw.get("include_kd_baseline", False)
     if not isinstance(baseline, bool):
         raise _err(where, f"include_kd_baseline: expected true or false, got {baseline!r}")
@@ -283,18 +281,21 @@ def _search_keys(raw: dict, base: dict, kind: str, where: str) -> dict:
     if baseline and (kind != "distill" or strategy == "none" or (strategy == "auto" and not base["kcd"]["enabled"])):
         raise _err(where, "include_kd_baseline: needs kind distill with a data-selection strategy in the base recipe "
                           "(kcd.enabled true or selection.strategy; the baseline is the same recipe without it)")
-    return {"num_samples": num_samples, "mode": _choice(raw, "mode", "max", ("max", "min"), where), "metric": metric,
-            "include_kd_baseline": baseline}
+    return {"num_samples": num_samples, "mode": mode, "metric": metric, "objectives": objectives,
+            "select_on_test": select_on_test, "include_kd_baseline": baseline}
 
 
 def _resource_keys(raw: dict, where: str) -> dict:
     try:
         out = {"max_concurrent_trials": int(raw.get("max_concurrent_trials", 0)),
+               "trials_at_once": int(raw.get("trials_at_once", 0)),
                "trial_cpus": float(raw.get("trial_cpus", 0.25)), "seed": int(raw.get("seed", 0))}
     except (TypeError, ValueError) as e:
-        raise _err(where, f"max_concurrent_trials / trial_cpus / seed: expected numbers ({e})") from None
-    if out["max_concurrent_trials"] < 0 or out["trial_cpus"] <= 0:
-        raise _err(where, "max_concurrent_trials must be >= 0 and trial_cpus > 0")
+        raise _err(where, f"max_concurrent_trials / trials_at_once / trial_cpus / seed: expected numbers ({e})") from None
+    if out["max_concurrent_trials"] < 0 or out["trials_at_once"] < 0 or out["trial_cpus"] <= 0:
+        raise _err(where, "max_concurrent_trials and trials_at_once must be >= 0, trial_cpus > 0")
+    if out["max_concurrent_trials"] and out["trials_at_once"]:
+        raise _err(where, "max_concurrent_trials and trials_at_once: give one (trials_at_once also sizes each trial)")
     return out
 
 
@@ -313,80 +314,13 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     kind = _choice(raw, "kind", "distill", ("distill", "teacher"), where)
     search = _choice(raw, "search", "grid", SEARCHES, where)
     dims = _space(raw, base, search, where)
-    keys = _search_keys(raw, base, kind, where)
-    asha, pbt = _parse_schedulers(raw, base, dims, keys["include_kd_baseline"], where)
+    keys = _search_keys(raw, base, kind, search, where)
+    asha, pbt = parse_schedulers(raw, base, dims, keys["include_kd_baseline"], where, keys["metric"],
+                                 keys["select_on_test"])
     name = check_run_name(str(raw.get("name") or stem), "name")
     return Sweep(name=name, source=where, kind=kind, base=base, dims=dims, search=search, asha=asha, pbt=pbt,
                  storage_path=_storage(raw, base, pbt, where), description=str(raw.get("description", "")),
                  **keys, **_resource_keys(raw, where))
-
-
-def _parse_asha(asha: Any, base: dict, where: str) -> dict | None:
-    if asha in (False, None):
-        return None
-    if asha is True:
-        asha = {}
-    if not isinstance(asha, dict):
-        raise _err(where, f"asha: expected true/false or a mapping of {', '.join(ASHA_KEYS)}, got {asha!r}")
-    for k in asha:
-        if k not in ASHA_KEYS:
-            raise _err(where, f"asha.{k}: unknown key; allowed: {', '.join(ASHA_KEYS)}")
-    epochs = base["optim"]["epochs"]
-    out = {"metric": "top1", "grace_period": 1, "reduction_factor": 2, "max_t": epochs, **asha}
-    if not (isinstance(out["grace_period"], int) and 0 < out["grace_period"] <= out["max_t"]):
-        raise _err(where, f"asha.grace_period: expected an integer in 1..max_t ({out['max_t']}), got {out['grace_period']!r}")
-    if not (isinstance(out["reduction_factor"], (int, float)) and out["reduction_factor"] > 1):
-        raise _err(where, f"asha.reduction_factor: expected a number > 1, got {out['reduction_factor']!r}")
-    if not isinstance(out["metric"], str) or not is_epoch_metric(out["metric"]):
-        raise _err(where, f"asha.metric: {out['metric']!r} is not a metric the runs report every epoch; "
-                          f"one of: {_epoch_metric_list()}")
-    return out
-
-
-def _parse_schedulers(raw: dict, base: dict, dims: list, baseline: bool, where: str) -> tuple:
-    """(asha, pbt): at most one of them; PBT without the fixed KD baseline trial."""
-    asha = _parse_asha(raw.get("asha", False), base, where)
-    pbt = _parse_pbt(raw.get("pbt", False), base, dims, where)
-    if pbt and asha:
-        raise _err(where, "pbt and asha: pick one scheduler")
-    if pbt and baseline:
-        raise _err(where, "pbt and include_kd_baseline: the baseline would join the population and be exploited; "
-                          "run plain KD as its own sweep or run")
-    return asha, pbt
-
-
-def _parse_pbt(pbt: Any, base: dict, dims: list, where: str) -> dict | None:
-    """Population Based Training: every ``interval`` epochs the bottom ``quantile`` of trials copy a top trial's
-    checkpoint (weights, optimiser and the whole KCD state) and perturb the ``mutate`` keys of the space."""
-    if pbt in (False, None):
-        return None
-    pbt = {} if pbt is True else pbt
-    if not isinstance(pbt, dict):
-        raise _err(where, f"pbt: expected true/false or a mapping of {', '.join(PBT_KEYS)}, got {pbt!r}")
-    for k in pbt:
-        if k not in PBT_KEYS:
-            raise _err(where, f"pbt.{k}: unknown key; allowed: {', '.join(PBT_KEYS)}")
-    keys = [d.key for d in dims]
-    out = {"interval": 2, "metric": "top1", "quantile": 0.25, "resample_probability": 0.25, "mutate": keys, **pbt}
-    if not (isinstance(out["interval"], int) and 0 < out["interval"] < base["optim"]["epochs"]):
-        raise _err(where, f"pbt.interval: expected an integer in 1..optim.epochs-1 ({base['optim']['epochs'] - 1}), "
-                          f"got {out['interval']!r}")
-    if not (isinstance(out["quantile"], (int, float)) and 0 < out["quantile"] <= 0.5):
-        raise _err(where, f"pbt.quantile: expected a fraction in (0, 0.5], got {out['quantile']!r}")
-    if not isinstance(out["metric"], str) or not is_epoch_metric(out["metric"]):
-        raise _err(where, f"pbt.metric: {out['metric']!r} is not a metric the runs report every epoch; "
-                          f"one of: {_epoch_metric_list()}")
-    bad = [k for k in out["mutate"] if k not in keys]
-    if bad or not out["mutate"]:
-        raise _err(where, f"pbt.mutate: {bad or out['mutate']!r}: expected keys of space ({', '.join(keys) or 'empty'})")
-    if base["scaling"]["num_workers"] != 0:
-        raise _err(where, "pbt: needs in-process trials (scaling.num_workers=0): trials hand each other their "
-                          "checkpoints through Tune")
-    kcd_on = base["kcd"]["enabled"] or (base.get("selection") or {}).get("strategy") == "kcd"
-    if kcd_on and base["kcd"]["summary"]:
-        raise _err(where, "pbt: set kcd.summary=false: KCD's summary blends live in each trial's run folder and do "
-                          "not travel with an exploited checkpoint")
-    return out
 
 
 def check_before_ray(sw: Sweep) -> None:

@@ -52,6 +52,7 @@ def trial_config(config: dict, payload: dict, trial_id: str) -> Config:
     data["run"]["sweep"] = payload["name"]  # run.trackers: trials tagged and grouped by sweep (engine/trackers.py)
     if payload.get("pbt"):  # an exploited trial continues another trial's checkpoint under a perturbed config
         data["run"]["resume"] = "force"
+    data["scaling"].update(payload.get("scaling") or {})  # trials_at_once: each trial's share of the machine
     if data["scaling"]["num_workers"] == 0 and not data["optim"]["threads"]:
         # In-process trials share the machine: each gets the threads of its CPU reservation (as a Train worker
         # does), not one per core of the machine.
@@ -81,6 +82,9 @@ def _trial(config: dict, payload: dict) -> None:
             return
     final = {k: summary[k] for k in SUMMARY_KEYS if k in summary}
     final.update(top1=summary["final_top1"], epoch=summary["epochs"] - 1, run_dir=str(summary.get("run_dir", "")))
+    if "final_val_top1" in summary:  # the per-epoch names end the trial at their last epoch's values
+        final.update(val_top1=summary["final_val_top1"], val_top5=summary["final_val_top5"],
+                     val_loss=summary["final_val_loss"])
     tune.report(final)
 
 
@@ -118,14 +122,39 @@ def _wants_gpu(cfg: Config, cluster: dict) -> bool:
     return use_gpu(cfg.scaling, gpus=float(cluster.get("GPU", 0)))
 
 
-def trial_resources(cfg: Config, trial_cpus: float, cluster: dict) -> dict:
-    """What Tune reserves per trial: only its driver; Train V2 places the workers in their own group."""
+def share_of(cluster: dict, trials_at_once: int, data_cpus: float) -> dict:
+    """Each of ``trials_at_once`` trials' share of the machine: the CPUs left after one Ray Data task per trial,
+    and the GPUs, split evenly (fractional: several small students share a GPU)."""
+    n = max(1, int(trials_at_once))
+    cpus = max(0.1, (float(cluster.get("CPU", 1)) - n * data_cpus) / n)
+    return {"cpu": round(cpus, 3), "gpu": round(float(cluster.get("GPU", 0)) / n, 3)}
+
+
+def trial_resources(cfg: Config, trial_cpus: float, cluster: dict, trials_at_once: int = 0) -> dict:
+    """What Tune reserves per trial: only its driver (Train V2 places the workers in their own group), or, for
+    in-process trials, the loop's share: ``scaling.cpus_per_worker`` (and a GPU), or with ``trials_at_once`` the
+    machine split between that many trials."""
     if cfg.scaling.num_workers == 0:  # the loop runs inside the trial itself
+        if trials_at_once:
+            share = share_of(cluster, trials_at_once, cfg.scaling.data_cpus)
+            return share if _wants_gpu(cfg, cluster) else {"cpu": share["cpu"]}
         res = {"cpu": cfg.scaling.cpus_per_worker}
         if _wants_gpu(cfg, cluster):
             res["gpu"] = cfg.scaling.gpus_per_worker
         return res
     return {"cpu": trial_cpus}
+
+
+def trial_scaling(cfg: Config, sw: Sweep, cluster: dict) -> dict:
+    """``scaling`` keys each trial runs with when ``trials_at_once`` splits the machine: an in-process trial's loop
+    gets its share's CPUs (and GPU fraction); a trial's Train workers split the share left after its driver."""
+    if not sw.trials_at_once:
+        return {}
+    share = share_of(cluster, sw.trials_at_once, cfg.scaling.data_cpus)
+    gpu = _wants_gpu(cfg, cluster) and share["gpu"] > 0
+    n = max(1, cfg.scaling.num_workers)
+    cpus = share["cpu"] if cfg.scaling.num_workers == 0 else max(0.1, share["cpu"] - sw.trial_cpus)
+    return {"cpus_per_worker": round(cpus / n, 3), **({"gpus_per_worker": round(share["gpu"] / n, 3)} if gpu else {})}
 
 
 def derive_concurrency(cfg: Config, trial_cpus: float, cluster: dict) -> int:
@@ -172,7 +201,11 @@ def _search_alg(sw: Sweep, baseline: dict | None, max_concurrent: int):
     except ImportError:
         raise ConfigError(f"{sw.source}: search: optuna needs the optuna package (pip install 'kcd_ray[optuna]'); "
                           "or use search: grid or random") from None
-    searcher = OptunaSearch(metric=sw.metric, mode=sw.mode, seed=sw.seed)
+    if sw.objectives:  # several objectives: Optuna's NSGA-II sampler searches the front
+        searcher = OptunaSearch(metric=[m for m, _ in sw.objectives], mode=[d for _, d in sw.objectives],
+                                sampler=optuna.samplers.NSGAIISampler(seed=sw.seed))
+    else:
+        searcher = OptunaSearch(metric=sw.metric, mode=sw.mode, seed=sw.seed)
     from kcd_ray.ray_layer.tune.searchers import BaselineFirst
 
     return BaselineFirst(searcher, baseline) if baseline else searcher
@@ -328,10 +361,11 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
 
         ensure_teacher_cache(base_plan, verbose=base_cfg.run.verbose > 0)
     cluster = ray.cluster_resources()
-    max_conc = sw.max_concurrent_trials or derive_concurrency(base_cfg, sw.trial_cpus, cluster)
-    payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": sw.runs_location, "pbt": sw.pbt}
+    max_conc = sw.trials_at_once or sw.max_concurrent_trials or derive_concurrency(base_cfg, sw.trial_cpus, cluster)
+    payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": sw.runs_location, "pbt": sw.pbt,
+               "scaling": trial_scaling(base_cfg, sw, cluster)}
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),
-                                    trial_resources(base_cfg, sw.trial_cpus, cluster))
+                                    trial_resources(base_cfg, sw.trial_cpus, cluster, sw.trials_at_once))
 
     if resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=tune_fs):
         print(f"[kcd_ray] restoring sweep {sw.name} from {sw.remote or sw.folder}", flush=True)
