@@ -16,7 +16,8 @@ from kcd_ray.sweeps.space import apply_values, parse_space
 from kcd_ray.engine.engine import ENGINE_COLUMNS
 from kcd_ray.sweeps.metrics import SUMMARY_KEYS, epoch_metrics, is_epoch_metric, is_reported_metric
 from kcd_ray.sweeps.spec import load_sweep, split_overrides
-from kcd_ray.ray_layer.tune.sweep import derive_concurrency, trial_config, trial_resources
+from kcd_ray.ray_layer.tune.resources import derive_concurrency, trial_resources
+from kcd_ray.ray_layer.tune.sweep import trial_config
 
 BASE = {"data": {"name": "digits", "image_size": 16, "val_fraction": 0.2}, "optim": {"epochs": 2}}
 
@@ -308,8 +309,9 @@ def test_two_trial_sweep_and_report(tmp_path, ray_session):
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session):
-    """scaling.num_workers=0: each trial runs fit() in its own process, as a run does, and reports each epoch."""
+def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session, capsys):
+    """scaling.num_workers=0: each trial runs fit() in its own process, as a run does, and reports each epoch. A
+    grid over budgets x strategies leaves out the points a strategy cannot reach (plain KD at 0.75)."""
     from kcd_ray.models import build_model, save_model
     from kcd_ray.ray_layer.tune.sweep import run_sweep
 
@@ -322,15 +324,21 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session):
                  "optim": {"epochs": epochs, "batch_size": 128, "eval_batch_size": 512},
                  "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
                  "run": {"verbose": 0}, "distill": {"teacher": str(teacher)}, "kcd": {"interval": 1, "stages": 1}},
-        "space": {"kcd.rho": [0.5, 0.7]},
-        "metric": "best_top1",
+        "space": {"selection.strategy": ["kcd", "none"], "selection.budget": [0.75, 1.0]},
+        "metric": "best_top1", "select_on_test": True,
         "asha": {"grace_period": epochs},  # ASHA runs on the per-epoch results, and stops nothing here
     }
     folder = run_sweep(sweep)
+    assert "left out selection.strategy=none, selection.budget=0.75: selection.budget: 0.75 is not what" in \
+        capsys.readouterr().out
     res = report(folder)
-    assert len(res["rows"]) == 2 and all(r["status"] == "done" for r in res["rows"]), res["text"]
+    assert len(res["rows"]) == 3 and all(r["status"] == "done" for r in res["rows"]), res["text"]
     summaries = [json.loads(p.read_text()) for p in sorted((folder / "runs").glob("*/summary.json"))]
-    assert sorted(s["config"]["kcd"]["rho"] for s in summaries) == [0.5, 0.7]
+    points = sorted((s["strategy"], s["budget"]) for s in summaries)
+    assert points == [("kcd", 0.75), ("kcd", 1.0), ("none", 1.0)]
+    assert all(abs(s["compute_ratio"] - s["budget"]) <= 0.02 for s in summaries), summaries
+    assert sorted(s["config"]["kcd"]["rho"] for s in summaries if s["strategy"] == "kcd")[1] == 1.0
+    assert any(f.name.startswith("best_config_budget0.75") for f in folder.iterdir())
     assert all(s["epochs"] == epochs and s["config"]["optim"]["threads"] == 1 for s in summaries)
     for trial in (folder / "tune").glob("*/result.json"):
         results = [json.loads(line) for line in trial.read_text().splitlines()]
@@ -339,7 +347,7 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session):
         assert "final_top1" in results[-1] and all("top1" in r and "best_top1" in r for r in results)
     # The metric names load_sweep accepts are what a run's rows hold (numeric keys; loss terms by prefix).
     rows = [json.loads(line) for s in summaries for line in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * epochs
+    assert len(rows) == 3 * epochs
     for row in rows:
         numeric = {k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         assert all(is_epoch_metric(k) for k in numeric), sorted(k for k in numeric if not is_epoch_metric(k))

@@ -256,6 +256,17 @@ class SelectionConfig(OpenSection):
                                                           "or a registered strategy (kcd-ray config --list "
                                                           "shows each one's section)")
     seed: Optional[int] = _f(None, help="seed of the strategies' per-epoch draws; None = optim.seed")
+    budget: Optional[float] = _f(None, gt=0.0, le=1.0, help="the run's target compute as a fraction of plain KD's "
+                                                            "FLOPs over the same epochs (the compute ledger's count); "
+                                                            "the strategy sets its own parameter from it before "
+                                                            "training (kcd: kcd.rho; random: the fraction; infobatch, "
+                                                            "unixkd: their ratio); None = as configured")
+    budget_key: str = _f("", help="the parameter a budget sets when the strategy has several (kcd: kcd.rho, or "
+                                  "kcd.stages to keep rho); '' = the strategy's first")
+    teacher_paid: bool = _f(False, help="with a teacher-output cache: count the teacher's forwards as already paid "
+                                        "(a cache built once for many runs): compute ratios and budgets then count "
+                                        "the student's FLOPs against plain KD's student FLOPs; false: every teacher "
+                                        "output a trained row uses costs a teacher forward, cached or not")
     extensions: dict = extensions_field("strategies")
 
 

@@ -77,6 +77,15 @@ class Condenser(SelectionStrategy):
         return trained, offline
 
     @classmethod
+    def budget_knobs(cls, cfg, num_train: int) -> list:
+        from kcd_ray.engine.plan.budget import Knob
+
+        epochs = int(cfg.optim.epochs)
+        return [Knob("kcd.rho", 1.0 / max(num_train, 1), 1.0,
+                     hint="kcd.interval, kcd.stages or kcd.warmup (fewer full-set epochs before it shrinks)"),
+                Knob("kcd.stages", 1, max(1, epochs), integer=True, hint="kcd.rho or kcd.interval")]
+
+    @classmethod
     def check(cls, cfg) -> None:
         k = cfg.kcd
         if k.estep == "offline" and k.value_fn == "kd" and k.value_T is None and is_learned(cfg.distill.temperature):
@@ -91,10 +100,12 @@ class Condenser(SelectionStrategy):
         return self.state.kept if self.state.version else None
 
     def pop_compute_counts(self) -> dict:
-        """Extra forward passes for the compute ledger: the offline E-step's student (and teacher) forwards."""
+        """Extra forward passes for the compute ledger: the offline E-step's student forwards, the teacher forwards
+        it ran and the teacher outputs it used (a cache serves some of them)."""
         n, self._offline_passes = self._offline_passes, 0
         t, self._offline_teacher = self._offline_teacher, 0
-        return {"student_forward_only": n, "teacher_forward": t if getattr(self.value_fn, "needs_teacher", False) else 0}
+        teacher = getattr(self.value_fn, "needs_teacher", False)
+        return {"student_forward_only": n, "teacher_forward": t if teacher else 0, "teacher_output": n if teacher else 0}
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

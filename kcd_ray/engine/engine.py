@@ -323,6 +323,15 @@ class Engine:
         plan = self.ctx.plan
         return plan.selection.info if plan is not None else strategy_class(self.cfg, self.ctx.kind).info(self.cfg)
 
+    def _planned(self) -> dict:
+        """The plan's compute figures for the summary: planned_compute_ratio, and a budget with what it set."""
+        plan = self.ctx.plan
+        if plan is None:
+            return {}
+        sel = plan.selection
+        budget = {"budget": sel.budget, "budget_resolved": dict(sel.resolved)} if sel.budget is not None else {}
+        return {"planned_compute_ratio": plan.compute.planned_compute_ratio, **budget}
+
     def run(self, train_batches: Batches, test_batches: Callable[[], Iterable[dict]],
             val_batches: Optional[Callable[[], Iterable[dict]]] = None) -> Optional[dict]:
         """Train from ``start_epoch`` to the end; rank 0 returns the summary, other ranks None. ``val_batches``: the
@@ -340,7 +349,7 @@ class Engine:
         if self.ctx.is_chief and self.history:
             summary = summarize(self.history, kind=self.ctx.kind, num_train=self.parts.num_train,
                                 epochs=self.cfg.optim.epochs, run_dir=self.ctx.run_dir.where, config=to_dict(self.cfg),
-                                strategy_info=self._strategy_info(), select=self.select)
+                                strategy_info=self._strategy_info(), select=self.select, planned=self._planned())
         self._each("end_run", summary)
         return summary
 

@@ -5,8 +5,13 @@ Counted (over all ranks):
 - student forward+backward sample-passes: the engine's ``samples_seen`` / ``sample_passes`` (the trained rows);
 - student forward-only passes: whatever a hook reports through ``pop_compute_counts()`` (UNIXKD's ranking
   forward over each candidate batch, KCD's offline E-step over all N samples);
-- teacher forward passes: the rows of every step whose output carries teacher logits, plus hooks' reports
-  (the offline E-step with a teacher-based value function). A teacher-output cache would simply report fewer.
+- teacher forward passes: the teacher forwards run, on the rows of every step whose output carries teacher logits
+  that the teacher-output cache did not serve, plus hooks' reports (the offline E-step with a teacher-based value
+  function);
+- teacher outputs used: the same rows, cached or not. The FLOPs count a teacher forward for each output used,
+  so a cached run's compute ratio is the one it would have without the cache (the cache saves wall time, which a
+  sweep of many runs shares); ``selection.teacher_paid`` counts a cache's forwards as paid once for all the runs
+  it serves and leaves the teacher out of the run's FLOPs and of plain KD's.
 
 FLOPs per sample are measured once, with ``torch.utils.flop_counter.FlopCounterMode`` on a meta-device copy of
 each network (no memory, no random draws, no effect on the run) at the first trained batch's input size: the
@@ -14,10 +19,12 @@ student's forward and backward (train mode) and the teacher's forward (eval mode
 of theirs: a "teacher forward" of a row is one pass through every teacher). Connectors, loss terms, optimiser and
 data work are not counted: an estimate of the dominant cost.
 
-Row fields: ``student_forward_only_samples``, ``teacher_forward_samples``, ``flops`` (this epoch);
-``student_forward_only_passes``, ``teacher_forward_passes``, ``flops_total`` (cumulative);
+Row fields: ``student_forward_only_samples``, ``teacher_forward_samples``, ``teacher_output_samples``, ``flops``
+(this epoch); ``student_forward_only_passes``, ``teacher_forward_passes``, ``teacher_output_passes``,
+``flops_total`` (cumulative);
 ``flops_student_forward``, ``flops_student_backward``, ``flops_teacher_forward`` (per sample);
-``compute_ratio`` (FLOPs against plain KD: every sample, every epoch, with the same networks) and
+``compute_ratio`` (FLOPs against plain KD: every sample, every epoch, with the same networks; what
+``selection.budget`` targets) and
 ``sample_pass_ratio`` (trained sample-passes against plain KD's, the former ``compute_ratio``); ``strategy``.
 """
 
@@ -33,9 +40,9 @@ from kcd_ray.engine.hooks import HOOKS, Hook
 from kcd_ray.engine.metrics import say
 from kcd_ray.engine.selection.base import resolve_strategy
 
-LEDGER_FIELDS = ("student_forward_only_samples", "teacher_forward_samples", "flops", "student_forward_only_passes",
-                 "teacher_forward_passes", "flops_total", "flops_student_forward", "flops_student_backward",
-                 "flops_teacher_forward", "sample_pass_ratio")
+LEDGER_FIELDS = ("student_forward_only_samples", "teacher_forward_samples", "teacher_output_samples", "flops",
+                 "student_forward_only_passes", "teacher_forward_passes", "teacher_output_passes", "flops_total",
+                 "flops_student_forward", "flops_student_backward", "flops_teacher_forward", "sample_pass_ratio")
 
 
 def _meta_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -105,8 +112,9 @@ class ComputeLedger(Hook):
 
     def __init__(self):
         self.per_sample: Optional[dict] = None  # {"student_forward", "student_backward", "teacher_forward"}
-        self.totals = {"student_forward_only_passes": 0, "teacher_forward_passes": 0, "flops_total": 0.0}
-        self._teacher = 0
+        self.totals = {"student_forward_only_passes": 0, "teacher_forward_passes": 0, "teacher_output_passes": 0,
+                       "flops_total": 0.0}
+        self._teacher = self._outputs = 0  # teacher forwards run here; teacher outputs used (cached ones too)
         self._loaded = False
         self._backfill = 0  # trained samples of epochs before a resume from a checkpoint without a ledger
 
@@ -115,7 +123,7 @@ class ComputeLedger(Hook):
 
     def load_state_dict(self, state: dict) -> None:
         self.per_sample = state.get("per_sample")
-        self.totals = dict(state["totals"])
+        self.totals = {"teacher_output_passes": state["totals"].get("teacher_forward_passes", 0), **state["totals"]}
         self._loaded = True
 
     def before_run(self, engine, start_epoch: int) -> None:
@@ -145,18 +153,25 @@ class ComputeLedger(Hook):
         if self.per_sample is None:
             self.per_sample = self.measure(engine, tuple(batch["image"].shape[1:]))
         if output.teacher_logits is not None:  # rows the teacher saw: with a cache, only the uncached (blends)
+            rows = int(batch["label"].shape[0])
             missing = batch.get("t_missing_cpu")
-            self._teacher += int(batch["label"].shape[0]) if missing is None else int(missing.sum())
+            self._teacher += rows if missing is None else int(missing.sum())
+            self._outputs += rows
 
-    def after_epoch(self, engine, epoch: int, row: dict) -> None:
-        fwd_only, teacher = 0, self._teacher
-        self._teacher = 0
+    def _counts(self, engine) -> tuple[int, int, int]:
+        """(student forward-only passes, teacher forwards run, teacher outputs used) of this epoch, every rank's."""
+        fwd_only, teacher, outputs = 0, self._teacher, self._outputs
+        self._teacher = self._outputs = 0
         for h in engine.hooks:
             if h is not self:
                 c = h.pop_compute_counts() or {}
                 fwd_only += int(c.get("student_forward_only", 0))
                 teacher += int(c.get("teacher_forward", 0))
-        fwd_only, teacher = (int(v) for v in D.all_sum([fwd_only, teacher], engine.device))
+                outputs += int(c.get("teacher_output", c.get("teacher_forward", 0)))
+        return tuple(int(v) for v in D.all_sum([fwd_only, teacher, outputs], engine.device))
+
+    def after_epoch(self, engine, epoch: int, row: dict) -> None:
+        fwd_only, teacher, outputs = self._counts(engine)
         if self.per_sample is None:  # this rank trained no batch: the model's own input size
             d = engine.distiller
             self.per_sample = self.measure(engine, (getattr(d, "in_channels", 3), d.image_size, d.image_size))
@@ -165,23 +180,28 @@ class ComputeLedger(Hook):
         if self._backfill:  # those epochs as plain training steps (forward-only passes unknown: none counted)
             with_teacher = self._backfill if ps["teacher_forward"] > 0 else 0
             t["teacher_forward_passes"] += with_teacher
+            t["teacher_output_passes"] += with_teacher
             t["flops_total"] += self._backfill * (ps["student_forward"] + ps["student_backward"]) \
                 + with_teacher * ps["teacher_forward"]
             self._backfill = 0
+        # selection.teacher_paid (a shared cache's forwards as already paid): the teacher is in neither side
+        tf = 0.0 if engine.cfg.selection.teacher_paid else ps["teacher_forward"]
         trained = int(row["samples_seen"])
         flops = trained * (ps["student_forward"] + ps["student_backward"]) + fwd_only * ps["student_forward"] \
-            + teacher * ps["teacher_forward"]
+            + outputs * tf
         t["student_forward_only_passes"] += fwd_only
         t["teacher_forward_passes"] += teacher
+        t["teacher_output_passes"] += outputs
         t["flops_total"] += flops
         n_ref = engine.parts.num_train * (epoch + 1)
         sample_ratio = row["sample_passes"] / max(n_ref, 1)
-        kd_per_sample = ps["student_forward"] + ps["student_backward"] + ps["teacher_forward"]
+        kd_per_sample = ps["student_forward"] + ps["student_backward"] + tf
         row.update(
             strategy=resolve_strategy(engine.cfg, engine.ctx.kind),
-            student_forward_only_samples=fwd_only, teacher_forward_samples=teacher, flops=flops,
-            student_forward_only_passes=t["student_forward_only_passes"],
-            teacher_forward_passes=t["teacher_forward_passes"], flops_total=t["flops_total"],
+            student_forward_only_samples=fwd_only, teacher_forward_samples=teacher, teacher_output_samples=outputs,
+            flops=flops, student_forward_only_passes=t["student_forward_only_passes"],
+            teacher_forward_passes=t["teacher_forward_passes"], teacher_output_passes=t["teacher_output_passes"],
+            flops_total=t["flops_total"],
             flops_student_forward=ps["student_forward"], flops_student_backward=ps["student_backward"],
             flops_teacher_forward=ps["teacher_forward"], sample_pass_ratio=sample_ratio,
             compute_ratio=t["flops_total"] / (n_ref * kd_per_sample) if kd_per_sample > 0 else sample_ratio,

@@ -88,9 +88,10 @@ def _validation(history: list[dict]) -> dict:
 
 
 def summarize(history: list[dict], *, kind: str, num_train: int, epochs: int, run_dir: str, config: dict,
-              strategy_info: dict | None = None, select: str = "top1") -> dict:
+              strategy_info: dict | None = None, select: str = "top1", planned: dict | None = None) -> dict:
     """The run's summary.json: final and best figures on test (and on validation, with a validation split), the
-    epoch ``select`` picks (``selected_*``: best_model.pt), the compute ledger's totals, what trained it."""
+    epoch ``select`` picks (``selected_*``: best_model.pt), the compute ledger's totals, what trained it;
+    ``planned``: the run plan's figures (``planned_compute_ratio``, the budget and what it resolved to)."""
     if not history:
         raise ValueError("no epochs recorded: nothing to summarise")
     best = max(history, key=lambda m: m["top1"])
@@ -99,11 +100,14 @@ def summarize(history: list[dict], *, kind: str, num_train: int, epochs: int, ru
     full = int(num_train) * int(epochs)
     sample_ratio = passes / full if full else 0.0
     # The compute ledger (kcd_ray.engine.ledger): compute_ratio is FLOPs against plain KD (every sample, every
-    # epoch, the same networks); without the ledger's fields (older runs) it is the sample-pass ratio.
-    per_kd = sum(float(last.get(k) or 0.0) for k in ("flops_student_forward", "flops_student_backward",
-                                                     "flops_teacher_forward"))
+    # epoch, the same networks; the teacher left out of both with selection.teacher_paid); without the ledger's
+    # fields (older runs) it is the sample-pass ratio.
+    paid = bool((config.get("selection") or {}).get("teacher_paid"))
+    per_kd = sum(float(last.get(k) or 0.0) for k in ("flops_student_forward", "flops_student_backward")
+                 + (() if paid else ("flops_teacher_forward",)))
     full_flops = full * per_kd
-    ledger = {k: last[k] for k in ("student_forward_only_passes", "teacher_forward_passes", "flops_total",
+    ledger = {k: last[k] for k in ("student_forward_only_passes", "teacher_forward_passes", "teacher_output_passes",
+                                    "flops_total",
                                     "flops_student_forward", "flops_student_backward", "flops_teacher_forward")
               if k in last}
     return {
@@ -117,6 +121,7 @@ def summarize(history: list[dict], *, kind: str, num_train: int, epochs: int, ru
         "full_sample_passes": full,
         "compute_ratio": last["flops_total"] / full_flops if "flops_total" in last and full_flops > 0 else sample_ratio,
         "sample_pass_ratio": sample_ratio,
+        **(planned or {}),
         **ledger,
         "full_flops": full_flops,
         "strategy": last.get("strategy", (strategy_info or {}).get("name", "none")),

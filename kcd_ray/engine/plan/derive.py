@@ -7,6 +7,7 @@ the ``SelectionStrategy`` subclass, the ``Curriculum`` subclass), never its name
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -75,7 +76,8 @@ def plan_selection(cfg: Config, kind: str, num_train: int) -> SelectionPlan:
     return SelectionPlan(name=cls.name, cls=cls, info=cls.info(cfg), params=section_values(cfg, cls.config_sections(cfg)),
                          images_made=cls.images_made(cfg) if kind == "distill" else "",
                          feed_batch_size=cls.feed_batch_size(cfg) if kind == "distill" else int(cfg.optim.batch_size),
-                         trained=tuple(float(x) for x in trained), forward_only=tuple(float(x) for x in fwd_only))
+                         trained=tuple(float(x) for x in trained), forward_only=tuple(float(x) for x in fwd_only),
+                         forward_only_teacher=kind == "distill" and cls.scores_with_teacher_offline(cfg))
 
 
 def cache_reason(cfg: Config, kind: str, selection: SelectionPlan) -> Optional[str]:
@@ -147,18 +149,50 @@ def plan_resources(cfg: Config) -> ResourcePlan:
                         placement=sc.placement_strategy)
 
 
-def plan_compute(selection: SelectionPlan, flops: tuple[float, float, float], cached: bool) -> ComputePlan:
-    """Expected compute against plain KD over the same epochs: per epoch, the trained share pays a student
-    forward and backward (and, without a cache, a teacher forward), the forward-only share a student forward."""
+def plan_compute(selection: SelectionPlan, flops: tuple[float, float, float], teacher_paid: bool) -> ComputePlan:
+    """Expected compute against plain KD over the same epochs, as the compute ledger counts it: per epoch, the
+    trained share pays a student forward and backward and a teacher forward (cached or not; ``teacher_paid``: the
+    teacher is left out of both), the forward-only share a student forward (and the teacher's, when those passes
+    score with the teacher)."""
     sf, sb, tf = (float(x) for x in flops)
     trained, fwd = np.asarray(selection.trained), np.asarray(selection.forward_only)
     epochs = max(len(trained), 1)
     sample_ratio = float(trained.sum() / epochs)
-    per_kd = sf + sb + tf
-    teacher = 0.0 if cached else tf
-    ratio = float((trained * (sf + sb + teacher) + fwd * sf).sum() / (epochs * per_kd)) if per_kd > 0 else sample_ratio
+    teacher = 0.0 if teacher_paid else tf
+    per_kd = sf + sb + teacher
+    per_fwd = sf + (teacher if selection.forward_only_teacher else 0.0)
+    ratio = float((trained * per_kd + fwd * per_fwd).sum() / (epochs * per_kd)) if per_kd > 0 else sample_ratio
     return ComputePlan(student_forward=sf, student_backward=sb, teacher_forward=tf, planned_compute_ratio=ratio,
                        planned_sample_ratio=sample_ratio)
+
+
+def teacher_paid(cfg: Config, cache) -> bool:
+    """``selection.teacher_paid``: only with a teacher-output cache (without one, every run pays its teacher)."""
+    if cfg.selection.teacher_paid and cache is None:
+        raise ConfigError("selection.teacher_paid: counts a teacher-output cache's forwards as already paid; this run "
+                          "has none (distill.cache=off, or one it cannot use): set distill.cache=exact or drop it")
+    return bool(cfg.selection.teacher_paid)
+
+
+def apply_budget(cfg: Config, kind: str, data: DataPlan, flops: tuple) -> tuple[Config, dict]:
+    """``selection.budget`` turned into its strategy's parameter (``kcd_ray.engine.plan.budget``): the config to
+    run and {key: value} it set; the config as it is without a budget."""
+    if kind != "distill" or cfg.selection.budget is None:
+        return cfg, {}
+    from kcd_ray.engine.plan.budget import resolve_budget
+
+    if cfg.curriculum.name != "none":
+        raise ConfigError(f"selection.budget: with curriculum.name={cfg.curriculum.name} the student grows by grade "
+                          "and its compute is not planned; set the strategy's own parameter (e.g. kcd.rho) instead")
+    cls = strategy_class(cfg, kind)
+    cached = plan_cache(cfg, kind, data, plan_selection(cfg, kind, data.num_train))[0]
+    paid = teacher_paid(cfg, cached)
+
+    def ratio_of(c: Config) -> float:
+        return plan_compute(plan_selection(c, kind, data.num_train), flops, paid).planned_compute_ratio
+
+    cfg, resolved, _ = resolve_budget(cfg, cls, cls.budget_knobs(cfg, data.num_train), ratio_of)
+    return cfg, resolved
 
 
 def derive_plan(cfg: Config, kind: str, *, data: DataPlan, folder: FolderPlan, hooks: tuple = (),
@@ -168,13 +202,16 @@ def derive_plan(cfg: Config, kind: str, *, data: DataPlan, folder: FolderPlan, h
         raise ValueError(f"kind: {kind!r} is not one of: {', '.join(KINDS)}")
     check_curriculum(cfg, kind)
     resources = plan_resources(cfg)
+    cfg, resolved = apply_budget(cfg, kind, data, flops)
     selection = plan_selection(cfg, kind, data.num_train)
+    if cfg.selection.budget is not None and kind == "distill":
+        selection = dataclasses.replace(selection, budget=cfg.selection.budget, resolved=resolved)
     cache, cache_note = plan_cache(cfg, kind, data, selection)
     teacher = plan_teacher(cfg, kind, selection, cache, to_train)
     if cache_note and cache is None:
         teacher = TeacherPlan(**{**teacher.__dict__, "note": cache_note})
     return RunPlan(cfg=cfg, kind=kind, data=data, folder=folder, teacher=teacher, selection=selection,
-                   compute=plan_compute(selection, flops, cached=cache is not None),
+                   compute=plan_compute(selection, flops, teacher_paid(cfg, cache)),
                    inputs=plan_inputs(cfg, kind, data, resources.use_gpu), resources=resources,
                    select=plan_select(cfg, data), cache=cache,
                    cache_note=cache_note, hooks=tuple(hooks))
@@ -183,11 +220,19 @@ def derive_plan(cfg: Config, kind: str, *, data: DataPlan, folder: FolderPlan, h
 def local_plan(cfg: Config, kind: str, data_dir, run_dir=None, *, teacher_cache: Optional[CacheSpec] = None,
                hooks: tuple = ()) -> RunPlan:
     """A plan for a run driven in this process without a driver (tests, benchmarks): the data set at
-    ``data_dir``, a new run in ``run_dir``, no FLOPs measured; ``teacher_cache`` stands for a built cache."""
+    ``data_dir``, a new run in ``run_dir``; ``teacher_cache`` stands for a built cache."""
+    from kcd_ray.engine.plan.prepare import measure_flops
+
     data = data_plan(data_dir, cfg.data.augment)
     path = str(Path(run_dir)) if run_dir is not None else ""
-    plan = derive_plan(cfg, kind, data=data, folder=FolderPlan(name=Path(path).name, path=path, remote="",
-                                                                     start="new"), hooks=hooks)
+    teachers = None
+    if kind == "distill" and cfg.curriculum.name == "none":  # FLOPs are an estimate: the engine names a bad file
+        try:
+            teachers = method_class(cfg, kind).load_teachers(cfg, data.num_classes)
+        except (ConfigError, OSError):
+            pass
+    plan = derive_plan(cfg, kind, data=data, folder=FolderPlan(name=Path(path).name, path=path, remote="", start="new"),
+                       hooks=hooks, flops=measure_flops(cfg, kind, data.num_classes, data.image_shape, teachers))
     if teacher_cache is not None:
         in_loop = plan.selection.images_made == "rows"
         plan = plan.replace(cache=teacher_cache, teacher=TeacherPlan(**{**plan.teacher.__dict__, "in_loop": in_loop}))

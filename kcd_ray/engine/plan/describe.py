@@ -70,11 +70,14 @@ def describe_plan(plan: RunPlan) -> str:
         f"kcd-ray {plan.kind} plan (dry run: nothing trained, Ray not started)",
         _run_line(plan),
         f"model      {cfg.model}, {cfg.optim.epochs} epochs, batch {s.feed_batch_size} per worker; {what}",
-        f"data       {d.name}: {d.num_train} train / {d.num_test} test images, {d.num_classes} classes, "
+        f"data       {d.name}: {d.num_train} train / " + (f"{d.num_val} validation / " if d.num_val else "")
+        + f"{d.num_test} test images, {d.num_classes} classes, "
         f"{h}x{w}x{ch}, augment {d.augment} on {plan.inputs.augment_on}, shuffle {plan.inputs.shuffle}",
         *_teacher_lines(plan),
         f"strategy   {s.info.get('label', s.name)}" + (f" ({params})" if params else ""),
         f"           planned trained share per epoch: {_fractions(s.trained)}",
+        *([f"budget     selection.budget={s.budget:g} of plain KD's compute sets "
+           + ", ".join(f"{k}={v}" for k, v in s.resolved.items())] if s.budget is not None else []),
         f"compute    expected compute ratio {c.planned_compute_ratio:.3f} of plain KD's FLOPs (sample-pass ratio "
         f"{c.planned_sample_ratio:.3f}); per sample: student {_mflops(c.student_forward + c.student_backward)} "
         f"forward+backward, teacher {_mflops(c.teacher_forward)} forward",
@@ -92,5 +95,6 @@ def plan_summary(plan: RunPlan) -> dict:
     return {"strategy": plan.selection.name, "params": plan.selection.params,
             "planned_compute_ratio": plan.compute.planned_compute_ratio,
             "planned_sample_ratio": plan.compute.planned_sample_ratio,
+            "budget": plan.selection.budget, "budget_resolved": dict(plan.selection.resolved),
             "teacher_in_loop": plan.teacher.in_loop, "teacher_note": plan.teacher.note,
             "data": storage.staged_from(plan.data.dir) or plan.data.dir, "run_folder": plan.folder.where}

@@ -71,6 +71,9 @@ class SelectionPlan:
     feed_batch_size: int  # rows per batch the data feed serves each worker
     trained: tuple  # planned share of the training set trained on, per epoch
     forward_only: tuple  # planned share run through the student forward-only, per epoch
+    forward_only_teacher: bool = False  # whether those passes use the teacher's outputs too (KCD's offline E-step)
+    budget: Optional[float] = None  # selection.budget, when the run has one
+    resolved: dict = field(default_factory=dict)  # {config key: value} the budget set
 
 
 @dataclass(frozen=True)

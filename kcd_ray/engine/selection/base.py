@@ -79,6 +79,12 @@ class SelectionStrategy(Hook):
         return np.ones(epochs), np.zeros(epochs)
 
     @classmethod
+    def budget_knobs(cls, cfg, num_train: int) -> list:
+        """The config keys a ``selection.budget`` may set (``kcd_ray.engine.plan.budget.Knob``), first the default;
+        none: the strategy's compute is what it is."""
+        return []
+
+    @classmethod
     def scores_with_teacher_offline(cls, cfg) -> bool:
         """Whether it runs the teacher over the un-augmented training set between epochs (KCD's offline E-step
         with a KD-based value): a teacher-output cache then also holds that view."""

@@ -85,6 +85,12 @@ class InfoBatch(SelectionStrategy):
     BELOW_MEAN = 0.5  # the planned share of samples whose last loss is below the mean (data-dependent)
 
     @classmethod
+    def budget_knobs(cls, cfg, num_train: int) -> list:
+        from kcd_ray.engine.plan.budget import Knob
+
+        return [Knob("selection.infobatch.ratio", 0.0, 0.9, hint="selection.infobatch.delta (the pruning epochs)")]
+
+    @classmethod
     def planned_fractions(cls, cfg, num_train: int) -> tuple[np.ndarray, np.ndarray]:
         """Epoch 0 trains on all (no sample has a score yet); pruning epochs drop ``r`` of the samples below the
         mean, planned as ``BELOW_MEAN`` of them; the annealing epochs train on all."""

@@ -52,6 +52,14 @@ class RandomSubset(SelectionStrategy):
         return ("selection.random", "selection.seed") + (("kcd",) if cfg.selection.random.follow_kcd_schedule else ())
 
     @classmethod
+    def budget_knobs(cls, cfg, num_train: int) -> list:
+        from kcd_ray.engine.plan.budget import Knob
+
+        if cfg.selection.random.follow_kcd_schedule:
+            return [Knob("kcd.rho", 1.0 / max(num_train, 1), 1.0, hint="kcd.interval, kcd.stages or kcd.warmup")]
+        return [Knob("selection.random.fraction", 1.0 / max(num_train, 1), 1.0)]
+
+    @classmethod
     def planned_fractions(cls, cfg, num_train: int) -> tuple[np.ndarray, np.ndarray]:
         sizes = planned_sizes(cfg, num_train)
         return sizes / float(num_train), np.zeros(len(sizes))

@@ -111,6 +111,14 @@ class UnixKD(SelectionStrategy):
         return unixkd_sizes(cfg.selection.unixkd, cfg.optim.batch_size)[0]
 
     @classmethod
+    def budget_knobs(cls, cfg, num_train: int) -> list:
+        from kcd_ray.engine.plan.budget import Knob
+
+        return [Knob("selection.unixkd.ratio", 1.0 / max(1, cfg.optim.batch_size), 1.0,
+                     hint="nothing: every candidate row pays a ranking forward, so UNIXKD costs at least a student "
+                          "forward per sample")]
+
+    @classmethod
     def planned_fractions(cls, cfg, num_train: int) -> tuple[np.ndarray, np.ndarray]:
         """Each candidate batch of B rows: k trained, B ranked forward-only."""
         cand, k, _ = unixkd_sizes(cfg.selection.unixkd, cfg.optim.batch_size)

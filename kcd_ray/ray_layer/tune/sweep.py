@@ -23,8 +23,12 @@ import math
 from pathlib import Path
 
 from kcd_ray.config import Config, ConfigError, config_from_dict
+from kcd_ray.ray_layer.tune.resources import derive_concurrency, trial_resources, trial_scaling
+from kcd_ray.sweeps.feasible import budget_problem, feasible_grid, has_budget, point_label
 from kcd_ray.sweeps.space import Dim, apply_values, base_point, grid_size
 from kcd_ray.sweeps.spec import SUMMARY_KEYS, Sweep, check_before_ray, load_sweep
+
+GRID_POINT = "grid_point"  # the one grid key of a sweep whose infeasible budget points were left out
 
 
 # --------------------------------------------------------------------------- trial side
@@ -41,7 +45,8 @@ def run_name(sweep_name: str, trial_id: str, variant: str | None) -> str:
 
 def trial_config(config: dict, payload: dict, trial_id: str) -> Config:
     """The kcd_ray Config one trial runs: base + sampled values, its own run folder under the sweep."""
-    values = {k: v for k, v in config.items() if k != "variant"}
+    values = {k: v for k, v in config.items() if k not in ("variant", GRID_POINT)}
+    values.update(config.get(GRID_POINT) or {})  # a grid of feasible budget points: one value holds the point
     variant = config.get("variant")
     data = apply_values(payload["base"], values)
     if variant == "kd":  # plain KD, whichever selection strategy the base recipe runs
@@ -67,6 +72,11 @@ def _trial(config: dict, payload: dict) -> None:
     from kcd_ray.ray_layer.trainer import fit
 
     cfg = trial_config(config, payload, tune.get_context().get_trial_id())
+    why = budget_problem(cfg, payload["kind"], payload["data"], payload["flops"]) if payload.get("data") else None
+    if why is not None:  # a sampled point its strategy cannot run at: no run, and no figure for the searcher
+        print(f"[kcd_ray] trial {tune.get_context().get_trial_id()}: not run: {why}", flush=True)
+        tune.report({**{m: float("nan") for m in payload["metrics"]}, "epoch": 0, "infeasible": why})
+        return
     # The same fit() as a run. Train workers' reports reach Tune through Train's callback; an in-process
     # run (num_workers=0) gets no Train callbacks, so an engine hook reports each epoch instead.
     if cfg.scaling.num_workers > 0:
@@ -111,64 +121,6 @@ def _take_over_checkpoint(cfg: Config) -> None:
     shutil.rmtree(target.with_name(target.name + ".prev"), ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-
-
-# --------------------------------------------------------------------------- resources
-
-
-def _wants_gpu(cfg: Config, cluster: dict) -> bool:
-    from kcd_ray.ray_layer.resources import use_gpu
-
-    return use_gpu(cfg.scaling, gpus=float(cluster.get("GPU", 0)))
-
-
-def share_of(cluster: dict, trials_at_once: int, data_cpus: float) -> dict:
-    """Each of ``trials_at_once`` trials' share of the machine: the CPUs left after one Ray Data task per trial,
-    and the GPUs, split evenly (fractional: several small students share a GPU)."""
-    n = max(1, int(trials_at_once))
-    cpus = max(0.1, (float(cluster.get("CPU", 1)) - n * data_cpus) / n)
-    return {"cpu": round(cpus, 3), "gpu": round(float(cluster.get("GPU", 0)) / n, 3)}
-
-
-def trial_resources(cfg: Config, trial_cpus: float, cluster: dict, trials_at_once: int = 0) -> dict:
-    """What Tune reserves per trial: only its driver (Train V2 places the workers in their own group), or, for
-    in-process trials, the loop's share: ``scaling.cpus_per_worker`` (and a GPU), or with ``trials_at_once`` the
-    machine split between that many trials."""
-    if cfg.scaling.num_workers == 0:  # the loop runs inside the trial itself
-        if trials_at_once:
-            share = share_of(cluster, trials_at_once, cfg.scaling.data_cpus)
-            return share if _wants_gpu(cfg, cluster) else {"cpu": share["cpu"]}
-        res = {"cpu": cfg.scaling.cpus_per_worker}
-        if _wants_gpu(cfg, cluster):
-            res["gpu"] = cfg.scaling.gpus_per_worker
-        return res
-    return {"cpu": trial_cpus}
-
-
-def trial_scaling(cfg: Config, sw: Sweep, cluster: dict) -> dict:
-    """``scaling`` keys each trial runs with when ``trials_at_once`` splits the machine: an in-process trial's loop
-    gets its share's CPUs (and GPU fraction); a trial's Train workers split the share left after its driver."""
-    if not sw.trials_at_once:
-        return {}
-    share = share_of(cluster, sw.trials_at_once, cfg.scaling.data_cpus)
-    gpu = _wants_gpu(cfg, cluster) and share["gpu"] > 0
-    n = max(1, cfg.scaling.num_workers)
-    cpus = share["cpu"] if cfg.scaling.num_workers == 0 else max(0.1, share["cpu"] - sw.trial_cpus)
-    return {"cpus_per_worker": round(cpus / n, 3), **({"gpus_per_worker": round(share["gpu"] / n, 3)} if gpu else {})}
-
-
-def derive_concurrency(cfg: Config, trial_cpus: float, cluster: dict) -> int:
-    """How many trials fit at once: driver + workers + one Ray Data task's CPUs (and the workers' GPUs).
-
-    Leaving room for a data task matters: trials that take every CPU starve Ray Data and hang (docs/methods/ray.md).
-    """
-    s = cfg.scaling
-    per_cpu = (s.cpus_per_worker if s.num_workers == 0 else trial_cpus + s.num_workers * s.cpus_per_worker) + s.data_cpus
-    n = math.floor(cluster.get("CPU", 0) / per_cpu + 1e-9)
-    if _wants_gpu(cfg, cluster):
-        per_gpu = s.gpus_per_worker * max(s.num_workers, 1)
-        n = min(n, math.floor(cluster.get("GPU", 0) / per_gpu + 1e-9))
-    return max(1, n)
 
 
 # --------------------------------------------------------------------------- searchers
@@ -226,12 +178,44 @@ def _pbt(sw: Sweep):
                                    synch=True)
 
 
-def _param_space(sw: Sweep) -> dict:
+def _param_space(sw: Sweep, points: list | None) -> dict:
+    """Tune's space: each dimension, or with ``points`` (the feasible grid points) one grid over them."""
+    from ray import tune
+
     from kcd_ray.engine.selection import strategy_class
 
     cfg = config_from_dict(sw.base)
     variant = "teacher" if sw.kind == "teacher" else strategy_class(cfg).info(cfg)["tag"]
+    if points is not None:
+        return {GRID_POINT: tune.grid_search(points), "variant": variant}
     return {**{d.key: to_tune(d) for d in sw.dims}, "variant": variant}
+
+
+def budget_points(sw: Sweep, base_plan) -> tuple[list | None, list]:
+    """(the grid points that can meet their budget, [(point, why not)]) for a grid sweep over grid keys with a
+    budget; (None, []) for any other sweep (its trials decide)."""
+    if sw.search != "grid" or sw.kind != "distill" or not has_budget(sw.dims, sw.base) or \
+            any(d.kind != "grid" for d in sw.dims):
+        return None, []
+    c = base_plan.compute
+    kept, skipped = feasible_grid(sw.dims, sw.base, sw.kind, base_plan.data,
+                                  (c.student_forward, c.student_backward, c.teacher_forward))
+    if not kept:
+        raise ConfigError(f"{sw.source}: no point of the grid can meet its selection.budget; the first: "
+                          f"{point_label(skipped[0][0])}: {skipped[0][1]}")
+    return kept, skipped
+
+
+def sweep_metrics(sw: Sweep) -> list[str]:
+    """Every metric Tune's searcher and scheduler read from a result."""
+    names = [sw.metric, *(m for m, _ in sw.objectives or ()), (sw.asha or {}).get("metric"), (sw.pbt or {}).get("metric")]
+    return list(dict.fromkeys(m for m in names if m))
+
+
+def _trial_count(sw: Sweep, points: list | None) -> int:
+    if points is not None:
+        return len(points) * sw.num_samples
+    return grid_size(sw.dims) * sw.num_samples if sw.search == "grid" else sw.num_samples
 
 
 # --------------------------------------------------------------------------- driver
@@ -250,7 +234,8 @@ def describe_sweep(sw: Sweep, base_plan) -> str:
     """``kcd-ray sweep --dry-run``: the sweep's trials, search and scheduler, then its base run's plan."""
     from kcd_ray.engine.plan import describe_plan
 
-    n = grid_size(sw.dims) * sw.num_samples if sw.search == "grid" else sw.num_samples
+    points, skipped = budget_points(sw, base_plan)
+    n = _trial_count(sw, points)
     scheduler = "ASHA on " + sw.asha["metric"] if sw.asha else ("PBT on " + sw.pbt["metric"] if sw.pbt else "none")
     lines = ["kcd-ray sweep plan (dry run: nothing trained, Ray not started)",
              f"sweep      {sw.name}: {n} trial(s){' + a plain-KD baseline' if sw.include_kd_baseline else ''}, "
@@ -259,6 +244,7 @@ def describe_sweep(sw: Sweep, base_plan) -> str:
              f"trials     at most {sw.max_concurrent_trials or 'as many as the cluster holds'} at once; "
              f"{sw.trial_cpus:g} CPU per trial driver"]
     lines += [f"space      {d.key}: {d.kind} {list(d.values)}" for d in sw.dims]
+    lines += [f"skipped    {point_label(p)}: {why}" for p, why in skipped]
     lines += ["base run (each trial changes the space's keys):"]
     lines += ["  " + line for line in describe_plan(base_plan).splitlines()[1:] if not line.startswith("run ")]
     return "\n".join(lines)
@@ -302,12 +288,16 @@ def _tune_storage(sw: Sweep) -> tuple[str, object]:
     return path, fs
 
 
-def _new_tuner(sw: Sweep, trainable, max_conc: int, verbose: int):
-    """A fresh Tune experiment for the sweep: its search, scheduler (ASHA or PBT) and storage."""
+def _new_tuner(sw: Sweep, trainable, max_conc: int, verbose: int, points: list | None = None):
+    """A fresh Tune experiment for the sweep: its search, scheduler (ASHA or PBT) and storage; ``points``: the
+    feasible grid points, when infeasible budget points were left out."""
     from ray import tune
 
     tune_path, tune_fs = _tune_storage(sw)
-    baseline = {**base_point(sw.dims, sw.base), "variant": "kd"} if sw.include_kd_baseline else None
+    baseline = None
+    if sw.include_kd_baseline:
+        at = base_point(sw.dims, sw.base)
+        baseline = {**({GRID_POINT: at} if points is not None else at), "variant": "kd"}
     num_samples = sw.num_samples + (1 if baseline else 0)
     scheduler = _pbt(sw) if sw.pbt else None
     if sw.asha:
@@ -316,7 +306,7 @@ def _new_tuner(sw: Sweep, trainable, max_conc: int, verbose: int):
         a = sw.asha
         scheduler = ASHAScheduler(time_attr="epoch", metric=a["metric"], mode="max", max_t=a["max_t"],
                                   grace_period=a["grace_period"], reduction_factor=a["reduction_factor"])
-    n = grid_size(sw.dims) * sw.num_samples if sw.search == "grid" else sw.num_samples
+    n = _trial_count(sw, points)
     print(f"[kcd_ray] sweep {sw.name}: {n + (1 if baseline else 0)} trials ({sw.search}"
           f"{', + plain-KD baseline' if baseline else ''}), up to {max_conc} at a time; folder "
           f"{sw.remote or sw.folder}", flush=True)
@@ -324,7 +314,7 @@ def _new_tuner(sw: Sweep, trainable, max_conc: int, verbose: int):
     logging.getLogger("ray.tune.search.variant_generator").setLevel(logging.ERROR)
     return tune.Tuner(
         trainable,
-        param_space=_param_space(sw),
+        param_space=_param_space(sw, points),
         tune_config=tune.TuneConfig(search_alg=_search_alg(sw, baseline, max_conc), scheduler=scheduler,
                                     num_samples=num_samples,
                                     max_concurrent_trials=max_conc if sw.search == "optuna" else None,
@@ -362,8 +352,14 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
         ensure_teacher_cache(base_plan, verbose=base_cfg.run.verbose > 0)
     cluster = ray.cluster_resources()
     max_conc = sw.trials_at_once or sw.max_concurrent_trials or derive_concurrency(base_cfg, sw.trial_cpus, cluster)
+    points, skipped = budget_points(sw, base_plan)
+    for p, why in skipped:
+        print(f"[kcd_ray] sweep {sw.name}: left out {point_label(p)}: {why}", flush=True)
+    c = base_plan.compute
     payload = {"name": sw.name, "kind": sw.kind, "base": sw.base, "runs_dir": sw.runs_location, "pbt": sw.pbt,
-               "scaling": trial_scaling(base_cfg, sw, cluster)}
+               "scaling": trial_scaling(base_cfg, sw, cluster), "metrics": sweep_metrics(sw),
+               "data": base_plan.data if has_budget(sw.dims, sw.base) else None,
+               "flops": (c.student_forward, c.student_backward, c.teacher_forward)}
     trainable = tune.with_resources(tune.with_parameters(_trial, payload=payload),
                                     trial_resources(base_cfg, sw.trial_cpus, cluster, sw.trials_at_once))
 
@@ -372,7 +368,7 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
         tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    storage_filesystem=tune_fs)
     else:
-        tuner = _new_tuner(sw, trainable, max_conc, base_cfg.run.verbose)
+        tuner = _new_tuner(sw, trainable, max_conc, base_cfg.run.verbose, points)
     results = tuner.fit()
     if sw.pbt:
         from kcd_ray.report.pbt import write_pbt_schedule
