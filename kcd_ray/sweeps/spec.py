@@ -285,7 +285,7 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     if storage.is_uri(store) and pbt:
         raise _err(where, f"storage_path: {store!r}: a pbt sweep exploits checkpoints in its trials' folders; "
                           "use a file-system path (an NFS/EFS mount on a cluster)")
-    name = str(raw.get("name") or stem)
+    name = storage.check_name(str(raw.get("name") or stem), f"{where}: name")  # trial folders derive from it
     return Sweep(name=name, source=where, kind=kind, base=base, dims=dims, search=search, num_samples=num_samples,
                  metric=metric, mode=mode, asha=asha, pbt=pbt, include_kd_baseline=baseline,
                  storage_path=_abs_path(str(store), cwd), max_concurrent_trials=max_conc, trial_cpus=trial_cpus,

@@ -339,22 +339,64 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
                                    storage_filesystem=tune_fs)
     else:
         tuner = _new_tuner(sw, trainable, max_conc, base_cfg.run.verbose)
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C: Tune gave the signal back before it had stopped every trial
+        raise SweepInterrupted(sw, mark_interrupted(sw)) from None
+    # Tune's loop ends early only when it was stopped (Ctrl-C, SIGUSR1; tune/tune.py, run: `while not
+    # runner.is_finished() and not experiment_interrupted_event.is_set()`), and it reports nothing else: trials it
+    # had not started are left pending, and the ones it stopped are TERMINATED like finished ones, but their run
+    # folders still say running (their processes were ended before their fit() could write anything).
+    errors = [r for r in results if r.error is not None]
+    pending = len(results) - results.num_terminated - len(errors)
+    failed = {f"{sw.name}_{str(r.path).rstrip('/').rsplit('/', 1)[-1]}" for r in errors}  # run_name of trial_label
+    stopped = mark_interrupted(sw, skip=failed)
+    if pending > 0 or stopped > 0:
+        raise SweepInterrupted(sw, stopped, pending + stopped, len(results))
     if sw.pbt:
         from kcd_ray.report.pbt import write_pbt_schedule
 
         write_pbt_schedule(sw.folder, results, sw.pbt["metric"])
-    errors = [r for r in results if r.error is not None]
     if errors and len(errors) == len(results):
         raise RuntimeError(f"sweep {sw.name}: every trial failed; first error ({errors[0].path}): {errors[0].error}")
     if errors:
         print(f"[kcd_ray] sweep {sw.name}: {len(errors)} of {len(results)} trials failed; re-run the same command "
               f"to retry them. First error: {errors[0].error}", flush=True)
-    unfinished = len(results) - results.num_terminated - len(errors)
-    if unfinished > 0:
-        print(f"[kcd_ray] sweep {sw.name}: interrupted with {unfinished} trials unfinished; re-run the same command "
-              "to resume them", flush=True)
     return sw.remote or sw.folder
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: the unfinished trials are marked interrupted and no report is written (it would
+    rank a partial sweep); re-running the same command restores it."""
+
+    def __init__(self, sw: Sweep, marked: int, unfinished: int = 0, total: int = 0):
+        count = f"{unfinished} of {total} trials unfinished" if total else "trials unfinished"
+        super().__init__(f"sweep {sw.name} interrupted: {count} ({marked} run folder(s) marked interrupted), no "
+                         f"report written; re-run the same command to resume it (folder {sw.remote or sw.folder})")
+
+
+def mark_interrupted(sw: Sweep, skip=()) -> int:
+    """Trials whose run folder still says ``running`` once Tune stopped them (it ends their processes, so their
+    own ``fit`` cannot say it): their status.json says ``interrupted``. Returns how many. ``skip``: run folders of
+    trials Tune reports as failed (a process that died)."""
+    import json
+
+    from kcd_ray import storage
+
+    base = sw.runs_location
+    marked = 0
+    for rel in storage.list_files(base) if storage.exists(base) else []:
+        if rel.count("/") != 1 or not rel.endswith("/status.json") or rel.split("/", 1)[0] in skip:
+            continue
+        uri = storage.join(base, rel)
+        try:
+            status = json.loads(storage.read_text(uri))
+        except (OSError, ValueError):
+            continue
+        if status.get("state") == "running":
+            storage.write_text(uri, json.dumps({**status, "state": "interrupted"}, indent=2))
+            marked += 1
+    return marked
 
 
 # --------------------------------------------------------------------------- CLI wiring
@@ -375,8 +417,15 @@ def main_sweep(args) -> int:
         sw = load_sweep(args.config, list(args.overrides or []), args.storage_path)
         print(describe_sweep(sw, plan_sweep(sw)), flush=True)
         return 0
-    folder = run_sweep(args.config, overrides=list(args.overrides or []), storage_path=args.storage_path,
-                       resume=not args.fresh)
+    try:
+        folder = run_sweep(args.config, overrides=list(args.overrides or []), storage_path=args.storage_path,
+                           resume=not args.fresh)
+    except SweepInterrupted as e:  # the CLI prints it and exits 130; name the very command that resumes it
+        import shlex
+
+        cmd = ["kcd-ray", "sweep", "--config", args.config, *(["--storage-path", args.storage_path]
+                                                                if args.storage_path else []), *(args.overrides or [])]
+        raise KeyboardInterrupt(str(e).replace("re-run the same command", "re-run `" + shlex.join(cmd) + "`")) from None
     if not args.no_report:
         from kcd_ray.report import report
 
