@@ -83,7 +83,7 @@ DEIT_KD = {"method": "kd", "gamma": 0.9, "alpha": 0.1, "beta": 0.0, "temperature
 
 # --------------------------------------------------------------------------- digits: laptop scale, the sweeps' base
 
-DIGITS_VAL = "Validation: data.val_fraction 0.2 (287 of the 1,437 training images; 1,150 train, 360 test)."
+DIGITS_VAL = "Validation: data.val_fraction 0.2 (269 of the 1,347 training images; 1,078 train, 450 test)."
 DIGITS_DATA = {"name": "digits", "image_size": 16, "val_fraction": 0.2}
 DIGITS_OPTIM = {"batch_size": 64, "lr": 0.05, "scheduler": "cosine", "eval_batch_size": 512}
 DIGITS_SCALING = {"num_workers": 1, "cpus_per_worker": 1.0, "use_gpu": "auto", "data_cpus": 0.25}

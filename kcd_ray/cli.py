@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Every failure is one line on stderr (the traceback, when there is one, in the run folder's error.log):
-    exit 2 for bad input or files, 1 for anything else, 130 for Ctrl-C."""
+    exit 2 for bad input or files, 1 for anything else (``internal error`` unless it is the machine's:
+    ``EnvironmentProblem``), 130 for Ctrl-C."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
@@ -178,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kcd-ray: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - one line, whatever raised it (the run folder keeps the traceback)
-        from kcd_ray.errors import USER_ERRORS, one_line
+        from kcd_ray.errors import USER_ERRORS, EnvironmentProblem, one_line
 
-        kind = "error" if isinstance(e, USER_ERRORS) else "internal error"
+        kind = "error" if isinstance(e, (*USER_ERRORS, EnvironmentProblem)) else "internal error"
         print(f"kcd-ray: {kind}: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, USER_ERRORS) else 1
 

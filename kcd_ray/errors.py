@@ -19,6 +19,11 @@ class ConfigError(ValueError):
     """A bad configuration value (or a combination of values); the message names the dotted key."""
 
 
+class EnvironmentProblem(RuntimeError):
+    """The machine or cluster, not the input and not a bug (Ray that cannot start on a busy machine): the CLI
+    prints it as one ``error:`` line, with what to do, and exits 1."""
+
+
 # Exceptions that describe a problem with the user's input or files (exit code 2 in the CLI), as opposed to a
 # bug (exit code 1). ArrowInvalid is a ValueError; a corrupt Parquet page is an OSError.
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FloatingPointError, OSError)
@@ -78,7 +83,7 @@ def as_run_error(exc: BaseException, run_dir: Optional[Path]) -> BaseException:
 def one_line(exc: BaseException) -> str:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
     text = " ".join(str(msg).split()) or type(exc).__name__
-    if not isinstance(exc, USER_ERRORS) or type(exc) in (OSError,):
+    if not isinstance(exc, (*USER_ERRORS, EnvironmentProblem)) or type(exc) in (OSError,):
         text = f"{type(exc).__name__}: {text}"
     log = getattr(exc, "kcd_log", None)
     return f"{text} (traceback: {log})" if log else text

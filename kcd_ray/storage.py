@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -58,6 +59,18 @@ def join(base: str, *parts: str) -> str:
     if not is_uri(base):
         return str(local_path(base).joinpath(*parts))
     return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+
+_BAD_NAME = re.compile(r"[/\\\x00]|^\.\.?$")
+
+
+def check_name(name: str, key: str = "run.name") -> str:
+    """A run, sweep or trial name is one folder name, so that it stays inside its storage folder (a path or a URI
+    alike). Refused in one line naming ``key``: '/', '\\', '.', '..', '~...', an absolute path, an empty name."""
+    if not isinstance(name, str) or not name.strip() or _BAD_NAME.search(name) or name.startswith("~"):
+        raise ConfigError(f"{key}: {name!r} is not a valid name; expected one folder name (no '/', '\\', '..' or "
+                          "'~', not empty), so that it stays inside its storage folder")
+    return name
 
 
 def _root(uri: str) -> str:
@@ -225,6 +238,20 @@ def list_files(uri) -> list[str]:
     # (https://arrow.apache.org/docs/python/generated/pyarrow.fs.FileSelector.html)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     return sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+
+
+def list_stats(uri) -> dict[str, tuple[int, int]]:
+    """Every file under ``uri`` (recursively): relative path -> (size in bytes, modification time in ns, 0 where
+    the store has none); {} when there is none. One listing."""
+    fs, path = filesystem(str(uri))
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(path):].lstrip("/"): (int(i.size), int(i.mtime_ns or 0)) for i in infos
+            if i.type == pafs.FileType.File}
+
+
+def list_sizes(uri) -> dict[str, int]:
+    """Every file under ``uri`` (recursively): relative path -> size in bytes; {} when there is none."""
+    return {rel: st[0] for rel, st in list_stats(uri).items()}
 
 
 def open_input(uri):

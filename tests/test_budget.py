@@ -136,3 +136,16 @@ def test_a_run_lands_on_its_budget(request, data, strategy, budget, estep, tmp_p
     for part in section.split("."):
         recorded = recorded[part]
     assert recorded[field] == value
+
+
+def test_a_pbt_sweep_with_a_budget_is_refused_in_one_line():
+    from kcd_ray.sweeps.spec import load_sweep
+
+    base = {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "val_fraction": 0.2},
+            "optim": {"epochs": 6}, "distill": {"teacher": "t.pt"}, "selection": {"strategy": "kcd"},
+            "scaling": {"num_workers": 0}}
+    for space, b in (({"selection.budget": [0.5, 0.7]}, base),
+                     ({"kcd.interval": [1, 2]}, {**base, "selection": {"strategy": "kcd", "budget": 0.7}})):
+        with pytest.raises(ConfigError, match=r"pbt and selection.budget: .*grid, random or optuna") as err:
+            load_sweep({"base": b, "space": space, "search": "random", "num_samples": 2, "pbt": {"interval": 2}})
+        assert "\n" not in str(err.value)

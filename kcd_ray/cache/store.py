@@ -25,7 +25,8 @@ import hashlib
 import io
 import json
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -37,6 +38,11 @@ FORMAT = 2  # 2: encoded images crop from the full decoded image: older caches h
 VIEW_TAG = 0x56494557  # "VIEW": the views' uniform keys never collide with (seed, epoch) keys
 MANIFEST = "manifest.json"
 MODES = ("off", "exact", "views")
+
+
+# What to do about a damaged or missing shard: both commands check the units before they use them and rebuild them.
+REPAIR = ("re-run the command (a run checks the cache's units at its start and rebuilds damaged ones) or run "
+          "`kcd-ray cache-teacher` with the same config")
 
 
 class CacheError(ValueError):
@@ -144,6 +150,46 @@ def teacher_cache_key(cfg, meta: dict, spec: CacheSpec) -> dict:
     return cache_key(teacher_sha256=file_sha256(d.teacher), teacher_model=d.teacher_model, meta=meta,
                      num_classes=int(meta["num_classes"]), spec=spec, teacher_kwargs=d.teacher_kwargs,
                      teacher_taps=tuple(d.teacher_taps))
+
+
+def cache_folder(spec: CacheSpec, data_dir, key: dict) -> str:
+    """``distill.cache_dir`` (a path or an object-store URI), else beside the prepared data: in its object store
+    when the data set is a working copy of one, so that the workers of every node read the same cache."""
+    if spec.dir:
+        return storage.absolute(spec.dir)
+    return default_dir(storage.staged_from(data_dir) or Path(data_dir).resolve(), key)
+
+
+def resolve_cache(spec: CacheSpec, cfg, data_dir) -> tuple[CacheSpec, dict, dict]:
+    """(the spec with its folder, the key the folder's manifest must hold, the data set's meta) for a run's
+    config ``cfg`` (its teacher: ``teacher_cache_key``)."""
+    from kcd_ray.data import load_meta
+
+    meta = load_meta(Path(data_dir))
+    key = teacher_cache_key(cfg, meta, spec)
+    return replace(spec, dir=cache_folder(spec, data_dir, key)), key, meta
+
+
+def unit_problems(folder, manifest: dict, units, deep: bool = False) -> dict[str, str]:
+    """unit -> what is wrong with its shard, for the ``units`` the manifest lists: missing or of another size
+    (one listing of the folder, always), or another sha256 (read when ``deep``, or when the shard changed after
+    the manifest was last written: a shard is always written before the manifest that lists it)."""
+    listed = [u for u in units if u in manifest.get("units", {})]
+    if not listed:
+        return {}
+    stats = storage.list_stats(str(folder))
+    manifest_time = stats.get(MANIFEST, (0, 0))[1]
+    out = {}
+    for u in listed:
+        entry, rel = manifest["units"][u], f"{u}.parquet"
+        if rel not in stats:
+            out[u] = "missing shard listed in the manifest"
+        elif stats[rel][0] != entry["bytes"]:
+            out[u] = f"{stats[rel][0]} bytes, the manifest says {entry['bytes']} (truncated or rewritten)"
+        elif (deep or stats[rel][1] > manifest_time) and \
+                hashlib.sha256(storage.read_bytes(storage.join(str(folder), rel))).hexdigest() != entry["sha256"]:
+            out[u] = "sha256 differs from the manifest (damaged)"
+    return out
 
 
 def default_dir(data_dir, key: dict) -> str:
@@ -263,12 +309,12 @@ def read_unit(folder, unit: str, entry: Optional[dict], num_classes: int) -> Uni
     try:
         data = storage.read_bytes(path)
     except FileNotFoundError:
-        raise CacheError(f"{path}: missing shard listed in the manifest; delete it from the folder to rebuild") from None
+        raise CacheError(f"{path}: missing shard listed in the manifest; {REPAIR}") from None
     if len(data) != entry["bytes"]:
         raise CacheError(f"{path}: bytes differ (file {len(data)}, manifest {entry['bytes']}): truncated or "
-                         f"rewritten shard; delete it to rebuild that unit")
+                         f"rewritten shard; {REPAIR}")
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CacheError(f"{path}: sha256 differs from the manifest: damaged shard; delete it to rebuild that unit")
+        raise CacheError(f"{path}: sha256 differs from the manifest: damaged shard; {REPAIR}")
     table = pq.read_table(pa.BufferReader(data))
     ids = table.column("sample_id").to_numpy()
     if "logits" in table.column_names:

@@ -2,17 +2,20 @@
 
 A checkpoint folder holds ``model.pt`` (student only, ``save_model`` format) and ``state.pt``: the distiller's
 trainable modules (connectors, memory banks), optimiser, LR scheduler, AMP scaler, epoch, run history and
-each hook's state under ``hooks`` (the whole KCD state: accumulators, mask version, blend bookkeeping).
+each hook's state under ``hooks`` (the whole KCD state: accumulators, mask version, blend bookkeeping); then,
+written last, ``checkpoint.json``: its epoch and the size of every file (``kcd_ray.engine.rundir``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from kcd_ray.engine.rundir import CHECKPOINT_MANIFEST, checkpoint_manifest
 from kcd_ray.models import CheckpointError, save_model
 
 STATE_FORMAT = "kcd_ray-run-state/2"  # 2: per-hook states under "hooks"
@@ -43,6 +46,12 @@ def save_run_checkpoint(path: str | os.PathLike, *, distiller, optimizer, schedu
     tmp = path / "state.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path / "state.pt")
+    # Last: the manifest (epoch, every file's size). A folder without it, or whose files differ from it, is
+    # a half-written checkpoint (a crash before Ray Train registered it, a half-finished upload): skipped by
+    # RunDir.checkpoint_names before any load is tried.
+    tmp = path / (CHECKPOINT_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(checkpoint_manifest(path, run_state["epoch"])))
+    os.replace(tmp, path / CHECKPOINT_MANIFEST)
     return path
 
 

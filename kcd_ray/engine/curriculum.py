@@ -106,8 +106,9 @@ def check_classes(cfg: Config, num_classes: int) -> None:
     if cur.name != "none" or cur.only_groups:
         try:
             ClassGroups.from_config(cur, num_classes)
-        except ValueError as e:
-            raise ConfigError(f"curriculum.groups: {e}") from None
+        except ValueError as e:  # ClassGroups names its key (curriculum.groups, group_sizes, ...) itself
+            text = str(e)
+            raise ConfigError(text if text.startswith("curriculum.") else f"curriculum.groups: {text}") from None
     cls = curriculum_class(cfg)
     if cls is not None:
         cls.check_classes(cfg, num_classes)

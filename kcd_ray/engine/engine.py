@@ -28,6 +28,7 @@ from kcd_ray.engine.checkpoint import load_run_checkpoint, restore_into, save_ru
 from kcd_ray.engine.context import RunContext, Services
 from kcd_ray.engine.hooks import Hook
 from kcd_ray.engine.metrics import Progress, say, summarize
+from kcd_ray.engine.resume import read_history, trained_under
 from kcd_ray.engine.selection.base import strategy_class
 
 Batches = Callable[[int], Iterable[dict]]
@@ -83,6 +84,7 @@ class Engine:
         self.distiller, self.model = parts.distiller, parts.model  # model: the DDP wrapper when distributed
         self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
         self.start_epoch, self.sample_passes, self.wall_offset = 0, 0, 0.0
+        self.fallback_note = ""  # why the resume started from an older checkpoint than the newest ("" otherwise)
         self.history: list[dict] = []
         self.train_batches: Optional[Batches] = None
         self.test_batches: Optional[Callable[[], Iterable[dict]]] = None
@@ -332,6 +334,15 @@ class Engine:
         budget = {"budget": sel.budget, "budget_resolved": dict(sel.resolved)} if sel.budget is not None else {}
         return {"planned_compute_ratio": plan.compute.planned_compute_ratio, **budget}
 
+    def _provenance(self) -> dict:
+        """What trained the final model: which epochs under which config (``config`` is the last segment's), and
+        whether the teacher ran in the loop (and why, when a cache was asked for and not used)."""
+        out = {"trained_under": trained_under(read_history(self.ctx.run_dir), self.cfg.optim.epochs)}
+        plan = self.ctx.plan
+        if plan is not None and self.ctx.kind == "distill":
+            out.update(teacher_in_loop=plan.teacher.in_loop, teacher_note=plan.teacher.note)
+        return out
+
     def run(self, train_batches: Batches, test_batches: Callable[[], Iterable[dict]],
             val_batches: Optional[Callable[[], Iterable[dict]]] = None) -> Optional[dict]:
         """Train from ``start_epoch`` to the end; rank 0 returns the summary, other ranks None. ``val_batches``: the
@@ -350,6 +361,7 @@ class Engine:
             summary = summarize(self.history, kind=self.ctx.kind, num_train=self.parts.num_train,
                                 epochs=self.cfg.optim.epochs, run_dir=self.ctx.run_dir.where, config=to_dict(self.cfg),
                                 strategy_info=self._strategy_info(), select=self.select, planned=self._planned())
+            summary.update(self._provenance())
         self._each("end_run", summary)
         return summary
 

@@ -63,13 +63,40 @@ def check_resume(old: dict, new: dict, policy: str, where: str) -> list[tuple[st
     return changes
 
 
-def record(run_dir: RunDir, event: str, start_epoch: int, changes: list | None = None) -> None:
-    """Append one line to ``history.jsonl``: what started, from which epoch, with which config changes."""
+def record(run_dir: RunDir, event: str, start_epoch: int, changes: list | None = None, **extra) -> None:
+    """Append one line to ``history.jsonl``: what started, from which epoch, with which config changes (against
+    the config that trained the epochs before it), and ``extra`` (``epochs``: the epoch count it trains to)."""
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, "start_epoch": int(start_epoch),
-           "changes": [{"key": k, "old": o, "new": n} for k, o, n in (changes or [])]}
+           "changes": [{"key": k, "old": o, "new": n} for k, o, n in (changes or [])], **extra}
     p = run_dir.sub("history.jsonl")
     with open(p, "a") as f:
         f.write(json.dumps(row, default=str) + "\n")
+
+
+def amend_last(run_dir: RunDir, **fields) -> None:
+    """Update the newest line of ``history.jsonl`` (this attempt's start or resume) with ``fields``."""
+    rows = read_history(run_dir)
+    if not rows:
+        return
+    rows[-1].update(fields)
+    run_dir.write_text("history.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def trained_under(history: list[dict], epochs: int) -> list[dict]:
+    """Which epochs trained under which config: ``[{"epochs": [first, end), "changes": [...]}, ...]`` from the
+    start and resume lines of ``history.jsonl`` (a later line starting at epoch s replaces what earlier ones
+    trained from s on: the epochs past a checkpoint were trained again). ``changes``: against the segment
+    before (a forced change shows here); the last segment's config is the run's config.yaml."""
+    segments: list[dict] = []
+    for row in history:
+        if row.get("event") not in ("start", "resume"):
+            continue
+        s = int(row.get("start_epoch", 0))
+        segments = [seg for seg in segments if seg["epochs"][0] < s]
+        if segments:
+            segments[-1]["epochs"][1] = s
+        segments.append({"epochs": [s, int(epochs)], "changes": list(row.get("changes") or [])})
+    return [seg for seg in segments if seg["epochs"][0] < seg["epochs"][1]]
 
 
 def read_history(run_dir: RunDir) -> list[dict]:

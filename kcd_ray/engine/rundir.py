@@ -18,8 +18,10 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from kcd_ray import storage
+from kcd_ray.storage import check_name
 
 _PARTIAL = re.compile(r"\.tmp[0-9a-f-]*$|\.partial$")  # being written: never uploaded
 
@@ -36,6 +38,7 @@ def resolve_storage(storage_path: str) -> Path:
 
 def run_folder(storage_path: str, name: str) -> "RunDir":
     """The run folder ``<storage_path>/<name>``: a local folder, or a working copy of an object-store URI."""
+    check_name(name)  # '..', 'a/b', '/abs': never outside storage_path, local or URI
     if storage.is_uri(storage_path):
         uri = storage.join(storage_path, name)
         return RunDir(storage.stage_dir(uri), remote=uri)
@@ -46,6 +49,52 @@ def ray_owned(rel: str) -> bool:
     """Files Ray Train writes into the run's URI itself (checkpoints, its markers): not in the working copy."""
     top = rel.split("/", 1)[0]
     return top.startswith(("checkpoint_", ".validate_storage_marker"))
+
+
+# Ray Train checkpoint folders: ``checkpoint_epoch_<epoch>`` and, when an epoch is trained again (after a fallback to
+# an older checkpoint), ``checkpoint_epoch_<epoch>.<attempt>``: a name is never reused, because Ray Train's checkpoint
+# manager keys its bookkeeping by folder path. Reporting an existing name again gives it two entries for one folder
+# (ray/train/v2/_internal/execution/checkpoint/checkpoint_manager.py, register_checkpoint), and when it evicts the
+# older entry (CheckpointConfig.num_to_keep) it deletes the folder the newer one still lists in its snapshot: the
+# next start then fails with CheckpointManagerInitializationError ("a checkpoint that does not exist anymore").
+CHECKPOINT_PREFIX = "checkpoint_epoch_"
+CHECKPOINT_MANIFEST = "checkpoint.json"  # written last into a checkpoint: its epoch and every file's size
+DAMAGED_MARK = "damaged.txt"
+_CHECKPOINT = re.compile(r"^checkpoint_epoch_(\d+)(?:\.(\d+))?$")
+
+
+def checkpoint_key(name: str) -> Optional[tuple[int, int]]:
+    """(epoch, attempt) of a checkpoint folder name, its order; None for anything else."""
+    m = _CHECKPOINT.match(name)
+    return (int(m.group(1)), int(m.group(2) or 1)) if m else None
+
+
+def checkpoint_dir_name(epoch: int, taken) -> str:
+    """The folder name of epoch ``epoch``'s checkpoint: never one in ``taken`` (see CHECKPOINT_PREFIX)."""
+    name, attempt = f"{CHECKPOINT_PREFIX}{epoch:04d}", 1
+    while name in taken:
+        attempt += 1
+        name = f"{CHECKPOINT_PREFIX}{epoch:04d}.{attempt}"
+    return name
+
+
+def checkpoint_manifest(folder: Path, epoch: int) -> dict:
+    """The manifest of a checkpoint folder whose files are all written: its epoch and each file's size."""
+    files = {p.name: p.stat().st_size for p in sorted(Path(folder).iterdir())
+             if p.is_file() and p.name not in (CHECKPOINT_MANIFEST, DAMAGED_MARK) and not _PARTIAL.search(p.name)}
+    return {"format": "kcd_ray-checkpoint/1", "epoch": int(epoch), "files": files}
+
+
+def manifest_problem(manifest: Optional[dict], sizes: dict[str, int]) -> Optional[str]:
+    """Why a checkpoint folder with these file sizes is incomplete (None: complete, as its manifest says)."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return f"no readable {CHECKPOINT_MANIFEST} (written last: the checkpoint was never completed)"
+    for f, n in manifest["files"].items():
+        if f not in sizes:
+            return f"{f} is missing"
+        if sizes[f] != n:
+            return f"{f} has {sizes[f]} bytes, {CHECKPOINT_MANIFEST} says {n} (truncated or rewritten)"
+    return None
 
 
 def slug(text: str) -> str:
@@ -104,14 +153,69 @@ class RunDir:
             self._synced[rel] = self._sig(self.path / rel)
         return len(rels)
 
-    def checkpoint_names(self) -> list[str]:
-        """Ray Train checkpoint folders holding a ``state.pt`` (in the store for a remote run), sorted."""
+    def checkpoint_folders(self) -> dict[str, dict[str, int]]:
+        """Every Ray Train checkpoint folder, complete or not: name -> {file: size} (in the store for a remote
+        run: one listing)."""
         if self.remote:
-            rels = storage.list_files(self.remote)
+            sizes = storage.list_sizes(self.remote)
         else:
-            rels = [p.relative_to(self.path).as_posix() for p in self.path.glob("checkpoint_epoch_*/state.pt")]
-        return sorted(r.split("/", 1)[0] for r in rels if r.startswith("checkpoint_epoch_") and r.endswith("/state.pt")
-                      and r.count("/") == 1)
+            sizes = {p.relative_to(self.path).as_posix(): p.stat().st_size
+                     for p in self.path.glob(f"{CHECKPOINT_PREFIX}*/*") if p.is_file()}
+        out: dict[str, dict[str, int]] = {}
+        for rel, size in sizes.items():
+            top, _, rest = rel.partition("/")
+            if checkpoint_key(top) is not None and rest and "/" not in rest:
+                out.setdefault(top, {})[rest] = size
+        return dict(sorted(out.items(), key=lambda kv: checkpoint_key(kv[0])))
+
+    def checkpoint_problems(self) -> dict[str, Optional[str]]:
+        """name -> why the checkpoint folder is not complete (None: complete), oldest first. Complete: its
+        manifest (``checkpoint.json``, written last) lists every file with its size, and no load marked it
+        damaged. A run written before manifests existed (no folder has one) takes folders holding a state.pt."""
+        folders = self.checkpoint_folders()
+        legacy = not any(CHECKPOINT_MANIFEST in files for files in folders.values())
+        out = {}
+        for name, files in folders.items():
+            if DAMAGED_MARK in files:
+                out[name] = "marked damaged by an earlier load (" + DAMAGED_MARK + ")"
+            elif legacy:
+                out[name] = None if "state.pt" in files else "no state.pt"
+            else:
+                manifest = self.read_json(f"{name}/{CHECKPOINT_MANIFEST}") if CHECKPOINT_MANIFEST in files else None
+                out[name] = manifest_problem(manifest, files)
+        return out
+
+    def checkpoint_names(self) -> list[str]:
+        """The complete Ray Train checkpoint folders (in the store for a remote run), oldest first."""
+        return [n for n, problem in self.checkpoint_problems().items() if problem is None]
+
+    def checkpoint_epoch(self, name: str) -> Optional[int]:
+        """The epoch a checkpoint folder holds (its manifest's; the folder name's for a run without manifests)."""
+        manifest = self.read_json(f"{name}/{CHECKPOINT_MANIFEST}")
+        if manifest is not None and isinstance(manifest.get("epoch"), int):
+            return manifest["epoch"]
+        key = checkpoint_key(name)
+        return key[0] if key else None
+
+    def read_json(self, rel: str) -> Optional[dict]:
+        """A JSON file of the run (in the store for a remote run: Ray Train's checkpoints are only there); None
+        when it is missing or unreadable."""
+        try:
+            text = storage.read_text(storage.join(self.remote, rel)) if self.remote else (self.path / rel).read_text()
+            return json.loads(text)
+        except (OSError, ValueError):
+            return None
+
+    def mark_damaged(self, name: str, reason: str) -> None:
+        """Leave a note in a checkpoint folder whose load failed, so later starts skip it without loading it. The
+        folder itself stays: Ray Train's snapshot may list it (deleting it would make the run unresumable)."""
+        try:
+            if self.remote:
+                storage.write_text(storage.join(self.remote, name, DAMAGED_MARK), reason + "\n")
+            elif (self.path / name).is_dir():
+                (self.path / name / DAMAGED_MARK).write_text(reason + "\n")
+        except OSError:
+            pass
 
     def sub(self, *parts: str) -> Path:
         p = self.path.joinpath(*parts)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import tempfile
 import time
 import warnings
@@ -89,6 +90,60 @@ def check_available(trackers: list[str]) -> None:
                 import mlflow  # noqa: F401
         except ImportError:
             raise _missing(name, name) from None
+
+
+def tracking_timeout() -> float:
+    """Seconds the start-up check waits for an MLflow server (``KCD_RAY_TRACKING_TIMEOUT``, default 5)."""
+    return float(os.environ.get("KCD_RAY_TRACKING_TIMEOUT", 5))
+
+
+def check_tracking(run) -> None:
+    """Before a run trains (``plan_run``): each tracker's library, and MLflow's store. A server that does not
+    answer within ``tracking_timeout()`` seconds (MLflow's own client retries for minutes) and a sqlite path
+    whose folder cannot be made fail in one line naming ``run.tracking_uri``. ``run``: the config's RunConfig."""
+    if not run.trackers:
+        return
+    check_available(run.trackers)
+    uri = run.tracking_uri
+    if "mlflow" not in run.trackers or not uri:  # '': sqlite in the run folder, made with it
+        return
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri, tracking_timeout())
+    elif uri.startswith("sqlite:///"):
+        _check_sqlite_folder(uri)
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    """Any HTTP answer will do (MLflow's /health, or an error page of a proxy in front of it): the server is up."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as e:  # refused, timed out, no such host, a malformed URI
+        reason = getattr(e, "reason", None) or e
+        raise ConfigError(f"run.tracking_uri: the MLflow server at {uri} does not answer within {timeout:g} s "
+                          f"({' '.join(str(reason).split())[:200]}); start it, fix the URI, or remove mlflow from "
+                          "run.trackers (KCD_RAY_TRACKING_TIMEOUT sets the wait)") from None
+
+
+def _check_sqlite_folder(uri: str) -> None:
+    """The database's folder exists or can be made (nothing is made here: ``--dry-run`` writes nothing)."""
+    db = Path(uri[len("sqlite:///"):])
+    if db.is_dir():
+        raise ConfigError(f"run.tracking_uri: {uri}: {db} is a folder; name a database file (sqlite:///path/mlflow.db)")
+    folder = db.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"run.tracking_uri: {uri}: cannot make the database's folder {db.parent}: {folder} is a "
+                          "file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.tracking_uri: {uri}: cannot write the database's folder {db.parent} ({folder} is "
+                          "not writable)")
 
 
 @HOOKS.register("trackers")
@@ -170,7 +225,11 @@ class Trackers(Hook):
             uri = f"sqlite:///{(folder / DB_NAME).resolve()}"
         if uri.startswith("sqlite:///"):
             db = Path(uri[len("sqlite:///"):])
-            db.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"run.tracking_uri: {uri}: cannot make the database's folder {db.parent} "
+                                  f"({e.strerror or e})") from None
             return uri, (db.parent / ARTIFACTS_DIR).resolve().as_uri(), db.with_name(db.name + ".lock")
         return uri, None, None
 

@@ -16,6 +16,8 @@ from typing import Iterator, Optional
 
 import ray
 
+from kcd_ray.errors import EnvironmentProblem
+
 CHECKED_MINOR = (2, 60)
 RAY_MINOR = tuple(int(p) for p in ray.__version__.split(".")[:2])
 CHECKED = RAY_MINOR == CHECKED_MINOR
@@ -240,5 +242,27 @@ def start_local_ray(num_cpus=None, **init_kwargs):
     environment (:func:`local_ray_env`), no dashboard, warnings only, kcd_ray's job runtime env. ``address="local"``
     never attaches to a stray cluster someone else left running (docs/methods/ray.md). Returns ``ray.init``'s context."""
     local_ray_env()  # before the raylet starts: it and Ray Train read these from this environment
-    return ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-                    runtime_env=job_runtime_env(), **init_kwargs)
+    for attempt in (1, 2):
+        try:
+            return ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+                            runtime_env=job_runtime_env(), **init_kwargs)
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for it (ray/_private/node.py)
+            if NODE_START_TIMEOUT not in str(e):
+                raise
+            ray.shutdown()  # the half-started node's processes
+            if attempt == 2:
+                raise RayStartError(RAY_START_ADVICE) from None
+            print("[kcd_ray] Ray's local node did not start in time (a busy machine?); starting it once more",
+                  flush=True)
+
+
+# Ray waits 30 s for a new node to register (ray/_private/node.py, fixed), its processes wait for the raylet
+# RAY_raylet_start_wait_time_s; on a machine whose CPUs are taken (other jobs, a test suite) that runs out.
+NODE_START_TIMEOUT = "timed out during startup"
+RAY_START_ADVICE = ("Ray's local node timed out during start-up twice: the machine is busy (other processes hold "
+                    "its CPUs); re-run the same command when the load drops (a run resumes where it stopped), or "
+                    "give Ray's processes longer with RAY_raylet_start_wait_time_s=<seconds>")
+
+
+class RayStartError(EnvironmentProblem):
+    """Ray could not start on this machine: not the input, not a bug (one line, exit 1)."""

@@ -23,9 +23,8 @@ import ray.data
 import torch
 
 from kcd_ray import storage
-from kcd_ray.cache.store import (CacheSpec, check_manifest, default_dir, read_manifest, shard_table,
-                                 teacher_cache_key, unit_uniform_key, write_manifest, write_shard)
-from kcd_ray.data import load_meta
+from kcd_ray.cache.store import (CacheSpec, check_manifest, read_manifest, resolve_cache, shard_table,
+                                 unit_problems, unit_uniform_key, write_manifest, write_shard)
 from kcd_ray.data import transforms as T
 from kcd_ray.ray_layer.resources import scorer_resources
 
@@ -34,14 +33,6 @@ ITEM_ROWS = 512  # rows per work item: small enough for steady progress, large e
 
 def say(msg: str) -> None:
     print(f"[kcd_ray] teacher cache: {msg}", flush=True)
-
-
-def _cache_folder(spec: CacheSpec, data_dir: Path, key: dict) -> str:
-    """``distill.cache_dir`` (a path or an object-store URI), else beside the prepared data: in its object store
-    when the data set is a working copy of one, so that the workers of every node read the same cache."""
-    if spec.dir:
-        return storage.absolute(spec.dir)
-    return default_dir(storage.staged_from(data_dir) or data_dir.resolve(), key)
 
 
 @contextmanager
@@ -165,27 +156,28 @@ def _build(cfg, spec: CacheSpec, data_dir: Path, meta: dict, manifest: dict, tod
                 f"~{el / done * (len(todo) - done):.0f}s left)")
 
 
-def ensure_teacher_cache(plan, *, verbose: bool = True) -> Optional[CacheSpec]:
-    """The plan's CacheSpec completed (folder, teacher shapes and FLOPs), building whatever units are missing
-    first; None when the plan keeps the teacher in the loop (``plan.cache`` is None)."""
+def ensure_teacher_cache(plan, *, verbose: bool = True, deep: bool = False) -> Optional[CacheSpec]:
+    """The plan's CacheSpec completed (folder, teacher shapes and FLOPs), building whatever units are missing or
+    damaged first (``unit_problems``: sizes always, sha256 of changed shards, of every shard when ``deep``);
+    None when the plan keeps the teacher in the loop (``plan.cache`` is None)."""
     if plan.cache is None:
         return None
     cfg, data_dir = plan.cfg, Path(plan.data.dir)
-    meta = load_meta(data_dir)
-    num_classes = int(meta["num_classes"])
-    key = teacher_cache_key(cfg, meta, plan.cache)
-    folder = _cache_folder(plan.cache, data_dir, key)
-    spec = dataclasses.replace(plan.cache, dir=folder)
+    spec, key, meta = resolve_cache(plan.cache, cfg, data_dir)
+    folder, num_classes = spec.dir, int(meta["num_classes"])
     with _locked(folder):
         manifest = read_manifest(folder) or {"key": key, "units": {}, "builds": []}
         check_manifest(manifest, key, folder)
         if "teacher_shapes" not in manifest:
             manifest.update(_probe(cfg, num_classes, meta))
+        for unit, why in unit_problems(folder, manifest, spec.units(), deep=deep).items():
+            say(f"unit {unit} ({storage.join(folder, unit + '.parquet')}): {why}; rebuilding it")  # any verbosity
+            del manifest["units"][unit]
         todo = [u for u in spec.units() if u not in manifest["units"]]
         if todo:
             _build_units(cfg, spec, data_dir, meta, manifest, todo, verbose)
         elif verbose:
-            say(f"reusing {folder} ({len(spec.units())} unit(s))")
+            say(f"reusing {folder} ({len(spec.units())} unit(s){', every shard checked' if deep else ''})")
     shapes = manifest["teacher_shapes"]
     return dataclasses.replace(spec, teacher_shapes=tuple(tuple(s) for s in shapes),
                                feat_shape=tuple(shapes[-1]), teacher_flops=float(manifest["teacher_flops"]))
@@ -206,7 +198,7 @@ def _build_units(cfg, spec: CacheSpec, data_dir: Path, meta: dict, manifest: dic
 
 def build_for_config(cfg) -> CacheSpec:
     """``kcd-ray cache-teacher``: plan the distillation (``distill.cache=off`` -> exact), start Ray, build the
-    cache it reads."""
+    cache it reads: its missing units and any unit whose shard is missing or differs from the manifest."""
     from kcd_ray.config import ConfigError
     from kcd_ray.engine.plan import plan_run
     from kcd_ray.ray_layer.trainer import init_ray
@@ -219,6 +211,6 @@ def build_for_config(cfg) -> CacheSpec:
 
         raise ConfigError(f"distill.cache: nothing to build: {cache_reason(plan.cfg, 'distill', plan.selection)}")
     init_ray(plan.cfg)
-    spec = ensure_teacher_cache(plan, verbose=True)
+    spec = ensure_teacher_cache(plan, verbose=True, deep=True)  # the repair command: every shard's sha256
     say(f"ready: {spec.dir}")
     return spec

@@ -122,12 +122,17 @@ def open_run(plan: RunPlan) -> RunDir:
         print(f"[kcd_ray] run.resume=never: the previous run folder was moved to {aside}", flush=True)
     run_dir.path.mkdir(parents=True, exist_ok=True)
     if f.start == "resume":
-        resume.record(run_dir, "resume", f.epochs_done, list(f.changes))
-        if f.changes and cfg.run.verbose:
+        resume.record(run_dir, "resume", f.start_epoch, list(f.changes), epochs=cfg.optim.epochs)
+        forced = [c for c in f.changes if not resume.resumable(c[0])]
+        if forced:  # at every verbosity: the run's results will come from two configs
+            print(f"[kcd_ray] run.resume=force: epochs {f.start_epoch + 1}-{cfg.optim.epochs} train under the changed "
+                  + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in forced) + f"; epochs 1-{f.start_epoch} were "
+                  "trained under the stored config (history.jsonl, summary.json's trained_under)", flush=True)
+        elif f.changes and cfg.run.verbose:
             print("[kcd_ray] resuming with changed " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in f.changes),
                   flush=True)
     else:
-        resume.record(run_dir, "start", 0)
+        resume.record(run_dir, "start", 0, epochs=cfg.optim.epochs)
     run_dir.write_text("config.yaml", dump_yaml(cfg))
     run_dir.write_json("status.json", {"state": "running", "kind": plan.kind})
     run_dir.sync_up()
@@ -169,9 +174,10 @@ def execute(plan: RunPlan, callbacks: list | None = None) -> dict:
     before = (open(stored).read() if os.path.exists(stored) else None, plan.folder.epochs_done)
     run_dir = open_run(plan)
     if cfg.run.verbose:
-        note = f"; {plan.teacher.note}" if plan.teacher.note else ""
         print(f"[kcd_ray] {plan.kind} run {plan.folder.name}: {plan.data.num_train} train samples, "
-              f"{plan.data.num_classes} classes, run folder {run_dir.where}{note}", flush=True)
+              f"{plan.data.num_classes} classes, run folder {run_dir.where}", flush=True)
+    if plan.teacher.note:  # a cache was asked for and is not used: said at every verbosity (summary.json records it)
+        print(f"[kcd_ray] {plan.teacher.note}", flush=True)
     t0 = time.perf_counter()
     try:
         init_ray(cfg)

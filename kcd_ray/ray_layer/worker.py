@@ -29,7 +29,8 @@ from kcd_ray.engine import distributed as D
 from kcd_ray.engine.checkpoint import latest_local_checkpoint, replace_checkpoint
 from kcd_ray.engine.metrics import say
 from kcd_ray.engine.plan import RunPlan
-from kcd_ray.engine.rundir import RunDir
+from kcd_ray.engine.resume import amend_last
+from kcd_ray.engine.rundir import RunDir, checkpoint_dir_name, checkpoint_key
 from kcd_ray.models import CheckpointError
 from kcd_ray.ray_layer import mask_store
 from kcd_ray.ray_layer.logs import quiet_ray_data_and_train, quiet_worker_error_echo
@@ -49,6 +50,7 @@ class RayServices:
         self.ctx = ctx
         self.in_process = ctx.plan.resources.num_workers == 0
         self.teacher_cache = ctx.plan.cache.to_dict() if ctx.plan.cache is not None else None
+        self._taken: Optional[set] = None  # checkpoint folder names in the run (rank 0, read at its first report)
 
     def publish_mask(self, version, kept_ids, overlay) -> None:
         # replace: after a worker-group restart the store may already hold this version from the lost attempt.
@@ -65,14 +67,14 @@ class RayServices:
                               teacher_cache=self.teacher_cache)
 
     def report(self, metrics: dict, checkpoint, epoch: int) -> None:
-        name = f"checkpoint_epoch_{epoch:04d}"
+        name = self._checkpoint_name(epoch) if checkpoint is not None and not self.in_process else ""
         if self.ctx.is_chief:  # an object store: the epoch's masks, values and blends before its checkpoint
             self.ctx.run_dir.sync_up()
         if checkpoint is None or self.in_process:
             if checkpoint is not None:
                 replace_checkpoint(local_checkpoint_dir(self.ctx.run_dir), checkpoint)
             if not self.in_process:  # in-process (maybe inside a Tune trial, where ray.train.report raises): nothing to send
-                ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+                ray.train.report(metrics, checkpoint=None)
             return
         folder = tempfile.mkdtemp(prefix="kcd_ckpt_")
         try:
@@ -80,6 +82,15 @@ class RayServices:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # already persisted to storage by report()
+
+    def _checkpoint_name(self, epoch: int) -> str:
+        """Rank 0's name for this epoch's checkpoint folder (Ray Train broadcasts rank 0's): never the name of a
+        folder already in the run, such as a damaged one of this epoch before a fallback (rundir.CHECKPOINT_PREFIX)."""
+        if self._taken is None:
+            self._taken = set(self.ctx.run_dir.checkpoint_folders())
+        name = checkpoint_dir_name(epoch, self._taken)
+        self._taken.add(name)
+        return name
 
 
 class NodeInfo(Hook):
@@ -135,41 +146,67 @@ def worker_device(plan: RunPlan) -> torch.device:
 
 
 def _restore(engine: Engine, ctx: RunContext) -> None:
+    """Resume from Ray Train's latest checkpoint when it is complete and loads; else from the newest older one
+    that does (``_fall_back``); in-process, from the run's own local checkpoint."""
     workers = ctx.plan.resources.num_workers
     ckpt = ray.train.get_checkpoint() if workers else None  # in-process: the local one below
     if ckpt is not None:
-        with ckpt.as_directory() as folder:  # the folder in storage itself when it is local: no copy to clean
-            try:
-                engine.restore(folder)
-            except CheckpointError as e:
-                _fall_back(engine, ctx, Path(ckpt.path), e)  # ckpt.path: the folder's name in the store too
+        name = Path(ckpt.path).name  # ckpt.path: the folder's name in the store too
+        problem = ctx.run_dir.checkpoint_problems().get(name, "not in the run folder")
+        if problem is not None:  # half-written or marked damaged: never loaded
+            _fall_back(engine, ctx, name, CheckpointError(f"{storage.join(ctx.run_dir.where, name)}: incomplete "
+                                                          f"checkpoint ({problem})"))
+        else:
+            with ckpt.as_directory() as folder:  # the folder in storage itself when it is local: no copy to clean
+                try:
+                    engine.restore(folder)
+                except CheckpointError as e:
+                    if ctx.is_chief:
+                        ctx.run_dir.mark_damaged(name, str(e))
+                    _fall_back(engine, ctx, name, e)
     elif workers and ctx.run_dir.checkpoint_names():
         _restore_unregistered(engine, ctx)
     elif ctx.world == 1 and (local := latest_local_checkpoint(local_checkpoint_dir(ctx.run_dir))) is not None:
         engine.restore(local)
+    _record_fallback(engine, ctx)
+
+
+def _record_fallback(engine: Engine, ctx: RunContext) -> None:
+    """A resume that started earlier than the driver planned (a checkpoint that failed to load): history.jsonl's
+    start or resume line of this attempt says where training really started."""
+    planned = ctx.plan.folder.start_epoch
+    if ctx.is_chief and engine.start_epoch < planned:
+        amend_last(ctx.run_dir, start_epoch=engine.start_epoch, planned_start_epoch=planned,
+                   fallback=engine.fallback_note)
 
 
 def _restore_unregistered(engine: Engine, ctx: RunContext) -> None:
     """Ray Train restarted the worker group after a crash that came before its controller registered the newest
-    checkpoint (``ray.train.report`` had written it to storage): resume from the newest intact one in the run
+    checkpoint (``ray.train.report`` had written it to storage): resume from the newest complete one in the run
     folder instead of starting over, as a new ``fit`` on the same folder would."""
-    for folder in _older_checkpoints(ctx, "checkpoint_epoch_~"):  # "~" sorts after every epoch number
+    for name, folder in _older_checkpoints(ctx, None):
         try:
             engine.restore(folder)
             return
-        except CheckpointError:
+        except CheckpointError as e:
+            if ctx.is_chief:
+                ctx.run_dir.mark_damaged(name, str(e))
             continue
 
 
-def _fall_back(engine: Engine, ctx: RunContext, damaged: Path, error: CheckpointError) -> None:
-    """The newest checkpoint is damaged: resume from the newest intact older one in the run folder, saying so."""
-    for folder in _older_checkpoints(ctx, damaged.name):
+def _fall_back(engine: Engine, ctx: RunContext, damaged: str, error: CheckpointError) -> None:
+    """The newest checkpoint is incomplete or damaged: resume from the newest complete older one, saying so. The
+    damaged folder stays where Ray Train's snapshot lists it; the epochs trained again get new folder names."""
+    for name, folder in _older_checkpoints(ctx, damaged):
         try:
             engine.restore(folder)
-        except CheckpointError:
+        except CheckpointError as e:
+            if ctx.is_chief:
+                ctx.run_dir.mark_damaged(name, str(e))
             continue
+        engine.fallback_note = f"{error}; resumed from the older checkpoint {name}"
         if ctx.is_chief:
-            say(f"[kcd_ray] {error}; resuming from the older checkpoint {folder} instead")
+            say(f"[kcd_ray] {engine.fallback_note}")
         return
     raise error
 
@@ -193,16 +230,19 @@ def _finisher(ctx: RunContext, device: torch.device) -> Optional[BatchFinisher]:
                          channels_last=ctx.cfg.optim.channels_last and device.type == "cuda")
 
 
-def _older_checkpoints(ctx: RunContext, name: str):
-    """Checkpoint folders older than ``name``, newest first (from an object store: each fetched when tried)."""
-    if not ctx.run_dir.remote:
-        yield from sorted((d for d in ctx.run_dir.path.glob("checkpoint_epoch_*") if d.name < name), reverse=True)
-        return
-    for older in sorted((n for n in ctx.run_dir.checkpoint_names() if n < name), reverse=True):
+def _older_checkpoints(ctx: RunContext, name: Optional[str]):
+    """(name, folder) of the complete checkpoints older than ``name`` (None: all), newest first; from an object
+    store each is fetched when tried."""
+    key = checkpoint_key(name) if name else None
+    names = [n for n in ctx.run_dir.checkpoint_names() if key is None or checkpoint_key(n) < key]
+    for older in reversed(names):
+        if not ctx.run_dir.remote:
+            yield older, ctx.run_dir.path / older
+            continue
         uri, folder = storage.join(ctx.run_dir.remote, older), Path(tempfile.mkdtemp(prefix="kcd_ckpt_")) / older
         for rel in storage.list_files(uri):
             storage.download(storage.join(uri, rel), folder / rel)
-        yield folder
+        yield older, folder
 
 
 def _open_storage(plan: RunPlan, filesystems: Optional[dict]) -> tuple[RunDir, str]:

@@ -43,6 +43,12 @@ def parse_schedulers(raw: dict, base: dict, dims: list, baseline: bool, where: s
     metric = {"final_val_top1": "val_top1", "final_top1": "top1"}.get(metric, metric)
     metric = metric if is_epoch_metric(metric) else default_metric(base, select_on_test)
     asha = _parse_asha(raw.get("asha", False), base, where, metric, select_on_test)
+    budget = any(d.key.startswith("selection.budget") for d in dims) or \
+        (base.get("selection") or {}).get("budget") is not None
+    if raw.get("pbt") not in (False, None) and budget:
+        raise _err(where, "pbt and selection.budget: a budget sets its strategy's parameter once, before training, and "
+                          "PBT's perturbations change a trial's config mid-run, so no trial would keep to its budget; "
+                          "sweep budgets with grid, random or optuna search")
     pbt = _parse_pbt(raw.get("pbt", False), base, dims, where, metric, select_on_test)
     if pbt and asha:
         raise _err(where, "pbt and asha: pick one scheduler")

@@ -44,7 +44,6 @@ import yaml
 
 from kcd_ray import storage
 from kcd_ray.config import ConfigError, parse_scalar, read_yaml_mapping, apply_overrides, config_from_dict, to_dict
-from kcd_ray.engine.plan.prepare import check_run_name
 from kcd_ray.sweeps.metrics import SUMMARY_KEYS, check_metric, default_metric  # noqa: F401 - SUMMARY_KEYS: trials
 from kcd_ray.sweeps.schedulers import parse_schedulers
 from kcd_ray.sweeps.space import Dim, field_kind, parse_space, set_dotted
@@ -310,6 +309,7 @@ def _storage(raw: dict, base: dict, pbt, where: str) -> str:
 def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None, storage_path: str | None = None) -> Sweep:
     """Read, resolve and validate a sweep (file path or mapping); every error names the file and the key."""
     raw, where, sweep_dir, stem, cli_config = _read_raw(src, overrides, storage_path)
+    name = storage.check_name(str(raw.get("name") or stem), f"{where}: name")  # trial folders derive from it
     base = _base_config(raw, sweep_dir, where, cli_config)
     kind = _choice(raw, "kind", "distill", ("distill", "teacher"), where)
     search = _choice(raw, "search", "grid", SEARCHES, where)
@@ -317,7 +317,6 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     keys = _search_keys(raw, base, kind, search, where)
     asha, pbt = parse_schedulers(raw, base, dims, keys["include_kd_baseline"], where, keys["metric"],
                                  keys["select_on_test"])
-    name = check_run_name(str(raw.get("name") or stem), "name")
     return Sweep(name=name, source=where, kind=kind, base=base, dims=dims, search=search, asha=asha, pbt=pbt,
                  storage_path=_storage(raw, base, pbt, where), description=str(raw.get("description", "")),
                  **keys, **_resource_keys(raw, where))

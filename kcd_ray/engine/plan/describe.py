@@ -30,7 +30,7 @@ def _run_line(plan: RunPlan) -> str:
     elif f.start == "new":
         state = "new run"
     else:
-        state = f"resumes after epoch {f.epochs_done} of {epochs} from {f.checkpoint}"
+        state = f"resumes after epoch {f.start_epoch} of {epochs} from {f.checkpoint}"
         if f.changes:
             state += "; accepted changes: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in f.changes)
     return f"run        {f.name} ({state})"

@@ -10,21 +10,23 @@ Ray layer executes the plan (``kcd_ray.ray_layer.trainer.execute``).
 from __future__ import annotations
 
 import dataclasses
-import re
+import json
 from pathlib import Path
 from typing import Optional
 
 
 from kcd_ray import storage
+from kcd_ray.cache.store import check_manifest, read_manifest, resolve_cache, unit_problems
 from kcd_ray.config import Config, ConfigError, config_digest, load_config, to_dict
 from kcd_ray.data import load_meta, prepare_dataset
 from kcd_ray.engine.build import check_models
 from kcd_ray.engine.curriculum import check_classes, check_curriculum, curriculum_class
 from kcd_ray.engine.plan.derive import data_plan, derive_plan, method_class
 from kcd_ray.engine.plan.types import FolderPlan, RunPlan
-from kcd_ray.engine.resume import check_resume
-from kcd_ray.engine.rundir import RunDir, run_folder, slug
+from kcd_ray.engine.resume import check_resume, resumable
+from kcd_ray.engine.rundir import CHECKPOINT_MANIFEST, RunDir, check_name, run_folder, slug
 from kcd_ray.engine.selection.base import strategy_class
+from kcd_ray.engine.trackers import check_tracking
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -45,15 +47,7 @@ def check_storage(cfg: Config) -> None:
     storage.check(cfg.data.root, "data.root")
 
 
-_BAD_NAME = re.compile(r"[/\\]|^\.\.?$")
-
-
-def check_run_name(name: str, key: str = "run.name") -> str:
-    """A run (sweep, trial) name is one path component: it stays inside its storage folder."""
-    if not name or not name.strip() or _BAD_NAME.search(name) or name.startswith("~") or Path(name).is_absolute():
-        raise ConfigError(f"{key}: {name!r} is not a valid name; expected one folder name (no '/', '\\\\', '..' "
-                          "or absolute path, not empty)")
-    return name
+check_run_name = check_name  # a run (sweep, trial) name is one folder name: kcd_ray.storage.check_name
 
 
 def default_run_name(cfg: Config, kind: str) -> str:
@@ -64,13 +58,27 @@ def default_run_name(cfg: Config, kind: str) -> str:
 
 
 def last_checkpoint(run_dir: RunDir) -> Optional[str]:
-    """The newest checkpoint folder (a URI for a run in an object store); None when the run has none."""
+    """The newest complete checkpoint folder (a URI for a run in an object store); None when the run has none."""
     p = run_dir.path
-    found = [storage.join(run_dir.where, n) for n in run_dir.checkpoint_names()]
+    found = [storage.join(run_dir.where, n) for n in run_dir.checkpoint_names()[-1:]]
     for local in (p / "local_checkpoint", p / "local_checkpoint.prev"):  # in-process runs: in the working copy
         if (local / "state.pt").is_file():
             found.append(storage.join(run_dir.where, local.name))
     return found[-1] if found else None
+
+
+def checkpoint_start(run_dir: RunDir, checkpoint: str, fallback: int) -> int:
+    """The epoch a resume from ``checkpoint`` starts at: its epoch + 1, from its manifest (``fallback``, the
+    epochs in metrics.jsonl, for a checkpoint written before manifests existed)."""
+    name = checkpoint.rstrip("/").rsplit("/", 1)[-1]
+    if name.startswith("local_checkpoint"):
+        try:
+            epoch = json.loads((run_dir.path / name / CHECKPOINT_MANIFEST).read_text()).get("epoch")
+        except (OSError, ValueError):
+            epoch = None
+    else:
+        epoch = run_dir.checkpoint_epoch(name)
+    return int(epoch) + 1 if isinstance(epoch, int) else fallback
 
 
 def epochs_done(run_dir: RunDir) -> int:
@@ -87,6 +95,21 @@ def stored_config(path: Path) -> dict:
         raise ValueError(f"{path}: the stored config of this run does not load ({e}); use a new run.name") from None
 
 
+def check_forced(name: str, changes: list, start: int, epochs: int, sweep: str = "") -> None:
+    """``run.resume=force`` on a run that has trained all its epochs: a changed training key would train nothing
+    and only relabel the finished results (config.yaml and summary.json would name a config that never trained
+    them). Refused; a forced change that trains (more epochs, or an unfinished run) trains the epochs from
+    ``start`` under the new config, and history.jsonl and summary.json say which epochs trained under which.
+    A sweep's PBT trial (``run.sweep`` set, forced by the sweep) continues another trial's checkpoint by design."""
+    blocked = [c for c in changes if not resumable(c[0])]
+    if blocked and start >= epochs and not sweep:
+        text = ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in blocked)
+        raise ConfigError(f"run.resume=force: run {name!r} has trained all {start} epochs (optim.epochs={epochs}) "
+                          f"under its stored config, so the change ({text}) would train nothing; use "
+                          "run.resume=never to retrain it afresh with the change, raise optim.epochs to train more "
+                          "epochs under it, or pick a new run.name")
+
+
 def plan_folder(cfg: Config, kind: str) -> FolderPlan:
     """The run folder and its resume decision (a config change the resume cannot take raises here)."""
     name = check_run_name(cfg.run.name or default_run_name(cfg, kind))
@@ -99,12 +122,14 @@ def plan_folder(cfg: Config, kind: str) -> FolderPlan:
                               "move it aside; pick a new run.name or delete it")
         return FolderPlan(name=name, path=str(run_dir.path), remote=run_dir.remote, start="new", replace=True)
     checkpoint, stored = last_checkpoint(run_dir), run_dir.path / "config.yaml"
+    done = epochs_done(run_dir)
     if checkpoint is None or not stored.exists():
-        return FolderPlan(name=name, path=str(run_dir.path), remote=run_dir.remote, start="new",
-                          epochs_done=epochs_done(run_dir))
+        return FolderPlan(name=name, path=str(run_dir.path), remote=run_dir.remote, start="new", epochs_done=done)
     changes = check_resume(stored_config(stored), to_dict(cfg), cfg.run.resume, where=str(stored))
-    return FolderPlan(name=name, path=str(run_dir.path), remote=run_dir.remote, start="resume",
-                      epochs_done=epochs_done(run_dir), checkpoint=checkpoint, changes=tuple(changes))
+    start = checkpoint_start(run_dir, checkpoint, done)
+    check_forced(name, changes, start, cfg.optim.epochs, cfg.run.sweep)
+    return FolderPlan(name=name, path=str(run_dir.path), remote=run_dir.remote, start="resume", epochs_done=done,
+                      start_epoch=start, checkpoint=checkpoint, changes=tuple(changes))
 
 
 def check_teacher_files(cfg: Config, kind: str, skip: set) -> None:
@@ -144,6 +169,7 @@ def plan_run(cfg: Config, kind: str = "distill", *, hooks: tuple = (), verbose: 
     cfg = resolve_paths(cfg)
     check_curriculum(cfg, kind)
     check_storage(cfg)
+    check_tracking(cfg.run)  # a tracking server that does not answer: seconds here, not minutes of retries later
     data_dir = Path(prepare_dataset(cfg.data, verbose=verbose)).resolve()
     data = data_plan(data_dir, cfg.data.augment, uri=storage.staged_from(data_dir) or "")
     check_classes(cfg, data.num_classes)
@@ -167,4 +193,27 @@ def plan_run(cfg: Config, kind: str = "distill", *, hooks: tuple = (), verbose: 
         if not isinstance(teachers, (list, tuple)):
             check_models(cfg, kind, meta, teachers, student=False)
     flops = measure_flops(cfg, kind, data.num_classes, data.image_shape, teachers)
-    return derive_plan(cfg, kind, data=data, folder=folder, hooks=tuple(hooks), to_train=to_train, flops=flops)
+    plan = derive_plan(cfg, kind, data=data, folder=folder, hooks=tuple(hooks), to_train=to_train, flops=flops)
+    return check_cache(plan) if plan.cache is not None and not to_train else plan
+
+
+def check_cache(plan: RunPlan) -> RunPlan:
+    """The teacher-output cache's folder, key and units, checked before Ray starts (cheaply, as the prepared data
+    set is: one listing, sizes; sha256 only of shards changed since the manifest): a cache made for another
+    teacher, data set or seed is refused in one line; missing and damaged units are noted, and the build
+    (``ensure_teacher_cache``, before training) makes them again."""
+    cfg = plan.cfg
+    spec, key, _ = resolve_cache(plan.cache, cfg, plan.data.dir)
+    manifest, units = read_manifest(spec.dir), spec.units()
+    damaged: dict = {}
+    if manifest is not None:
+        check_manifest(manifest, key, spec.dir)
+        damaged = unit_problems(spec.dir, manifest, units)
+    built = (manifest or {}).get("units", {})
+    missing = [u for u in units if u not in built]
+    note = plan.cache_note
+    if damaged:
+        note += "; damaged, rebuilt first: " + ", ".join(f"{u} ({why})" for u, why in damaged.items())
+    if missing:
+        note += f"; {len(missing)} unit(s) to build first"
+    return plan.replace(cache=spec, cache_note=note)

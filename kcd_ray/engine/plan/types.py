@@ -39,6 +39,7 @@ class FolderPlan:
     remote: str  # the run's URI in an object store; "" for a local run
     start: str  # "new": nothing to resume; "resume": checkpoints and a compatible config.yaml are there
     epochs_done: int = 0  # epochs in its metrics.jsonl
+    start_epoch: int = 0  # the epoch training starts at: the resumed checkpoint's epoch + 1 (its manifest's)
     checkpoint: Optional[str] = None  # the newest checkpoint a resume starts from
     changes: tuple = ()  # (key, old, new) config changes a resume accepts
     replace: bool = False  # run.resume=never over an existing run: the old folder is moved aside first

@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 
 from kcd_ray.config import Config, ConfigError, config_from_dict
+from kcd_ray.ray_layer.tune.interrupt import SweepInterrupted, mark_interrupted
 from kcd_ray.ray_layer.tune.resources import derive_concurrency, trial_resources, trial_scaling
 from kcd_ray.sweeps.feasible import budget_problem, feasible_grid, has_budget, point_label
 from kcd_ray.sweeps.space import Dim, apply_values, base_point, grid_size
@@ -318,6 +319,9 @@ def _new_tuner(sw: Sweep, trainable, max_conc: int, verbose: int, points: list |
         tune_config=tune.TuneConfig(search_alg=_search_alg(sw, baseline, max_conc), scheduler=scheduler,
                                     num_samples=num_samples,
                                     max_concurrent_trials=max_conc if sw.search == "optuna" else None,
+                                    # In-process trials run in Tune's trial actor: a finished trial's process (torch,
+                                    # kcd_ray and Ray Data imported) starts the next trial instead of a new one.
+                                    reuse_actors=sw.base["scaling"]["num_workers"] == 0 and not sw.pbt,
                                     trial_name_creator=trial_label, trial_dirname_creator=trial_label),
         run_config=tune.RunConfig(name="tune", storage_path=tune_path, storage_filesystem=tune_fs, verbose=verbose),
     )
@@ -369,21 +373,29 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
                                    storage_filesystem=tune_fs)
     else:
         tuner = _new_tuner(sw, trainable, max_conc, base_cfg.run.verbose, points)
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C: Tune gave the signal back before it had stopped every trial
+        raise SweepInterrupted(sw, mark_interrupted(sw)) from None
+    # Tune's loop ends early only when it was stopped (Ctrl-C, SIGUSR1; tune/tune.py, run: `while not
+    # runner.is_finished() and not experiment_interrupted_event.is_set()`), and it reports nothing else: trials it
+    # had not started are left pending, and the ones it stopped are TERMINATED like finished ones, but their run
+    # folders still say running (their processes were ended before their fit() could write anything).
+    errors = [r for r in results if r.error is not None]
+    pending = len(results) - results.num_terminated - len(errors)
+    failed = {f"{sw.name}_{str(r.path).rstrip('/').rsplit('/', 1)[-1]}" for r in errors}  # run_name of trial_label
+    stopped = mark_interrupted(sw, skip=failed)
+    if pending > 0 or stopped > 0:
+        raise SweepInterrupted(sw, stopped, pending + stopped, len(results))
     if sw.pbt:
         from kcd_ray.report.pbt import write_pbt_schedule
 
         write_pbt_schedule(sw.folder, results, sw.pbt["metric"])
-    errors = [r for r in results if r.error is not None]
     if errors and len(errors) == len(results):
         raise RuntimeError(f"sweep {sw.name}: every trial failed; first error ({errors[0].path}): {errors[0].error}")
     if errors:
         print(f"[kcd_ray] sweep {sw.name}: {len(errors)} of {len(results)} trials failed; re-run the same command "
               f"to retry them. First error: {errors[0].error}", flush=True)
-    unfinished = len(results) - results.num_terminated - len(errors)
-    if unfinished > 0:
-        print(f"[kcd_ray] sweep {sw.name}: interrupted with {unfinished} trials unfinished; re-run the same command "
-              "to resume them", flush=True)
     return sw.remote or sw.folder
 
 
@@ -405,8 +417,15 @@ def main_sweep(args) -> int:
         sw = load_sweep(args.config, list(args.overrides or []), args.storage_path)
         print(describe_sweep(sw, plan_sweep(sw)), flush=True)
         return 0
-    folder = run_sweep(args.config, overrides=list(args.overrides or []), storage_path=args.storage_path,
-                       resume=not args.fresh)
+    try:
+        folder = run_sweep(args.config, overrides=list(args.overrides or []), storage_path=args.storage_path,
+                           resume=not args.fresh)
+    except SweepInterrupted as e:  # the CLI prints it and exits 130; name the very command that resumes it
+        import shlex
+
+        cmd = ["kcd-ray", "sweep", "--config", args.config, *(["--storage-path", args.storage_path]
+                                                                if args.storage_path else []), *(args.overrides or [])]
+        raise KeyboardInterrupt(str(e).replace("re-run the same command", "re-run `" + shlex.join(cmd) + "`")) from None
     if not args.no_report:
         from kcd_ray.report import report
 
