@@ -50,7 +50,8 @@ def test_sweep_loads(path):
     sw = load_sweep(path)
     assert sw.dims, "a shipped sweep searches something"
     assert sw.base["data"]["name"] == "digits", "shipped sweeps run on a laptop; scale with base=..."
-    assert sw.include_kd_baseline or sw.pbt  # a PBT population has no fixed baseline trial
+    plain_in_grid = any(d.key == "selection.strategy" and "none" in d.values for d in sw.dims)
+    assert sw.include_kd_baseline or sw.pbt or plain_in_grid  # PBT: no fixed baseline; or plain KD is a grid point
 
 
 def test_shipped_sweeps_cover_the_issue():
@@ -59,8 +60,14 @@ def test_shipped_sweeps_cover_the_issue():
         assert needed in keys
     summary = next(d for p in SWEEPS for d in load_sweep(p).dims if d.key == "kcd")
     assert {v.get("summary") for v in summary.values} == {True, False} and any("lam_min" in v for v in summary.values)
-    temps = next(d for p in SWEEPS for d in load_sweep(p).dims if d.key == "distill.temperature")
-    assert {v["schedule"] for v in temps.values} == {"constant", "linear", "cosine", "exponential", "step"}
+    schedules = {v["schedule"] for p in SWEEPS for d in load_sweep(p).dims if d.key == "distill.temperature"
+                 for v in d.values}
+    assert schedules == {"constant", "linear", "cosine", "exponential", "step"}
+    budget = {d.key: d for p in SWEEPS for d in load_sweep(p).dims if d.key.startswith("selection.")}
+    assert set(budget["selection.strategy"].values) >= {"kcd", "infobatch", "random", "none"}
+    assert min(budget["selection.budget"].values) <= 0.3 and max(budget["selection.budget"].values) == 1.0
+    optuna = load_sweep(EXP / "sweeps" / "pareto_optuna.yaml")
+    assert optuna.objectives == (("val_top1", "max"), ("compute_ratio", "min"))
     assert {load_sweep(p).search for p in SWEEPS} == {"grid", "random", "optuna"}
 
 

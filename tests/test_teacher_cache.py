@@ -261,6 +261,7 @@ def test_a_sweep_builds_the_cache_once_and_its_trials_run_no_teacher(setup, tmp_
     base["distill"]["cache_dir"] = str(tmp_path / "cache")  # a cache of its own: this sweep must build it
     base["kcd"] = {"enabled": True, "interval": 1, "stages": 2, "rho": 0.7, "summary": False}
     folder = run_sweep({"name": "tc", "base": base, "space": {"kcd.rho": [0.5, 0.9]}, "search": "grid",
+                        "metric": "top1", "select_on_test": True,  # the set has no validation split
                         "storage_path": str(tmp_path / "sweeps")})
     m = read_manifest(tmp_path / "cache")
     assert len(m["builds"]) == 1 and m["builds"][0]["teacher_forwards"] == 2 * 96
