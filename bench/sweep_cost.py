@@ -14,6 +14,9 @@ validation / 450 test), resnet20 teacher (trained once, 15 epochs, reused) -> re
   ``trials_at_once`` in-process trials sharing the machine, Tune reusing the trial processes;
 - (c) the same 8 trials without the cache and without ASHA.
 
+Also (once): trial start-up, 8 one-epoch trials on 8x8 digits with Tune reusing the trial processes against a new
+process per trial (``reuse_trial_processes``), in seconds per trial.
+
 Printed: the wall seconds of each arm (Ray's start-up, shared, is not in any arm), (b)/(a), (c)/(a), and the test
 top-1 of the trial the sweep chose on validation (the report's best by ``val_top1``) against KD's test top-1 (both the
 last epoch's), per seed and as mean +- standard error. Finished arms are read back on a rerun (``<out>/s<seed>/*.json``).
@@ -26,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+from functools import partial
 import time
 from pathlib import Path
 
@@ -99,6 +103,39 @@ def arm_sweep(out: Path, seed: int, epochs: int, teacher: str, *, cached: bool, 
             "stopped_early": sum(1 for r in res["rows"] if (r.get("epochs_done") or 0) < epochs)}
 
 
+def startup_cost(out: Path, teacher: str, at_once: int) -> dict:
+    """Trial start-up: 8 one-epoch trials on 8x8 digits (training is a small share), Tune reusing the trial
+    processes or starting a new one per trial; seconds per trial = wall x trials_at_once / trials."""
+    from kcd_ray.ray_layer.tune.sweep import run_sweep
+
+    res = {}
+    for reuse in (False, True):
+        base = base_config(out, 1, 0, teacher, 1)
+        base["data"]["image_size"] = 8
+        base["model"] = "resnet8"
+        base["distill"]["teacher"] = _tiny_teacher(out)
+        tag = f"startup_reuse{int(reuse)}_{int(time.time())}"
+        t0 = time.perf_counter()
+        run_sweep({"name": tag, "base": base, "search": "grid", "trials_at_once": at_once,
+                   "reuse_trial_processes": reuse, "space": {"optim.lr": [0.01 * (i + 1) for i in range(8)]},
+                   "storage_path": str(out / "sweeps")})
+        res[f"reuse_{reuse}"] = (time.perf_counter() - t0) * at_once / 8
+    return res
+
+
+def _tiny_teacher(out: Path) -> str:
+    """An untrained resnet8 for the 8x8 start-up sweeps (their accuracy is not the point)."""
+    import torch
+
+    from kcd_ray.models import build_model, save_model
+
+    path = out / "tiny_teacher_resnet8.pt"
+    if not path.is_file():
+        torch.manual_seed(0)
+        save_model(path, build_model("resnet8", 10))
+    return str(path)
+
+
 def report_lines(results: dict) -> list[str]:
     seeds = sorted(results)
     rows = []
@@ -141,18 +178,23 @@ def main(argv=None) -> int:
     results = {}
     for seed in args.seeds:
         d = out / f"s{seed}_e{args.epochs}_t{args.trials_at_once}"
-        a = cached_result(d / "a_kd.json", lambda: arm_kd(out, seed, args.epochs, teacher))
+        a = cached_result(d / "a_kd.json", partial(arm_kd, out, seed, args.epochs, teacher))
         print(f"[sweep_cost] seed {seed} (a) KD: {a['wall_s']:.0f}s, test top-1 {a['test_top1']:.2f}", flush=True)
-        b = cached_result(d / "b_sweep_cache_asha.json", lambda: arm_sweep(
-            out, seed, args.epochs, teacher, cached=True, asha=True, at_once=args.trials_at_once))
+        b = cached_result(d / "b_sweep_cache_asha.json", partial(
+            arm_sweep, out, seed, args.epochs, teacher, cached=True, asha=True, at_once=args.trials_at_once))
         print(f"[sweep_cost] seed {seed} (b) sweep + cache + ASHA: {b['wall_s']:.0f}s, chosen {b['chosen']} test "
               f"top-1 {b['test_top1']:.2f}", flush=True)
-        c = cached_result(d / "c_sweep_plain.json", lambda: arm_sweep(
-            out, seed, args.epochs, teacher, cached=False, asha=False, at_once=args.trials_at_once))
+        c = cached_result(d / "c_sweep_plain.json", partial(
+            arm_sweep, out, seed, args.epochs, teacher, cached=False, asha=False, at_once=args.trials_at_once))
         print(f"[sweep_cost] seed {seed} (c) sweep: {c['wall_s']:.0f}s, chosen {c['chosen']} test top-1 "
               f"{c['test_top1']:.2f}", flush=True)
         results[seed] = {"a": a, "b": b, "c": c}
     lines = report_lines(results)
+    start = cached_result(out / f"startup_t{args.trials_at_once}.json", partial(startup_cost, out, teacher,
+                                                                               args.trials_at_once))
+    lines += ["", f"trial start-up (8 one-epoch 8x8 trials, {args.trials_at_once} at once): "
+              f"{start['reuse_False']:.1f} s per trial with a new process each, {start['reuse_True']:.1f} s reusing "
+              f"them ({start['reuse_False'] / start['reuse_True']:.2f}x)"]
     print("\n".join(lines), flush=True)
     (out / "sweep_cost.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     ray.shutdown()

@@ -165,25 +165,31 @@ def test_sweep_in_s3_and_its_report(s3_run, s3, tmp_path):
     from kcd_ray.cli import main
 
     summary, _ = s3_run
-    base = {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": f"{s3}/data"},
-            "optim": {"epochs": 1, "batch_size": 128, "threads": 1},
+    base = {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": f"{s3}/data", "val_fraction": 0.2},
+            "optim": {"epochs": 2, "batch_size": 128, "threads": 1},
             "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
             "run": {"storage_path": f"{s3}/runs", "verbose": 0},
             "distill": {"teacher": summary["config"]["distill"]["teacher"], "cache": "exact"},
-            "kcd": {"interval": 1, "stages": 1, "value_fn": "random"}}
-    f = tmp_path / "sw.yaml"
-    f.write_text(yaml.safe_dump({"name": "sw", "base": base, "space": {"kcd.rho": [0.5, 0.9]},
-                                 "storage_path": f"{s3}/sweeps", "metric": "best_top1"}))
+            "selection": {"strategy": "kcd"}, "kcd": {"interval": 1, "stages": 1, "value_fn": "random"}}
+    f = tmp_path / "sw.yaml"  # a validation split and compute budgets, the data set, cache and runs in the store
+    f.write_text(yaml.safe_dump({"name": "sw", "base": base, "space": {"selection.budget": [0.75, 1.0]},
+                                 "storage_path": f"{s3}/sweeps"}))
     assert main(["sweep", "--config", str(f), "--no-report"]) == 0
     sweep = f"{s3}/sweeps/sw"
     files = storage.list_files(sweep)
     trials = sorted({x.split("/")[1] for x in files if x.startswith("runs/") and x.endswith("/summary.json")})
     assert len(trials) == 2 and "sweep.yaml" in files and any(x.startswith("tune/") for x in files), files
-    (manifest,) = [x for x in storage.list_files(f"{s3}/data/digits-8") if x.endswith("manifest.json")]
+    (manifest,) = [x for x in storage.list_files(f"{s3}/data/digits-8-val0.2-s0") if x.endswith("manifest.json")]
     assert manifest.startswith("teacher_cache/")
+    budgets = set()
     for t in trials:
-        (row,) = _rows(f"{sweep}/runs/{t}")
-        assert row["teacher_forward_samples"] == 0 and row["samples_seen"] == 1347
+        rows = _rows(f"{sweep}/runs/{t}")
+        assert all(r["teacher_forward_samples"] == 0 and r["val_top1"] is not None for r in rows)
+        assert rows[0]["samples_seen"] == 1078  # the 1,347 training images less the validation split
+        trial = json.loads(storage.read_text(f"{sweep}/runs/{t}/summary.json"))
+        assert abs(trial["compute_ratio"] - trial["budget"]) <= 0.02
+        budgets.add(trial["budget"])
+    assert budgets == {0.75, 1.0}
     assert main(["sweep", "--config", str(f), "--no-report"]) == 0  # restored: nothing left to run
     assert sorted({x.split("/")[1] for x in storage.list_files(sweep) if x.endswith("/summary.json")}) == trials
     assert main(["report", sweep]) == 0

@@ -50,7 +50,7 @@ from kcd_ray.sweeps.space import Dim, field_kind, parse_space, set_dotted
 
 SWEEP_KEYS = ("name", "description", "base", "kind", "overrides", "space", "search", "num_samples", "metric", "mode",
               "objectives", "select_on_test", "asha", "pbt", "include_kd_baseline", "storage_path",
-              "max_concurrent_trials", "trials_at_once", "trial_cpus", "seed")
+              "max_concurrent_trials", "trials_at_once", "trial_cpus", "reuse_trial_processes", "seed")
 SEARCHES = ("grid", "random", "optuna")
 # Config fields holding paths: made absolute up front, because Tune trials run in their own folder.
 PATH_KEYS = ("data.root", "data.source", "distill.teacher", "distill.cache_dir", "run.storage_path")
@@ -75,6 +75,7 @@ class Sweep:
     max_concurrent_trials: int = 0
     trials_at_once: int = 0
     trial_cpus: float = 0.25
+    reuse_trial_processes: bool = True  # in-process trials: Tune starts the next trial in a finished one's process
     seed: int = 0
     description: str = ""
 
@@ -109,7 +110,8 @@ class Sweep:
     def to_yaml(self) -> str:
         d = {"name": self.name, "source": self.source, "description": self.description, **self.identity(),
              "storage_path": self.storage_path, "max_concurrent_trials": self.max_concurrent_trials,
-             "trials_at_once": self.trials_at_once, "trial_cpus": self.trial_cpus}
+             "trials_at_once": self.trials_at_once, "trial_cpus": self.trial_cpus,
+             "reuse_trial_processes": self.reuse_trial_processes}
         return yaml.safe_dump(d, sort_keys=False)
 
 
@@ -295,7 +297,10 @@ def _resource_keys(raw: dict, where: str) -> dict:
         raise _err(where, "max_concurrent_trials and trials_at_once must be >= 0, trial_cpus > 0")
     if out["max_concurrent_trials"] and out["trials_at_once"]:
         raise _err(where, "max_concurrent_trials and trials_at_once: give one (trials_at_once also sizes each trial)")
-    return out
+    reuse = raw.get("reuse_trial_processes", True)
+    if not isinstance(reuse, bool):
+        raise _err(where, f"reuse_trial_processes: expected true or false, got {reuse!r}")
+    return {**out, "reuse_trial_processes": reuse}
 
 
 def _storage(raw: dict, base: dict, pbt, where: str) -> str:

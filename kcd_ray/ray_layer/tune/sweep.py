@@ -321,7 +321,8 @@ def _new_tuner(sw: Sweep, trainable, max_conc: int, verbose: int, points: list |
                                     max_concurrent_trials=max_conc if sw.search == "optuna" else None,
                                     # In-process trials run in Tune's trial actor: a finished trial's process (torch,
                                     # kcd_ray and Ray Data imported) starts the next trial instead of a new one.
-                                    reuse_actors=sw.base["scaling"]["num_workers"] == 0 and not sw.pbt,
+                                    reuse_actors=sw.reuse_trial_processes and sw.base["scaling"]["num_workers"] == 0
+                                    and not sw.pbt,
                                     trial_name_creator=trial_label, trial_dirname_creator=trial_label),
         run_config=tune.RunConfig(name="tune", storage_path=tune_path, storage_filesystem=tune_fs, verbose=verbose),
     )
