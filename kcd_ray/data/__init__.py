@@ -1,8 +1,9 @@
-"""Data: sources -> Parquet (prepare), plus the Ray Data pipeline, mask store and blend overlay.
+"""Data: sources -> Parquet (prepare), the prepared format, batch transforms and blend overlays (no Ray).
 
 Importing this package is cheap (no Ray, no torch): ``DATASETS`` lists the registered sources
-(digits, synthetic, cifar10, cifar100, folder, idx, fashion_mnist; see docs/data.md). The Ray Data
-parts live in ``pipeline``, ``mask`` and ``blend``; import them directly.
+(digits, synthetic, cifar10, cifar100, folder, idx, fashion_mnist; see docs/data.md). Import the other
+modules directly (``transforms``, ``row_maps``, ``blend``, ``groups`` ...); the Ray Data pipeline and the mask
+store that use them are ``kcd_ray.ray_layer.pipeline`` and ``kcd_ray.ray_layer.mask_store``.
 """
 
 from kcd_ray.data.parquet_io import (

@@ -17,7 +17,7 @@
   for a sweep's trials (tagged ``kcd_ray.sweep`` and ``kcd_ray.trial_id``; the MLflow run is named after the
   kcd_ray run, ``<sweep>_<trial id>``), else ``kcd_ray``.
 
-It runs after the metrics writer (``parts.run_hooks``), so the checkpoint, ``metrics.jsonl`` and, at the end,
+It runs after the metrics writer (``kcd_ray.engine.assemble.run_hooks``), so the checkpoint, ``metrics.jsonl`` and, at the end,
 ``final_model.pt`` and ``summary.json`` exist when it logs them. Set-up errors (a missing library, a tracking
 server that does not answer) fail the run at its start; a failed per-epoch write is reported and training goes on.
 """

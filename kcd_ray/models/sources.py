@@ -57,7 +57,7 @@ def torchvision_names() -> tuple[str, ...]:
 
 def is_model_name(name: str) -> bool:
     """What config validation accepts: a zoo name, a torchvision classification model, or a factory's form (the
-    factory itself is imported by the preflight, before Ray starts: ``check_source``)."""
+    factory itself is imported by the preflight, before Ray starts: ``kcd_ray.engine.build.check_models``)."""
     kind = source_kind(name)
     if kind == "torchvision":
         return name[len(TORCHVISION):] in torchvision_names()
