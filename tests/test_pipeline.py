@@ -1,4 +1,5 @@
-"""Ray Data pipeline, mask store and blend overlay (kcd_ray.data.transforms/pipeline/mask/blend).
+"""Ray Data pipeline, mask store and blend overlay (kcd_ray.ray_layer.pipeline, kcd_ray.ray_layer.mask_store,
+kcd_ray.data.blend, kcd_ray.data.transforms).
 
 Prepared folders are fabricated here with pyarrow (meta.json + train/test Parquet with an extra
 ``is_duplicate`` column), so these tests do not depend on the Parquet conversion code.

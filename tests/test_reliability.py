@@ -1,4 +1,5 @@
-"""Issue 11: numbers, honest and reproducible resume, one-line errors from inside Ray, Ctrl-C, no leaks."""
+"""Reliability: honest and reproducible resumes, one-line errors from inside Ray, Ctrl-C, no leaks, checkpoint fallback, a
+self-repairing teacher cache, names kept in their storage folder, fast failures."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from kcd_ray.sweeps.space import apply_values, parse_space
 from kcd_ray.engine.engine import ENGINE_COLUMNS
 from kcd_ray.sweeps.metrics import SUMMARY_KEYS, epoch_metrics, is_epoch_metric, is_reported_metric
 from kcd_ray.sweeps.spec import load_sweep, split_overrides
-from kcd_ray.ray_layer.tune.resources import derive_concurrency, trial_resources
+from kcd_ray.ray_layer.tune.resources import derive_concurrency, share_of, trial_resources
 from kcd_ray.ray_layer.tune.sweep import trial_config
 
 BASE = {"data": {"name": "digits", "image_size": 16, "val_fraction": 0.2}, "optim": {"epochs": 2}}
@@ -177,15 +177,19 @@ def test_section_values_merge_and_trial_config(tmp_path):
 
 def test_resources_and_concurrency():
     cfg = load_config(None, ["scaling.num_workers=1", "scaling.cpus_per_worker=0.5", "scaling.data_cpus=0.25"])
-    # driver 0.25 + worker 0.5 + one data task 0.25 = 1 CPU per trial
-    assert derive_concurrency(cfg, 0.25, {"CPU": 2.0}) == 2
+    # driver 0.25 + worker 0.5 + two data tasks 0.5 = 1.25 CPU per trial
+    assert derive_concurrency(cfg, 0.25, {"CPU": 2.5}) == 2 and derive_concurrency(cfg, 0.25, {"CPU": 2.0}) == 1
     assert derive_concurrency(cfg, 0.25, {"CPU": 0.5}) == 1  # never below one
     assert trial_resources(cfg, 0.25, {"CPU": 2.0}) == {"cpu": 0.25}  # Train V2 places the workers itself
     gpu = load_config(None, ["scaling.num_workers=2", "scaling.cpus_per_worker=2", "scaling.use_gpu=auto"])
     assert derive_concurrency(gpu, 0.25, {"CPU": 64.0, "GPU": 4.0}) == 2  # GPUs bound it: 2 per trial
-    assert derive_concurrency(gpu, 0.25, {"CPU": 64.0}) == 14  # no GPUs: auto means CPU
+    assert derive_concurrency(gpu, 0.25, {"CPU": 64.0}) == 13  # no GPUs: auto means CPU (4.75 each)
     local = load_config(None, ["scaling.num_workers=0", "scaling.cpus_per_worker=1"])
     assert trial_resources(local, 0.25, {"CPU": 2.0}) == {"cpu": 1.0}  # the loop runs inside the trial
+    # trials_at_once splits what is left after two data tasks per trial; GPUs fractionally
+    assert share_of({"CPU": 2.0}, 2, 0.25) == {"cpu": 0.5, "gpu": 0.0}
+    assert share_of({"CPU": 16.0, "GPU": 1.0}, 4, 0.25) == {"cpu": 3.5, "gpu": 0.25}
+    assert trial_resources(local, 0.25, {"CPU": 16.0, "GPU": 1.0}, trials_at_once=4) == {"cpu": 3.5, "gpu": 0.25}
 
 
 # --------------------------------------------------------------------------- report on written run folders
@@ -325,7 +329,7 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session, capsys):
                  "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
                  "run": {"verbose": 0}, "distill": {"teacher": str(teacher)}, "kcd": {"interval": 1, "stages": 1}},
         "space": {"selection.strategy": ["kcd", "none"], "selection.budget": [0.75, 1.0]},
-        "metric": "best_top1", "select_on_test": True,
+        "metric": "best_top1", "select_on_test": True, "trials_at_once": 2,  # each trial half of what data leaves
         "asha": {"grace_period": epochs},  # ASHA runs on the per-epoch results, and stops nothing here
     }
     folder = run_sweep(sweep)

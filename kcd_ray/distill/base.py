@@ -87,6 +87,7 @@ class Distiller(nn.Module):
     # (feats[-1] only), or None: feature maps, so the teacher stays in the loop. Unset: by needs_features.
     teacher_outputs: ClassVar[Optional[tuple[str, ...]]] = ()
     label: ClassVar[str] = ""  # how reports name it; "" = the registered name
+    routes_rows: ClassVar[bool] = False  # several teachers, each row through one of them (the ledger counts one)
     own_term_uses_T: ClassVar[bool] = False  # the method's own term depends on T (dkd): a learned T may drive it
     logit_standardize_applies: ClassVar[bool] = True  # distill.logit_standardize reaches its KD term (not ed's)
 

@@ -65,8 +65,6 @@ class Services(Protocol):
 
     def report(self, metrics: dict, checkpoint: Optional[Callable[[Path], None]], epoch: int) -> None: ...
 
-    def latest_checkpoint(self) -> Optional[Path]: ...
-
 
 @dataclass
 class LocalServices:

@@ -89,6 +89,9 @@ class Hook:
         pass
 
     def pop_compute_counts(self) -> dict[str, int]:
+        """Passes this hook ran since the compute ledger last asked (and forgets them): ``student_forward_only``
+        (ranking, an offline E-step), ``teacher_forward`` (teacher forwards run) and ``teacher_output`` (teacher
+        outputs used, cached or not; ``teacher_forward`` when absent)."""
         return {}
 
     def state_dict(self) -> Optional[dict]:

@@ -138,7 +138,7 @@ class ComputeLedger(Hook):
             if not teachers and getattr(d, "teacher", None) is not None:
                 teachers = [d.teacher]
             tf = sum(measure_flops(t, input_shape, backward=False, train=False)[0] for t in teachers)
-            if teachers and getattr(d, "routes_rows", False):  # ED: each row goes through its own group's teacher
+            if teachers and d.routes_rows:  # ED: each row goes through its own group's teacher
                 tf /= len(teachers)
             cache = getattr(d, "teacher_cache", None)
             if not teachers and cache is not None:  # teacher not loaded: its FLOPs as the cache build measured them

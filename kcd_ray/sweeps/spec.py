@@ -342,5 +342,5 @@ def check_before_ray(sw: Sweep) -> None:
         if not path:
             raise _err(sw.source, f"{key}: not set; kind distill needs a teacher checkpoint "
                                   "(train one with `kcd-ray train-teacher`)")
-        if not Path(path).exists():  # fit() refuses the same, but only once Tune has started the trial
+        if not storage.exists(path):  # fit() refuses the same, but only once Tune has started the trial
             raise _err(sw.source, f"{key}: teacher file {path} does not exist")

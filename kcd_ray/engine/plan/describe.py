@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from kcd_ray import storage
 from kcd_ray.engine.plan.types import RunPlan
 
 
@@ -88,13 +87,3 @@ def describe_plan(plan: RunPlan) -> str:
     if plan.inputs.passes is not None:
         lines.insert(5, f"           sequential passes over {max(plan.inputs.passes)} class groups per epoch")
     return "\n".join(lines)
-
-
-def plan_summary(plan: RunPlan) -> dict:
-    """The plan's main decisions as plain data (recorded in summary.json and shown by sweeps)."""
-    return {"strategy": plan.selection.name, "params": plan.selection.params,
-            "planned_compute_ratio": plan.compute.planned_compute_ratio,
-            "planned_sample_ratio": plan.compute.planned_sample_ratio,
-            "budget": plan.selection.budget, "budget_resolved": dict(plan.selection.resolved),
-            "teacher_in_loop": plan.teacher.in_loop, "teacher_note": plan.teacher.note,
-            "data": storage.staged_from(plan.data.dir) or plan.data.dir, "run_folder": plan.folder.where}

@@ -154,7 +154,7 @@ def measure_flops(cfg: Config, kind: str, num_classes: int, image_shape: tuple, 
         sf, sb = flops_of(student, (c, h, w), backward=True, train=True)
         nets = teachers if isinstance(teachers, (list, tuple)) else [teachers] if teachers is not None else []
         tf = sum(flops_of(t, (c, h, w), backward=False, train=False)[0] for t in nets)
-        if nets and getattr(method_class(cfg, kind), "routes_rows", False):  # one teacher of several per row
+        if nets and method_class(cfg, kind).routes_rows:  # one teacher of several per row
             tf /= len(nets)
     except Exception:  # noqa: BLE001 - an estimate never fails a run: ratios then count sample-passes
         return 0.0, 0.0, 0.0

@@ -15,11 +15,15 @@ def _wants_gpu(cfg: Config, cluster: dict) -> bool:
     return use_gpu(cfg.scaling, gpus=float(cluster.get("GPU", 0)))
 
 
+DATA_TASKS_PER_TRIAL = 2  # a streaming read and a map task at once: with room for one, two trials' pipelines stall
+
+
 def share_of(cluster: dict, trials_at_once: int, data_cpus: float) -> dict:
-    """Each of ``trials_at_once`` trials' share of the machine: the CPUs left after one Ray Data task per trial,
-    and the GPUs, split evenly (fractional: several small students share a GPU)."""
+    """Each of ``trials_at_once`` trials' share of the machine: the CPUs left after two Ray Data tasks per trial
+    (the read and the map of its pipeline run at once), and the GPUs, split evenly (fractional: several small
+    students share a GPU)."""
     n = max(1, int(trials_at_once))
-    cpus = max(0.1, (float(cluster.get("CPU", 1)) - n * data_cpus) / n)
+    cpus = max(0.1, (float(cluster.get("CPU", 1)) - n * DATA_TASKS_PER_TRIAL * data_cpus) / n)
     return {"cpu": round(cpus, 3), "gpu": round(float(cluster.get("GPU", 0)) / n, 3)}
 
 
@@ -51,12 +55,14 @@ def trial_scaling(cfg: Config, sw: Sweep, cluster: dict) -> dict:
 
 
 def derive_concurrency(cfg: Config, trial_cpus: float, cluster: dict) -> int:
-    """How many trials fit at once: driver + workers + one Ray Data task's CPUs (and the workers' GPUs).
+    """How many trials fit at once: driver + workers + two Ray Data tasks' CPUs (and the workers' GPUs).
 
-    Leaving room for a data task matters: trials that take every CPU starve Ray Data and hang (docs/methods/ray.md).
+    Leaving room for the data tasks matters: trials that take every CPU starve Ray Data and hang
+    (docs/methods/ray.md); with room for one task per trial, two in-process trials on 2 CPUs stalled for good.
     """
     s = cfg.scaling
-    per_cpu = (s.cpus_per_worker if s.num_workers == 0 else trial_cpus + s.num_workers * s.cpus_per_worker) + s.data_cpus
+    own = s.cpus_per_worker if s.num_workers == 0 else trial_cpus + s.num_workers * s.cpus_per_worker
+    per_cpu = own + DATA_TASKS_PER_TRIAL * s.data_cpus
     n = math.floor(cluster.get("CPU", 0) / per_cpu + 1e-9)
     if _wants_gpu(cfg, cluster):
         per_gpu = s.gpus_per_worker * max(s.num_workers, 1)
