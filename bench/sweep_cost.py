@@ -1,9 +1,11 @@
 """What a sweep costs against one plain KD run, measured on the same machine in one run:
 
-    .venv/bin/python bench/sweep_cost.py [--seeds 0 1 2] [--epochs 18] [--trials-at-once 2] [--out runs/bench_sweep_cost]
+    .venv/bin/python bench/sweep_cost.py [--seeds 0 1 2] [--epochs 18] [--image-size 32] [--trials-at-once 2]
+                                         [--out runs/bench_sweep_cost]
 
-Arms, per seed (``optim.seed``), on scikit-learn's digits at 16x16 with a validation split (1,078 train / 269
-validation / 450 test), resnet20 teacher (trained once, 15 epochs, reused) -> resnet8 student, KD (gamma 0.1, alpha
+Arms, per seed (``optim.seed``), on scikit-learn's digits at 32x32 (``--image-size``; a run long enough that a
+trial's fixed start-up is not most of it) with a validation split (1,078 train / 269 validation / 450 test), resnet20
+teacher (trained once, 15 epochs, reused) -> resnet8 student, KD (gamma 0.1, alpha
 0.9), SGD batch 64, lr 0.05, cosine, ``--epochs`` epochs:
 
 - (a) one plain KD run, the teacher in the loop, every sample every epoch: ``fit`` in this process on the embedded
@@ -19,7 +21,8 @@ process per trial (``reuse_trial_processes``), in seconds per trial.
 
 Printed: the wall seconds of each arm (Ray's start-up, shared, is not in any arm), (b)/(a), (c)/(a), and the test
 top-1 of the trial the sweep chose on validation (the report's best by ``val_top1``) against KD's test top-1 (both the
-last epoch's), per seed and as mean +- standard error. Finished arms are read back on a rerun (``<out>/s<seed>/*.json``).
+last epoch's), per seed and as mean +- standard error. Finished arms are read back on a rerun
+(``<out>/s<seed>_.../*.json``).
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ BUDGETS = (0.4, 0.5, 0.6, 0.7)
 TEMPERATURES = ({"schedule": "constant", "T": 4.0}, {"schedule": "cosine", "T": 8.0, "T_end": 2.0})
 
 
-def base_config(out: Path, epochs: int, seed: int, teacher: str, threads: int) -> dict:
+def base_config(out: Path, epochs: int, seed: int, teacher: str, threads: int, px: int) -> dict:
     return {"model": "resnet8",
-            "data": {"name": "digits", "image_size": 16, "val_fraction": 0.2, "root": str(out / "data")},
+            "data": {"name": "digits", "image_size": px, "val_fraction": 0.2, "root": str(out / "data")},
             "optim": {"epochs": epochs, "batch_size": 64, "lr": 0.05, "scheduler": "cosine", "seed": seed,
                       "eval_batch_size": 512, "threads": threads},
             "distill": {**KD, "teacher": teacher},
@@ -52,24 +55,25 @@ def base_config(out: Path, epochs: int, seed: int, teacher: str, threads: int) -
             "run": {"verbose": 0, "storage_path": str(out / "runs")}}
 
 
-def train_teacher(out: Path) -> str:
+def train_teacher(out: Path, px: int) -> str:
     from kcd_ray.config import load_config
     from kcd_ray.ray_layer.trainer import fit
 
-    path = out / "runs" / "teacher" / "final_model.pt"
+    name = f"teacher{px}"
+    path = out / "runs" / name / "final_model.pt"
     if not path.is_file():
-        cfg = base_config(out, 15, 0, "", os.cpu_count() or 1)
+        cfg = base_config(out, 15, 0, "", os.cpu_count() or 1, px)
         cfg.pop("distill"), cfg.pop("kcd")
-        cfg["model"], cfg["run"]["name"] = "resnet20", "teacher"
+        cfg["model"], cfg["run"]["name"] = "resnet20", name
         fit(load_config(base=cfg), kind="teacher")
     return str(path)
 
 
-def arm_kd(out: Path, seed: int, epochs: int, teacher: str) -> dict:
+def arm_kd(out: Path, seed: int, epochs: int, teacher: str, px: int) -> dict:
     from kcd_ray.config import load_config
     from kcd_ray.ray_layer.trainer import fit
 
-    cfg = base_config(out, epochs, seed, teacher, os.cpu_count() or 1)
+    cfg = base_config(out, epochs, seed, teacher, os.cpu_count() or 1, px)
     cfg["run"]["name"] = f"kd_s{seed}_{int(time.time())}"
     cfg["selection"] = {"strategy": "none"}
     t0 = time.perf_counter()
@@ -78,12 +82,13 @@ def arm_kd(out: Path, seed: int, epochs: int, teacher: str) -> dict:
             "compute_ratio": s["compute_ratio"]}
 
 
-def arm_sweep(out: Path, seed: int, epochs: int, teacher: str, *, cached: bool, asha: bool, at_once: int) -> dict:
+def arm_sweep(out: Path, seed: int, epochs: int, teacher: str, px: int, *, cached: bool, asha: bool,
+              at_once: int) -> dict:
     from kcd_ray.ray_layer.tune.sweep import run_sweep
     from kcd_ray.report import report
 
     tag = f"{'cache' if cached else 'nocache'}_{'asha' if asha else 'full'}_s{seed}_{int(time.time())}"
-    base = base_config(out, epochs, seed, teacher, 1)
+    base = base_config(out, epochs, seed, teacher, 1, px)
     base["selection"] = {"strategy": "kcd"}
     base["distill"]["cache"] = "exact" if cached else "off"
     base["distill"]["cache_dir"] = str(out / "caches" / tag)  # a fresh cache: its build is part of the arm
@@ -103,17 +108,14 @@ def arm_sweep(out: Path, seed: int, epochs: int, teacher: str, *, cached: bool, 
             "stopped_early": sum(1 for r in res["rows"] if (r.get("epochs_done") or 0) < epochs)}
 
 
-def startup_cost(out: Path, teacher: str, at_once: int) -> dict:
+def startup_cost(out: Path, at_once: int) -> dict:
     """Trial start-up: 8 one-epoch trials on 8x8 digits (training is a small share), Tune reusing the trial
     processes or starting a new one per trial; seconds per trial = wall x trials_at_once / trials."""
     from kcd_ray.ray_layer.tune.sweep import run_sweep
 
     res = {}
     for reuse in (False, True):
-        base = base_config(out, 1, 0, teacher, 1)
-        base["data"]["image_size"] = 8
-        base["model"] = "resnet8"
-        base["distill"]["teacher"] = _tiny_teacher(out)
+        base = base_config(out, 1, 0, _tiny_teacher(out), 1, 8)  # 8x8: start-up, not training
         tag = f"startup_reuse{int(reuse)}_{int(time.time())}"
         t0 = time.perf_counter()
         run_sweep({"name": tag, "base": base, "search": "grid", "trials_at_once": at_once,
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_seed_args(ap)
     ap.add_argument("--epochs", type=int, default=18)
+    ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--trials-at-once", type=int, default=2)
     ap.add_argument("--out", default="runs/bench_sweep_cost")
     args = ap.parse_args(argv)
@@ -174,24 +177,24 @@ def main(argv=None) -> int:
     from kcd_ray.ray_layer.trainer import init_ray
 
     init_ray(load_config(base={"run": {"verbose": 0}}))  # one local Ray for every arm (its start-up in none)
-    teacher = train_teacher(out)
+    px = args.image_size
+    teacher = train_teacher(out, px)
     results = {}
     for seed in args.seeds:
-        d = out / f"s{seed}_e{args.epochs}_t{args.trials_at_once}"
-        a = cached_result(d / "a_kd.json", partial(arm_kd, out, seed, args.epochs, teacher))
+        d = out / f"s{seed}_e{args.epochs}_px{args.image_size}_t{args.trials_at_once}"
+        a = cached_result(d / "a_kd.json", partial(arm_kd, out, seed, args.epochs, teacher, px))
         print(f"[sweep_cost] seed {seed} (a) KD: {a['wall_s']:.0f}s, test top-1 {a['test_top1']:.2f}", flush=True)
         b = cached_result(d / "b_sweep_cache_asha.json", partial(
-            arm_sweep, out, seed, args.epochs, teacher, cached=True, asha=True, at_once=args.trials_at_once))
+            arm_sweep, out, seed, args.epochs, teacher, px, cached=True, asha=True, at_once=args.trials_at_once))
         print(f"[sweep_cost] seed {seed} (b) sweep + cache + ASHA: {b['wall_s']:.0f}s, chosen {b['chosen']} test "
               f"top-1 {b['test_top1']:.2f}", flush=True)
         c = cached_result(d / "c_sweep_plain.json", partial(
-            arm_sweep, out, seed, args.epochs, teacher, cached=False, asha=False, at_once=args.trials_at_once))
+            arm_sweep, out, seed, args.epochs, teacher, px, cached=False, asha=False, at_once=args.trials_at_once))
         print(f"[sweep_cost] seed {seed} (c) sweep: {c['wall_s']:.0f}s, chosen {c['chosen']} test top-1 "
               f"{c['test_top1']:.2f}", flush=True)
         results[seed] = {"a": a, "b": b, "c": c}
     lines = report_lines(results)
-    start = cached_result(out / f"startup_t{args.trials_at_once}.json", partial(startup_cost, out, teacher,
-                                                                               args.trials_at_once))
+    start = cached_result(out / f"startup_t{args.trials_at_once}.json", partial(startup_cost, out, args.trials_at_once))
     lines += ["", f"trial start-up (8 one-epoch 8x8 trials, {args.trials_at_once} at once): "
               f"{start['reuse_False']:.1f} s per trial with a new process each, {start['reuse_True']:.1f} s reusing "
               f"them ({start['reuse_False'] / start['reuse_True']:.2f}x)"]

@@ -358,6 +358,35 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session, capsys):
         assert set(ENGINE_COLUMNS) <= set(row), sorted(set(ENGINE_COLUMNS) - set(row))
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_asha_stops_a_trial_early_and_the_sweep_finishes_without_calling_it_interrupted(tmp_path, ray_session):
+    """Tune reports a trial ASHA stopped as it reports one Ctrl-C stopped (TERMINATED, its run folder still
+    "running"). The scheduler's note tells them apart: the sweep ends normally, the report says "stopped early" and
+    chooses among the finished trials. One trial at a time: the second (lr 1e-6: it barely learns) meets the first's
+    validation top-1 at the rung (epoch 1 of 3) and is stopped there."""
+    from kcd_ray.models import build_model, save_model
+    from kcd_ray.ray_layer.tune.sweep import run_sweep
+
+    teacher = tmp_path / "teacher.pt"
+    save_model(teacher, build_model("resnet8", 10))
+    base = {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data"),
+                                         "val_fraction": 0.2},
+            "optim": {"epochs": 3, "batch_size": 128, "eval_batch_size": 512, "lr": 0.05},
+            "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
+            "run": {"verbose": 0}, "distill": {"teacher": str(teacher)}, "selection": {"strategy": "none"}}
+    folder = run_sweep({"name": "asha", "storage_path": str(tmp_path / "sweeps"), "base": base,
+                        "space": {"optim.lr": [0.05, 1e-6]}, "max_concurrent_trials": 1,
+                        "asha": {"grace_period": 1, "reduction_factor": 2}})
+    res = report(folder)
+    status = {r["optim.lr"]: r["status"] for r in res["rows"]}
+    assert status == {0.05: "done", 1e-6: "stopped early"}, res["text"]
+    stopped = next(p for p in (folder / "runs").iterdir() if (p / "stopped_early.json").is_file())
+    assert json.loads((stopped / "status.json").read_text())["state"] == "stopped_early"
+    assert [json.loads(x)["epoch"] for x in (stopped / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert res["best"]["optim.lr"] == 0.05
+
+
 def test_sweeps_select_on_validation_and_refuse_test_metrics_unless_told(tmp_path):
     """The default metric is the last epoch's validation top-1; a test metric is refused (naming the key and the
     way out) unless the sweep says select_on_test; a validation metric needs a validation split."""

@@ -45,6 +45,9 @@ def _summary_from_metrics(metrics: list[dict], config: dict) -> dict:
             "strategy": last.get("strategy"), "sample_pass_ratio": last.get("sample_pass_ratio")}
 
 
+STOPPED_NOTE = "stopped_early.json"  # a sweep's scheduler stopped the run: the epoch and metric it stopped it at
+
+
 def load_run(p: Path) -> dict:
     """A run folder as {name, path, status, summary, metrics, config}; unfinished runs are summarised from metrics."""
     summary = read_json(p / "summary.json") if (p / "summary.json").is_file() else None
@@ -53,7 +56,7 @@ def load_run(p: Path) -> dict:
     if config is None and (p / "config.yaml").is_file():
         config = yaml.safe_load((p / "config.yaml").read_text()) or {}
     config = config or {}
-    status = "done" if summary is not None else "incomplete"
+    status = "done" if summary is not None else "stopped early" if (p / STOPPED_NOTE).is_file() else "incomplete"
     if summary is None:
         summary = _summary_from_metrics(metrics, config)
     return {"name": p.name, "path": p, "status": status, "summary": summary, "metrics": metrics, "config": config}
@@ -87,7 +90,7 @@ def load_folder(path: Path) -> tuple[dict, str, Path, list[dict]]:
     states = tune_states(path / "tune")
     for r in runs:  # run folder <sweep name>_<trial folder>
         state = states.get(r["name"][len(name) + 1:]) if r["name"].startswith(name + "_") else None
-        if r["status"] != "done" and state in _UNFINISHED:
+        if r["status"] == "incomplete" and state in _UNFINISHED:
             r["status"] = _UNFINISHED[state]
     return meta or {}, name, runs_root, runs
 

@@ -18,15 +18,19 @@ class SweepInterrupted(KeyboardInterrupt):
 
 def mark_interrupted(sw: Sweep, skip=()) -> int:
     """Trials whose run folder still says ``running`` once Tune stopped them (it ends their processes, so their
-    own ``fit`` cannot say it): their status.json says ``interrupted``. Returns how many. ``skip``: run folders of
-    trials Tune reports as failed (a process that died)."""
+    own ``fit`` cannot say it): their status.json says ``interrupted``, or ``stopped_early`` where ASHA stopped them
+    (its note in the folder: ``kcd_ray.ray_layer.tune.early_stop``). Returns how many were interrupted. ``skip``:
+    run folders of trials Tune reports as failed (a process that died)."""
+    from kcd_ray.ray_layer.tune.early_stop import STOPPED_NOTE
+
     import json
 
     from kcd_ray import storage
 
     base = sw.runs_location
     marked = 0
-    for rel in storage.list_files(base) if storage.exists(base) else []:
+    files = set(storage.list_files(base)) if storage.exists(base) else set()
+    for rel in sorted(files):
         if rel.count("/") != 1 or not rel.endswith("/status.json") or rel.split("/", 1)[0] in skip:
             continue
         uri = storage.join(base, rel)
@@ -34,9 +38,11 @@ def mark_interrupted(sw: Sweep, skip=()) -> int:
             status = json.loads(storage.read_text(uri))
         except (OSError, ValueError):
             continue
-        if status.get("state") == "running":
-            storage.write_text(uri, json.dumps({**status, "state": "interrupted"}, indent=2))
-            marked += 1
+        if status.get("state") != "running":
+            continue
+        early = f"{rel.split('/', 1)[0]}/{STOPPED_NOTE}" in files
+        storage.write_text(uri, json.dumps({**status, "state": "stopped_early" if early else "interrupted"}, indent=2))
+        marked += 0 if early else 1
     return marked
 
 

@@ -44,6 +44,18 @@ def run_name(sweep_name: str, trial_id: str, variant: str | None) -> str:
     return f"{sweep_name}_{'kd_' if variant == 'kd' else ''}{trial_id}"
 
 
+class TrialFolder:
+    """A trial's run folder (``<runs>/<sweep>_<trial id>``, ``kd_`` marking the baseline): a picklable callable."""
+
+    def __init__(self, sweep_name: str, runs_location: str):
+        self.sweep_name, self.runs_location = sweep_name, runs_location
+
+    def __call__(self, trial) -> str:
+        from kcd_ray import storage
+
+        return storage.join(self.runs_location, run_name(self.sweep_name, trial.trial_id, trial.config.get("variant")))
+
+
 def trial_config(config: dict, payload: dict, trial_id: str) -> Config:
     """The kcd_ray Config one trial runs: base + sampled values, its own run folder under the sweep."""
     values = {k: v for k, v in config.items() if k not in ("variant", GRID_POINT)}
@@ -209,7 +221,8 @@ def budget_points(sw: Sweep, base_plan) -> tuple[list | None, list]:
 
 def sweep_metrics(sw: Sweep) -> list[str]:
     """Every metric Tune's searcher and scheduler read from a result."""
-    names = [sw.metric, *(m for m, _ in sw.objectives or ()), (sw.asha or {}).get("metric"), (sw.pbt or {}).get("metric")]
+    names = [sw.metric, *(m for m, _ in sw.objectives or ()), (sw.asha or {}).get("metric"),
+             (sw.pbt or {}).get("metric")]
     return list(dict.fromkeys(m for m in names if m))
 
 
@@ -302,11 +315,12 @@ def _new_tuner(sw: Sweep, trainable, max_conc: int, verbose: int, points: list |
     num_samples = sw.num_samples + (1 if baseline else 0)
     scheduler = _pbt(sw) if sw.pbt else None
     if sw.asha:
-        from ray.tune.schedulers import ASHAScheduler
+        from kcd_ray.ray_layer.tune.early_stop import NotingASHA
 
         a = sw.asha
-        scheduler = ASHAScheduler(time_attr="epoch", metric=a["metric"], mode="max", max_t=a["max_t"],
-                                  grace_period=a["grace_period"], reduction_factor=a["reduction_factor"])
+        scheduler = NotingASHA(run_folder=TrialFolder(sw.name, sw.runs_location), time_attr="epoch",
+                               metric=a["metric"], mode="max", max_t=a["max_t"], grace_period=a["grace_period"],
+                               reduction_factor=a["reduction_factor"])
     n = _trial_count(sw, points)
     print(f"[kcd_ray] sweep {sw.name}: {n + (1 if baseline else 0)} trials ({sw.search}"
           f"{', + plain-KD baseline' if baseline else ''}), up to {max_conc} at a time; folder "
@@ -405,12 +419,14 @@ def run_sweep(sweep, overrides: list[str] | None = None, storage_path: str | Non
 
 def add_sweep_arguments(p) -> None:
     p.add_argument("--config", "-c", required=True, help="sweep file (experiments/sweeps/<name>.yaml)")
-    p.add_argument("--storage-path", default=None, help="folder holding sweep folders (default: the sweep's storage_path)")
+    p.add_argument("--storage-path", default=None,
+                   help="folder holding sweep folders (default: the sweep's storage_path)")
     p.add_argument("--fresh", action="store_true", help="refuse to restore an existing sweep of the same name")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.add_argument("--dry-run", action="store_true", help="print the sweep's plan (trials, search, the base run's "
                                                            "plan) without starting Ray")
-    p.add_argument("overrides", nargs="*", help="sweep keys (num_samples=4, search=random) or config keys (optim.epochs=2)")
+    p.add_argument("overrides", nargs="*",
+                   help="sweep keys (num_samples=4, search=random) or config keys (optim.epochs=2)")
 
 
 def main_sweep(args) -> int:
