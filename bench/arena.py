@@ -184,14 +184,22 @@ def run_shard(base: dict, folder: Path, todo: list, tag: str) -> None:
     pending = [(p, s) for p, s in todo if not result_path(folder, p.name, s).is_file()]
     print(f"[{tag}] {len(todo)} runs in this shard, {len(todo) - len(pending)} finished, {len(pending)} to run",
           flush=True)
-    t_all = time.perf_counter()
+    t_all, failed = time.perf_counter(), []
     for i, (p, seed) in enumerate(pending):
         path = result_path(folder, p.name, seed)
         if not claim(path):
             print(f"[{tag}] {p.name} seed {seed}: running in another process, skipped", flush=True)
             continue
+        if path.is_file():  # finished by another process since this one listed its runs
+            path.with_suffix(".claim").unlink(missing_ok=True)
+            continue
         try:
             r = cached_result(path, lambda p=p, seed=seed: run_point(base, p, seed))
+        except Exception as e:  # noqa: BLE001 - one failed run (no result file: a rerun retries it) spares the rest
+            failed.append(f"{p.name} seed {seed}")
+            print(f"[{tag}] {p.name} seed {seed}: FAILED: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                  " (traceback in its run folder's error.log)", flush=True)
+            continue
         finally:
             path.with_suffix(".claim").unlink(missing_ok=True)
         val = r.get("final_val_top1")
@@ -199,6 +207,8 @@ def run_shard(base: dict, folder: Path, todo: list, tag: str) -> None:
               f"{'-' if val is None else f'{val:.2f}'}, compute {r['compute_ratio']:.3f}, train {r['wall_s']:.0f}s "
               f"(fit {r['fit_wall_s']:.0f}s); {len(pending) - i - 1} runs left in this shard "
               f"[{time.perf_counter() - t_all:.0f}s]", flush=True)
+    if failed:
+        print(f"[{tag}] {len(failed)} runs failed (rerun the command to retry them): {', '.join(failed)}", flush=True)
 
 
 def collect(folder: Path, points: list, seeds: list) -> dict:

@@ -132,10 +132,7 @@ def headline_lines(rows: list[dict], target: float = 0.5) -> list[str]:
                      f"{done[ref]['test']:.2f}: " + "; ".join(parts))
     h = headline(rows, "kd")
     if h is not None:
-        k = h["kcd"]
-        met = k is not None and k["budget"] <= target
-        lines.append(f"KCD target (budget <= {target:g} against KD): " + ("met" if met else "NOT met") +
-                     (f" at {k['budget']:g}" if k else ""))
+        lines.append(f"KCD target (budget <= {target:g} against KD): " + _target(h["kcd"], done, target))
     full = [r for r in done.values() if r["budget"] is None and r["point"] != "kd"]
     if "kd" in done and full:
         kd = done["kd"]["test"]
@@ -144,6 +141,17 @@ def headline_lines(rows: list[dict], target: float = 0.5) -> list[str]:
     for b, rs in ranking(rows).items():
         lines.append(f"budget {b:g}: " + " > ".join(f"{FAMILIES[r['family']]['label']} {r['test']:.2f}" for r in rs))
     return lines
+
+
+def _target(hit: Optional[dict], done: dict, target: float) -> str:
+    """Met (at which budget), not met (every finished KCD budget up to the target is below KD), or not known yet."""
+    if hit is not None and hit["budget"] <= target:
+        return f"met at {hit['budget']:g}"
+    ran = [r["budget"] for r in done.values() if r["family"] == "kcd" and r["budget"] <= target]
+    if not ran:
+        return "not known yet (no KCD budget <= the target finished)"
+    return "NOT met" + (f" (first reached at {hit['budget']:g})" if hit else "") + \
+        f"; finished KCD budgets <= the target: {', '.join(f'{b:g}' for b in sorted(ran))}"
 
 
 def plot_rows(rows: list[dict]) -> list[dict]:

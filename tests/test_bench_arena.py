@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from arena import parse_sets  # noqa: E402
 from arena_points import (BUDGETED, base_config, ordered_points, run_config, select_points,  # noqa: E402
                           shard_runs, unreachable)
-from arena_report import budget_markdown, headline, plot_rows, point_table, ranking  # noqa: E402
+from arena_report import budget_markdown, headline, headline_lines, plot_rows, point_table, ranking  # noqa: E402
 
 from kcd_ray.config import load_config  # noqa: E402
 from kcd_ray.engine.plan.derive import DataPlan  # noqa: E402
@@ -124,6 +124,11 @@ def test_headline_is_the_smallest_budget_at_or_above_the_baselines_mean():
     assert h_ls["kcd"]["budget"] == 0.6 and h_ls["unixkd"]["budget"] == 0.5
     assert headline([r for r in rows if r["point"] != "kd"], "kd") is None
     assert [r["family"] for r in ranking(rows)[0.5]] == ["unixkd", "kcd", "random"]
+    lines = headline_lines(rows)
+    assert "KCD target (budget <= 0.5 against KD): met at 0.5" in lines
+    assert any(line.startswith("KCD target") and "NOT met" in line for line in headline_lines(rows, target=0.4))
+    no_kcd = [r for r in rows if r["family"] != "kcd"]
+    assert any(line.startswith("KCD target") and "not known yet" in line for line in headline_lines(no_kcd))
 
 
 def test_budget_table_and_plot_rows():
