@@ -1,328 +1,304 @@
-"""Data-efficient distillation arena: data-selection strategies against plain KD under one compute ledger.
+"""Data-efficiency arena: KCD against logit rivals and data-selection strategies at equal compute budgets, each run
+the product's own path (``kcd_ray.ray_layer.trainer.fit``: the training loop in this process on an embedded local
+Ray, Ray Data feeding it, the teacher-output cache, the compute ledger).
 
-    .venv/bin/python bench/arena.py [--seeds 0 1 2] [--epochs 15] [--data synthetic digits] [--out runs/bench_arena]
-                                    [--points kd kcd0.3 ib0.5 ...] [--kcd-interval 1] [--kcd-stages 6]
+    python bench/arena.py --data fashion [--seeds 0 1 2] [--epochs 15] [--points kd kd-ls kcd-0.5 ...]
+                          [--budgets 0.4 0.5 0.6 0.75] [--shard k/n] [--out runs/bench_arena] [--report-only]
+                          [--set data.train_subset=2000 ...]
 
-Protocol. Two data sets, each with one resnet20 teacher trained once and reused (``runs/bench_tcache/<data>/teacher``
-from ``bench/teacher_cache.py views``; trained here, 20 epochs, when the file is missing):
+Protocol (``bench/arena_points.py``; BENCHMARKS.md, "Data-efficiency arena on Fashion-MNIST"):
 
-- ``synthetic``: the duplicate-heavy synthetic set (1,200 train / 600 test, 10 classes, 16x16, half of the training
-  samples near-copies of a few easy prototypes);
-- ``digits``: scikit-learn's digits at 16x16 (1,347 train / 450 test).
+- data ``fashion``: 17,500 class-stratified rows of Fashion-MNIST's training split (seed 0), 2,500 of them carved
+  out as the validation split (15,000 train), the whole 10,000-image test set, 28 -> 32 px by zero padding, grey
+  replicated to 3 channels (``apt-get install dataset-fashion-mnist``). ``digits`` (16 px) and the duplicate-heavy
+  ``synthetic`` set run the same way, each with a 20% validation split;
+- a resnet20 teacher trained once per data set on the training rows (20 epochs, ``fit(kind="teacher")``, all
+  cores), reused by every run; ``<out>/<data>/runs/teacher``;
+- student resnet8, SGD batch 64, lr 0.05, cosine, ``--epochs`` epochs, one torch thread, seeds ``--seeds``; the
+  teacher's outputs from the exact cache (``distill.cache=exact``: built once per seed, shared by every run of that
+  seed; the ledger still counts a teacher forward per output used, so compute ratios are as if the teacher ran);
+- points: KD (gamma 0.1, alpha 0.9, T 4); KD + logit standardization; CTKD; DKD; and at each budget
+  (``selection.budget``: the ledger's FLOPs against plain KD; each strategy sets its own parameter from it) KCD on
+  KD, KCD on KD + LS, random subsets, UNIXKD and InfoBatch. KCD condenses every ``--kcd-interval`` epochs in
+  ``--kcd-stages`` steps (default 1 and 3: the floor from epoch 3, so a 0.4 budget is reachable in 15 epochs). A
+  budget its strategy cannot reach is recorded with the one-line reason and not run.
 
-Student resnet8, KD (gamma 0.1, alpha 0.9, constant T = 4), SGD batch 64, lr 0.05, cosine, ``--epochs`` epochs, one
-torch thread, seeds ``--seeds``. Every run is the engine (``kcd_ray.engine``: the components, hooks and compute ledger
-a Ray Train worker runs) in this process, fed by plain Python batches: each epoch serves the selection the engine
-published (``engine.services.mask``: KCD's kept set and its blend overlay, InfoBatch's or random's per-epoch kept
-set), shuffled by (seed, epoch), with the pipeline's CIFAR-style augmentation (``transforms.train_transform``) from a
-(seed, epoch) generator. Batches hold ``selection.feed_batch_size(cfg)`` rows (UNIXKD: its candidate batch). KCD's
-blend overlay is applied as the Ray Data pipeline applies it (a kept row with an overlay image gets that image).
-
-Points (``selection.strategy``; the point names ``--points`` takes in brackets): ``kd`` (none: plain KD);
-``kcd`` at rho 0.3/0.5/0.7 (``kcd-<rho>``; online E-step, entropy values, VAKS summary blends; ``--kcd-interval`` /
-``--kcd-stages``, by default condensing every epoch from epoch 1 in 6 steps, so the floor rho N is reached at epoch 6
-and condensation saves compute within 15 epochs); ``kcd-every2`` the same rhos every 2 epochs in 6 steps (floor at
-epoch 12; ``kcd-every2-<rho>``); InfoBatch at prune ratio 0.3/0.5/0.7 (delta 0.875; ``infobatch-<r>``); UNIXKD at
-ratio 0.75 (the reference: train on 48 of each 64-row candidate batch) and 0.5 (``unixkd-<r>``); random subsets at
-fraction 0.3/0.5/0.7, redrawn every epoch (``random-<f>``); and random subsets at KCD's sizes for rho 0.3
-(``random-kcdsched-0.3``, ``selection.random.follow_kcd_schedule``): KCD's compute with random samples.
-
-Reported per data set and point: compute ratio (the ledger's FLOPs against plain KD: student forward+backward and
-teacher forward of trained rows, plus UNIXKD's ranking forwards; mean over seeds), sample-pass ratio, last-epoch and
-best-epoch top-1 (mean +- standard error over seeds), wall seconds. Headline per strategy: the smallest compute ratio
-at which its mean top-1 is >= KD's mean minus KD's standard error ("within one SE of KD or above"). Written: one JSON
-of every run and aggregate (``<out>/arena.json``), one Pareto plot per data set (``<out>/pareto_<data>.png``), and
-the tables on stdout (Markdown). Finished runs are reused on a rerun (``bench_summary.json`` per run, matched on
-its point and epochs).
+Every (data, point, seed) is one result file, ``<out>/<data>/points/<point>/s<seed>.json``: a rerun, or another
+session, reads the finished ones; an interrupted run resumes from its checkpoint (``fit`` resumes a run name).
+``--shard k/n`` runs every n-th run of the ordered list from the k-th, so n processes share the table (each one
+torch thread); ``--report-only`` writes the tables, ``<out>/arena_<data>.json`` and ``<out>/pareto_<data>.png``
+from the finished files. The protocol (data, epochs, KCD schedule, ``--set`` overrides) is recorded in
+``<out>/<data>/protocol.json``; a different one is refused there (use another ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from kcd_ray.config import load_config  # noqa: E402
-from kcd_ray.data import iter_split, prepare_dataset  # noqa: E402
-from kcd_ray.data import transforms as T  # noqa: E402
-from kcd_ray.data.blend import overlay_lookup  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mean_se  # noqa: E402
-from kcd_ray.engine import Engine, assemble_engine  # noqa: E402
-from kcd_ray.engine.selection import feed_batch_size  # noqa: E402
-from kcd_ray.models import load_model  # noqa: E402
 
-KD = {"method": "kd", "gamma": 0.1, "alpha": 0.9, "temperature": {"schedule": "constant", "T": 4.0}}
-OPTIM = {"batch_size": 64, "lr": 0.05, "scheduler": "cosine", "eval_batch_size": 512, "threads": 1}
-DATA = {"synthetic": {"name": "synthetic", "synthetic": {"num_train": 1200, "num_test": 600, "num_classes": 10,
-                                                        "image_size": 16, "duplicate_fraction": 0.5}},
-        "digits": {"name": "digits", "image_size": 16}}
-COLOURS = {"KD": "black", "kcd": "tab:red", "kcd-every2": "tab:orange", "infobatch": "tab:blue", "unixkd": "tab:green",
-           "random": "tab:gray", "random-kcd-schedule": "tab:purple"}
+from arena_points import (BUDGETS, DATA, TEACHER, base_config, deep_merge, ordered_points, parse_shard,  # noqa: E402
+                          run_config, select_points, shard_runs, teacher_config, unreachable)
+from arena_report import budget_markdown, headline_lines, plot_rows, point_table, points_markdown  # noqa: E402
+from common import cached_result  # noqa: E402
+
+DROP = ("config", "trained_under", "strategy_info")  # summary keys a result file leaves out (config.yaml has them)
 
 
-def points(kcd_interval: int, kcd_stages: int) -> dict:
-    """name -> (family, setting, config sections); the family is the strategy (or a variant of it) in tables/plots."""
-    p = {"kd": ("KD", "-", {"selection": {"strategy": "none"}})}
-    kcd = {"kcd": (kcd_interval, kcd_stages), "kcd-every2": (2, 6)}
-    for fam, (iv, st) in kcd.items():
-        for r in (0.3, 0.5, 0.7):
-            p[f"{fam}-{r}"] = (fam, f"rho {r} (every {iv}, {st} stages)",
-                               {"selection": {"strategy": "kcd"},
-                                "kcd": {"enabled": True, "rho": r, "interval": iv, "stages": st}})
-    for r in (0.3, 0.5, 0.7):
-        p[f"infobatch-{r}"] = ("infobatch", f"ratio {r}",
-                               {"selection": {"strategy": "infobatch", "infobatch": {"ratio": r}}})
-    for r in (0.75, 0.5):
-        p[f"unixkd-{r}"] = ("unixkd", f"ratio {r}", {"selection": {"strategy": "unixkd", "unixkd": {"ratio": r}}})
-    for f in (0.3, 0.5, 0.7):
-        p[f"random-{f}"] = ("random", f"fraction {f}",
-                            {"selection": {"strategy": "random", "random": {"fraction": f}}})
-    p["random-kcdsched-0.3"] = ("random-kcd-schedule", f"KCD's sizes, rho 0.3 (every {kcd_interval}, {kcd_stages} stages)",
-                                {"selection": {"strategy": "random", "random": {"follow_kcd_schedule": True}},
-                                 "kcd": {"rho": 0.3, "interval": kcd_interval, "stages": kcd_stages}})
-    return p
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", nargs="+", default=["fashion"], choices=sorted(DATA))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    ap.add_argument("--points", nargs="+", default=None, help="a subset of the points (default: all; KD always)")
+    ap.add_argument("--kcd-interval", type=int, default=1)
+    ap.add_argument("--kcd-stages", type=int, default=3)
+    ap.add_argument("--teacher-epochs", type=int, default=TEACHER["epochs"])
+    ap.add_argument("--shard", default=None, help="k/n: run every n-th run from the k-th (n processes in parallel)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_arena"))
+    ap.add_argument("--report-only", action="store_true", help="tables, JSON and plot from the finished runs")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config overrides of every run (a smoke test: data.train_subset=2000); recorded")
+    ap.add_argument("--list", action="store_true", help="print the points in their order and exit")
+    return ap.parse_args(argv)
 
 
-# --------------------------------------------------------------------------- data and feeds
+def parse_sets(items: list) -> dict:
+    """``["a.b=1", ...]`` -> ``{"a": {"b": 1}}`` (values read as YAML scalars)."""
+    import yaml
 
-
-def load_split(data_dir, name):
-    meta = T.read_meta(data_dir)
-    rows = list(iter_split(data_dir, name))
-    return {"ids": np.concatenate([b.column("sample_id").to_numpy() for b in rows]),
-            "labels": np.concatenate([b.column("label").to_numpy() for b in rows]),
-            "raw": T.decode_images([x for b in rows for x in b.column("image").to_pylist()], meta), "meta": meta}
-
-
-class Feed:
-    """Train batches of the published selection (kept ids + blend overlay), shuffled by (seed, epoch), augmented."""
-
-    def __init__(self, train, seed: int, batch_size: int):
-        self.train, self.seed, self.bs = train, seed, batch_size
-        self.engine = None
-
-    def __call__(self, epoch):
-        kept, overlay = self.engine.services.mask
-        ids = self.train["ids"] if kept is None else np.asarray(kept)
-        order = np.random.default_rng([self.seed, epoch & 0x7FFFFFFF]).permutation(ids)
-        gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-        for i in range(0, len(order), self.bs):
-            j = order[i:i + self.bs]
-            raw = self.train["raw"][j]
-            if overlay:  # KCD's summary blends, as the pipeline serves them
-                hit, over = overlay_lookup(overlay, j)
-                if hit.any():
-                    raw = raw.copy()
-                    raw[hit] = over
-            x = T.train_transform(raw, self.train["meta"], "cifar", gen)
-            yield {"image": x, "label": torch.as_tensor(self.train["labels"][j]), "sample_id": torch.as_tensor(j)}
-
-
-def test_feed(test):
-    bs = [{"image": T.eval_transform(test["raw"][i:i + 512], test["meta"]),
-           "label": torch.as_tensor(test["labels"][i:i + 512]), "sample_id": torch.as_tensor(test["ids"][i:i + 512])}
-          for i in range(0, len(test["ids"]), 512)]
-    return lambda: iter(bs)
-
-
-def engine_for(cfg, data_dir: str, folder: Path, kind="distill") -> Engine:
-    return assemble_engine(cfg, torch.device("cpu"), kind=kind, data_dir=data_dir, run_dir=folder)
-
-
-def run_one(cfg, data_dir, train, test, folder: Path, seed: int, kind="distill") -> dict:
-    if folder.exists():  # an unfinished or stale run: start afresh (metrics, masks, blends)
-        shutil.rmtree(folder)
-    engine = engine_for(cfg, data_dir, folder, kind)
-    feed = Feed(train, seed, feed_batch_size(cfg, kind))
-    feed.engine = engine
-    t0 = time.perf_counter()
-    summary = engine.run(feed, test_feed(test))
-    summary["bench_wall_seconds"] = time.perf_counter() - t0
-    summary["kept_fraction_per_epoch"] = [r.get("kept_fraction") for r in engine.history]
-    summary["top1_per_epoch"] = [r.get("top1") for r in engine.history]
-    return summary
-
-
-def teacher_top1(path, test) -> float:
-    net = load_model(path).eval()
-    with torch.no_grad():
-        hits = sum(int((net(b["image"]).argmax(1) == b["label"]).sum()) for b in test_feed(test)())
-    return 100.0 * hits / len(test["ids"])
-
-
-# --------------------------------------------------------------------------- aggregation
-
-
-def aggregate(runs: list) -> dict:
-    (m, se), (bm, bse) = mean_se([r["final_top1"] for r in runs]), mean_se([r["best_top1"] for r in runs])
-    return {"top1_last": m, "top1_last_se": se, "top1_best": bm, "top1_best_se": bse,
-            "compute_ratio": float(np.mean([r["compute_ratio"] for r in runs])),
-            "sample_pass_ratio": float(np.mean([r["sample_pass_ratio"] for r in runs])),
-            "sample_passes": float(np.mean([r["sample_passes"] for r in runs])),
-            "student_forward_only_passes": float(np.mean([r.get("student_forward_only_passes", 0) for r in runs])),
-            "wall_seconds": float(np.mean([r["bench_wall_seconds"] for r in runs])), "seeds": len(runs)}
-
-
-def headline(agg: dict, meta: dict, key: str) -> dict:
-    """family -> (smallest compute ratio with mean top-1 >= KD mean - KD SE, its point), or None."""
-    kd = agg["kd"]
-    bar = kd[key] - kd[key + "_se"]
-    out = {}
-    for name, a in agg.items():
-        s = meta[name][0]
-        if s == "KD":
-            continue
-        if a[key] >= bar and (out.get(s) is None or a["compute_ratio"] < out[s][0]):
-            out[s] = (a["compute_ratio"], name)
-        out.setdefault(s, None)
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set: {item!r}; expected KEY=VALUE, e.g. data.train_subset=2000")
+        node: dict = {}
+        parts = key.split(".")
+        leaf = node
+        for part in parts[:-1]:
+            leaf = leaf.setdefault(part, {})
+        leaf[parts[-1]] = yaml.safe_load(value)
+        out = deep_merge(out, node)
     return out
 
 
-def plot(dname: str, agg: dict, meta: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
-    for ax, key, title in ((axes[0], "top1_last", "last-epoch top-1"), (axes[1], "top1_best", "best-epoch top-1")):
-        by: dict = {}
-        for name, a in agg.items():
-            by.setdefault(meta[name][0], []).append((a["compute_ratio"], a[key], a[key + "_se"]))
-        for s, pts in by.items():
-            pts.sort()
-            xs, ys, es = zip(*pts)
-            if s == "KD":
-                ax.errorbar(xs, ys, yerr=es, fmt="*", ms=14, color=COLOURS[s], capsize=3, label="KD")
-                ax.axhline(ys[0], color="black", lw=0.6, ls=":")
-                ax.axhspan(ys[0] - es[0], ys[0] + es[0], color="black", alpha=0.07)
-            else:
-                ax.errorbar(xs, ys, yerr=es, fmt="o-", color=COLOURS[s], capsize=3, label=s)
-        ax.set_xlabel("compute ratio (FLOPs / plain KD)")
-        ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"{dname}: {title}")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def check_protocol(folder: Path, protocol: dict) -> None:
+    """Record the protocol of ``folder``'s runs on first use; refuse a different one (its results would mix)."""
+    path = folder / "protocol.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != protocol:
+            changed = sorted(k for k in set(old) | set(protocol) if old.get(k) != protocol.get(k))
+            raise SystemExit(f"{path}: this folder's runs used another protocol (differs in {', '.join(changed)}); "
+                             "pass another --out, or the same options")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(protocol, indent=1))
 
 
-def table(dname: str, agg: dict, meta: dict) -> list[str]:
-    lines = [f"{dname}:", "", "| strategy | setting | compute ratio | sample-pass ratio | last-epoch top-1 | best top-1 "
-             "| wall s |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, a in agg.items():
-        s, setting, _ = meta[name]
-        lines.append(f"| {s} | {setting} | {a['compute_ratio']:.3f} | "
-                     f"{a['sample_pass_ratio']:.3f} | {a['top1_last']:.2f} +- {a['top1_last_se']:.2f} | "
-                     f"{a['top1_best']:.2f} +- {a['top1_best_se']:.2f} | {a['wall_seconds']:.1f} |")
-    for key, label in (("top1_last", "last-epoch"), ("top1_best", "best-epoch")):
-        kd = agg["kd"]
-        h = headline(agg, meta, key)
-        parts = [f"{s} {v[0]:.3f} ({meta[v[1]][1]})" if v else f"{s} none of its points" for s, v in h.items()]
-        lines.append("")
-        lines.append(f"headline ({label} top-1 >= KD {kd[key]:.2f} - {kd[key + '_se']:.2f}): smallest compute ratio: "
-                     + "; ".join(parts))
-    return lines
+def ensure_teacher(base: dict, folder: Path, teacher: dict) -> Path:
+    """The data set's teacher, trained once (every core) when missing; a file lock keeps two shards from both
+    training it (the second waits, then finds it)."""
+    path = folder / "runs" / "teacher" / "final_model.pt"
+    if path.is_file():
+        return path
+    from kcd_ray.config import load_config
+    from kcd_ray.ray_layer.trainer import fit
+
+    with open(folder / "teacher.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            print(f"training the teacher ({teacher['model']}, {teacher['epochs']} epochs) -> {path}", flush=True)
+            t0 = time.perf_counter()
+            s = fit(load_config(base=teacher_config(base, os.cpu_count() or 1, teacher)), kind="teacher")
+            print(f"teacher: test top-1 {s['final_top1']:.2f}, val {s.get('final_val_top1')}, "
+                  f"{time.perf_counter() - t0:.0f}s", flush=True)
+    return path
 
 
-# --------------------------------------------------------------------------- main
+def plan_base(base: dict):
+    """The plain-KD run's plan (data prepared, teacher loaded, FLOPs measured), without Ray or a run folder."""
+    from kcd_ray.config import load_config
+    from kcd_ray.engine.plan import plan_run
+
+    plan = plan_run(load_config(base=base), "distill", open_folder=False)
+    c = plan.compute
+    return plan, (c.student_forward, c.student_backward, c.teacher_forward)
+
+
+def history_of(run_dir: str) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run_point(base: dict, point, seed: int) -> dict:
+    """One run through ``fit``; its summary (less the config) with per-epoch curves and wall seconds."""
+    from kcd_ray.config import load_config
+    from kcd_ray.ray_layer.trainer import fit
+
+    t0 = time.perf_counter()
+    summary = fit(load_config(base=run_config(base, point, seed)))
+    hist = history_of(summary["run_dir"])
+    return {"point": point.name, "family": point.family, "budget": point.budget, "seed": seed,
+            **{k: v for k, v in summary.items() if k not in DROP},
+            "wall_s": summary.get("wall_seconds"), "fit_wall_s": time.perf_counter() - t0,
+            "per_epoch": {k: [m.get(k) for m in hist] for k in ("top1", "val_top1", "kept_fraction", "T",
+                                                               "epoch_seconds")}}
+
+
+def claim(path: Path) -> bool:
+    """Take ``path``'s claim file for this process; False when a live process holds it (two launches of one
+    shard, or a shard beside an unsharded run, never train the same run twice)."""
+    flag = path.with_suffix(".claim")
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(flag.read_text() or 0)
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError, PermissionError):
+            flag.write_text(str(os.getpid()))  # a stale claim of a process that ended
+            return True
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def result_path(folder: Path, point: str, seed: int) -> Path:
+    return folder / "points" / point / f"s{seed}.json"
+
+
+def run_shard(base: dict, folder: Path, todo: list, tag: str) -> None:
+    """Run the pending (point, seed) pairs of this shard, most important first, printing each one's figures."""
+    pending = [(p, s) for p, s in todo if not result_path(folder, p.name, s).is_file()]
+    print(f"[{tag}] {len(todo)} runs in this shard, {len(todo) - len(pending)} finished, {len(pending)} to run",
+          flush=True)
+    t_all, failed = time.perf_counter(), []
+    for i, (p, seed) in enumerate(pending):
+        path = result_path(folder, p.name, seed)
+        if not claim(path):
+            print(f"[{tag}] {p.name} seed {seed}: running in another process, skipped", flush=True)
+            continue
+        if path.is_file():  # finished by another process since this one listed its runs
+            path.with_suffix(".claim").unlink(missing_ok=True)
+            continue
+        try:
+            r = cached_result(path, lambda p=p, seed=seed: run_point(base, p, seed))
+        except Exception as e:  # noqa: BLE001 - one failed run (no result file: a rerun retries it) spares the rest
+            failed.append(f"{p.name} seed {seed}")
+            print(f"[{tag}] {p.name} seed {seed}: FAILED: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                  " (traceback in its run folder's error.log)", flush=True)
+            continue
+        finally:
+            path.with_suffix(".claim").unlink(missing_ok=True)
+        val = r.get("final_val_top1")
+        print(f"[{tag}] {p.name} seed {seed}: test top-1 {r['final_top1']:.2f} (best {r['best_top1']:.2f}), val "
+              f"{'-' if val is None else f'{val:.2f}'}, compute {r['compute_ratio']:.3f}, train {r['wall_s']:.0f}s "
+              f"(fit {r['fit_wall_s']:.0f}s); {len(pending) - i - 1} runs left in this shard "
+              f"[{time.perf_counter() - t_all:.0f}s]", flush=True)
+    if failed:
+        print(f"[{tag}] {len(failed)} runs failed (rerun the command to retry them): {', '.join(failed)}", flush=True)
+
+
+def collect(folder: Path, points: list, seeds: list) -> dict:
+    """{point: {seed: result}} of the finished result files."""
+    out: dict = {}
+    for p in points:
+        for s in seeds:
+            path = result_path(folder, p.name, s)
+            if path.is_file():
+                out.setdefault(p.name, {})[s] = json.loads(path.read_text())
+    return out
+
+
+def write_report(dname: str, ctx: dict, points: list, seeds: list, budgets: list, out: Path) -> None:
+    """Markdown tables on stdout, ``arena_<data>.json`` (every run, every aggregate) and ``pareto_<data>.png``."""
+    from kcd_ray.plots import pareto_plot
+
+    results = collect(ctx["folder"], points, seeds)
+    rows = point_table(points, results, ctx["unreachable"], seeds)
+    lines = [f"## {dname}: {ctx['counts']}; teacher {ctx['teacher']}", ""] + points_markdown(rows) + [""]
+    lines += ["Mean last-epoch test top-1 +- s.e. by budget (achieved compute ratio):", ""]
+    lines += budget_markdown(rows, budgets) + [""] + headline_lines(rows)
+    print("\n".join(lines), flush=True)
+    png = out / f"pareto_{dname}.png"
+    prow = plot_rows(rows)
+    if prow:
+        pareto_plot(prow, "test_top1", png, f"{dname}: last-epoch test top-1 vs compute (mean +- s.e.)",
+                    err_key="test_top1_se", beside_key="val_top1", beside_err_key="val_top1_se")
+    doc = {"data": dname, "protocol": ctx["protocol"], "counts": ctx["counts"], "teacher": ctx["teacher"],
+           "flops_per_sample": ctx.get("flops"),
+           "seeds": seeds, "points": rows, "runs": results, "headline": headline_lines(rows), "command": sys.argv}
+    path = out / f"arena_{dname}.json"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str))
+    tmp.replace(path)
+    print(f"\n{dname}: JSON {path}" + (f"; plot {png}" if prow else ""), flush=True)
+
+
+def prepare(dname: str, args, out: Path, overrides: dict, points: list) -> tuple[dict, dict]:
+    """The data set's base config and context (folder, teacher, counts, unreachable points), the teacher trained
+    first unless ``--report-only``."""
+    folder = out / dname
+    kcd = {"interval": args.kcd_interval, "stages": args.kcd_stages}
+    teacher = {**TEACHER, "epochs": args.teacher_epochs}
+    protocol = {"data": DATA[dname], "epochs": args.epochs, "kcd": kcd, "teacher": teacher, "overrides": overrides}
+    check_protocol(folder, protocol)
+    tfile = folder / "runs" / "teacher" / "final_model.pt"
+    base = base_config(dname, str(out), args.epochs, str(tfile), overrides)
+    if not args.report_only:
+        ensure_teacher(base, folder, teacher)
+    ctx = {"folder": folder, "protocol": protocol, "unreachable": {}, "counts": "teacher not trained yet",
+           "teacher": {"file": str(tfile)}}
+    if tfile.is_file():
+        plan, flops = plan_base(base)
+        d = plan.data
+        ctx["counts"] = f"{d.num_train} train / {d.num_val} validation / {d.num_test} test rows (prepared meta)"
+        tsum = tfile.parent / "summary.json"
+        if tsum.is_file():
+            t = json.loads(tsum.read_text())
+            ctx["teacher"].update(test_top1=t.get("final_top1"), val_top1=t.get("final_val_top1"))
+        ctx["flops"] = dict(zip(("student_forward", "student_backward", "teacher_forward"), flops))
+        ctx["unreachable"] = unreachable(points, base, d, flops)
+    return base, ctx
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--data", nargs="+", default=["synthetic", "digits"], choices=sorted(DATA))
-    ap.add_argument("--out", default=str(ROOT / "runs" / "bench_arena"))
-    ap.add_argument("--points", nargs="+", default=None, help="subset of the points (default: all)")
-    ap.add_argument("--kcd-interval", type=int, default=1)
-    ap.add_argument("--kcd-stages", type=int, default=6)
-    ap.add_argument("--teacher-root", default=str(ROOT / "runs" / "bench_tcache"),
-                    help="teachers at <root>/<data>/teacher/final_model.pt (trained there when missing)")
-    ap.add_argument("--teacher-epochs", type=int, default=20)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = points(args.kcd_interval, args.kcd_stages)
-    names = args.points or list(meta)
-    if "kd" not in names:
-        names = ["kd", *names]
-    unknown = [n for n in names if n not in meta]
-    if unknown:
-        ap.error(f"unknown points {unknown}; known: {list(meta)}")
-    results = {"command": " ".join(sys.argv), "epochs": args.epochs, "seeds": args.seeds,
-               "kcd_interval": args.kcd_interval, "kcd_stages": args.kcd_stages, "data": {}}
-    t_all = time.perf_counter()
-    tables = []
+    args = parse_args(argv)
+    k, n = parse_shard(args.shard)
+    points = select_points(ordered_points(args.budgets, {"interval": args.kcd_interval,
+                                                         "stages": args.kcd_stages}), args.points)
+    if args.list:
+        print("\n".join(f"{p.name:16s} {p.family:10s} budget {p.budget}" for p in points))
+        return 0
+    out = Path(args.out).resolve()
+    overrides = parse_sets(args.set)
+    from kcd_ray.ray_layer.trainer import Interrupted
+
     for dname in args.data:
-        base = {"model": "resnet8", "data": {**DATA[dname], "root": str(out / "data")},
-                "optim": {**OPTIM, "epochs": args.epochs}, "scaling": {"num_workers": 0},
-                "run": {"verbose": 0, "checkpoints_to_keep": 1}, "kcd": {"enabled": False}}
-        data_dir = str(prepare_dataset(load_config(base=base).data, verbose=False))
-        train, test = load_split(data_dir, "train"), load_split(data_dir, "test")
-        tfile = Path(args.teacher_root) / dname / "teacher" / "final_model.pt"
-        if not tfile.exists():
-            cfg = load_config(base={**base, "model": "resnet20", "optim": {**base["optim"],
-                                                                           "epochs": args.teacher_epochs}})
-            s = run_one(cfg, data_dir, train, test, tfile.parent, 100, kind="teacher")
-            print(f"{dname}: trained teacher resnet20 x {args.teacher_epochs}: top1 {s['final_top1']:.2f}", flush=True)
-        t_top1 = teacher_top1(tfile, test)
-        print(f"{dname}: {len(train['ids'])} train / {len(test['ids'])} test; teacher {tfile} top1 {t_top1:.2f}",
-              flush=True)
-        runs: dict = {}
-        for name in names:
-            strategy, setting, sections = meta[name]
-            tag = {"point": name, "sections": sections, "epochs": args.epochs}
-            for seed in args.seeds:
-                folder = out / dname / name / f"s{seed}"
-                done = folder / "bench_summary.json"
-                s = json.loads(done.read_text()) if done.exists() else None
-                if s is None or s.get("arena") != tag:
-                    over = {k: {**base.get(k, {}), **v} for k, v in sections.items()}
-                    cfg = load_config(base={**base, **over, "optim": {**base["optim"], "seed": seed},
-                                            "distill": {**KD, "teacher": str(tfile)}})
-                    s = run_one(cfg, data_dir, train, test, folder, seed)
-                    s["arena"] = tag
-                    done.write_text(json.dumps(s, default=str))
-                    tail = f"{s['bench_wall_seconds']:.1f}s"
-                else:
-                    tail = "reused"
-                runs.setdefault(name, []).append(s)
-                print(f"{dname:9s} {name:10s} seed {seed}: top1 last {s['final_top1']:6.2f} best {s['best_top1']:6.2f}"
-                      f"  compute {s['compute_ratio']:.3f}  passes {s['sample_pass_ratio']:.3f}  {tail}"
-                      f"  [{time.perf_counter() - t_all:.0f}s total]", flush=True)
-        agg = {n: aggregate(rs) for n, rs in runs.items()}
-        plot(dname, agg, meta, out / f"pareto_{dname}.png")
-        keep = ("final_top1", "best_top1", "best_epoch", "compute_ratio", "sample_pass_ratio", "sample_passes",
-                "student_forward_only_passes", "teacher_forward_passes", "flops_total", "full_flops",
-                "flops_student_forward", "flops_student_backward", "flops_teacher_forward", "bench_wall_seconds",
-                "kept_fraction_per_epoch", "top1_per_epoch")
-        results["data"][dname] = {
-            "teacher": str(tfile), "teacher_top1": t_top1, "num_train": len(train["ids"]), "num_test": len(test["ids"]),
-            "points": {n: {"strategy": meta[n][0], "setting": meta[n][1], "config": meta[n][2], **agg[n],
-                           "runs": [{"seed": sd, **{k: r.get(k) for k in keep}}
-                                                           for sd, r in zip(args.seeds, runs[n])]} for n in agg},
-            "headline_last": {s: v for s, v in headline(agg, meta, "top1_last").items()},
-            "headline_best": {s: v for s, v in headline(agg, meta, "top1_best").items()},
-        }
-        tables += table(dname, agg, meta) + [""]
-    results["total_wall_seconds"] = time.perf_counter() - t_all
-    (out / "arena.json").write_text(json.dumps(results, indent=1, default=str))
-    print()
-    print("\n".join(tables))
-    print(f"total wall {results['total_wall_seconds']:.0f}s; JSON {out / 'arena.json'}; plots {out}/pareto_*.png")
+        try:  # Ctrl-C (or timeout -s INT) stops a run at its last checkpoint; the same command resumes it
+            base, ctx = prepare(dname, args, out, overrides, points)
+            print(f"[{dname}] {ctx['counts']}; teacher {ctx['teacher']}", flush=True)
+            for name, why in ctx["unreachable"].items():
+                print(f"[{dname}] {name}: unreachable, not run: {why}", flush=True)
+            if not args.report_only:
+                runs = [(p, s) for p in points if p.name not in ctx["unreachable"] for s in args.seeds]
+                run_shard(base, ctx["folder"], shard_runs(runs, k, n), f"{dname} {k}/{n}")
+        except Interrupted as e:
+            print(f"[{dname}] {e}", flush=True)
+            return 130
+        write_report(dname, ctx, points, args.seeds, args.budgets, out)
     return 0
 
 

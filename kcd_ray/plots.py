@@ -61,17 +61,17 @@ def _pareto_axes(ax, rows: list[dict], y_key: str, err_key: str | None, title: s
 
 
 def pareto_plot(rows: list[dict], y_key: str, path: Path, title: str, *, err_key: str | None = None,
-                beside_key: str | None = None) -> Path:
+                beside_key: str | None = None, beside_err_key: str | None = None) -> Path:
     """Top-1 against compute_ratio for every row (a trial, or a point averaged over seeds with ``err_key`` its
     error bar), one colour per strategy (each row's ``info``: its recorded label, colour and marker); the Pareto
     front (rows flagged ``pareto``) joined. ``beside_key``: a second panel with the same rows' other figure (the
-    test accuracy beside a front chosen on validation), the same rows marked."""
+    test accuracy beside a front chosen on validation), the same rows marked, ``beside_err_key`` its error bar."""
     fig = Figure(figsize=(13.0 if beside_key else 7.2, 5.0))
     ylabel = f"{y_key} (%)" + (" (mean +- SE over seeds)" if err_key else "")
     _pareto_axes(fig.add_subplot(1, 2 if beside_key else 1, 1), rows, y_key, err_key, title, ylabel)
     if beside_key:
-        _pareto_axes(fig.add_subplot(1, 2, 2), rows, beside_key, None, f"{beside_key} of the same trials (front "
-                     f"chosen on {y_key})", f"{beside_key} (%)")
+        _pareto_axes(fig.add_subplot(1, 2, 2), rows, beside_key, beside_err_key, f"{beside_key} of the same "
+                     f"trials (front chosen on {y_key})", f"{beside_key} (%)")
     return _save(fig, path)
 
 
