@@ -131,7 +131,9 @@ def test_seeded_selection_is_still_the_top_k_and_reproducible(scores, seed, stag
 
 
 def test_tie_break_rng_depends_on_seed_and_stage():
-    perm = lambda seed, stage: tie_break_rng(seed, stage).permutation(100).tolist()
+    def perm(seed, stage):
+        return tie_break_rng(seed, stage).permutation(100).tolist()
+
     assert perm(0, 1) == perm(0, 1)
     assert len({str(perm(0, 1)), str(perm(1, 1)), str(perm(0, 2)), str(perm(-1, 1))}) == 4
     with pytest.raises(ValueError, match="stage"):

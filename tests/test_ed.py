@@ -411,7 +411,7 @@ def _ddp_worker(rank, world, folder):
                           fused=True)
     before = {k: v.clone() for k, v in d.state_dict().items()}
     gen = torch.Generator().manual_seed(rank)
-    for step in range(3):
+    for _step in range(3):
         d.set_grade(1)
         x = torch.randn(8, 3, 8, 8, generator=gen)
         y = torch.randint(0, 2, (8,), generator=gen)

@@ -376,33 +376,33 @@ def test_each_strategy_runs_with_two_workers(ray_session, tmp_path, strategy):
             "run": {"storage_path": str(tmp_path / "runs"), "verbose": 0},
             "distill": {"teacher": str(teacher)}}
     runs = {"infobatch": (2, ["optim.epochs=2"]), "random": (0, ["selection.random.fraction=0.4"]), "unixkd": (2, [])}
-    for strategy, (workers, extra) in [(strategy, runs[strategy])]:
-        cfg = load_config(base=base, overrides=[f"selection.strategy={strategy}", f"run.name={strategy}",
-                                                f"scaling.num_workers={workers}", *extra])
-        summary = fit(cfg, kind="distill", hooks=["record_ids", "record_selection"])
-        run_dir, n, world = Path(summary["run_dir"]), summary["num_train"], max(workers, 1)
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert summary["strategy"] == strategy and [r["strategy"] for r in rows] == [strategy] * cfg.optim.epochs
-        for e, row in enumerate(rows):
-            parts = [np.load(run_dir / "ids" / f"e{e:04d}_r{r}.npy") for r in range(world)]
-            seen = np.concatenate(parts)
-            assert len(seen) - len(np.unique(seen)) <= world - 1, (strategy, e)  # padding to equal shards
-            assert row["samples_seen"] == len(seen)
-            sel = [np.load(run_dir / "selection" / f"e{e:04d}_r{r}.npz") for r in range(world)]
-            for key in sel[0].files:  # identical selection state on both ranks
-                assert all(np.array_equal(sel[0][key], other[key]) for other in sel[1:]), (strategy, e, key)
-            kept = sel[0]["kept"]
-            assert kept[seen].all(), (strategy, e)  # nothing outside the selection was trained on
-            if strategy != "unixkd":
-                assert kept.sum() == len(np.unique(seen)), (strategy, e)  # the whole kept set, none dropped
-            else:
-                # candidates cover the set; 48 of each 64 train
-                assert row["student_forward_only_samples"] >= n - 1 and len(seen) < 0.8 * n
-        if strategy == "random":
-            assert rows[0]["samples_seen"] >= int(0.4 * n) - 1 and rows[0]["compute_ratio"] < 0.45
-        if strategy == "infobatch":
-            assert rows[0]["samples_seen"] >= n - 1 and rows[1]["samples_seen"] < 0.95 * n  # epoch 1 prunes
-            assert (sel[0]["weights"][kept] >= 1).all() and (sel[0]["weights"] > 1).any()
-        assert summary["compute_ratio"] == pytest.approx(summary["flops_total"] / summary["full_flops"])
-        if strategy != "unixkd":  # UNIXKD's ranking costs more than it saves with a student-sized teacher
-            assert 0 < summary["compute_ratio"] < 1.0
+    workers, extra = runs[strategy]
+    cfg = load_config(base=base, overrides=[f"selection.strategy={strategy}", f"run.name={strategy}",
+                                            f"scaling.num_workers={workers}", *extra])
+    summary = fit(cfg, kind="distill", hooks=["record_ids", "record_selection"])
+    run_dir, n, world = Path(summary["run_dir"]), summary["num_train"], max(workers, 1)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["strategy"] == strategy and [r["strategy"] for r in rows] == [strategy] * cfg.optim.epochs
+    for e, row in enumerate(rows):
+        parts = [np.load(run_dir / "ids" / f"e{e:04d}_r{r}.npy") for r in range(world)]
+        seen = np.concatenate(parts)
+        assert len(seen) - len(np.unique(seen)) <= world - 1, (strategy, e)  # padding to equal shards
+        assert row["samples_seen"] == len(seen)
+        sel = [np.load(run_dir / "selection" / f"e{e:04d}_r{r}.npz") for r in range(world)]
+        for key in sel[0].files:  # identical selection state on both ranks
+            assert all(np.array_equal(sel[0][key], other[key]) for other in sel[1:]), (strategy, e, key)
+        kept = sel[0]["kept"]
+        assert kept[seen].all(), (strategy, e)  # nothing outside the selection was trained on
+        if strategy != "unixkd":
+            assert kept.sum() == len(np.unique(seen)), (strategy, e)  # the whole kept set, none dropped
+        else:
+            # candidates cover the set; 48 of each 64 train
+            assert row["student_forward_only_samples"] >= n - 1 and len(seen) < 0.8 * n
+    if strategy == "random":
+        assert rows[0]["samples_seen"] >= int(0.4 * n) - 1 and rows[0]["compute_ratio"] < 0.45
+    if strategy == "infobatch":
+        assert rows[0]["samples_seen"] >= n - 1 and rows[1]["samples_seen"] < 0.95 * n  # epoch 1 prunes
+        assert (sel[0]["weights"][kept] >= 1).all() and (sel[0]["weights"] > 1).any()
+    assert summary["compute_ratio"] == pytest.approx(summary["flops_total"] / summary["full_flops"])
+    if strategy != "unixkd":  # UNIXKD's ranking costs more than it saves with a student-sized teacher
+        assert 0 < summary["compute_ratio"] < 1.0

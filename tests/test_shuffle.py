@@ -225,7 +225,7 @@ def test_equal_streaming_split_serves_the_permuted_kept_set(data, store, backend
         shards = ds.streaming_split(2, equal=True)
         got, errors = {}, []
 
-        def consume(i):
+        def consume(i, got=got, shards=shards, errors=errors):  # this epoch's, should a join time out
             try:
                 got[i] = np.concatenate([b["sample_id"] for b in shards[i].iter_batches(batch_size=BATCH)])
             except Exception as e:  # pragma: no cover - reported below
