@@ -220,7 +220,8 @@ def test_dkd_weights_and_warmup():
 def test_memory_bank_needs_num_samples_and_checks_ids(method):
     torch.manual_seed(0)
     with pytest.raises(ConfigError, match="distill.options.num_samples"):
-        build_distiller(DistillConfig(method=method, options=dict(SMALL)), TinyNet(5, 4), TinyNet(5, 6), 5, image_size=8)
+        build_distiller(DistillConfig(method=method, options=dict(SMALL)), TinyNet(5, 4), TinyNet(5, 6), 5,
+                        image_size=8)
     d = make(method)
     batch = make_batch(16)
     batch["sample_id"] = batch["sample_id"] + N

@@ -23,9 +23,10 @@ from kcd_ray.engine import Hook, LocalServices, RunContext, assemble_engine
 from kcd_ray.engine.assemble import run_hooks
 from kcd_ray.engine.condenser import Condenser
 from kcd_ray.engine.rundir import RunDir
-from kcd_ray.engine.selection import (InfoBatch, RandomSubset, SelectionStrategy, UnixKD, epoch_rng, feed_batch_size, infobatch_keep_ratio,
-                                      infobatch_prune, infobatch_prunes, per_sample_loss, random_subset,
-                                      resolve_strategy, uncertainty, unixkd_mask, unixkd_mix, unixkd_sizes)
+from kcd_ray.engine.selection import (InfoBatch, RandomSubset, SelectionStrategy, UnixKD, epoch_rng, feed_batch_size,
+                                      infobatch_keep_ratio, infobatch_prune, infobatch_prunes, per_sample_loss,
+                                      random_subset, resolve_strategy, uncertainty, unixkd_mask, unixkd_mix,
+                                      unixkd_sizes)
 from kcd_ray.models import build_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -181,7 +182,8 @@ def test_unixkd_hook_batch_mixed_label_ce_and_forward_only_count():
     hook.before_epoch(engine, 0)
     again = hook.before_step(engine, batch)
     assert torch.equal(out["image"], again["image"])  # draws seeded by (seed, epoch, rank)
-    assert hook.pop_compute_counts() == {"student_forward_only": 16} and hook.pop_compute_counts()["student_forward_only"] == 0
+    assert (hook.pop_compute_counts() == {"student_forward_only": 16}
+            and hook.pop_compute_counts()["student_forward_only"] == 0)
     z = student(out["image"])
     ce = 0.5 * F.cross_entropy(z, out["label"])
     new = hook.adjust_loss(engine, out, StepOutput(z, {"ce": ce}, None), ce)
@@ -284,7 +286,8 @@ def test_ledger_counts_passes_and_flops_on_a_tiny_run(tiny, tmp_path):
             assert r["sample_pass_ratio"] == pytest.approx(trained / n)
             assert r["compute_ratio"] == pytest.approx(r["flops"] / (n * per_kd))
         assert summary["sample_passes"] == 2 * trained and summary["student_forward_only_passes"] == 2 * fwd_only
-        assert summary["teacher_forward_passes"] == 2 * trained and summary["full_flops"] == pytest.approx(2 * n * per_kd)
+        assert (summary["teacher_forward_passes"] == 2 * trained
+                and summary["full_flops"] == pytest.approx(2 * n * per_kd))
         assert summary["compute_ratio"] == pytest.approx(summary["flops_total"] / (2 * n * per_kd))
         assert summary["sample_pass_ratio"] == pytest.approx(trained / n)
         ref[strategy] = summary["compute_ratio"]
