@@ -111,7 +111,7 @@ def loader_epochs(data_dir: Path, batch: int, workers: int, threads: int):
         loader = torch.utils.data.DataLoader(range(len(ids)), batch_sampler=sampler, collate_fn=collate,
                                              num_workers=workers, persistent_workers=False)
         t0, n = time.perf_counter(), 0
-        for x, y in loader:
+        for _x, y in loader:
             n += len(y)
         return n / (time.perf_counter() - t0)
 

@@ -203,7 +203,8 @@ def print_table(args, data: dict, results: dict, spec_grades: list[int], teacher
           f"full teachers {teacher_wall['full']:.0f}s")
     rows = []
     for m, rs in results.items():
-        grp = [mean_se([r["group_top1_final_model"][h] for r in rs if r.get("group_top1_final_model")]) for h in range(G)]
+        grp = [mean_se([r["group_top1_final_model"][h] for r in rs if r.get("group_top1_final_model")])
+               for h in range(G)]
         ends = "-"
         if rs and rs[0].get("curriculum"):
             ends = "/".join(f"{mean_se([r['curriculum']['seen_class_top1_at_grade_end'][h] for r in rs])[0]:.1f}"

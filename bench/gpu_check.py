@@ -51,8 +51,8 @@ def _engine(work: Path, amp: bool, batch_size: int):
 def engine_rate(work: Path, amp: bool, steps: int, batch_size: int) -> float:
     engine = _engine(work, amp, batch_size)
     g = torch.Generator().manual_seed(0)
-    host = {"image": torch.randn(batch_size, 3, 32, 32, generator=g), "label": torch.randint(0, 100, (batch_size,), generator=g),
-            "sample_id": torch.arange(batch_size)}
+    host = {"image": torch.randn(batch_size, 3, 32, 32, generator=g),
+            "label": torch.randint(0, 100, (batch_size,), generator=g), "sample_id": torch.arange(batch_size)}
     kcd = engine.hook("kcd")
     kcd.before_epoch(engine, 0)
     engine.distiller.train()
@@ -144,7 +144,8 @@ def cache_check(work: Path, steps: int, batch_size: int) -> None:
                              teacher_cache=spec)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 3, 32, 32, generator=g)
-    host = {"image": x, "label": torch.randint(0, 100, (batch_size,), generator=g), "sample_id": torch.arange(batch_size)}
+    host = {"image": x, "label": torch.randint(0, 100, (batch_size,), generator=g),
+            "sample_id": torch.arange(batch_size)}
     with torch.no_grad():
         host_cached = {**host, "t_logits": teacher(x.cuda()).half().cpu()}
     rates = {}
@@ -159,7 +160,8 @@ def cache_check(work: Path, steps: int, batch_size: int) -> None:
         torch.cuda.synchronize()
         rates[name] = steps * batch_size / (time.perf_counter() - t0)
     print(f"KD step with the teacher-output cache: {rates['cached logits']:.0f} img/s vs teacher in the loop "
-          f"{rates['teacher in the loop']:.0f} img/s, ratio {rates['cached logits'] / rates['teacher in the loop']:.3f}")
+          f"{rates['teacher in the loop']:.0f} img/s, "
+          f"ratio {rates['cached logits'] / rates['teacher in the loop']:.3f}")
 
 
 def input_check(batch_size: int, steps: int) -> None:

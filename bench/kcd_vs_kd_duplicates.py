@@ -35,9 +35,10 @@ def cfg_for(work: Path, args, seed: int, extra: list[str] = (), **over):
     d = {
         "model": args.student,
         "data": {"name": "synthetic", "root": str(work / "data"),
-                 "synthetic": {"num_train": args.num_train, "num_test": args.num_test, "num_classes": 10, "image_size": 16,
-                               "duplicate_fraction": args.duplicates, "seed": 0}},
-        "optim": {"epochs": args.epochs, "batch_size": 64, "lr": 0.05, "scheduler": "cosine", "seed": seed, "threads": 2},
+                 "synthetic": {"num_train": args.num_train, "num_test": args.num_test, "num_classes": 10,
+                               "image_size": 16, "duplicate_fraction": args.duplicates, "seed": 0}},
+        "optim": {"epochs": args.epochs, "batch_size": 64, "lr": 0.05, "scheduler": "cosine", "seed": seed,
+                  "threads": 2},
         "scaling": {"num_workers": 0},
         "run": {"storage_path": str(work / "runs"), "verbose": 0},
         "kcd": {"interval": args.epochs // 4, "stages": 3, "rho": args.rho, "seed": seed},
@@ -55,7 +56,8 @@ def main() -> None:
     ap.add_argument("--teacher", default="resnet20")
     ap.add_argument("--student", default="resnet8")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--workdir", default=None, help="reuse a folder: the teacher and data set are trained/prepared once")
+    ap.add_argument("--workdir", default=None,
+                    help="reuse a folder: the teacher and data set are trained/prepared once")
     ap.add_argument("--kcd", nargs="*", default=[], metavar="KEY=VALUE",
                     help="extra overrides for the KCD run only, e.g. kcd.estep=offline kcd.mode=single")
     args = ap.parse_args()
@@ -71,7 +73,8 @@ def main() -> None:
 
     res = {"kd": [], "kcd": [], "passes": [], "dup_share": []}
     for seed in args.seeds:
-        kd = fit(cfg_for(work, args, seed, **{"run.name": f"kd{seed}", "kcd.enabled": False, "distill.teacher": teacher}), kind="distill")
+        kd = fit(cfg_for(work, args, seed, **{"run.name": f"kd{seed}", "kcd.enabled": False,
+                                              "distill.teacher": teacher}), kind="distill")
         kcd = fit(cfg_for(work, args, seed, args.kcd, **{"run.name": f"kcd{seed}_{_tag(args.kcd)}",
                                                           "distill.teacher": teacher}), kind="distill")
         mask = pq.read_table(Path(kcd["run_dir"]) / "masks" / "mask_final.parquet").to_pydict()
@@ -81,7 +84,8 @@ def main() -> None:
         res["passes"].append(kcd["sample_passes"] / kd["sample_passes"])
         res["dup_share"].append(float(is_dup[dropped].mean()) if len(dropped) else float("nan"))
         print(f"seed {seed}: teacher {t['final_top1']:.2f} | KD {kd['final_top1']:.2f} | KCD {kcd['final_top1']:.2f} | "
-              f"KCD passes / KD passes {res['passes'][-1]:.3f} | duplicates among dropped {100 * res['dup_share'][-1]:.1f}% "
+              f"KCD passes / KD passes {res['passes'][-1]:.3f} | "
+              f"duplicates among dropped {100 * res['dup_share'][-1]:.1f}% "
               f"(data set: {100 * is_dup.mean():.1f}%)")
     m = {k: statistics.mean(v) for k, v in res.items()}
     diffs = [b - a for a, b in zip(res["kd"], res["kcd"])]
@@ -89,7 +93,8 @@ def main() -> None:
     se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
     print(f"mean over {len(args.seeds)} seed(s): KD {m['kd']:.2f}, KCD {m['kcd']:.2f} "
           f"(KCD - KD {m['kcd'] - m['kd']:+.2f} +- {se:.2f} s.e. of the paired difference), "
-          f"sample-passes ratio {m['passes']:.3f} (target <= 0.8), duplicates among dropped {100 * m['dup_share']:.1f}%")
+          f"sample-passes ratio {m['passes']:.3f} (target <= 0.8), "
+          f"duplicates among dropped {100 * m['dup_share']:.1f}%")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,8 @@ def main() -> None:
     print(f"prepared {args.num_train} x {args.image_size}x{args.image_size} in {time.perf_counter() - t0:.0f}s "
           f"(train Parquet {mib(data_bytes)}); rho {args.rho}, {args.stages} stages")
     rows = {}
-    for name, prune in (("keep all versions (before)", False), (f"pruned to the last {args.checkpoints_to_keep} checkpoints' versions (now)", True)):
+    for name, prune in (("keep all versions (before)", False),
+                        (f"pruned to the last {args.checkpoints_to_keep} checkpoints' versions (now)", True)):
         folder = work / ("pruned" if prune else "all")
         shutil.rmtree(folder, ignore_errors=True)
         t0 = time.perf_counter()

@@ -65,7 +65,8 @@ def throughput(args) -> dict:
     base = {"model": "resnet8x4", "data": {"name": "synthetic", "root": str(out / "data"),
                                            "synthetic": {"num_train": 256, "num_test": 64, "num_classes": 100,
                                                          "image_size": 32}},
-            "optim": {"batch_size": 64, "epochs": 1, "threads": args.threads}, "distill": {**KD, "teacher": str(teacher)},
+            "optim": {"batch_size": 64, "epochs": 1, "threads": args.threads},
+            "distill": {**KD, "teacher": str(teacher)},
             "kcd": {"enabled": False}, "scaling": {"num_workers": 0}, "run": {"verbose": 0}}
     cfg = load_config(base=base)
     data_dir = str(prepare_dataset(cfg.data, verbose=False))
@@ -127,7 +128,8 @@ def sweep(args) -> dict:
         walls[mode] = time.perf_counter() - t0
         print(f"sweep cache={mode}: {walls[mode]:.1f}s", flush=True)
     res = {"bench": "sweep", "trials": args.trials, "epochs": args.epochs, "samples": args.samples,
-           "wall_off_s": walls["off"], "wall_exact_incl_build_s": walls["exact"], "ratio": walls["off"] / walls["exact"]}
+           "wall_off_s": walls["off"], "wall_exact_incl_build_s": walls["exact"],
+           "ratio": walls["off"] / walls["exact"]}
     print(json.dumps(res), flush=True)
     return res
 
@@ -158,7 +160,8 @@ def _feed(train, seed: int, bs: int, views: int):
 
 
 def _test_feed(test):
-    bs = [{"image": T.eval_transform(test["raw"][i:i + 512], test["meta"]), "label": torch.as_tensor(test["labels"][i:i + 512]),
+    bs = [{"image": T.eval_transform(test["raw"][i:i + 512], test["meta"]),
+           "label": torch.as_tensor(test["labels"][i:i + 512]),
            "sample_id": torch.as_tensor(test["ids"][i:i + 512])} for i in range(0, len(test["ids"]), 512)]
     return lambda: iter(bs)
 
@@ -176,7 +179,8 @@ def views(args) -> dict:
         dcfg = {**DATA[dname], "root": str(out / "data")}
         base = {"data": dcfg, "optim": {"batch_size": 64, "lr": 0.05, "scheduler": "cosine", "threads": 1},
                 "scaling": {"num_workers": 0}, "run": {"verbose": 0}, "kcd": {"enabled": False}}
-        cfg0 = load_config(base={**base, "model": "resnet20", "optim": {**base["optim"], "epochs": args.teacher_epochs}})
+        cfg0 = load_config(base={**base, "model": "resnet20",
+                                 "optim": {**base["optim"], "epochs": args.teacher_epochs}})
         data_dir = str(prepare_dataset(cfg0.data, verbose=False))
         train, test = _split(data_dir, "train"), _split(data_dir, "test")
         tfile = out / dname / "teacher" / "final_model.pt"

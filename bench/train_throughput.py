@@ -73,7 +73,8 @@ def kcd_ray_path(cfg, epochs: int, paired: bool) -> tuple[list[float], list[floa
     summary = fit(cfg, kind="teacher", hooks=[PlainEpochBeside] if paired else None)
     rows = read_jsonl(Path(summary["run_dir"]) / "metrics.jsonl")
     assert len(rows) == epochs
-    print("kcd_ray data wait s per epoch:", [round(r["data_wait_seconds"], 2) for r in rows], "train s:", [round(r["train_seconds"], 2) for r in rows])
+    print("kcd_ray data wait s per epoch:", [round(r["data_wait_seconds"], 2) for r in rows],
+          "train s:", [round(r["train_seconds"], 2) for r in rows])
     plain = [r["images_per_s"] for r in read_jsonl(Path(summary["run_dir"]) / "plain_epochs.jsonl")] if paired else []
     return [r["images_per_s"] for r in rows], plain
 
@@ -127,9 +128,11 @@ def pipeline_path(cfg, data_dir: Path, epochs: int) -> list[float]:
 
     meta = load_meta(data_dir)
     trainer = TorchTrainer(
-        loop, train_loop_config={"threads": cfg.optim.threads, "model": cfg.model, "num_classes": int(meta["num_classes"]),
+        loop, train_loop_config={"threads": cfg.optim.threads, "model": cfg.model,
+                                 "num_classes": int(meta["num_classes"]),
                                  "epochs": epochs, "batch": cfg.optim.batch_size, "store": store},
-        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(num_workers=1,
+                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(name="bench_pipeline", storage_path=str(Path(cfg.run.storage_path).resolve())),
         datasets={"train": ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=train_ingest_options()))
@@ -152,7 +155,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, choices=(0, 1),
                     help="scaling.num_workers of the kcd_ray side: 1 = one Ray Train worker (default), 0 = the loop "
                          "in this process over the same Ray Data pipeline (no Ray Train actors)")
-    ap.add_argument("--skip-plain", action="store_true", help="only the kcd_ray side (reuse a plain rate measured before)")
+    ap.add_argument("--skip-plain", action="store_true",
+                    help="only the kcd_ray side (reuse a plain rate measured before)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate plain and kcd_ray this many times (the host's speed drifts; each round's ratio "
                          "compares neighbours)")
@@ -180,7 +184,8 @@ def main() -> None:
         })
 
     data_dir = prepare_dataset(config(0).data, verbose=False)
-    print(f"model {args.model}, batch {args.batch_size}, {args.num_train} CIFAR-shaped images, {args.threads} torch threads")
+    print(f"model {args.model}, batch {args.batch_size}, {args.num_train} CIFAR-shaped images, "
+          f"{args.threads} torch threads")
     ratios, paired = [], []
     torch.set_num_threads(args.threads)
     loop = None if args.skip_plain else PlainLoop(data_dir, args.model, args.batch_size)
@@ -209,7 +214,8 @@ def main() -> None:
         print(f"round {r}: steady state: plain {b:.0f} img/s (before and after), kcd_ray {o:.0f} img/s, "
               f"ratio {o / b:.3f} (target >= 0.95)", flush=True)
     if len(ratios) > 1:
-        print(f"ratio per round {[round(x, 3) for x in ratios]}, median {statistics.median(ratios):.3f} (target >= 0.95)")
+        print(f"ratio per round {[round(x, 3) for x in ratios]}, median {statistics.median(ratios):.3f} "
+              "(target >= 0.95)")
     if len(paired) > 1:
         m = statistics.mean(paired)
         se = statistics.stdev(paired) / len(paired) ** 0.5

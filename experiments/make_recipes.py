@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT.parent))  # run from a checkout without installing
 
 from kcd_ray.config import load_config, to_dict  # noqa: E402
 
-# --------------------------------------------------------------------------- the paper's CIFAR-100 setup (docs/methods/kcd.md §9)
+# ---------------------------------------------------------------- the paper's CIFAR-100 setup (docs/methods/kcd.md §9)
 
 CIFAR_OPTIM = {"epochs": 240, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4,
                "scheduler": "multistep", "milestones": [150, 180, 210], "lr_decay": 0.1}
@@ -45,7 +45,8 @@ PAIRS = {
     ("wrn_40_2", "ShuffleV1"): (75.61, 70.50, 74.83),
 }
 # Validation splits (data.val_fraction): checkpoints and sweeps choose on them, never on the test split.
-CIFAR_VAL = "Validation: data.val_fraction 0.1 (45,000 train / 5,000 validation images, stratified); best_model.pt and sweeps choose on it."
+CIFAR_VAL = ("Validation: data.val_fraction 0.1 (45,000 train / 5,000 validation images, stratified); best_model.pt "
+             "and sweeps choose on it.")
 CIFAR_DATA = {"name": "cifar100", "source": "./data", "augment": "auto", "download": False, "val_fraction": 0.1}
 CIFAR_RUN = {"storage_path": "./runs/cifar100", "checkpoints_to_keep": 2, "max_failures": 3}
 
@@ -62,12 +63,15 @@ IMAGENET_OPTIM = {"epochs": 100, "batch_size": 32, "lr": 0.1, "momentum": 0.9, "
                   "eval_batch_size": 128}
 IMAGENET_SCALING = {"num_workers": 8, "cpus_per_worker": 6.0, "use_gpu": "auto", "gpus_per_worker": 1.0,
                     "data_cpus": 1.0}
-IMAGENET_VAL = "Validation: data.val_fraction 0.01 (~12,800 training images held out; the folder's val/ is the test split)."
-IMAGENET_DATA = {"name": "folder", "source": "./data/imagenet", "image_size": 224, "augment": "auto", "val_fraction": 0.01}
+IMAGENET_VAL = ("Validation: data.val_fraction 0.01 (~12,800 training images held out; the folder's val/ is the test "
+                "split).")
+IMAGENET_DATA = {"name": "folder", "source": "./data/imagenet", "image_size": 224, "augment": "auto",
+                 "val_fraction": 0.01}
 
 # ImageNet with models from outside the zoo (docs/models.md): a torchvision teacher by name, a torchvision or factory
 # student. Documented recipes: they have not been run by kcd_ray's authors (no ImageNet-scale compute here).
-TV_WEIGHTS = "Teacher: torchvision's {w} weights as a plain state dict: python -c \"import torch, torchvision; torch.save(torchvision.models.{m}(weights='{w}').state_dict(), '{path}')\""
+TV_WEIGHTS = ("Teacher: torchvision's {w} weights as a plain state dict: python -c \"import torch, torchvision; "
+              "torch.save(torchvision.models.{m}(weights='{w}').state_dict(), '{path}')\"")
 CONVNEXT_RESNET = {"teacher": "torchvision/convnext_tiny", "student": "torchvision/resnet18",
                    "file": "./save/models/convnext_tiny_imagenet1k_v1.pth", "weights": "IMAGENET1K_V1"}
 # DeiT-Ti's shape (Touvron et al., "Training data-efficient image transformers", 2021: 12 blocks, 3 heads, width 192)
@@ -113,7 +117,8 @@ def recipes() -> dict[str, str]:
             [f"Teacher {t} on CIFAR-100, cross-entropy, 240 epochs (RepDistiller's vanilla recipe).",
              f"RepDistiller's published {t} teacher: {t_acc:.2f} top-1.",
              f"Run: kcd-ray train-teacher --config experiments/cifar100/teachers/{t}.yaml",
-             f"Output: ./runs/cifar100/cifar100-teacher-{t}/final_model.pt (use it with distill.teacher=... distill.teacher_model='')",
+             f"Output: ./runs/cifar100/cifar100-teacher-{t}/final_model.pt "
+             "(use it with distill.teacher=... distill.teacher_model='')",
              CIFAR_VAL],
             {"model": t, "data": CIFAR_DATA, "optim": CIFAR_OPTIM, "scaling": GPU_SCALING,
              "run": {**CIFAR_RUN, "name": f"cifar100-teacher-{t}"}, "kcd": {"enabled": False}})
@@ -122,8 +127,10 @@ def recipes() -> dict[str, str]:
         for variant in ("kd", "kcd"):
             what = "plain KD" if variant == "kd" else "KD + KCD (knowledge condensation)"
             header = [f"{what}: {t} -> {s} on CIFAR-100, the paper's recipe (docs/methods/kcd.md §9).",
-                      f"RepDistiller README (CIFAR-100 top-1): teacher {t_acc:.2f}, student alone {s_acc:.2f}, KD {kd_acc:.2f}.",
-                      f"Teacher: RepDistiller's published checkpoint ({published_teacher(t)}; see experiments/README.md).",
+                      f"RepDistiller README (CIFAR-100 top-1): teacher {t_acc:.2f}, student alone {s_acc:.2f}, "
+                      f"KD {kd_acc:.2f}.",
+                      f"Teacher: RepDistiller's published checkpoint ({published_teacher(t)}; "
+                      "see experiments/README.md).",
                       f"Run: kcd-ray distill --config experiments/cifar100/{t}-{s}/{variant}.yaml", CIFAR_VAL]
             out[f"cifar100/{t}-{s}/{variant}.yaml"] = _render(header, {
                 "model": s, "data": CIFAR_DATA, "optim": optim, "scaling": GPU_SCALING,
@@ -132,18 +139,23 @@ def recipes() -> dict[str, str]:
                 "kcd": {**KCD, "enabled": variant == "kcd"}})
     for variant in ("kd", "kcd"):
         out[f"imagenet/resnet34-resnet18/{variant}.yaml"] = _render(
-            [f"{'plain KD' if variant == 'kd' else 'KD + KCD'}: ResNet-34 -> ResNet-18 on ImageNet (an image folder with train/ and val/).",
-             "torchvision's 100-epoch schedule on 8 GPUs (8 workers x batch 32 = 256, lr 0.1, steps at 30/60/90, AMP).",
-             "KCD: the CIFAR recipe scaled to 100 epochs (6 blocks of 17 epochs, rho 0.7); our choice, not a published setting.",
+            [f"{'plain KD' if variant == 'kd' else 'KD + KCD'}: ResNet-34 -> ResNet-18 on ImageNet "
+             "(an image folder with train/ and val/).",
+             "torchvision's 100-epoch schedule on 8 GPUs (8 workers x batch 32 = 256, lr 0.1, steps at 30/60/90, "
+             "AMP).",
+             "KCD: the CIFAR recipe scaled to 100 epochs (6 blocks of 17 epochs, rho 0.7); our choice, not a "
+             "published setting.",
              "Teacher: torchvision's ResNet-34 weights saved as {'model': state_dict} (see experiments/README.md).",
              f"Run: kcd-ray distill --config experiments/imagenet/resnet34-resnet18/{variant}.yaml", IMAGENET_VAL],
             {"model": "imagenet_resnet18", "data": IMAGENET_DATA, "optim": IMAGENET_OPTIM, "scaling": IMAGENET_SCALING,
-             "run": {"storage_path": "./runs/imagenet", "name": f"imagenet-resnet34-resnet18-{variant}", "max_failures": 3},
+             "run": {"storage_path": "./runs/imagenet", "name": f"imagenet-resnet34-resnet18-{variant}",
+                     "max_failures": 3},
              "distill": {**KD, "teacher": "./save/models/imagenet_resnet34.pth", "teacher_model": "imagenet_resnet34"},
              "kcd": {**KCD, "interval": 17, "enabled": variant == "kcd"}})
     out.update(_byom_recipes())
     out["digits/teacher.yaml"] = _render(
-        ["Laptop-scale teacher on scikit-learn's digits (offline, 16x16): the teacher for the digits recipes and sweeps.",
+        ["Laptop-scale teacher on scikit-learn's digits (offline, 16x16): the teacher for the digits recipes and "
+         "sweeps.",
          "Run: kcd-ray train-teacher --config experiments/digits/teacher.yaml", DIGITS_VAL],
         {"model": "resnet20", "data": DIGITS_DATA, "optim": {**DIGITS_OPTIM, "epochs": 15}, "scaling": DIGITS_SCALING,
          "run": {**DIGITS_RUN, "name": "digits-teacher"}, "kcd": {"enabled": False}})
@@ -153,13 +165,16 @@ def recipes() -> dict[str, str]:
              "the paper's schedule shrunk (6 blocks of 3 epochs, rho 0.7). The base of experiments/sweeps/.",
              "Needs the digits teacher: kcd-ray train-teacher --config experiments/digits/teacher.yaml",
              f"Run: kcd-ray distill --config experiments/digits/{variant}.yaml", DIGITS_VAL],
-            {"model": "resnet8", "data": DIGITS_DATA, "optim": {**DIGITS_OPTIM, "epochs": 18}, "scaling": DIGITS_SCALING,
+            {"model": "resnet8", "data": DIGITS_DATA, "optim": {**DIGITS_OPTIM, "epochs": 18},
+             "scaling": DIGITS_SCALING,
              "run": {**DIGITS_RUN, "name": f"digits-{variant}"},
              "distill": {**KD, "teacher": "./runs/digits/digits-teacher/final_model.pt", "teacher_model": ""},
              "kcd": {**KCD, "interval": 3, "enabled": variant == "kcd"}})
     out["ed/digits.yaml"] = _render(
-        ["Education distillation (docs/methods/ed.md) on digits: resnet8 grown over 3 grades (classes 0-2, 3-5, 6-9), 18 epochs,",
-         "the optimiser of digits/kd.yaml. One resnet20 teacher per class group (15 epochs on its classes, local labels)",
+        ["Education distillation (docs/methods/ed.md) on digits: resnet8 grown over 3 grades (classes 0-2, 3-5, "
+         "6-9), 18 epochs,",
+         "the optimiser of digits/kd.yaml. One resnet20 teacher per class group (15 epochs on its classes, local "
+         "labels)",
          "is trained first when missing (runs/digits/edteacher-*/final_model.pt) and reused after.",
          "Even grades with the flagged per_grade learning rate: the spec's CIFAR reading (lr_mode global, grade_epochs",
          "149/30/61 of 240) trains far worse on 18 epochs (bench/ed_compare.py, BENCHMARKS.md). Mixed batches: the Ray",
@@ -183,30 +198,38 @@ def _byom_recipes() -> dict[str, str]:
         what = "plain KD" if variant == "kd" else "KD + KCD"
         rel = f"imagenet/convnext_tiny-resnet18/{variant}.yaml"
         out[rel] = _render(
-            [f"{what}: ConvNeXt-T -> ResNet-18 on ImageNet, both torchvision models named torchvision/<name> (docs/models.md).",
+            [f"{what}: ConvNeXt-T -> ResNet-18 on ImageNet, both torchvision models named torchvision/<name> "
+             "(docs/models.md).",
              "NOT RUN HERE: a documented recipe; no result of it is claimed. torchvision reports 82.52 (ConvNeXt-T,",
-             "IMAGENET1K_V1) and 69.76 (ResNet-18) top-1. The ResNet-34 -> ResNet-18 recipe's schedule: 8 GPUs x batch 32,",
+             "IMAGENET1K_V1) and 69.76 (ResNet-18) top-1. The ResNet-34 -> ResNet-18 recipe's schedule: 8 GPUs x "
+             "batch 32,",
              "lr 0.1, steps at 30/60/90, AMP, channels-last; KCD in 6 blocks of 17 epochs, rho 0.7 (our choice).",
              TV_WEIGHTS.format(w=c["weights"], m="convnext_tiny", path=c["file"]),
              f"Run: kcd-ray distill --config experiments/{rel}"],
             {"model": c["student"], "data": IMAGENET_DATA, "optim": {**IMAGENET_OPTIM, "channels_last": True},
              "scaling": IMAGENET_SCALING,
-             "run": {"storage_path": "./runs/imagenet", "name": f"imagenet-convnext_tiny-resnet18-{variant}", "max_failures": 3},
+             "run": {"storage_path": "./runs/imagenet", "name": f"imagenet-convnext_tiny-resnet18-{variant}",
+                     "max_failures": 3},
              "distill": {**KD, "teacher": c["file"], "teacher_model": c["teacher"]},
              "kcd": {**KCD, "interval": 17, "enabled": variant == "kcd"}})
         rel = f"imagenet/vit_b_16-deit_tiny/{variant}.yaml"
         out[rel] = _render(
-            [f"{what}, DeiT-style: ViT-B/16 (torchvision/vit_b_16) -> a DeiT-Ti-shaped ViT built by a factory: torchvision's",
-             "VisionTransformer class, called as VisionTransformer(num_classes=..., **model_kwargs) (docs/models.md).",
-             "NOT RUN HERE: a documented recipe; no result of it is claimed. DeiT's soft distillation (lambda 0.1, tau 3:",
-             "gamma 0.9, alpha 0.1, T 3), 300 epochs, cosine with 5 warm-up epochs, 8 GPUs x batch 64; but SGD (kcd_ray's",
+            [f"{what}, DeiT-style: ViT-B/16 (torchvision/vit_b_16) -> a DeiT-Ti-shaped ViT built by a factory: "
+             "torchvision's",
+             "VisionTransformer class, called as VisionTransformer(num_classes=..., **model_kwargs) "
+             "(docs/models.md).",
+             "NOT RUN HERE: a documented recipe; no result of it is claimed. DeiT's soft distillation (lambda 0.1, "
+             "tau 3:",
+             "gamma 0.9, alpha 0.1, T 3), 300 epochs, cosine with 5 warm-up epochs, 8 GPUs x batch 64; but SGD "
+             "(kcd_ray's",
              "optimiser) instead of DeiT's AdamW, and none of its RandAugment/Mixup/CutMix: expect far below DeiT-Ti's",
              "72.2 top-1, and compare KD with KD + KCD here. KCD: 6 blocks of 50 epochs, rho 0.7 (our choice).",
              TV_WEIGHTS.format(w=v["weights"], m="vit_b_16", path=v["file"]),
              f"Run: kcd-ray distill --config experiments/{rel}"],
             {"model": v["student"], "model_kwargs": DEIT_TINY, "data": IMAGENET_DATA, "optim": DEIT_OPTIM,
              "scaling": IMAGENET_SCALING,
-             "run": {"storage_path": "./runs/imagenet", "name": f"imagenet-vit_b_16-deit_tiny-{variant}", "max_failures": 3},
+             "run": {"storage_path": "./runs/imagenet", "name": f"imagenet-vit_b_16-deit_tiny-{variant}",
+                     "max_failures": 3},
              "distill": {**DEIT_KD, "teacher": v["file"], "teacher_model": v["teacher"]},
              "kcd": {**KCD, "interval": 50, "enabled": variant == "kcd"}})
     return out

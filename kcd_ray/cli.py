@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("prepare-data", help="convert a data set to Parquet (idempotent)",
-                       description="Convert digits, synthetic, CIFAR-10/100 pickles or an image folder to kcd_ray's Parquet format.")
+                       description="Convert digits, synthetic, CIFAR-10/100 pickles or an image folder to kcd_ray's "
+                                   "Parquet format.")
     _add_config_args(s)
     s.add_argument("--force", action="store_true", help="rebuild even if a valid prepared copy exists")
     s.set_defaults(func=cmd_prepare)
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train_teacher)
 
     s = sub.add_parser("distill", help="distil a student from a teacher, with KCD unless kcd.enabled=false",
-                       description="Knowledge distillation on Ray Train with the KCD E-step/M-step; resumable by run.name.")
+                       description="Knowledge distillation on Ray Train with the KCD E-step/M-step; resumable by "
+                                   "run.name.")
     _add_config_args(s, dry_run=True)
     s.set_defaults(func=cmd_distill)
 
@@ -128,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_cache_teacher)
 
     s = sub.add_parser("demo", help="offline end-to-end demo on the digits data: teacher, KD and KCD, table and plot",
-                       description="Trains (or reuses) a teacher on scikit-learn's digits, distils a student with plain KD and "
-                                   "with KCD, prints a comparison table and writes a PNG.")
+                       description="Trains (or reuses) a teacher on scikit-learn's digits, distils a student with "
+                                   "plain KD and with KCD, prints a comparison table and writes a PNG.")
     s.add_argument("--out", default="./runs/demo", help="output folder (default ./runs/demo)")
     s.add_argument("--epochs", type=int, default=None, help="student epochs (default from the demo config)")
     s.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP + " (applied to both student runs)")

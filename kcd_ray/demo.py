@@ -52,15 +52,18 @@ def run_demo(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     teacher_cfg, kd_cfg, kcd_cfg = _configs(out, args.epochs, list(args.overrides or []))
-    print(f"[demo] 1/3 teacher {teacher_cfg.model} on digits {teacher_cfg.data.image_size}x{teacher_cfg.data.image_size} "
+    size = teacher_cfg.data.image_size
+    print(f"[demo] 1/3 teacher {teacher_cfg.model} on digits {size}x{size} "
           "(reused if already trained)", flush=True)
     t_sum = fit(teacher_cfg, kind="teacher")
     print(f"[demo] 2/3 student {kd_cfg.model}, plain KD", flush=True)
     kd_sum = fit(kd_cfg, kind="distill")
-    print(f"[demo] 3/3 student {kcd_cfg.model}, KD + KCD (rho {kcd_cfg.kcd.rho}, every {kcd_cfg.kcd.interval} epochs)", flush=True)
+    print(f"[demo] 3/3 student {kcd_cfg.model}, KD + KCD (rho {kcd_cfg.kcd.rho}, every {kcd_cfg.kcd.interval} "
+          "epochs)", flush=True)
     kcd_sum = fit(kcd_cfg, kind="distill")
 
-    rows = [("teacher " + teacher_cfg.model, t_sum), ("KD " + kd_cfg.model, kd_sum), ("KD+KCD " + kcd_cfg.model, kcd_sum)]
+    rows = [("teacher " + teacher_cfg.model, t_sum), ("KD " + kd_cfg.model, kd_sum),
+            ("KD+KCD " + kcd_cfg.model, kcd_sum)]
     print("\n{:<22} {:>8} {:>8} {:>8} {:>14} {:>9} {:>9}".format("run", "val top1", "top1", "best", "sample-passes",
                                                                 "compute", "wall s"))
     for label, s in rows:
@@ -74,7 +77,8 @@ def run_demo(args) -> dict:
 
     png = compare_plot({"KD": RunDir(out / "kd").read_metrics(), "KD+KCD": RunDir(out / "kcd").read_metrics()},
                        out / "demo.png", f"digits: {teacher_cfg.model} -> {kd_cfg.model}")
-    result = {"teacher": t_sum, "kd": kd_sum, "kcd": kcd_sum, "plot": str(png), "total_seconds": time.perf_counter() - t_all}
+    result = {"teacher": t_sum, "kd": kd_sum, "kcd": kcd_sum, "plot": str(png),
+              "total_seconds": time.perf_counter() - t_all}
     (out / "demo.json").write_text(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
     print(f"\n[demo] plot: {png}\n[demo] total {result['total_seconds']:.0f}s", flush=True)
     return result

@@ -61,7 +61,8 @@ def test_a_vit_from_a_user_factory_taps_token_maps_and_its_class_token():
     # a token map is the encoder block's patch tokens (the class token dropped), laid out on the patch grid
     with torch.no_grad():
         tokens = model.encoder.layers.encoder_layer_0(model.encoder.dropout(
-            torch.cat([model.class_token.expand(2, -1, -1), model._process_input(_x())], 1) + model.encoder.pos_embedding))
+            torch.cat([model.class_token.expand(2, -1, -1), model._process_input(_x())], 1)
+            + model.encoder.pos_embedding))
     torch.testing.assert_close(feats[1][:, :, 1, 2], tokens[:, 1 + 1 * 4 + 2], rtol=1e-5, atol=1e-6)
 
 

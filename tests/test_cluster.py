@@ -110,4 +110,5 @@ def test_every_node_keeps_idle_task_workers_as_a_local_run_does(raw, monkeypatch
     assert env == {compat.IDLE_WORKER_ENV: str(compat.IDLE_WORKER_KEEP_MS)}
     env = {compat.IDLE_WORKER_ENV: "5000"}
     compat.local_ray_env(env)
-    assert env == {compat.IDLE_WORKER_ENV: "5000", compat.PREEMPTION_WATCHER_ENV: "0", compat.LOG_SCAN_THRESHOLD_ENV: "0"}
+    assert env == {compat.IDLE_WORKER_ENV: "5000", compat.PREEMPTION_WATCHER_ENV: "0",
+                   compat.LOG_SCAN_THRESHOLD_ENV: "0"}

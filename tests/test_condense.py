@@ -38,7 +38,8 @@ def test_step_size_follows_the_formula_at_every_stage(n, pct, stages):
 
 
 @FAST
-@given(n=st.integers(1, 5000), pct=st.integers(1, 100), stages=st.integers(1, 10), shape=st.sampled_from(["linear", "cosine"]))
+@given(n=st.integers(1, 5000), pct=st.integers(1, 100), stages=st.integers(1, 10),
+       shape=st.sampled_from(["linear", "cosine"]))
 def test_smooth_shapes_stay_between_floor_and_current_and_end_at_the_floor(n, pct, stages, shape):
     sched = CondensationSchedule(n, rho=pct / 100, stages=stages, interval=1, shape=shape)
     floor_size = max(n * pct // 100, 1)
@@ -131,7 +132,9 @@ def test_seeded_selection_is_still_the_top_k_and_reproducible(scores, seed, stag
 
 
 def test_tie_break_rng_depends_on_seed_and_stage():
-    perm = lambda seed, stage: tie_break_rng(seed, stage).permutation(100).tolist()
+    def perm(seed, stage):
+        return tie_break_rng(seed, stage).permutation(100).tolist()
+
     assert perm(0, 1) == perm(0, 1)
     assert len({str(perm(0, 1)), str(perm(1, 1)), str(perm(0, 2)), str(perm(-1, 1))}) == 4
     with pytest.raises(ValueError, match="stage"):
@@ -222,7 +225,8 @@ def _reference_scores(obs, n, mode, lam, n_ref):
 @FAST
 @given(n=st.integers(1, 30), mode=st.sampled_from(["multiple", "single"]), lam=st.floats(0, 1), data=st.data())
 def test_accumulator_matches_a_plain_python_reference(n, mode, lam, data):
-    obs = data.draw(st.lists(st.lists(st.tuples(st.integers(0, n - 1), st.floats(0, 5)), max_size=40), min_size=1, max_size=6))
+    obs = data.draw(st.lists(st.lists(st.tuples(st.integers(0, n - 1), st.floats(0, 5)), max_size=40),
+                             min_size=1, max_size=6))
     acc = ValueAccumulator(n, mode=mode, lam=lam, n_ref=40)
     for epoch in obs:
         if epoch:
@@ -308,7 +312,8 @@ def test_value_functions_on_hand_made_logits():
     assert kd4[1] == pytest.approx(float((pt * (pt.log() - ps.log())).sum()), rel=1e-5)
     assert out["ce"][0] == pytest.approx(math.log(4), abs=1e-6) and out["ce"][1] < 1e-6
     assert out["ce"][2] == pytest.approx(-math.log(torch.softmax(s.detach()[2], 0)[1].item()), rel=1e-5)
-    assert out["margin"][0] == pytest.approx(1.0) and out["margin"][1] < 1e-6 and out["margin"][2] == pytest.approx(1.0, abs=1e-2)
+    assert (out["margin"][0] == pytest.approx(1.0) and out["margin"][1] < 1e-6
+            and out["margin"][2] == pytest.approx(1.0, abs=1e-2))
     # student argmax: 0, 0, 0 (the tie resolves to the first) -> correct only on row 1
     assert out["acc"].tolist() == [1.0, 0.0, 1.0]
     # teacher argmax: 0, 1, 0 -> right on none of the three labels 2, 0, 1
@@ -434,7 +439,8 @@ def _run(state, epochs, rng, start=0, record=None):
     for epoch in range(start, epochs):
         res = state.maybe_condense(epoch)
         if record is not None:
-            record.append(None if res is None else (res.kept_ids.tolist(), res.tail_ids.tolist(), res.lost_ids.tolist(), res.weights.tolist()))
+            record.append(None if res is None else (res.kept_ids.tolist(), res.tail_ids.tolist(),
+                                                    res.lost_ids.tolist(), res.weights.tolist()))
         ids = state.kept_ids()
         state.observe(ids, rng.random(ids.size))
         state.end_epoch()
@@ -484,7 +490,8 @@ def test_blend_bookkeeping_records_the_latest_plan_per_sample():
         plans.append(res)
     expect_partner, expect_w, expect_stage = np.full(40, -1), np.ones(40), np.full(40, -1)
     for res in plans:  # later plans overwrite earlier ones
-        expect_partner[res.tail_ids], expect_w[res.tail_ids], expect_stage[res.tail_ids] = res.lost_ids, res.weights, res.stage
+        expect_partner[res.tail_ids], expect_w[res.tail_ids], expect_stage[res.tail_ids] = (res.lost_ids, res.weights,
+                                                                                            res.stage)
     np.testing.assert_array_equal(state.partner_id, expect_partner)
     np.testing.assert_array_equal(state.mix_weight, expect_w)
     np.testing.assert_array_equal(state.blend_stage, expect_stage)

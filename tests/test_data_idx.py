@@ -189,7 +189,8 @@ def test_prepare_read_a_batch_and_a_zoo_model_forward(tmp_path):
     assert T.resolve_augment(cfg.data.augment, meta) == "cifar"
     batch = next(iter_split(path, "train", batch_size=16))
     x = T.train_transform(batch.column("image").to_pylist(), meta, "cifar", torch.Generator().manual_seed(0))
-    parts = assemble_engine(cfg, torch.device("cpu"), kind="teacher", data_dir=str(path), run_dir=tmp_path / "run").parts
+    parts = assemble_engine(cfg, torch.device("cpu"), kind="teacher", data_dir=str(path),
+                            run_dir=tmp_path / "run").parts
     out = parts.distiller({"image": x, "label": torch.as_tensor(batch.column("label").to_numpy())}, 4.0, 0)
     assert out.logits.shape == (16, 10) and torch.isfinite(out.losses["ce"])
 

@@ -376,7 +376,9 @@ def test_synthetic_duplicates_and_learnability(tmp_path):
         cent = np.stack([f_train[hard & (y == c)].mean(0) for c in range(5)])
         return (((f_test[:, None] - cent[None]) ** 2).sum(-1).argmin(1) == yt).mean()
 
-    spec = lambda a: np.abs(np.fft.fft2(a.reshape(len(a), 16, 16, 3), axes=(1, 2))).reshape(len(a), -1)
+    def spec(a):
+        return np.abs(np.fft.fft2(a.reshape(len(a), 16, 16, 3), axes=(1, 2))).reshape(len(a), -1)
+
     acc_spec, acc_pix = ncc(spec(x), spec(xt)), ncc(x, xt.reshape(len(xt), -1))
     assert acc_spec > 0.7 and acc_pix < acc_spec - 0.25, (acc_spec, acc_pix)
 

@@ -50,7 +50,8 @@ def test_class_order_offsets_and_local_labels():
     assert g.classes(2).tolist() == list(range(33, 66))
     lut = g.local_lut([2])
     assert lut[33] == 0 and lut[65] == 32 and lut[32] == -1 and lut[66] == -1  # y - o_g
-    p1, p2 = ClassGroups.build(10, 3, class_order="permuted", seed=5), ClassGroups.build(10, 3, class_order="permuted", seed=5)
+    p1, p2 = (ClassGroups.build(10, 3, class_order="permuted", seed=5),
+              ClassGroups.build(10, 3, class_order="permuted", seed=5))
     assert np.array_equal(p1.order, p2.order) and sorted(p1.order.tolist()) == list(range(10))
     assert not np.array_equal(p1.order, np.arange(10))
     assert not np.array_equal(p1.order, ClassGroups.build(10, 3, class_order="permuted", seed=6).order)
@@ -63,7 +64,8 @@ def test_class_order_offsets_and_local_labels():
 def test_relabel_and_sequential_order():
     g = ClassGroups.build(6, 3)
     lut = g.local_lut([2])
-    batch = {"image": torch.arange(6.0)[:, None], "label": torch.tensor([0, 2, 3, 5, 2, 1]), "sample_id": torch.arange(6)}
+    batch = {"image": torch.arange(6.0)[:, None], "label": torch.tensor([0, 2, 3, 5, 2, 1]),
+             "sample_id": torch.arange(6)}
     out = list(relabel_batches([batch], lut))
     assert out[0]["label"].tolist() == [0, 1, 0] and out[0]["sample_id"].tolist() == [1, 2, 4]
     assert out[0]["image"][:, 0].tolist() == [1.0, 2.0, 4.0]
@@ -99,7 +101,8 @@ def test_tr_heads_follow_ed_md_5():
     tr1, tr2 = gs.tr_heads
     assert tuple(tr1.conv.weight.shape) == (64, 16, 1, 1) and tr1.fc.in_features == 1024 and tr1.fc.out_features == 33
     assert tuple(tr2.conv.weight.shape) == (64, 32, 1, 1) and tr2.fc.in_features == 64 and tr2.fc.out_features == 66
-    assert sum(p.numel() for p in gs.parameters()) == 278324  # docs/methods/ed.md §5.3: the final student is exactly resnet20
+    # docs/methods/ed.md §5.3: the final student is exactly resnet20
+    assert sum(p.numel() for p in gs.parameters()) == 278324
     for name, (c1, c2, cfin) in {"wrn_16_2": (32, 64, 128), "vgg8": (128, 256, 512), "MobileNetV2": (12, 48, 1280),
                                   "ShuffleV1": (240, 480, 960), "ShuffleV2": (116, 232, 1024),
                                   "resnet8x4": (64, 128, 256)}.items():
@@ -172,7 +175,8 @@ def test_ed_loss_uses_the_groups_kd_slice(order, source):
         assert out.losses["kd"].item() == pytest.approx(0.7 * T * T * kl / 12, rel=1e-4)
         # teacher logits for KCD: label order, the teacher's argmax inside the sample's group
         tl = out.teacher_logits.argmax(1)
-        assert all(int(groups.group_of_label[a]) == int(groups.group_of_label[b]) for a, b in zip(tl.tolist(), labels.tolist()))
+        assert all(int(groups.group_of_label[a]) == int(groups.group_of_label[b])
+                   for a, b in zip(tl.tolist(), labels.tolist()))
 
 
 def test_ed_refuses_a_batch_from_a_future_group_and_wrong_teachers():
@@ -191,12 +195,14 @@ def test_mtkd_is_ce_plus_the_mean_of_kd_losses():
     teachers = [build_model("resnet8", 10).eval() for _ in range(3)]
     cfg = load_config(None, ["distill.method=mtkd"]).distill
     d = build_distiller(cfg, build_model("resnet8", 10), teachers, 10, image_size=16)
-    assert not any(n.startswith("_teachers") for n, _ in d.named_parameters()) and "teacher" not in str(list(d.state_dict()))
+    assert (not any(n.startswith("_teachers") for n, _ in d.named_parameters())
+            and "teacher" not in str(list(d.state_dict())))
     d.eval()
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     out = d({"image": x, "label": y, "sample_id": torch.arange(4)}, T=4.0, epoch=0)
     s = d.student(x)
-    kd = sum(16 * F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t(x) / 4, 1), reduction="batchmean") for t in teachers) / 3
+    kd = sum(16 * F.kl_div(F.log_softmax(s / 4, 1), F.softmax(t(x) / 4, 1), reduction="batchmean")
+             for t in teachers) / 3
     assert out.losses["ce"].item() == pytest.approx(0.1 * F.cross_entropy(s, y).item(), rel=1e-5)
     assert out.losses["kd"].item() == pytest.approx(0.9 * kd.item(), rel=1e-5)
     with pytest.raises(ConfigError, match="distill.teachers"):
@@ -218,10 +224,12 @@ def test_learning_rate_and_grades_per_epoch_follow_ed_md_7():
         lr_sched.step()
     grade = [sched.grade_of(e) for e in range(240)]  # 0-based epochs; docs/methods/ed.md counts from 1
     assert grade.index(2) == 149 and grade.index(3) == 179 and grade[-1] == 3  # grades from epochs 150 and 180
-    assert lrs[148] == lrs[149] == pytest.approx(0.05) and lrs[150] == pytest.approx(0.005)  # grade 2: one epoch at 0.05
+    # grade 2: one epoch at 0.05
+    assert lrs[148] == lrs[149] == pytest.approx(0.05) and lrs[150] == pytest.approx(0.005)
     assert lrs[179] == pytest.approx(0.005) and lrs[180] == pytest.approx(5e-4) and lrs[210] == pytest.approx(5e-5)
     per = GradeSchedule([149, 30, 61], "per_grade", 0.05, 0.1)
-    assert per.lr(0) == 0.05 and per.lr(92) == pytest.approx(0.05) and per.lr(93) == pytest.approx(0.005)  # 0.625*149=93
+    # 0.625*149=93
+    assert per.lr(0) == 0.05 and per.lr(92) == pytest.approx(0.05) and per.lr(93) == pytest.approx(0.005)
     assert per.lr(149) == 0.05 and per.lr(149 + 18) == pytest.approx(0.005) and per.lr(149 + 26) == pytest.approx(5e-5)
     assert per.lr(179) == 0.05 and per.lr(239) == pytest.approx(5e-5)
 
@@ -232,7 +240,8 @@ def test_config_errors_are_one_line():
                                   "curriculum.grade_epochs=[2,2,2]", *over])
 
     check_curriculum(cfg(), "distill")
-    cases = [(cfg("distill.method=kd"), "distill.method"), (cfg("curriculum.grade_epochs=[2,2,3]"), "sum to optim.epochs"),
+    cases = [(cfg("distill.method=kd"), "distill.method"),
+             (cfg("curriculum.grade_epochs=[2,2,3]"), "sum to optim.epochs"),
              (cfg("curriculum.grade_epochs=[3,3]"), "2 grades for curriculum.groups=3"),
              (cfg("kcd.estep=offline"), "kcd.estep"), (load_config(None, ["distill.method=ed"]), "curriculum.name=ed"),
              (load_config(None, ["curriculum.labels=local"]), "only_groups")]
@@ -327,7 +336,8 @@ def test_grades_rows_frozen_stages_and_final_model(tiny, tmp_path):
     n = {g: int(np.isin(tiny["split"]["train"][1].numpy(), range(2 * g)).sum()) for g in (1, 2, 3)}
     assert [r["samples_seen"] for r in rows] == [n[1], n[1], n[2], n[2], n[3], n[3]]  # the grade's union only
     assert summary["sample_passes"] == 2 * (n[1] + n[2] + n[3])
-    assert all(r["seen_class_top1"] is not None for r in rows) and rows[-1]["seen_class_top1"] == pytest.approx(rows[-1]["top1"])
+    assert (all(r["seen_class_top1"] is not None for r in rows)
+            and rows[-1]["seen_class_top1"] == pytest.approx(rows[-1]["top1"]))
     assert rows[0]["group_top1_2"] is None and rows[-1]["group_top1_3"] is not None
     assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.05, 0.05, 0.005, 0.005, 0.0005])  # global schedule
     assert watch.state_at_change == {2: 0, 4: 0}  # momentum reset at each grade change
@@ -389,7 +399,8 @@ def test_ed_with_kcd_condenses_within_the_active_groups(tiny, tmp_path):
         assert set(labels[ids].tolist()) <= set(range(2 * row["grade"])), e  # inside the grade's groups
         assert row["samples_seen"] == len(ids)
     assert set(published[0].tolist()) == group[1]
-    assert len(published[1]) == 32 - int(32 * 0.5 / 2)  # grade 1: docs/methods/kcd.md §4's step within group 1's 32 samples
+    # grade 1: docs/methods/kcd.md §4's step within group 1's 32 samples
+    assert len(published[1]) == 32 - int(32 * 0.5 / 2)
     assert group[2] <= set(published[2].tolist()) and group[3] <= set(published[4].tolist())  # joins whole
     assert summary["sample_passes"] == sum(len(ids) for ids in published)
 
@@ -411,7 +422,7 @@ def _ddp_worker(rank, world, folder):
                           fused=True)
     before = {k: v.clone() for k, v in d.state_dict().items()}
     gen = torch.Generator().manual_seed(rank)
-    for step in range(3):
+    for _step in range(3):
         d.set_grade(1)
         x = torch.randn(8, 3, 8, 8, generator=gen)
         y = torch.randint(0, 2, (8,), generator=gen)
@@ -457,7 +468,8 @@ def _ray_cfg(tmp_path, **over):
 
 
 @pytest.mark.ray
-@pytest.mark.slow  # ~25 s of 2-worker Ray Train; the grade change under DDP: test_ddp_leaves_the_inactive_stages_untouched
+# ~25 s of 2-worker Ray Train; the grade change under DDP: test_ddp_leaves_the_inactive_stages_untouched
+@pytest.mark.slow
 def test_two_ray_train_workers_pass_a_grade_change(ray_session, tmp_path):
     from kcd_ray.ray_layer.trainer import fit
 
@@ -504,4 +516,5 @@ def test_distill_trains_the_missing_group_teachers_then_the_student(ray_session,
     stored = load_config(Path(summary["run_dir"]) / "config.yaml")
     assert len(stored.curriculum.teachers) == 2 and summary["curriculum"]["group_sizes"] == [5, 5]
     again = fit(cfg, kind="distill")  # reuses the teachers, resumes the finished run: nothing new trains
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs and again["final_top1"] == summary["final_top1"]
+    assert (sorted(p.name for p in (tmp_path / "runs").iterdir()) == runs
+            and again["final_top1"] == summary["final_top1"])

@@ -292,7 +292,8 @@ def test_pipeline_mixes_overlays_with_encoded_rows(files, overlays):
     only = np.array([11, 14])
     np.testing.assert_array_equal(B.augmented(only, B.arrow_images(only, column.take([1, 4]), ENC, manifest), ENC,
                                                kind, seed, epoch)["image"], torch.stack([alone[1], alone[4]]).numpy())
-    np.testing.assert_array_equal(B.augmented(ids, B.arrow_images(ids, column, ENC, None), ENC, kind, seed, epoch)["image"][0],
+    np.testing.assert_array_equal(B.augmented(ids, B.arrow_images(ids, column, ENC, None), ENC,
+                                              kind, seed, epoch)["image"][0],
                                   alone[0].numpy())
     # eval: what eval_batch serves (decode with overlays, then eval_transform)
     assert torch.equal(T.eval_transform(x1, ENC), torch.stack(eval_alone))

@@ -68,7 +68,9 @@ def test_hooks_are_called_at_their_points_in_order(tiny, tmp_path):
     rec = Recorder()
     engine = _engine(tiny, tmp_path, hooks_extra=[rec], **{"optim.epochs": 2})
     summary = _run(tiny, engine)
-    per_epoch = lambda e: [("before_epoch", e), ("after_step", e), ("after_epoch", e), ("after_checkpoint", e)]
+    def per_epoch(e):
+        return [("before_epoch", e), ("after_step", e), ("after_epoch", e), ("after_checkpoint", e)]
+
     assert rec.calls == [("before_run", 0), *per_epoch(0), *per_epoch(1), ("end_run", True)]
     assert engine.services.epochs == [0, 1]  # the data pipeline is told each epoch before it is read
     assert summary["epochs"] == 2 and len(engine.history) == 2

@@ -77,16 +77,19 @@ def test_cifar_pair_follows_the_paper(teacher, student):
     kd, kcd = load_config(folder / "kd.yaml"), load_config(folder / "kcd.yaml")
     for cfg in (kd, kcd):
         o = cfg.optim
-        assert (cfg.model, cfg.data.name, o.epochs, o.batch_size, o.momentum, o.weight_decay) == (student, "cifar100", 240, 64, 0.9, 5e-4)
+        assert (cfg.model, cfg.data.name, o.epochs, o.batch_size, o.momentum, o.weight_decay) == (
+            student, "cifar100", 240, 64, 0.9, 5e-4)
         assert o.lr == (0.01 if student in ("MobileNetV2", "ShuffleV1", "ShuffleV2") else 0.05)
         assert (o.scheduler, o.milestones, o.lr_decay) == ("multistep", [150, 180, 210], 0.1)
         d = cfg.distill
-        assert (d.method, d.gamma, d.alpha, d.beta, d.temperature.schedule, d.temperature.T) == ("kd", 0.1, 0.9, 0.0, "constant", 4.0)
+        assert (d.method, d.gamma, d.alpha, d.beta, d.temperature.schedule, d.temperature.T) == (
+            "kd", 0.1, 0.9, 0.0, "constant", 4.0)
         # RepDistiller's fetch_pretrained_teachers.sh layout, loaded with the architecture named.
         assert d.teacher == f"./save/models/{teacher}_vanilla/ckpt_epoch_240.pth" and d.teacher_model == teacher
     k = kcd.kcd
     assert k.enabled and not kd.kcd.enabled
-    assert (k.interval, k.rho, k.stages, k.value_fn, k.mode, k.lam, k.lam_min, k.summary) == (40, 0.7, 6, "entropy", "multiple", 0.03, 0.7, True)
+    assert (k.interval, k.rho, k.stages, k.value_fn, k.mode, k.lam, k.lam_min, k.summary) == (
+        40, 0.7, 6, "entropy", "multiple", 0.03, 0.7, True)
     assert (EXP / "cifar100" / "teachers" / f"{teacher}.yaml").is_file()
 
 

@@ -57,7 +57,8 @@ def inputs(b, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randperm(N12, generator=g)[:b]
     f_s, f_t = torch.randn(b, 8, generator=g, dtype=torch.float64), torch.randn(b, 12, generator=g, dtype=torch.float64)
-    z_s, z_t = 3 * torch.randn(b, 5, generator=g, dtype=torch.float64), 3 * torch.randn(b, 5, generator=g, dtype=torch.float64)
+    z_s, z_t = (3 * torch.randn(b, 5, generator=g, dtype=torch.float64),
+                3 * torch.randn(b, 5, generator=g, dtype=torch.float64))
     return dict(f_s=f_s, f_t=f_t, z_s=z_s, z_t=z_t, batch={"sample_id": ids, "label": LABELS12[ids]})
 
 
@@ -388,7 +389,8 @@ def test_loss_weights_hkd_plus_kd_by_default_and_explicit_values_win():
     solo = make(num_samples=64, alpha=0.0)
     assert (solo.gamma, solo.alpha, solo.beta) == (1.0, 0.0, 3.0)
     assert set(solo(batch, 4.0, 0).losses) == {"ce", "hkd"}
-    assert (make(num_samples=64, gamma=0.5, alpha=0.3, beta=2.0).gamma, make(num_samples=64, alpha=0.3).alpha) == (0.5, 0.3)
+    assert (make(num_samples=64, gamma=0.5, alpha=0.3, beta=2.0).gamma,
+            make(num_samples=64, alpha=0.3).alpha) == (0.5, 0.3)
     asis = make({"hkd_weights": False}, num_samples=64)
     assert (asis.gamma, asis.alpha, asis.beta) == (0.1, 0.9, 3.0)
     # other methods keep the global KD recipe

@@ -131,7 +131,8 @@ def test_kuberay_rayjob_manifest():
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
     for pod in [head] + [w["template"]["spec"] for w in workers]:
         vols = {v["name"]: v for v in pod["volumes"]}
-        shared = [n for n, v in vols.items() if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]]
+        shared = [n for n, v in vols.items()
+                  if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]]
         assert shared, "every pod mounts the shared claim"
         mounts = {m["name"]: m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
         assert mounts[shared[0]] == "/mnt/kcd_ray"

@@ -219,7 +219,8 @@ def test_garbage_and_wrong_layout_name_the_file(tmp_path):
             load_model(junk, name="resnet8")
     no_model = tmp_path / "weights.pt"
     torch.save({"state_dict": build_model("resnet8", 10).state_dict()}, no_model)
-    with pytest.raises(CheckpointError, match=r"weights.pt.*state_dict.*expected a dict with the state dict under key 'model'"):
+    with pytest.raises(CheckpointError,
+                       match=r"weights.pt.*state_dict.*expected a dict with the state dict under key 'model'"):
         load_model(no_model, name="resnet8")
     with pytest.raises(CheckpointError, match="no model.pt"):
         load_model(tmp_path, name="resnet8")
@@ -247,7 +248,8 @@ def test_imagenet_resnet_features_match_torchvision(name):
     torch.testing.assert_close(logits, reference)
     width = 1 if name == "imagenet_resnet18" else 4
     assert [tuple(f.shape[1:]) for f in feats] == [
-        (64, 16, 16), (64 * width, 16, 16), (128 * width, 8, 8), (256 * width, 4, 4), (512 * width, 2, 2), (512 * width,)
+        (64, 16, 16), (64 * width, 16, 16), (128 * width, 8, 8), (256 * width, 4, 4), (512 * width, 2, 2),
+        (512 * width,)
     ]
     assert feature_shapes(name, 10, image_size=64) == [tuple(f.shape[1:]) for f in feats]
     for a, b in zip(pre[1:5], feats[1:5]):
@@ -263,7 +265,8 @@ def test_imagenet_mobilenet_v2_features_match_torchvision():
         feats, logits = model(x, is_feat=True)
         reference = TVMobileNetV2.forward(model, x)
     torch.testing.assert_close(logits, reference)
-    assert [tuple(f.shape[1:]) for f in feats] == [(32, 32, 32), (24, 16, 16), (32, 8, 8), (96, 4, 4), (320, 2, 2), (1280,)]
+    assert [tuple(f.shape[1:]) for f in feats] == [(32, 32, 32), (24, 16, 16), (32, 8, 8), (96, 4, 4), (320, 2, 2),
+                                                   (1280,)]
 
 
 def test_imagenet_models_take_torchvision_weights_and_224px_shapes():

@@ -160,8 +160,8 @@ def test_kcd_distill_writes_everything_to_s3_and_resumes_after_a_worker_death(s3
 def test_sweep_in_s3_and_its_report(s3_run, s3, tmp_path):
     """`kcd-ray sweep` with its folder in the bucket: two in-process trials write their run folders there, Tune its
     experiment state, and the teacher-output cache is built once, beside the data set in the bucket, and read by
-    every trial (no teacher forward); `kcd-ray report` on the sweep's URI writes the table, CSV, plot and best config beside it,
-    the best config pointing back at the store. Re-running the finished sweep restores it from the store."""
+    every trial (no teacher forward); `kcd-ray report` on the sweep's URI writes the table, CSV, plot and best config
+    beside it, the best config pointing back at the store. Re-running the finished sweep restores it from the store."""
     from kcd_ray.cli import main
 
     summary, _ = s3_run

@@ -13,8 +13,8 @@ from kcd_ray.config import ConfigError
 from kcd_ray.models import build_model, save_model
 from kcd_ray.sweeps.spec import load_sweep
 
-BASE = {"data": {"name": "digits", "image_size": 16, "val_fraction": 0.2}, "optim": {"epochs": 4}, "scaling": {"num_workers": 0},
-        "kcd": {"enabled": True, "summary": False}}
+BASE = {"data": {"name": "digits", "image_size": 16, "val_fraction": 0.2}, "optim": {"epochs": 4},
+        "scaling": {"num_workers": 0}, "kcd": {"enabled": True, "summary": False}}
 SPACE = {"distill.temperature.T": [2.0, 4.0, 8.0], "kcd.rho": [0.5, 0.7, 0.9]}
 
 
@@ -25,7 +25,8 @@ def test_pbt_settings_are_checked_with_one_line_each():
     cases = [({"pbt": {"intervall": 2}}, "pbt.intervall: unknown key"),
              ({"pbt": {"interval": 4}}, r"pbt.interval: expected an integer in 1..optim.epochs-1 \(3\)"),
              ({"pbt": {"mutate": ["optim.lr"]}}, r"pbt.mutate: \['optim.lr'\]: expected keys of space"),
-             ({"pbt": {"metric": "final_top1"}}, "pbt.metric: 'final_top1' is not a metric the runs report every epoch"),
+             ({"pbt": {"metric": "final_top1"}},
+              "pbt.metric: 'final_top1' is not a metric the runs report every epoch"),
              ({"pbt": True, "asha": True}, "pick one scheduler"),
              ({"pbt": True, "include_kd_baseline": True}, "the baseline would join the population"),
              ({"pbt": True, "base": {**BASE, "kcd": {"enabled": True}}}, "pbt: set kcd.summary=false"),

@@ -103,7 +103,8 @@ def test_random_resized_crop_boxes_and_identity():
     u = torch.rand(500, T.n_uniforms("imagenet"), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     boxes, flip = T.rrc_boxes(u, h, w)
     bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+    assert ((boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all() and (boxes[:, 2] <= w).all()
+            and (boxes[:, 3] <= h).all())
     assert (bw >= 1).all() and (bh >= 1).all() and 0.3 < flip.float().mean() < 0.7
     area = bw * bh / (h * w)
     assert area.max() <= 1.0 and area.min() >= 0.05  # scale 0.08..1 up to rounding
@@ -419,8 +420,8 @@ def test_offline_scores_equal_a_plain_torch_pass_over_the_current_images(ray_ses
     imgs = data["train"][1].copy()
     imgs[tail] = blend_uint8(imgs[tail], imgs[lost], w)
     with torch.no_grad():
-        expect = VALUE_FNS.get("entropy")(student(torch.from_numpy(_norm(imgs))), None, torch.as_tensor(data["train"][0]),
-                                          make_context(np.arange(40), 0, 0, 1.0))
+        expect = VALUE_FNS.get("entropy")(student(torch.from_numpy(_norm(imgs))), None,
+                                          torch.as_tensor(data["train"][0]), make_context(np.arange(40), 0, 0, 1.0))
     np.testing.assert_allclose(vals, expect.numpy(), rtol=1e-4, atol=1e-5)
 
 

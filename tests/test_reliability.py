@@ -1,5 +1,5 @@
-"""Reliability: honest and reproducible resumes, one-line errors from inside Ray, Ctrl-C, no leaks, checkpoint fallback, a
-self-repairing teacher cache, names kept in their storage folder, fast failures."""
+"""Reliability: honest and reproducible resumes, one-line errors from inside Ray, Ctrl-C, no leaks, checkpoint
+fallback, a self-repairing teacher cache, names kept in their storage folder, fast failures."""
 
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ def _cosine_lrs(epochs: int) -> list[float]:
 
 
 @pytest.mark.ray
-def test_changed_config_stops_extension_is_recorded_and_lr_follows_the_new_schedule(tmp_path, teacher, one_torch_thread):
+def test_changed_config_stops_extension_is_recorded_and_lr_follows_the_new_schedule(tmp_path, teacher,
+                                                                                     one_torch_thread):
     """The resume policy (driver side, before any worker starts) and the extended schedule, on in-process runs; the
     same LR check on a Ray Train worker is in test_one_worker_resume_is_exact_...'s extension."""
     from kcd_ray.ray_layer.trainer import fit
@@ -543,7 +544,8 @@ def test_ctrl_c_on_a_sweep_exits_130_marks_the_trial_and_writes_no_report(tmp_pa
     while time.time() < deadline and p.poll() is None and \
             not any(m.read_text().strip() for m in runs.glob("*/metrics.jsonl")):
         time.sleep(0.5)
-    assert p.poll() is None and list(runs.glob("*/metrics.jsonl")), f"the trial never finished an epoch: {p.stderr.read() if p.poll() is not None else ''}"
+    assert p.poll() is None and list(runs.glob("*/metrics.jsonl")), (
+        f"the trial never finished an epoch: {p.stderr.read() if p.poll() is not None else ''}")
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=180)
     assert p.returncode == 130, err[-3000:]

@@ -23,9 +23,10 @@ from kcd_ray.engine import Hook, LocalServices, RunContext, assemble_engine
 from kcd_ray.engine.assemble import run_hooks
 from kcd_ray.engine.condenser import Condenser
 from kcd_ray.engine.rundir import RunDir
-from kcd_ray.engine.selection import (InfoBatch, RandomSubset, SelectionStrategy, UnixKD, epoch_rng, feed_batch_size, infobatch_keep_ratio,
-                                      infobatch_prune, infobatch_prunes, per_sample_loss, random_subset,
-                                      resolve_strategy, uncertainty, unixkd_mask, unixkd_mix, unixkd_sizes)
+from kcd_ray.engine.selection import (InfoBatch, RandomSubset, SelectionStrategy, UnixKD, epoch_rng, feed_batch_size,
+                                      infobatch_keep_ratio, infobatch_prune, infobatch_prunes, per_sample_loss,
+                                      random_subset, resolve_strategy, uncertainty, unixkd_mask, unixkd_mix,
+                                      unixkd_sizes)
 from kcd_ray.models import build_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -181,7 +182,8 @@ def test_unixkd_hook_batch_mixed_label_ce_and_forward_only_count():
     hook.before_epoch(engine, 0)
     again = hook.before_step(engine, batch)
     assert torch.equal(out["image"], again["image"])  # draws seeded by (seed, epoch, rank)
-    assert hook.pop_compute_counts() == {"student_forward_only": 16} and hook.pop_compute_counts()["student_forward_only"] == 0
+    assert (hook.pop_compute_counts() == {"student_forward_only": 16}
+            and hook.pop_compute_counts()["student_forward_only"] == 0)
     z = student(out["image"])
     ce = 0.5 * F.cross_entropy(z, out["label"])
     new = hook.adjust_loss(engine, out, StepOutput(z, {"ce": ce}, None), ce)
@@ -284,7 +286,8 @@ def test_ledger_counts_passes_and_flops_on_a_tiny_run(tiny, tmp_path):
             assert r["sample_pass_ratio"] == pytest.approx(trained / n)
             assert r["compute_ratio"] == pytest.approx(r["flops"] / (n * per_kd))
         assert summary["sample_passes"] == 2 * trained and summary["student_forward_only_passes"] == 2 * fwd_only
-        assert summary["teacher_forward_passes"] == 2 * trained and summary["full_flops"] == pytest.approx(2 * n * per_kd)
+        assert (summary["teacher_forward_passes"] == 2 * trained
+                and summary["full_flops"] == pytest.approx(2 * n * per_kd))
         assert summary["compute_ratio"] == pytest.approx(summary["flops_total"] / (2 * n * per_kd))
         assert summary["sample_pass_ratio"] == pytest.approx(trained / n)
         ref[strategy] = summary["compute_ratio"]
@@ -376,33 +379,33 @@ def test_each_strategy_runs_with_two_workers(ray_session, tmp_path, strategy):
             "run": {"storage_path": str(tmp_path / "runs"), "verbose": 0},
             "distill": {"teacher": str(teacher)}}
     runs = {"infobatch": (2, ["optim.epochs=2"]), "random": (0, ["selection.random.fraction=0.4"]), "unixkd": (2, [])}
-    for strategy, (workers, extra) in [(strategy, runs[strategy])]:
-        cfg = load_config(base=base, overrides=[f"selection.strategy={strategy}", f"run.name={strategy}",
-                                                f"scaling.num_workers={workers}", *extra])
-        summary = fit(cfg, kind="distill", hooks=["record_ids", "record_selection"])
-        run_dir, n, world = Path(summary["run_dir"]), summary["num_train"], max(workers, 1)
-        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert summary["strategy"] == strategy and [r["strategy"] for r in rows] == [strategy] * cfg.optim.epochs
-        for e, row in enumerate(rows):
-            parts = [np.load(run_dir / "ids" / f"e{e:04d}_r{r}.npy") for r in range(world)]
-            seen = np.concatenate(parts)
-            assert len(seen) - len(np.unique(seen)) <= world - 1, (strategy, e)  # padding to equal shards
-            assert row["samples_seen"] == len(seen)
-            sel = [np.load(run_dir / "selection" / f"e{e:04d}_r{r}.npz") for r in range(world)]
-            for key in sel[0].files:  # identical selection state on both ranks
-                assert all(np.array_equal(sel[0][key], other[key]) for other in sel[1:]), (strategy, e, key)
-            kept = sel[0]["kept"]
-            assert kept[seen].all(), (strategy, e)  # nothing outside the selection was trained on
-            if strategy != "unixkd":
-                assert kept.sum() == len(np.unique(seen)), (strategy, e)  # the whole kept set, none dropped
-            else:
-                # candidates cover the set; 48 of each 64 train
-                assert row["student_forward_only_samples"] >= n - 1 and len(seen) < 0.8 * n
-        if strategy == "random":
-            assert rows[0]["samples_seen"] >= int(0.4 * n) - 1 and rows[0]["compute_ratio"] < 0.45
-        if strategy == "infobatch":
-            assert rows[0]["samples_seen"] >= n - 1 and rows[1]["samples_seen"] < 0.95 * n  # epoch 1 prunes
-            assert (sel[0]["weights"][kept] >= 1).all() and (sel[0]["weights"] > 1).any()
-        assert summary["compute_ratio"] == pytest.approx(summary["flops_total"] / summary["full_flops"])
-        if strategy != "unixkd":  # UNIXKD's ranking costs more than it saves with a student-sized teacher
-            assert 0 < summary["compute_ratio"] < 1.0
+    workers, extra = runs[strategy]
+    cfg = load_config(base=base, overrides=[f"selection.strategy={strategy}", f"run.name={strategy}",
+                                            f"scaling.num_workers={workers}", *extra])
+    summary = fit(cfg, kind="distill", hooks=["record_ids", "record_selection"])
+    run_dir, n, world = Path(summary["run_dir"]), summary["num_train"], max(workers, 1)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["strategy"] == strategy and [r["strategy"] for r in rows] == [strategy] * cfg.optim.epochs
+    for e, row in enumerate(rows):
+        parts = [np.load(run_dir / "ids" / f"e{e:04d}_r{r}.npy") for r in range(world)]
+        seen = np.concatenate(parts)
+        assert len(seen) - len(np.unique(seen)) <= world - 1, (strategy, e)  # padding to equal shards
+        assert row["samples_seen"] == len(seen)
+        sel = [np.load(run_dir / "selection" / f"e{e:04d}_r{r}.npz") for r in range(world)]
+        for key in sel[0].files:  # identical selection state on both ranks
+            assert all(np.array_equal(sel[0][key], other[key]) for other in sel[1:]), (strategy, e, key)
+        kept = sel[0]["kept"]
+        assert kept[seen].all(), (strategy, e)  # nothing outside the selection was trained on
+        if strategy != "unixkd":
+            assert kept.sum() == len(np.unique(seen)), (strategy, e)  # the whole kept set, none dropped
+        else:
+            # candidates cover the set; 48 of each 64 train
+            assert row["student_forward_only_samples"] >= n - 1 and len(seen) < 0.8 * n
+    if strategy == "random":
+        assert rows[0]["samples_seen"] >= int(0.4 * n) - 1 and rows[0]["compute_ratio"] < 0.45
+    if strategy == "infobatch":
+        assert rows[0]["samples_seen"] >= n - 1 and rows[1]["samples_seen"] < 0.95 * n  # epoch 1 prunes
+        assert (sel[0]["weights"][kept] >= 1).all() and (sel[0]["weights"] > 1).any()
+    assert summary["compute_ratio"] == pytest.approx(summary["flops_total"] / summary["full_flops"])
+    if strategy != "unixkd":  # UNIXKD's ranking costs more than it saves with a student-sized teacher
+        assert 0 < summary["compute_ratio"] < 1.0

@@ -210,8 +210,8 @@ def test_mask_keeps_each_kept_id_once_and_augmentation_ignores_the_mask_version(
 def test_equal_streaming_split_serves_the_permuted_kept_set(data, store, backend):
     """(e) two consumers of streaming_split(2, equal=True), as Ray Train's DataConfig splits "train": equal
     shares that together are the whole kept set, padded by ``-len(kept) % 2`` repeated row(s) when the store
-    says the epoch is split two ways (nothing dropped; the sorted back end drops instead); the same shares, in the same order, when the epoch is
-    served again."""
+    says the epoch is split two ways (nothing dropped; the sorted back end drops instead); the same shares, in the
+    same order, when the epoch is served again."""
     from kcd_ray.ray_layer.mask_store import publish_mask, set_epoch
     from kcd_ray.ray_layer.pipeline import train_dataset
 
@@ -225,7 +225,7 @@ def test_equal_streaming_split_serves_the_permuted_kept_set(data, store, backend
         shards = ds.streaming_split(2, equal=True)
         got, errors = {}, []
 
-        def consume(i):
+        def consume(i, got=got, shards=shards, errors=errors):  # this epoch's, should a join time out
             try:
                 got[i] = np.concatenate([b["sample_id"] for b in shards[i].iter_batches(batch_size=BATCH)])
             except Exception as e:  # pragma: no cover - reported below

@@ -4,8 +4,8 @@ The cluster is a head and a worker node (`ray start --head` + `ray start --addre
 2 CPUs each). experiments/submit.py runs as a subprocess attached through RAY_ADDRESS, exactly as
 `ray submit` runs it on a head node: (a) a distillation whose 2 Train workers must land on different
 nodes (STRICT_SPREAD, fractional CPUs), (b) a 2-trial sweep, (c) on a cluster of its own (3 CPUs per node),
-an elastic run that loses the worker node mid-run and gets it back (marked slow). The cluster is always stopped by killing
-only the processes it started (never `ray stop`, which would stop every Ray on the machine).
+an elastic run that loses the worker node mid-run and gets it back (marked slow). The cluster is always stopped by
+killing only the processes it started (never `ray stop`, which would stop every Ray on the machine).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class LoopbackCluster:
         env.update(RAY_USAGE_STATS_ENABLED="0", RAY_DEDUP_LOGS="1", RAY_AUTH_MODE="token",
                    RAY_AUTH_TOKEN_PATH=str(self.token_path),
                    # A lost node is declared dead after ~3 s instead of ~15 s (Ray's GCS health check), and a
-                   # worker group that waits for a node not yet declared dead gives up after 30 s, not 60 (a new node's first workers take 10-20 s to start on 2 cores).
+                   # worker group that waits for a node not yet declared dead gives up after 30 s, not 60 (a new
+                   # node's first workers take 10-20 s to start on 2 cores).
                    RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
                    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30")
         return env
@@ -219,7 +220,8 @@ def work_folder(cluster) -> Path:
     save_model(w / "teacher.pt", build_model("resnet8", 10))  # untrained: placement and plumbing are under test
     recipe = {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": "./data"},
               "optim": {"epochs": 1, "batch_size": 128, "eval_batch_size": 512},
-              "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.25, "placement_strategy": "STRICT_SPREAD"},
+              "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "data_cpus": 0.25,
+                          "placement_strategy": "STRICT_SPREAD"},
               "run": {"storage_path": "./runs", "name": "spread", "verbose": 1},
               "distill": {"teacher": "./teacher.pt"},  # relative: resolved in the work folder, not in a worker's
               "kcd": {"interval": 1, "stages": 1}}
@@ -259,7 +261,8 @@ def test_distill_places_two_workers_on_two_nodes(cluster, work):
     assert set(nodes) == set(cluster.node_ids)
 
 
-@pytest.mark.slow  # ~30 s; a sweep through `ray submit` also runs in the S3 drill (slow too), Tune sweeps in test_tune.py
+# ~30 s; a sweep through `ray submit` also runs in the S3 drill (slow too), Tune sweeps in test_tune.py
+@pytest.mark.slow
 def test_sweep_of_two_trials(cluster, work):
     sweep = {"name": "two", "base": "recipe.yaml", "storage_path": "./runs/sweeps",
              # in-process trials: each one runs in its Tune trial actor, on either node
@@ -306,11 +309,12 @@ def _controller_decisions(cluster) -> str:
 
 @pytest.mark.slow
 def test_elastic_run_survives_losing_a_node():
-    """Its own cluster (it replaces the worker node; ~2.5 min, hence `slow`: run with `pytest -m slow`). An elastic KCD run (2 workers, at least 1; one 2-CPU
-    worker per 3-CPU node, the rest for Ray Data) loses the worker node during epoch 2 (SIGKILL of every process
-    of that node), continues on the head from the last checkpoint with 1 worker, scales back to 2 when the node returns, and
-    finishes: each epoch once in metrics.jsonl, and the final kept set (seeded ``random`` values) equal to an
-    uninterrupted run's with 1 worker (no kept row is dropped by the equal split, whatever the worker count)."""
+    """Its own cluster (it replaces the worker node; ~2.5 min, hence `slow`: run with `pytest -m slow`). An elastic
+    KCD run (2 workers, at least 1; one 2-CPU worker per 3-CPU node, the rest for Ray Data) loses the worker node
+    during epoch 2 (SIGKILL of every process of that node), continues on the head from the last checkpoint with 1
+    worker, scales back to 2 when the node returns, and finishes: each epoch once in metrics.jsonl, and the final
+    kept set (seeded ``random`` values) equal to an uninterrupted run's with 1 worker (no kept row is dropped by the
+    equal split, whatever the worker count)."""
     with running_cluster(cpus_per_node=3) as cluster:
         _elastic_drill(cluster, work_folder(cluster))
 
@@ -353,7 +357,8 @@ def _elastic_drill(cluster, work: Path) -> None:
     worlds = [r["world_size"] for r in rows]
     # Two workers, then one after the loss (the epoch that was running, and one whose checkpoint Ray Train had not
     # yet registered, run again), then two again once the node is back.
-    assert worlds[0] == 2 and 1 in worlds and 2 in worlds[worlds.index(1):], f"{worlds}\n{_controller_decisions(cluster)}"
+    assert worlds[0] == 2 and 1 in worlds and 2 in worlds[worlds.index(1):], (
+        f"{worlds}\n{_controller_decisions(cluster)}")
     assert _kept(work / "runs" / "elastic") == _kept(work / "runs" / "steady")
     steady = _lines(work / "runs" / "steady" / "metrics.jsonl")
     assert [r["lr"] for r in rows] == [r["lr"] for r in steady]  # the schedule did not jump with the world size
@@ -398,7 +403,8 @@ def _worker_death_in_s3(cluster, work: Path, s3: str) -> None:
     args = [f"data.root={s3}/data", f"run.storage_path={s3}/runs", "run.name=s3death", "optim.epochs=2",
             "kcd.rho=0.6", "run.max_failures=1"]
     code = ("from kcd_ray.config import load_config; from kcd_ray.ray_layer.trainer import fit; "
-            f"fit(load_config('recipe.yaml', {args!r}), kind='distill', hooks=[('fail', {{'epoch': 0, 'mode': 'exit'}})])")
+            f"fit(load_config('recipe.yaml', {args!r}), kind='distill', "
+            "hooks=[('fail', {'epoch': 0, 'mode': 'exit'})])")
     env = {**cluster._env(), "RAY_ADDRESS": cluster.address}
     out = subprocess.run([sys.executable, "-c", code], cwd=str(work), env=env, capture_output=True, text=True,
                          timeout=300)

@@ -98,7 +98,8 @@ def base(tmp_path_factory):
             "data": {"name": "digits", "image_size": 8, "root": str(root.parent / "kcd_data")},
             "optim": {"epochs": 3, "batch_size": 64, "lr": 0.05, "scheduler": "cosine", "threads": 1},
             "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
-            "distill": {"teacher": str(teacher)}, "selection": {"strategy": "high_loss", "high_loss": {"fraction": 0.4}},
+            "distill": {"teacher": str(teacher)},
+            "selection": {"strategy": "high_loss", "high_loss": {"fraction": 0.4}},
             "run": {"storage_path": str(root / "runs"), "verbose": 0}}
 
 

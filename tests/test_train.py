@@ -104,7 +104,8 @@ def test_rho_one_trains_as_many_samples_as_kd(teacher, tmp_path):
     _, tdir = teacher
     common = {"optim.epochs": 3, "distill.teacher": str(tdir / "final_model.pt"), "kcd.interval": 1, "kcd.rho": 1.0}
     kcd = fit(_cfg(tmp_path, **common, **{"run.name": "rho1"}), kind="distill")
-    kd = fit(_cfg(tmp_path, **common, **{"run.name": "kd", "kcd.enabled": False, "optim.eval_every": 3}), kind="distill")
+    kd = fit(_cfg(tmp_path, **common, **{"run.name": "kd", "kcd.enabled": False, "optim.eval_every": 3}),
+             kind="distill")
     assert kcd["sample_passes"] == kd["sample_passes"] == 3 * kd["num_train"]
     rows = [json.loads(x) for x in (Path(kd["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["evaluated"] for r in rows] == [True, False, True]  # first, every 3rd and the last epoch
@@ -211,4 +212,5 @@ def test_offline_estep_scores_every_sample_on_an_actor_pool(teacher, tmp_path):
         assert t.column("sample_id").to_pylist() == list(range(n))  # every sample, dropped ones included
         assert all(v >= 0 for v in t.column("value").to_pylist())  # KL values
     mask = pq.read_table(run_dir / "masks" / "mask_v002.parquet").to_pydict()
-    assert sum(mask["kept"]) == n - 2 * int(n * 0.5 / 2)  # docs/methods/kcd.md §4: K -= floor(N (1 - rho) / stages) per stage
+    # docs/methods/kcd.md §4: K -= floor(N (1 - rho) / stages) per stage
+    assert sum(mask["kept"]) == n - 2 * int(n * 0.5 / 2)

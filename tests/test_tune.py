@@ -144,7 +144,8 @@ def test_base_recipe_relative_to_sweep_file_and_overrides(tmp_path):
     f = _write(tmp_path / "sweeps" / "rho.yaml", {
         "base": "../recipes/r.yaml", "overrides": {"optim.lr": 0.02, "kcd.interval": 1},
         "space": {"kcd.rho": [0.6, 0.8], "optim.lr": {"loguniform": [0.01, 0.1]}}})
-    sw = load_sweep(f, overrides=["num_samples=3", "optim.epochs=5", "search=random"], storage_path=str(tmp_path / "out"))
+    sw = load_sweep(f, overrides=["num_samples=3", "optim.epochs=5", "search=random"],
+                    storage_path=str(tmp_path / "out"))
     assert sw.name == "rho" and sw.num_samples == 3 and sw.search == "random"
     assert sw.base["model"] == "resnet8" and sw.base["optim"]["lr"] == 0.02 and sw.base["optim"]["epochs"] == 5
     assert sw.base["kcd"]["interval"] == 1
@@ -205,14 +206,16 @@ def _fake_run(folder: Path, rho: float | None, top1s: list[float], kept: list[fl
     rows, passes = [], 0
     for e, (t, k) in enumerate(zip(top1s, kept)):
         passes += int(100 * k)
-        rows.append({"epoch": e, "top1": t, "top5": t + 10, "kept_fraction": k, "T": 4.0, "stage": e, "train_loss": 2.0 / (e + 1),
-                     "loss_kd": 1.0 / (e + 1), "lr": 0.05, "compute_ratio": passes / (100 * (e + 1)), "sample_passes": passes,
+        rows.append({"epoch": e, "top1": t, "top5": t + 10, "kept_fraction": k, "T": 4.0, "stage": e,
+                     "train_loss": 2.0 / (e + 1), "loss_kd": 1.0 / (e + 1), "lr": 0.05,
+                     "compute_ratio": passes / (100 * (e + 1)), "sample_passes": passes,
                      "wall_seconds": 1.5 * (e + 1), "kcd_enabled": enabled})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if done:
         (folder / "summary.json").write_text(json.dumps({
             "final_top1": top1s[-1], "best_top1": max(top1s), "best_epoch": top1s.index(max(top1s)),
-            "sample_passes": passes, "full_sample_passes": 100 * len(top1s), "compute_ratio": passes / (100 * len(top1s)),
+            "sample_passes": passes, "full_sample_passes": 100 * len(top1s),
+            "compute_ratio": passes / (100 * len(top1s)),
             "wall_seconds": 1.5 * len(top1s), "epochs": len(top1s), "kind": "distill", "kcd_enabled": enabled,
             "config": cfg}))
 
@@ -285,7 +288,8 @@ def test_two_trial_sweep_and_report(tmp_path, ray_session):
     epochs = 2
     sweep = {
         "name": "tiny", "storage_path": str(tmp_path / "sweeps"), "include_kd_baseline": True,
-        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data"), "val_fraction": 0.2},
+        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data"),
+                                              "val_fraction": 0.2},
                  "optim": {"epochs": epochs, "batch_size": 128, "eval_batch_size": 512},
                  "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
                  "run": {"verbose": 0},
@@ -299,7 +303,8 @@ def test_two_trial_sweep_and_report(tmp_path, ray_session):
     assert len(res["rows"]) == 2 and set(rows) == {"kd", "kcd"}, res["text"]
     assert all(r["status"] == "done" for r in res["rows"])
     n = json.loads(next((folder / "runs").glob("*/summary.json")).read_text())["num_train"]
-    # KCD (docs/methods/kcd.md §4, one stage): epoch 0 on all N samples, epoch 1 on max(N - floor(N/2), floor(N/2)); KD: N each epoch.
+    # KCD (docs/methods/kcd.md §4, one stage): epoch 0 on all N samples, epoch 1 on max(N - floor(N/2), floor(N/2));
+    # KD: N each epoch.
     kept = max(n - math.floor(n * 0.5), math.floor(0.5 * n))
     assert math.isclose(rows["kcd"]["compute_ratio"], (n + kept) / (epochs * n), rel_tol=1e-6)
     assert rows["kd"]["compute_ratio"] == 1.0
@@ -324,7 +329,8 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session, capsys):
     epochs = 2
     sweep = {
         "name": "inproc", "storage_path": str(tmp_path / "sweeps"),
-        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data"), "val_fraction": 0.2},
+        "base": {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data"),
+                                              "val_fraction": 0.2},
                  "optim": {"epochs": epochs, "batch_size": 128, "eval_batch_size": 512},
                  "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
                  "run": {"verbose": 0}, "distill": {"teacher": str(teacher)}, "kcd": {"interval": 1, "stages": 1}},
@@ -350,7 +356,8 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session, capsys):
         assert [r["epoch"] for r in results] == [*range(epochs), epochs - 1], trial
         assert "final_top1" in results[-1] and all("top1" in r and "best_top1" in r for r in results)
     # The metric names load_sweep accepts are what a run's rows hold (numeric keys; loss terms by prefix).
-    rows = [json.loads(line) for s in summaries for line in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for s in summaries
+            for line in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * epochs
     for row in rows:
         numeric = {k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -225,8 +225,9 @@ def check_manifest(manifest: dict, key: dict, folder) -> None:
     have = manifest["key"]
     for field, want in key.items():
         if have.get(field) != want:
-            raise CacheError(f"{storage.join(str(folder), MANIFEST)}: {field} differs (cache {have.get(field)!r}, this run "
-                             f"{want!r}); it is not used: point distill.cache_dir elsewhere or delete the folder")
+            raise CacheError(f"{storage.join(str(folder), MANIFEST)}: {field} differs "
+                             f"(cache {have.get(field)!r}, this run {want!r}); it is not used: point "
+                             "distill.cache_dir elsewhere or delete the folder")
 
 
 # --------------------------------------------------------------------------- shards

@@ -60,7 +60,8 @@ class ValueAccumulator:
         if ids.size == 0:
             return
         if ids.min() < 0 or ids.max() >= self.num_samples:
-            raise ValueError(f"observe: sample ids must lie in [0, {self.num_samples}), got range [{ids.min()}, {ids.max()}]")
+            raise ValueError(f"observe: sample ids must lie in [0, {self.num_samples}), "
+                             f"got range [{ids.min()}, {ids.max()}]")
         if not np.isfinite(values).all():
             bad = ids[~np.isfinite(values)][:5].tolist()
             raise ValueError(f"observe: non-finite values for sample ids {bad} (diverged student?)")
@@ -142,11 +143,13 @@ class ValueAccumulator:
         if missing:
             raise ValueError(f"accumulator state: missing keys {missing}")
         if int(state["num_samples"]) != self.num_samples:
-            raise ValueError(f"accumulator state: saved for {state['num_samples']} samples, this run has {self.num_samples}")
+            raise ValueError(f"accumulator state: saved for {state['num_samples']} samples, "
+                             f"this run has {self.num_samples}")
         if state["mode"] != self.mode:
             raise ValueError(f"accumulator state: saved with mode {state['mode']!r}, this run uses {self.mode!r}")
         arrays = {}
-        for key, dtype in (("sum", np.float64), ("count", np.int64), ("epoch_sum", np.float64), ("epoch_count", np.int64)):
+        for key, dtype in (("sum", np.float64), ("count", np.int64), ("epoch_sum", np.float64),
+                           ("epoch_count", np.int64)):
             a = np.asarray(state[key])
             if a.shape != (self.num_samples,):
                 raise ValueError(f"accumulator state: {key} has shape {a.shape}, expected ({self.num_samples},)")

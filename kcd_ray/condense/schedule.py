@@ -10,7 +10,8 @@ size no longer shrinks, but the kept set is re-selected (dropped samples can ret
 
 Sizes are computed on the decimal value of ``rho`` (``Fraction(repr(rho))``), so that
 ``N = 10, rho = 0.9`` removes exactly 1 sample rather than ``floor(0.9999999999999998) = 0``.
-The one deviation from the paper (docs/methods/kcd.md §4, §10): the floor is ``max(floor(rho N), 1)``, for tiny ``N * rho < 1``.
+The one deviation from the paper (docs/methods/kcd.md §4, §10): the floor is ``max(floor(rho N), 1)``, for tiny
+``N * rho < 1``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ def _exact(x: float) -> Fraction:
 
 
 class CondensationSchedule:
-    def __init__(self, num_samples: int, rho: float = 0.7, stages: int = 6, interval: int = 40, warmup: int = 0, shape: str = "step"):
+    def __init__(self, num_samples: int, rho: float = 0.7, stages: int = 6, interval: int = 40, warmup: int = 0,
+                 shape: str = "step"):
         if int(num_samples) < 1:
             raise ValueError(f"num_samples: expected >= 1, got {num_samples!r}")
         if not 0 < rho <= 1:

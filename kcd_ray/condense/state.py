@@ -39,7 +39,8 @@ from kcd_ray.condense.vaks import select, summary_plan, tie_break_rng
 STATE_FORMAT = "kcd_ray.kcd_state/1"
 MASK_COLUMNS = {"sample_id": pa.int64(), "score": pa.float64(), "kept": pa.bool_(), "partner_id": pa.int64(),
                 "mix_weight": pa.float64(), "stage": pa.int64()}
-_PARAMS = ("enabled", "mode", "lam", "n_ref", "interval", "warmup", "rho", "stages", "shape", "summary", "lam_min", "seed")
+_PARAMS = ("enabled", "mode", "lam", "n_ref", "interval", "warmup", "rho", "stages", "shape", "summary", "lam_min",
+           "seed")
 
 
 def read_mask(path) -> pa.Table:
@@ -164,7 +165,8 @@ class KCDState:
         self.scores = scores
         self.stage, self.k, self.last_condense_epoch = stage, k_new, epoch
         self.version += 1
-        return CondensationResult(epoch, stage, self.version, k_old, k_new, kept_ids, ranking, scores, tail, lost, weights)
+        return CondensationResult(epoch, stage, self.version, k_old, k_new, kept_ids, ranking, scores, tail, lost,
+                                  weights)
 
     def _within(self, universe, scores: np.ndarray, stage: int) -> tuple[np.ndarray, int, int]:
         """Scores and (k_old, k_new) for a condensation inside ``universe``: the samples outside it (or never

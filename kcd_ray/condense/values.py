@@ -64,14 +64,16 @@ class ValueContext:
             object.__setattr__(self, "sample_ids", ids)
         if not ok:
             shape = tuple(ids.shape)
-            raise ValueError(f"ValueContext.sample_ids: expected a 1-D integer tensor or array, got {ids.dtype} of shape {shape}")
+            raise ValueError(f"ValueContext.sample_ids: expected a 1-D integer tensor or array, "
+                             f"got {ids.dtype} of shape {shape}")
         for name in ("epoch", "seed"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise ValueError(f"ValueContext.{name}: expected an integer, got {v!r}")
             object.__setattr__(self, name, int(v))
         T = self.T
-        if isinstance(T, bool) or not isinstance(T, (int, float, np.floating, np.integer)) or not math.isfinite(T) or T <= 0:
+        if (isinstance(T, bool) or not isinstance(T, (int, float, np.floating, np.integer)) or not math.isfinite(T)
+                or T <= 0):
             raise ValueError(f"ValueContext.T: expected a finite temperature > 0, got {T!r}")
         object.__setattr__(self, "T", float(T))
 
@@ -138,7 +140,8 @@ def _pair(s, t, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
     s = _logits(s, "student_logits", fn)
     t = _logits(t, "teacher_logits", fn).to(s.device)
     if s.shape != t.shape:
-        raise ValueError(f"value function {fn!r}: student logits {tuple(s.shape)} and teacher logits {tuple(t.shape)} differ")
+        raise ValueError(f"value function {fn!r}: student logits {tuple(s.shape)} and teacher logits "
+                         f"{tuple(t.shape)} differ")
     return s, t
 
 
@@ -146,7 +149,8 @@ def _ctx(ctx, batch: int, fn: str) -> ValueContext:
     """Every function takes a context (also those that ignore it): a caller still passing the old
     ``generator`` argument, or ids that do not line up with the logits, fails here."""
     if not isinstance(ctx, ValueContext):
-        raise TypeError(f"value function {fn!r}: ctx must be a ValueContext (see make_context), got {type(ctx).__name__}")
+        raise TypeError(f"value function {fn!r}: ctx must be a ValueContext (see make_context), "
+                        f"got {type(ctx).__name__}")
     if len(ctx) != batch:
         raise ValueError(f"value function {fn!r}: {len(ctx)} sample ids for a batch of {batch}")
     return ctx
@@ -187,7 +191,8 @@ def uniform_hash(ids, epoch: int, seed: int) -> np.ndarray:
 @_register("entropy", teacher=False, labels=False)
 @torch.no_grad()
 def entropy(student_logits, teacher_logits, labels, ctx: ValueContext) -> torch.Tensor:
-    """The default: H(softmax(z_s)) at T=1 (docs/methods/kcd.md §2; ``ctx.T`` is not used). An unsure student gains most from the teacher."""
+    """The default: H(softmax(z_s)) at T=1 (docs/methods/kcd.md §2; ``ctx.T`` is not used). An unsure student gains
+    most from the teacher."""
     s = _logits(student_logits, "student_logits", "entropy")
     _ctx(ctx, s.shape[0], "entropy")
     logp = F.log_softmax(s, dim=1)

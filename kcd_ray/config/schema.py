@@ -19,7 +19,8 @@ class SyntheticConfig:
     num_test: int = _f(500, ge=1, help="test samples")
     num_classes: int = _f(10, ge=2)
     image_size: int = _f(32, ge=4)
-    duplicate_fraction: float = _f(0.0, ge=0.0, lt=1.0, help="share of train samples that are near-copies of a few easy prototypes")
+    duplicate_fraction: float = _f(0.0, ge=0.0, lt=1.0,
+                                   help="share of train samples that are near-copies of a few easy prototypes")
     noise: float = _f(0.35, ge=0.0, help="pixel noise of the hard samples, in units of the class-pattern contrast")
     seed: int = 0
 
@@ -50,10 +51,15 @@ class DataConfig:
                                                        "every strategy see only the rest); sweeps and run.select "
                                                        "choose on it; 0 = none")
     val_seed: int = _f(0, ge=0, help="seed of data.val_fraction's draw (recorded in meta.json)")
-    augment: str = _f("auto", choices=("auto", "cifar", "imagenet", "none"), help="auto picks cifar for <=64px, imagenet above")
+    augment: str = _f("auto", choices=("auto", "cifar", "imagenet", "none"),
+                      help="auto picks cifar for <=64px, imagenet above")
     download: bool = _f(False, help="CIFAR: let torchvision fetch the archive when the folder is missing")
-    shuffle: str = _f("auto", choices=("auto", "full", "block_local", "block_local_files"), help="per-epoch row order: full (= auto) a uniform permutation of the kept set seeded by (seed, epoch); block_local: rows mixed only inside 1024-row blocks, file and block order reshuffled (block order up to 2 GiB); block_local_files: the same without block order")
-    shuffle_buffer: int = _f(0, ge=0, help="rows of an extra consumer-side shuffle buffer per worker (costs trainer CPU)")
+    shuffle: str = _f("auto", choices=("auto", "full", "block_local", "block_local_files"),
+                      help="per-epoch row order: full (= auto) a uniform permutation of the kept set seeded by (seed, "
+                           "epoch); block_local: rows mixed only inside 1024-row blocks, file and block order "
+                           "reshuffled (block order up to 2 GiB); block_local_files: the same without block order")
+    shuffle_buffer: int = _f(0, ge=0,
+                             help="rows of an extra consumer-side shuffle buffer per worker (costs trainer CPU)")
     augment_on: str = _f("auto", choices=("auto", "worker", "split", "pipeline"),
                          help="where training augmentation runs: worker (uint8 rows cross Ray Data, crop/flip and "
                               "normalisation on the worker's device), split (the pixel-exact crop/flip in Ray Data's "
@@ -92,7 +98,8 @@ class ScalingConfig:
     data_cpus: float = _f(0.25, gt=0.0, help="CPUs reserved per Ray Data task (decode/augment)")
     min_workers: int = _f(0, ge=0, help="elastic: below num_workers, the run may go on (and start) with as few as "
                                        "this many workers, growing back to num_workers (Ray Train's elastic "
-                                       "ScalingConfig); the global batch optim.batch_size x num_workers stays; 0 = fixed")
+                                       "ScalingConfig); the global batch optim.batch_size x num_workers stays; "
+                                       "0 = fixed")
     resize_interval_s: float = _f(60.0, gt=0.0, help="elastic: how often Ray Train considers resizing a healthy run")
 
 
@@ -106,8 +113,9 @@ class RunConfig:
     num_cpus: int = _f(0, ge=0, help="local Ray only: CPUs to give it (0 = all)")
     verbose: int = _f(1, ge=0, le=2)
     resume: str = _f("auto", choices=("auto", "force", "never"),
-                     help="re-running a run name: auto resumes if the config matches (run.*, scaling.*, optim.epochs may "
-                          "change), force resumes with any change, never starts afresh (the old folder is moved aside)")
+                     help="re-running a run name: auto resumes if the config matches (run.*, scaling.*, "
+                          "optim.epochs may change), force resumes with any change, never starts afresh (the old "
+                          "folder is moved aside)")
     select: str = _f("auto", choices=("auto", "val_top1", "val_top5", "val_loss", "top1", "top5", "test_loss"),
                      help="the per-epoch metric that picks the best epoch (best_model.pt, summary.json's "
                           "selected_*): auto = val_top1 with a validation split (data.val_fraction), else top1 "
@@ -172,20 +180,23 @@ class DistillConfig:
     options: dict = _f(factory=dict, help="method-specific options (e.g. feat_dim, nce_k)")
     init_epochs: int = _f(30, ge=0, help="initialisation stage for AB, FT and FSP")
     teachers: list[str] = _f(factory=list, help="mtkd: full-label teacher checkpoints (equal-weight mean of their KD "
-                                                "losses); teacher_model names their architecture for RepDistiller files")
+                                                "losses); teacher_model names their architecture for RepDistiller "
+                                                "files")
     cache: str = _f("off", choices=("off", "exact", "views"), help="teacher-output cache: exact (the teacher's output "
                                                                    "on every epoch's augmented view), views (K seeded "
                                                                    "views per sample, FKD-style) or off (teacher in "
                                                                    "the loop)")
     cache_views: int = _f(8, ge=1, help="views mode: K views per sample (K x N teacher forwards in all)")
     cache_topk: int = _f(0, ge=0, help="0: every logit in fp16; k > 0: the k largest logits and the rest's mass (FKD)")
-    cache_dir: str = _f("", help="the cache folder, a path or an object-store URI; empty = <data set>/teacher_cache/<key> "
-                                 "(in the data set's store when data.root is one; shared by runs and trials)")
+    cache_dir: str = _f("", help="the cache folder, a path or an object-store URI; empty = "
+                                 "<data set>/teacher_cache/<key> (in the data set's store when data.root is one; "
+                                 "shared by runs and trials)")
 
 
 @dataclass
 class CurriculumConfig:
-    """Class groups and education distillation (docs/methods/ed.md): grades of classes, a growing student, one teacher per group."""
+    """Class groups and education distillation (docs/methods/ed.md): grades of classes, a growing student, one
+    teacher per group."""
 
     name: str = _f("none", choices="curricula", help="ed: education distillation (distill.method=ed); none: a fixed "
                                                          "student (only_groups still restricts the classes)")
@@ -200,11 +211,12 @@ class CurriculumConfig:
     labels: str = _f("global", choices=("global", "local"), help="with only_groups: local labels (position within "
                                                                  "the chosen groups, y - o_g for one group) and that "
                                                                  "many outputs, or the global labels")
-    grade_epochs: list[int] = _f(factory=lambda: [149, 30, 61], help="epochs of each grade; they sum to optim.epochs "
-                                                                     "(docs/methods/ed.md §7: grades change at the first milestones)")
-    lr_mode: str = _f("global", choices=("global", "per_grade"), help="global: optim's schedule runs through the "
-                                                                      "grades; per_grade (flagged): restart at optim.lr "
-                                                                      "each grade, x lr_decay at 62.5/75/87.5% of it")
+    grade_epochs: list[int] = _f(factory=lambda: [149, 30, 61],
+                                 help="epochs of each grade; they sum to optim.epochs "
+                                      "(docs/methods/ed.md §7: grades change at the first milestones)")
+    lr_mode: str = _f("global", choices=("global", "per_grade"),
+                      help="global: optim's schedule runs through the grades; per_grade (flagged): restart at "
+                           "optim.lr each grade, x lr_decay at 62.5/75/87.5% of it")
     alpha: float = _f(0.3, ge=0.0, le=1.0, help="ed loss: alpha * CE over the K_g logits + (1 - alpha) * T^2 * KL to "
                                                 "the sample's group teacher (T: distill.temperature)")
     mix_groups: bool = _f(False, help="true: batches mix the active groups, each sample routed to its group's "
@@ -215,7 +227,8 @@ class CurriculumConfig:
                                                                                "(deviation): distill.teacher's logit "
                                                                                "slice of each group")
     teachers: list[str] = _f(factory=list, help="per_group: the G group teachers' checkpoints; missing ones are "
-                                                "trained first (empty = <run.storage_path>/<derived name>/final_model.pt)")
+                                                "trained first (empty = "
+                                                "<run.storage_path>/<derived name>/final_model.pt)")
     teacher_model: str = _f("", choices="models", help="architecture of the group teachers (trained when missing; "
                                                       "RepDistiller files)")
     teacher_epochs: int = _f(0, ge=0, help="epochs of a group teacher's training; 0 = optim.epochs")
@@ -229,7 +242,8 @@ class CurriculumConfig:
 class KCDConfig:
     enabled: bool = True
     value_fn: str = _f("entropy", choices="value_fns")
-    value_T: Optional[float] = _f(None, gt=0.0, help="temperature of the kd value function; None = the distillation temperature of that epoch")
+    value_T: Optional[float] = _f(None, gt=0.0, help="temperature of the kd value function; None = the distillation "
+                                                     "temperature of that epoch")
     mode: str = _f("multiple", choices=("multiple", "single"), help="global history or last epoch only")
     estep: str = _f("online", choices=("online", "offline"))
     lam: float = _f(0.03, ge=0.0, help="frequency-calibration exponent")
@@ -238,7 +252,8 @@ class KCDConfig:
     warmup: int = _f(0, ge=0, help="no condensation before this epoch")
     rho: float = _f(0.7, gt=0.0, le=1.0, help="final kept ratio")
     stages: int = _f(6, ge=1)
-    shape: str = _f("step", choices=("step", "linear", "cosine"), help="step is the paper's fixed decrement (docs/methods/kcd.md §4)")
+    shape: str = _f("step", choices=("step", "linear", "cosine"),
+                    help="step is the paper's fixed decrement (docs/methods/kcd.md §4)")
     summary: bool = _f(True, help="VAKS summary blends; false = pure selection")
     lam_min: float = _f(0.7, ge=0.0, le=1.0)
     offline_batch_size: int = _f(256, ge=1)

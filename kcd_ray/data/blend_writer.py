@@ -72,7 +72,8 @@ def write_blend_overlay(data_dir, overlay_dir, version: int, tail_ids, lost_ids,
     all_ids = np.union1d(prev_ids, tail).astype(np.int64)
     np.save(vdir / "ids.npy", all_ids)
     manifest = {"format": OVERLAY_FORMAT, "format_version": 1, "version": int(version), "root": str(root),
-                "bucket_size": bs, "image_shape": list(shape), "buckets": dict(sorted(buckets.items(), key=lambda kv: int(kv[0]))),
+                "bucket_size": bs, "image_shape": list(shape),
+                "buckets": dict(sorted(buckets.items(), key=lambda kv: int(kv[0]))),
                 "ids_file": f"{vdir_name}/ids.npy", "num_ids": int(all_ids.size)}
     tmp = vdir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -162,7 +163,8 @@ def _gather_current(data_dir, meta, shape, prev, prev_ids, owner: dict, spill_di
                          f"the training split (ids must be sample ids of the prepared train split)")
 
 
-def _blend_group(spill_file: Path, shape, tail, lost, w, prev, bs: int, vdir: Path, vdir_name: str, buckets: dict) -> None:
+def _blend_group(spill_file: Path, shape, tail, lost, w, prev, bs: int, vdir: Path, vdir_name: str,
+                 buckets: dict) -> None:
     ids, imgs = _read_bucket_file(spill_file, shape)
     order = np.argsort(ids)
     ids, imgs = ids[order], imgs[order]

@@ -151,7 +151,8 @@ def device_stage(x: torch.Tensor, aug: Optional[torch.Tensor], meta: dict, kind:
     k = T.n_uniforms(kind)
     if k and (aug is None or tuple(aug.shape) != (x.shape[0], k)):
         got = None if aug is None else tuple(aug.shape)
-        raise ValueError(f"aug: expected the rows' augmentation draws, shape ({x.shape[0]}, {k}) for {kind!r}; got {got}")
+        raise ValueError(f"aug: expected the rows' augmentation draws, shape ({x.shape[0]}, {k}) for {kind!r}; "
+                         f"got {got}")
     if backend == "auto" and x.device.type == "cpu":
         return _on_host(x, aug, meta, kind, channels_last)
     if kind == "imagenet" and x.shape[0]:

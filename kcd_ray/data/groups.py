@@ -1,4 +1,5 @@
-"""Class groups: the classes split into G groups (ED's grades), global and local labels, sample masks (docs/methods/ed.md §3).
+"""Class groups: the classes split into G groups (ED's grades), global and local labels, sample masks
+(docs/methods/ed.md §3).
 
 Pure numpy/torch. A :class:`ClassGroups` fixes a class *order* (identity, or a permutation seeded by
 ``curriculum.seed``) and the group sizes ``n_1..n_G``. Group ``g`` (1-based) holds the classes at *positions*
@@ -27,7 +28,8 @@ from kcd_ray.config import ConfigError
 
 
 def group_sizes(num_classes: int, groups: int, explicit: Sequence[int] = ()) -> list[int]:
-    """``floor(K/G)`` per group with the remainder to the last (docs/methods/ed.md A2), or the explicit sizes (checked)."""
+    """``floor(K/G)`` per group with the remainder to the last (docs/methods/ed.md A2), or the explicit sizes
+    (checked)."""
     k, g = int(num_classes), int(groups)
     if explicit:
         sizes = [int(s) for s in explicit]
@@ -168,8 +170,8 @@ def class_mask(labels: np.ndarray, classes: Iterable[int]) -> np.ndarray:
 
 def sequential_order(ids: np.ndarray, labels: np.ndarray, groups: ClassGroups, grade: int,
                      rng: np.random.Generator) -> list[np.ndarray]:
-    """ED's batch order (docs/methods/ed.md §3, the code's behaviour): one separately shuffled pass over D_1, then D_2, ...
-    D_grade. ``ids``/``labels``: the samples on offer (already restricted, e.g. KCD's kept set). Returns the
+    """ED's batch order (docs/methods/ed.md §3, the code's behaviour): one separately shuffled pass over D_1, then
+    D_2, ... D_grade. ``ids``/``labels``: the samples on offer (already restricted, e.g. KCD's kept set). Returns the
     id arrays of the passes; batches never straddle two passes. For in-process feeds (the benchmarks); the Ray
     Data pipeline serves the same kind of order itself (``pipeline.train_dataset(passes=...)``)."""
     g_of = groups.group_of_label[np.asarray(labels)]

@@ -145,7 +145,8 @@ class SplitWriter:
             raise ValueError(f"extra columns {sorted(extra)} differ from the declared {sorted(self.extra)}")
         ids = np.arange(self.num_rows, self.num_rows + len(labels), dtype=np.int64) + self.first_id
         self._hash.update(ids, labels, img)
-        cols = [pa.array(ids), pa.array(labels), img] + [pa.array(np.asarray(extra[k]), type=t) for k, t in self.extra.items()]
+        cols = [pa.array(ids), pa.array(labels), img] + [pa.array(np.asarray(extra[k]), type=t)
+                                                         for k, t in self.extra.items()]
         self._pending.append(pa.Table.from_arrays(cols, schema=self.schema))
         self._pending_rows += len(labels)
         self._pending_bytes += img.nbytes

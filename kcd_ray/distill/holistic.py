@@ -143,7 +143,8 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tens
 
 def negatives_seed(seed: int, epoch: int, sample_id: int) -> int:
     """The seed of one anchor's negatives: a hash of (seed, epoch, sample id), stable across processes."""
-    digest = hashlib.blake2b(f"hkd-negatives:{int(seed)}:{int(epoch)}:{int(sample_id)}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"hkd-negatives:{int(seed)}:{int(epoch)}:{int(sample_id)}".encode(),
+                             digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 

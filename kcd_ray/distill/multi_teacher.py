@@ -1,4 +1,5 @@
-"""Distillers with several teachers: ``ed`` (education distillation, docs/methods/ed.md §6) and ``mtkd`` (multi-teacher KD).
+"""Distillers with several teachers: ``ed`` (education distillation, docs/methods/ed.md §6) and ``mtkd``
+(multi-teacher KD).
 
 Both hold their teachers like the base class holds its one teacher: outside ``parameters()``/``state_dict()``
 (never in DDP buckets or checkpoints), frozen, in eval mode, moved by ``.to()``.
@@ -10,9 +11,9 @@ teacher, its group's (docs/methods/ed.md §4):
     L = alpha * CE(z, pos(y)) + (1 - alpha) * T^2 * mean_batch KL(softmax(t_h / T) || softmax(z[o_h:o_h+n_h] / T))
 
 with ``z`` the student's ``K_g`` logits in class-position order and ``h`` the sample's group; CE runs over all
-``K_g`` logits, KD over the group's slice only (docs/methods/ed.md §6; alpha 0.3, T 4 by default). A batch may mix groups
-(``curriculum.mix_groups=true``) or hold one (ED's sequential passes; on several Ray workers a batch at a pass
-boundary holds two): the same
+``K_g`` logits, KD over the group's slice only (docs/methods/ed.md §6; alpha 0.3, T 4 by default). A batch may
+mix groups (``curriculum.mix_groups=true``) or hold one (ED's sequential passes; on several Ray workers a batch
+at a pass boundary holds two): the same
 per-sample loss either way. ``teacher_source=per_group``: G teachers with ``n_h`` outputs in local-label order;
 ``sliced`` (a flagged deviation): one full-label teacher whose logits at group h's classes serve as ``t_h``.
 Routing reads one small host value per step (the batch's group counts).
@@ -164,7 +165,8 @@ class EducationDistiller(_Teachers):
         if groups.num_classes != int(num_classes):
             raise ValueError(f"ed: class groups cover {groups.num_classes} classes, the data set has {num_classes}")
         if not isinstance(student, GrowingStudent):
-            order = None if (groups.order == torch.arange(groups.num_classes).numpy()).all() else torch.as_tensor(groups.order)
+            identity = (groups.order == torch.arange(groups.num_classes).numpy()).all()
+            order = None if identity else torch.as_tensor(groups.order)
             student = GrowingStudent(student, [groups.seen(g) for g in range(1, groups.num_groups + 1)], order,
                                      tr_relu=curriculum.tr_relu, tr1_grid=curriculum.tr1_grid)
         super().__init__(student, None, cfg, num_classes, **kw)

@@ -69,7 +69,8 @@ def step(cfg: TemperatureConfig, epochs: int) -> Schedule:
             f"({len(ms)} milestones {ms}, got {len(vs)} values {vs})"
         )
     if any(b <= a for a, b in zip(ms, ms[1:])) or ms[0] < 0:
-        raise ConfigError(f"distill.temperature.milestones: expected non-negative, strictly increasing epochs, got {ms}")
+        raise ConfigError("distill.temperature.milestones: expected non-negative, strictly increasing epochs, "
+                          f"got {ms}")
     if any(v <= 0 for v in vs):
         raise ConfigError(f"distill.temperature.values: temperatures must be > 0, got {vs}")
 

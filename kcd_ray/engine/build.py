@@ -39,7 +39,8 @@ def build_scheduler(optimizer, optim_cfg):
     """Epoch-indexed torch schedulers: KCD changes steps per epoch, so nothing here counts steps."""
     w = optim_cfg.warmup_epochs
     if optim_cfg.scheduler == "multistep":
-        main = torch.optim.lr_scheduler.MultiStepLR(optimizer, [m - w for m in optim_cfg.milestones if m > w], gamma=optim_cfg.lr_decay)
+        main = torch.optim.lr_scheduler.MultiStepLR(optimizer, [m - w for m in optim_cfg.milestones if m > w],
+                                                    gamma=optim_cfg.lr_decay)
     elif optim_cfg.scheduler == "cosine":
         main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, optim_cfg.epochs - w))
     else:
@@ -116,8 +117,8 @@ def check_model(key: str, taps_key: str, name: str, num_classes: int, kwargs, ta
                           "its constructor arguments (e.g. image_size)") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"shape {tuple(out.shape)}"
-        raise ConfigError(f"{key}: {name}'s train-mode forward gives {what}, expected logits of shape (B, {num_classes}) "
-                          "(torchvision's googlenet/inception_v3: aux_logits=false)")
+        raise ConfigError(f"{key}: {name}'s train-mode forward gives {what}, expected logits of shape "
+                          f"(B, {num_classes}) (torchvision's googlenet/inception_v3: aux_logits=false)")
     if features:
         try:
             with torch.no_grad():

@@ -22,11 +22,12 @@ STATE_FORMAT = "kcd_ray-run-state/2"  # 2: per-hook states under "hooks"
 
 
 def _unwrap(module):
-    return module.module if hasattr(module, "module") and isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+    ddp = hasattr(module, "module") and isinstance(module, torch.nn.parallel.DistributedDataParallel)
+    return module.module if ddp else module
 
 
-def save_run_checkpoint(path: str | os.PathLike, *, distiller, optimizer, scheduler, scaler, run_state: dict, config: dict,
-                        hooks: dict | None = None) -> Path:
+def save_run_checkpoint(path: str | os.PathLike, *, distiller, optimizer, scheduler, scaler, run_state: dict,
+                        config: dict, hooks: dict | None = None) -> Path:
     """Write ``model.pt`` and ``state.pt`` into ``path``; ``hooks`` maps each hook's name to its ``state_dict()``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

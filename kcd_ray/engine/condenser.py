@@ -105,7 +105,8 @@ class Condenser(SelectionStrategy):
         n, self._offline_passes = self._offline_passes, 0
         t, self._offline_teacher = self._offline_teacher, 0
         teacher = getattr(self.value_fn, "needs_teacher", False)
-        return {"student_forward_only": n, "teacher_forward": t if teacher else 0, "teacher_output": n if teacher else 0}
+        return {"student_forward_only": n, "teacher_forward": t if teacher else 0,
+                "teacher_output": n if teacher else 0}
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
@@ -118,8 +119,8 @@ class Condenser(SelectionStrategy):
         run_dir = engine.ctx.run_dir
         if not run_dir.remote:
             return BlendOverlays(run_dir.path / "blends", engine.ctx.data_dir)
-        return BlendOverlays(run_dir.path / "blends", engine.ctx.data_dir, remote=storage.join(run_dir.remote, "blends"),
-                             sync=lambda: run_dir.sync_up("blends"))
+        return BlendOverlays(run_dir.path / "blends", engine.ctx.data_dir,
+                             remote=storage.join(run_dir.remote, "blends"), sync=lambda: run_dir.sync_up("blends"))
 
     def _mask_path(self, engine, version):
         return engine.ctx.run_dir.sub("masks", f"mask_v{version:03d}.parquet")
@@ -173,7 +174,8 @@ class Condenser(SelectionStrategy):
             if engine.ctx.is_chief and (self.record_values or self.state.schedule.is_condense_epoch(epoch + 1)):
                 write_value_table(engine.ctx.run_dir, epoch, ids, vals, source="online")
         self._estep_s += time.perf_counter() - t0
-        row.update(kept_fraction=self.state.k / self.state.num_samples, stage=self.state.stage, estep_seconds=self._estep_s, mstep_seconds=self._mstep_s)
+        row.update(kept_fraction=self.state.k / self.state.num_samples, stage=self.state.stage,
+                   estep_seconds=self._estep_s, mstep_seconds=self._mstep_s)
 
     def after_checkpoint(self, engine, epoch: int, row: dict) -> None:
         """Keep the blend versions the kept checkpoints reference (a checkpoint's version is its row's stage:

@@ -2,9 +2,9 @@
 
 ``RunContext`` is what one rank knows: its run plan (every decision made before training), the run and data
 folders as this process sees them, the mask-store name, rank and world size, and the config it trains with (the
-plan's, or an elastic run's with this world size's per-worker batch). ``Services`` is the engine's only door to the outside (the Ray layer implements it with a
-MaskStore actor, Ray Data scoring and ``ray.train.report``); ``LocalServices`` does the same in plain Python
-for in-process unit tests of the engine and its hooks.
+plan's, or an elastic run's with this world size's per-worker batch). ``Services`` is the engine's only door to the
+outside (the Ray layer implements it with a MaskStore actor, Ray Data scoring and ``ray.train.report``);
+``LocalServices`` does the same in plain Python for in-process unit tests of the engine and its hooks.
 """
 
 from __future__ import annotations

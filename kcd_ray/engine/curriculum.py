@@ -1,7 +1,7 @@
 """Curricula as engine hooks: education distillation's grades (``ed``) and class subsets (``class_subset``).
 
-``ed`` (docs/methods/ed.md §3, §7, §8), with the ``ed`` distiller (:mod:`kcd_ray.distill.multi_teacher`) over a growing student
-(:mod:`kcd_ray.models.growing`):
+``ed`` (docs/methods/ed.md §3, §7, §8), with the ``ed`` distiller (:mod:`kcd_ray.distill.multi_teacher`) over a
+growing student (:mod:`kcd_ray.models.growing`):
 
 - ``before_epoch``: the epoch's grade from ``curriculum.grade_epochs``; at a grade change the new stage and the
   fresh ``TR_{g+1}`` head (built at construction, untouched so far) start running, and the optimiser's state is
@@ -14,9 +14,9 @@
   publishes it; the pipeline serves one shuffled pass over that union with ``mix_groups=true``, else ED's
   sequential passes over D_1..D_g: ``pipeline.train_dataset(passes=sequential_passes(...))``).
 - ``after_epoch``: ``grade``, ``active_classes`` (K_g), ``seen_class_top1`` (test samples of the seen classes,
-  the K_g-way head, eval mode: docs/methods/ed.md §3's monitoring) and ``group_top1_<h>`` per group seen so far, from its own
-  pass over the engine's test batches (``engine.test_batches``); ``complete_model`` (the last grade: the model
-  is the zoo student). ``top1`` stays the engine's: the whole test split, unseen classes counted as errors.
+  the K_g-way head, eval mode: docs/methods/ed.md §3's monitoring) and ``group_top1_<h>`` per group seen so far,
+  from its own pass over the engine's test batches (``engine.test_batches``); ``complete_model`` (the last grade:
+  the model is the zoo student). ``top1`` stays the engine's: the whole test split, unseen classes counted as errors.
 - ``state_dict``: the grade of the last epoch begun, so a resume knows whether it resumes across a change.
 
 ``class_subset`` serves and evaluates only ``curriculum.only_groups``' classes (a group teacher's run; the
@@ -279,7 +279,8 @@ class EDCurriculum(Curriculum):
         if summary is None:
             return
         hist = engine.history
-        ends = [next((r for r in reversed(hist) if r.get("grade") == g), None) for g in range(1, self.groups.num_groups + 1)]
+        ends = [next((r for r in reversed(hist) if r.get("grade") == g), None)
+                for g in range(1, self.groups.num_groups + 1)]
         summary["curriculum"] = {
             "name": "ed", "group_sizes": list(self.groups.sizes), "class_order": self.groups.order.tolist(),
             "grade_epochs": self.schedule.grade_epochs,
@@ -399,7 +400,8 @@ def group_teacher_paths(cfg: Config) -> list[tuple[int, str, Config]]:
     for g in range(1, cur.groups + 1):
         listed = storage.absolute(cur.teachers[g - 1]) if cur.teachers else ""
         tcfg = group_teacher_config(cfg, g) if not (listed and storage.exists(listed)) else None
-        out.append((g, listed or storage.join(storage.absolute(cfg.run.storage_path), tcfg.run.name, "final_model.pt"), tcfg))
+        out.append((g, listed or storage.join(storage.absolute(cfg.run.storage_path), tcfg.run.name, "final_model.pt"),
+                    tcfg))
     return out
 
 

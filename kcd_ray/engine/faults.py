@@ -71,8 +71,9 @@ class RecordIds(Hook):
 
 @HOOKS.register("record_selection")
 class RecordSelection(Hook):
-    """Write, per rank and epoch, the data-selection strategy's state after the epoch (``selection/e<epoch>_r<rank>.npz``:
-    ``kept`` bool[N], and InfoBatch's ``weights`` and ``scores``), so a test can check that every rank holds the same."""
+    """Write, per rank and epoch, the data-selection strategy's state after the epoch
+    (``selection/e<epoch>_r<rank>.npz``: ``kept`` bool[N], and InfoBatch's ``weights`` and ``scores``), so a test can
+    check that every rank holds the same."""
 
     def after_epoch(self, engine, epoch: int, row: dict) -> None:
         from kcd_ray.engine.selection import SelectionStrategy

@@ -43,7 +43,8 @@ class Progress:
         if now - self.last >= self.every_s:
             self.last = now
             rate = self.samples / max(now - self.t0, 1e-9)
-            self.stream.write(f"{self.prefix} step {self.steps} samples {self.samples} loss {float(loss):.4f} {rate:.0f} img/s\n")
+            self.stream.write(f"{self.prefix} step {self.steps} samples {self.samples} loss {float(loss):.4f} "
+                              f"{rate:.0f} img/s\n")
             self.stream.flush()
 
     def elapsed(self) -> float:
@@ -51,7 +52,8 @@ class Progress:
 
 
 def format_epoch(m: dict) -> str:
-    parts = [f"epoch {m['epoch'] + 1}/{m['epochs']}", f"loss {m['train_loss']:.4f}", f"top1 {m['top1']:.2f}", f"top5 {m['top5']:.2f}"]
+    parts = [f"epoch {m['epoch'] + 1}/{m['epochs']}", f"loss {m['train_loss']:.4f}", f"top1 {m['top1']:.2f}",
+             f"top5 {m['top5']:.2f}"]
     if m.get("strategy") not in (None, "none"):
         parts.append(f"{m['strategy']} kept {100 * m['kept_fraction']:.1f}%")
     if m.get("stage") is not None:  # KCD's condensation stage

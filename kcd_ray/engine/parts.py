@@ -61,7 +61,8 @@ class MetricsWriter(Hook):
         # complete_model is False before ED's last grade: the student's native head is not trained yet.
         # best_model.pt: the epoch run.select picks (best on validation with a validation split)
         if row["evaluated"] and row["selected_epoch"] == epoch and row.get("complete_model", True):
-            extra = {"epoch": epoch, "top1": row["top1"], "selected_by": engine.select, engine.select: row[engine.select]}
+            extra = {"epoch": epoch, "top1": row["top1"], "selected_by": engine.select,
+                     engine.select: row[engine.select]}
             save_model(run_dir.path / "best_model.pt", engine.distiller.student, extra=extra)
         if engine.ctx.verbose:
             say("[kcd_ray] " + format_epoch(row))

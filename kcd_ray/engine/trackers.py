@@ -17,9 +17,10 @@
   for a sweep's trials (tagged ``kcd_ray.sweep`` and ``kcd_ray.trial_id``; the MLflow run is named after the
   kcd_ray run, ``<sweep>_<trial id>``), else ``kcd_ray``.
 
-It runs after the metrics writer (``kcd_ray.engine.assemble.run_hooks``), so the checkpoint, ``metrics.jsonl`` and, at the end,
-``final_model.pt`` and ``summary.json`` exist when it logs them. Set-up errors (a missing library, a tracking
-server that does not answer) fail the run at its start; a failed per-epoch write is reported and training goes on.
+It runs after the metrics writer (``kcd_ray.engine.assemble.run_hooks``), so the checkpoint, ``metrics.jsonl`` and,
+at the end, ``final_model.pt`` and ``summary.json`` exist when it logs them. Set-up errors (a missing library, a
+tracking server that does not answer) fail the run at its start; a failed per-epoch write is reported and training
+goes on.
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ class Trackers(Hook):
 
                 self.client = client = MlflowClient(tracking_uri=self.uri)
                 exp = client.get_experiment_by_name(experiment)
-                exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_location)
+                exp_id = (exp.experiment_id if exp
+                          else client.create_experiment(experiment, artifact_location=artifact_location))
                 run = self._continue_run(exp_id, run_dir, resumed)
                 if run is None:
                     tags = {"kcd_ray.run_dir": run_dir, "kcd_ray.kind": engine.ctx.kind}
@@ -262,7 +264,8 @@ class Trackers(Hook):
         except ConfigError:
             raise
         except Exception as e:  # noqa: BLE001 - one line naming the store, at the start of the run
-            raise ConfigError(f"run.tracking_uri: MLflow at {self.uri} failed: {' '.join(str(e).split())[:400]}") from None
+            raise ConfigError(f"run.tracking_uri: MLflow at {self.uri} failed: "
+                              f"{' '.join(str(e).split())[:400]}") from None
         if engine.ctx.verbose:
             say(f"[kcd_ray] mlflow: run {self.run_id} in experiment {experiment!r} at {self.uri}")
 

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 
 from kcd_ray.engine.rundir import RunDir
 
-VALUE_SCHEMA = pa.schema([("sample_id", pa.int64()), ("value", pa.float32()), ("epoch", pa.int32()), ("source", pa.string())])
+VALUE_SCHEMA = pa.schema([("sample_id", pa.int64()), ("value", pa.float32()), ("epoch", pa.int32()),
+                          ("source", pa.string())])
 
 
 def value_table_path(run_dir: RunDir, epoch: int, source: str):

@@ -56,7 +56,8 @@ def _resolve(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / MODEL_FILE).is_file():
-            raise CheckpointError(f"{p}: directory has no {MODEL_FILE}; expected a checkpoint folder holding {MODEL_FILE}")
+            raise CheckpointError(f"{p}: directory has no {MODEL_FILE}; expected a checkpoint folder holding "
+                                  f"{MODEL_FILE}")
         return p / MODEL_FILE
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint file or directory")
@@ -84,7 +85,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"{file}: not a readable torch checkpoint ({reason}); expected a file written by "
             f"torch.save holding a dict with a 'model' state dict (plain tensors and Python values)"
         ) from e
-    if isinstance(obj, Mapping) and "model" not in obj and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if (isinstance(obj, Mapping) and "model" not in obj and obj
+            and all(isinstance(v, torch.Tensor) for v in obj.values())):
         obj = {"model": obj}  # a plain state dict (torch.save(model.state_dict()), torchvision's weights files)
     if not isinstance(obj, Mapping) or "model" not in obj:
         what = f"a dict with keys {_short(sorted(map(str, obj)))}" if isinstance(obj, Mapping) else type(obj).__name__
@@ -142,7 +144,8 @@ def _check_fits(file: Path, name: str, model: nn.Module, state: dict[str, torch.
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
     if missing or unexpected or shapes:
-        first = next((f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" if k in state else f"{k}: not in file"
+        first = next((f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" if k in state
+                      else f"{k}: not in file"
                       for k, v in expected.items() if k not in state or tuple(state[k].shape) != tuple(v.shape)),
                      f"{unexpected[0] if unexpected else ''}: not in model")
         parts = [f"{file}: state dict does not fit model {name!r} (num_classes={model.num_classes}); first mismatch "
@@ -179,10 +182,11 @@ def load_model(
         if name is not None and name != arch:
             raise CheckpointError(f"{file}: holds a {arch!r} model but name={name!r} was requested")
         if num_classes is not None and num_classes != saved_classes:
-            raise CheckpointError(f"{file}: holds num_classes={saved_classes} but num_classes={num_classes} was requested")
-        if kwargs and kwargs_key(kwargs) != kwargs_key(saved_kwargs):
-            raise CheckpointError(f"{file}: holds a model built with {kwargs_key(saved_kwargs)} but {kwargs_key(kwargs)} "
+            raise CheckpointError(f"{file}: holds num_classes={saved_classes} but num_classes={num_classes} "
                                   "was requested")
+        if kwargs and kwargs_key(kwargs) != kwargs_key(saved_kwargs):
+            raise CheckpointError(f"{file}: holds a model built with {kwargs_key(saved_kwargs)} but "
+                                  f"{kwargs_key(kwargs)} was requested")
         name, num_classes, kwargs = arch, saved_classes, dict(saved_kwargs)
     elif name is None:
         raise CheckpointError(

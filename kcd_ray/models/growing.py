@@ -90,7 +90,8 @@ def _vgg() -> ArchSplit:
 
 
 def _mobilenetv2() -> ArchSplit:
-    # docs/methods/ed.md §5.2: cuts at feats[1] (blocks 0-1) and feats[3] (blocks 2-4); blocks 5-6 and conv2 end the body.
+    # docs/methods/ed.md §5.2: cuts at feats[1] (blocks 0-1) and feats[3] (blocks 2-4); blocks 5-6 and conv2 end the
+    # body.
     def blocks(idx):
         def run(m, x, h):
             for i in idx:
@@ -134,8 +135,9 @@ def arch_split(model: nn.Module) -> ArchSplit:
         if isinstance(model, cls):
             return build()
     name = getattr(model, "arch", type(model).__name__)
-    raise ConfigError(f"model: {name!r} has no education-distillation split (docs/methods/ed.md §5.2 covers the CIFAR zoo: "
-                      "resnet8..110, resnet8x4/32x4, ResNet50, wrn_*, vgg*, MobileNetV2, ShuffleV1, ShuffleV2)")
+    raise ConfigError(f"model: {name!r} has no education-distillation split (docs/methods/ed.md §5.2 covers the "
+                      "CIFAR zoo: resnet8..110, resnet8x4/32x4, ResNet50, wrn_*, vgg*, MobileNetV2, ShuffleV1, "
+                      "ShuffleV2)")
 
 
 def grade_plan(num_stages: int, grades: int, arch: str = "") -> list[list[int]]:
@@ -150,8 +152,8 @@ def grade_plan(num_stages: int, grades: int, arch: str = "") -> list[list[int]]:
 
 
 class TRBlock(nn.Module):
-    """The teaching-reference head of grade g < G (docs/methods/ed.md §5.3): Conv1x1 (no bias) -> BN -> ReLU (``relu``) ->
-    average pool to ``grid`` x ``grid`` (1 = global) -> flatten -> Linear to ``K_g`` logits."""
+    """The teaching-reference head of grade g < G (docs/methods/ed.md §5.3): Conv1x1 (no bias) -> BN -> ReLU
+    (``relu``) -> average pool to ``grid`` x ``grid`` (1 = global) -> flatten -> Linear to ``K_g`` logits."""
 
     def __init__(self, in_channels: int, width: int, num_outputs: int, relu: bool = True, grid: int = 1):
         super().__init__()

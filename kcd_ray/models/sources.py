@@ -98,8 +98,8 @@ def _check_kwargs(name: str, kwargs: Mapping[str, Any]) -> None:
     if "num_classes" in kwargs:
         raise ModelSourceError(f"{name}: num_classes is not a constructor argument to set; it comes from the data set")
     if "weights" in kwargs and kwargs["weights"] is not None:
-        raise ModelSourceError(f"{name}: weights={kwargs['weights']!r}: kcd_ray never downloads weights; save them to a "
-                               "file (a torchvision state dict) and pass it as distill.teacher")
+        raise ModelSourceError(f"{name}: weights={kwargs['weights']!r}: kcd_ray never downloads weights; save "
+                               "them to a file (a torchvision state dict) and pass it as distill.teacher")
 
 
 def build_source_model(name: str, num_classes: int, kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:

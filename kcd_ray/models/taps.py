@@ -245,7 +245,8 @@ def _compile(template: nn.Module, nodes: list[str], arch: str) -> tuple[Callable
         gm = create_feature_extractor(template, return_nodes=nodes, tracer_kwargs=_tracer_kwargs(),
                                       suppress_diff_warning=True)
     except ValueError as e:  # an unknown node: torchvision says which
-        raise TapError(f"{arch}: {str(e).split('. Hint')[0]}; `kcd-ray models --nodes {arch}` lists the nodes") from None
+        raise TapError(f"{arch}: {str(e).split('. Hint')[0]}; `kcd-ray models --nodes {arch}` lists the "
+                       "nodes") from None
     consts = [n.target for g in (gm.train_graph, gm.eval_graph) for n in g.nodes
               if n.op == "get_attr" and n.target.startswith("_tensor_constant")]
     if consts:  # made by the tracer on the meta copy: their values are not there to share with the model
@@ -413,7 +414,8 @@ def node_listing(arch: str, num_classes: int = 1000, kwargs=None, taps: Sequence
     plan = tap_plan(*key, False)
     marks: dict[str, list[str]] = {}
     for i, q in enumerate(plan.maps):
-        marks.setdefault(_resolve_query(q, nodes) or q, []).append(f"feats[{i}]" + (f" ({q})" if q not in nodes else ""))
+        marks.setdefault(_resolve_query(q, nodes) or q, []).append(
+            f"feats[{i}]" + (f" ({q})" if q not in nodes else ""))
     marks.setdefault(_resolve_query(plan.pooled, nodes) or plan.pooled, []).append("feats[-1] pooled pre-logit vector")
     marks.setdefault(_resolve_query(plan.logits, nodes) or plan.logits, []).append("logits")
     try:

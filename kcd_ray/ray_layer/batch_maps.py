@@ -33,6 +33,7 @@ def block_local_map(batch: dict, meta: dict, kind: str, seed: Optional[int], ord
         yield out
 
 
-def eval_batch(batch: dict, meta: dict, store: Optional[str] = None, split: str = "train", blended: bool = False) -> dict:
+def eval_batch(batch: dict, meta: dict, store: Optional[str] = None, split: str = "train",
+               blended: bool = False) -> dict:
     """Decode (overlay images first, with ``store``) and normalise one raw Parquet batch, no augmentation."""
     return eval_rows(batch, meta, read_mask(store)[2] if store else None, split, blended)

@@ -227,9 +227,10 @@ def worker_setup() -> None:
 
 
 def job_runtime_env() -> Optional[dict]:
-    """The ``runtime_env`` for ``ray.init`` of a kcd_ray driver (local Ray or attached to a cluster): :func:`worker_setup`
-    as the job's worker setup hook; None where the job was submitted (``ray job submit``) with a hook of its own, which
-    wins (Ray refuses two). Also patches the calling process: the driver runs eval and scoring executions itself."""
+    """The ``runtime_env`` for ``ray.init`` of a kcd_ray driver (local Ray or attached to a cluster):
+    :func:`worker_setup` as the job's worker setup hook; None where the job was submitted (``ray job submit``) with a
+    hook of its own, which wins (Ray refuses two). Also patches the calling process: the driver runs eval and
+    scoring executions itself."""
     quick_data_executions()
     submitted = json.loads(os.environ.get(JOB_CONFIG_ENV, "") or "{}").get("runtime_env") or {}
     if "worker_process_setup_hook" in submitted:
@@ -240,7 +241,8 @@ def job_runtime_env() -> Optional[dict]:
 def start_local_ray(num_cpus=None, **init_kwargs):
     """Start an embedded local Ray as kcd_ray's drivers do (``trainer.init_ray``, the bench scripts): its
     environment (:func:`local_ray_env`), no dashboard, warnings only, kcd_ray's job runtime env. ``address="local"``
-    never attaches to a stray cluster someone else left running (docs/methods/ray.md). Returns ``ray.init``'s context."""
+    never attaches to a stray cluster someone else left running (docs/methods/ray.md). Returns ``ray.init``'s
+    context."""
     local_ray_env()  # before the raylet starts: it and Ray Train read these from this environment
     for attempt in (1, 2):
         try:

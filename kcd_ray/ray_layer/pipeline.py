@@ -6,7 +6,8 @@ Batches, as ``iter_torch_batches`` hands them to Train workers (``augment_on``, 
 finished on the worker's device by ``iter_train_batches(finish=BatchFinisher(...))``
 (``kcd_ray.data.device_augment``); ``"split"`` (CPU runs' default): the same with cifar's crop/flip already
 applied in the map tasks (no ``aug``), the worker only normalises; ``"pipeline"``: ``"image": float32[B, C, H, W]``
-augmented and normalised with meta's mean/std in the map tasks. Extra Parquet columns (``is_duplicate`` ...) are never read.
+augmented and normalised with meta's mean/std in the map tasks. Extra Parquet columns (``is_duplicate`` ...) are
+never read.
 
 Train plan (built once, re-executed by Ray Data every epoch), default ``shuffle="full"``, splits up to
 ``FULL_CACHE_MAX_BYTES`` (2 GiB; at most a quarter of the object store)::

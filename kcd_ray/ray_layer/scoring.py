@@ -96,7 +96,8 @@ class Scorer:
 
 
 def offline_scores(data_dir: str, cfg, student_state: dict, *, epoch: int, mask_store: str | None = None,
-                   decode_in_actor: bool | None = None, teacher_cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   decode_in_actor: bool | None = None,
+                   teacher_cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Distributed scoring of the whole training set on an actor pool: (sample ids, values), sorted by id.
 
     ``decode_in_actor``: None picks it (CPU actors decode their own batches, GPU actors get decoded ones).

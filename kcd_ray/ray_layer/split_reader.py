@@ -54,7 +54,8 @@ def read_split(split_dir: Path, data_cpus: float, shuffle_seed=False):
 
     shuffle = None
     if shuffle_seed is not False:
-        shuffle = FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None else "files"
+        shuffle = (FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True) if shuffle_seed is not None
+                   else "files")
     n_files = len(list(split_dir.glob("part-*.parquet")))
     fs, where = parquet_source(split_dir)  # a working copy of a data set in an object store: read from the store
     with parquet_reader_v1(ray.data.DataContext.get_current()):

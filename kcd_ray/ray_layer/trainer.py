@@ -143,7 +143,8 @@ def on_cluster(plan: RunPlan) -> RunPlan:
     """The plan's ``scaling.use_gpu=auto`` and ``data.augment_on=auto`` decided against the running cluster."""
     gpu = use_gpu(plan.cfg.scaling)
     return plan.replace(resources=dataclasses.replace(plan.resources, use_gpu="true" if gpu else "false"),
-                        inputs=dataclasses.replace(plan.inputs, augment_on=augment_stage(plan.cfg.data.augment_on, gpu)))
+                        inputs=dataclasses.replace(plan.inputs,
+                                                   augment_on=augment_stage(plan.cfg.data.augment_on, gpu)))
 
 
 def with_teacher_cache(plan: RunPlan) -> RunPlan:

@@ -73,7 +73,8 @@ class RayServices:
         if checkpoint is None or self.in_process:
             if checkpoint is not None:
                 replace_checkpoint(local_checkpoint_dir(self.ctx.run_dir), checkpoint)
-            if not self.in_process:  # in-process (maybe inside a Tune trial, where ray.train.report raises): nothing to send
+            # in-process (maybe inside a Tune trial, where ray.train.report raises): nothing to send
+            if not self.in_process:
                 ray.train.report(metrics, checkpoint=None)
             return
         folder = tempfile.mkdtemp(prefix="kcd_ckpt_")
@@ -274,7 +275,8 @@ def _feeds(ctx: RunContext, device: torch.device):
     cfg, plan = ctx.cfg, ctx.plan
     train_shard = ray.train.get_dataset_shard("train")
     test_batches = TestBatches(ray.train.get_dataset_shard("test"), cfg.optim.eval_batch_size)
-    val_batches = TestBatches(ray.train.get_dataset_shard("val"), cfg.optim.eval_batch_size) if plan.data.num_val else None
+    val_batches = (TestBatches(ray.train.get_dataset_shard("val"), cfg.optim.eval_batch_size) if plan.data.num_val
+                   else None)
     finish = _finisher(ctx, device)
     # A curriculum's sequential passes: batches cut at pass boundaries, with one worker only: a cut adds a step on
     # that rank alone, and DDP needs the same number of steps on every rank (with several, a batch at a boundary

@@ -28,7 +28,8 @@ def report(path, out_dir=None, *, compare: bool = False) -> dict:
     from kcd_ray import storage
 
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    uris = [str(p) for p in paths if storage.is_uri(p)] + ([str(out_dir)] if out_dir and storage.is_uri(out_dir) else [])
+    uris = ([str(p) for p in paths if storage.is_uri(p)]
+            + ([str(out_dir)] if out_dir and storage.is_uri(out_dir) else []))
     if not uris:
         return _report(paths, out_dir, compare)
     for uri in uris:

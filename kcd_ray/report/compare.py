@@ -99,7 +99,7 @@ def aggregate_points(runs: list[dict]) -> list[dict]:
     counts distinct seeds. ``setting`` names the config values that tell the point from its strategy's others.
     Plain KD comes first, then the strategies in the order they first appear."""
     points = []
-    for tag, gs in _group(runs).items():
+    for gs in _group(runs).values():
         keys = list(dict.fromkeys(k for g in gs for k in g["values"]))
         varying = [k for k in keys if len({json.dumps(g["values"].get(k), sort_keys=True, default=str)
                                            for g in gs}) > 1]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-_METRIC_ALIASES = {"top1": "final_top1", "top5": "final_top5", "val_top1": "final_val_top1", "val_top5": "final_val_top5",
-                   "val_loss": "final_val_loss"}
+_METRIC_ALIASES = {"top1": "final_top1", "top5": "final_top5", "val_top1": "final_val_top1",
+                   "val_top5": "final_val_top5", "val_loss": "final_val_loss"}
 _UNFINISHED = {"TERMINATED": "stopped", "ERROR": "error", "RUNNING": "unfinished", "PENDING": "unfinished",
                "PAUSED": "unfinished"}
 

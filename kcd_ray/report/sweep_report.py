@@ -121,7 +121,8 @@ def sweep_report(path: Path, out: Path) -> dict:
     csv_path = write_csv(rows, columns + ["best_top1", "best_epoch", "sample_passes", "planned_compute_ratio"],
                          out / "trials.csv")
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["compute_ratio"])
-    pareto_csv = write_csv(front, ["run", "variant", *varying, "compute_ratio", y_key, "final_top1"], out / "pareto.csv")
+    pareto_csv = write_csv(front, ["run", "variant", *varying, "compute_ratio", y_key, "final_top1"],
+                           out / "pareto.csv")
     from kcd_ray.plots import pareto_plot  # matplotlib: imported only when drawing
 
     png = pareto_plot(rows, y_key, out / "pareto.png", f"{name}: {y_key} vs compute",
@@ -130,7 +131,8 @@ def sweep_report(path: Path, out: Path) -> dict:
            "varying": varying, "csv": str(csv_path), "png": str(png), "pareto_csv": str(pareto_csv), "best": None,
            "best_config": None, "best_config_yaml": "", "best_config_path": None}
     text = [f"sweep {name}: {len(rows)} runs ({sum(r['status'] == 'done' for r in rows)} done) in {runs_root}",
-            format_table(rows, columns), f"CSV: {csv_path}", f"front ({y_key} vs compute): {pareto_csv}", f"plot: {png}"]
+            format_table(rows, columns), f"CSV: {csv_path}", f"front ({y_key} vs compute): {pareto_csv}",
+            f"plot: {png}"]
     if best_i is not None:
         cfg, text_yaml, best_path = write_best_config(runs[best_i], meta, name, path, out)
         res.update(best=rows[best_i], best_config=cfg, best_config_yaml=text_yaml, best_config_path=str(best_path))

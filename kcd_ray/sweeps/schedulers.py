@@ -29,7 +29,8 @@ def _parse_asha(asha: Any, base: dict, where: str, metric: str, select_on_test: 
     epochs = base["optim"]["epochs"]
     out = {"metric": metric, "grace_period": 1, "reduction_factor": 2, "max_t": epochs, **asha}
     if not (isinstance(out["grace_period"], int) and 0 < out["grace_period"] <= out["max_t"]):
-        raise _err(where, f"asha.grace_period: expected an integer in 1..max_t ({out['max_t']}), got {out['grace_period']!r}")
+        raise _err(where, f"asha.grace_period: expected an integer in 1..max_t ({out['max_t']}), "
+                          f"got {out['grace_period']!r}")
     if not (isinstance(out["reduction_factor"], (int, float)) and out["reduction_factor"] > 1):
         raise _err(where, f"asha.reduction_factor: expected a number > 1, got {out['reduction_factor']!r}")
     check_metric(out["metric"], "asha.metric", where, base, select_on_test, per_epoch=True)
@@ -79,7 +80,8 @@ def _parse_pbt(pbt: Any, base: dict, dims: list, where: str, metric: str, select
     check_metric(out["metric"], "pbt.metric", where, base, select_on_test, per_epoch=True)
     bad = [k for k in out["mutate"] if k not in keys]
     if bad or not out["mutate"]:
-        raise _err(where, f"pbt.mutate: {bad or out['mutate']!r}: expected keys of space ({', '.join(keys) or 'empty'})")
+        raise _err(where, f"pbt.mutate: {bad or out['mutate']!r}: expected keys of space "
+                          f"({', '.join(keys) or 'empty'})")
     if base["scaling"]["num_workers"] != 0:
         raise _err(where, "pbt: needs in-process trials (scaling.num_workers=0): trials hand each other their "
                           "checkpoints through Tune")

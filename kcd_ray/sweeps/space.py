@@ -120,7 +120,8 @@ def parse_space(space: Any, base: dict, where: str = "sweep") -> list[Dim]:
             probes = (dim.values[0], dim.values[1] - 1) if dim.kind == "randint" else dim.values
         for v in probes:
             if kind == "section" and not isinstance(v, dict):
-                raise ConfigError(f"{where}: space.{key}: {key} is a config section; values must be mappings, got {v!r}")
+                raise ConfigError(f"{where}: space.{key}: {key} is a config section; values must be mappings, "
+                                  f"got {v!r}")
             try:
                 config_from_dict(apply_values(base, {key: v}))
             except ConfigError as e:

@@ -292,7 +292,8 @@ def _resource_keys(raw: dict, where: str) -> dict:
                "trials_at_once": int(raw.get("trials_at_once", 0)),
                "trial_cpus": float(raw.get("trial_cpus", 0.25)), "seed": int(raw.get("seed", 0))}
     except (TypeError, ValueError) as e:
-        raise _err(where, f"max_concurrent_trials / trials_at_once / trial_cpus / seed: expected numbers ({e})") from None
+        raise _err(where, f"max_concurrent_trials / trials_at_once / trial_cpus / seed: expected numbers "
+                          f"({e})") from None
     if out["max_concurrent_trials"] < 0 or out["trials_at_once"] < 0 or out["trial_cpus"] <= 0:
         raise _err(where, "max_concurrent_trials and trials_at_once must be >= 0, trial_cpus > 0")
     if out["max_concurrent_trials"] and out["trials_at_once"]:
@@ -311,7 +312,8 @@ def _storage(raw: dict, base: dict, pbt, where: str) -> str:
     return _abs_path(str(store), Path.cwd())
 
 
-def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None, storage_path: str | None = None) -> Sweep:
+def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None,
+               storage_path: str | None = None) -> Sweep:
     """Read, resolve and validate a sweep (file path or mapping); every error names the file and the key."""
     raw, where, sweep_dir, stem, cli_config = _read_raw(src, overrides, storage_path)
     name = storage.check_name(str(raw.get("name") or stem), f"{where}: name")  # trial folders derive from it

@@ -98,7 +98,8 @@ class _Cifar(Source):
                                f"place the {self.folder} folder there by hand and set data.source") from None
         d = parent / self.folder
         if not self._has_all(d):
-            raise DatasetError(f"{self.name}: after download {d} still lacks some of {', '.join(self.expected_files())}")
+            raise DatasetError(f"{self.name}: after download {d} still lacks some of "
+                               f"{', '.join(self.expected_files())}")
         return d
 
     # ------------------------------------------------------------------ conversion

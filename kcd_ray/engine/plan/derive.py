@@ -73,7 +73,8 @@ def plan_selection(cfg: Config, kind: str, num_train: int) -> SelectionPlan:
         trained, fwd_only = cls.planned_fractions(cfg, num_train)
     else:
         trained, fwd_only = np.ones(cfg.optim.epochs), np.zeros(cfg.optim.epochs)
-    return SelectionPlan(name=cls.name, cls=cls, info=cls.info(cfg), params=section_values(cfg, cls.config_sections(cfg)),
+    return SelectionPlan(name=cls.name, cls=cls, info=cls.info(cfg),
+                         params=section_values(cfg, cls.config_sections(cfg)),
                          images_made=cls.images_made(cfg) if kind == "distill" else "",
                          feed_batch_size=cls.feed_batch_size(cfg) if kind == "distill" else int(cfg.optim.batch_size),
                          trained=tuple(float(x) for x in trained), forward_only=tuple(float(x) for x in fwd_only),
@@ -122,7 +123,8 @@ def plan_teacher(cfg: Config, kind: str, selection: SelectionPlan, cache: Option
 
 def plan_inputs(cfg: Config, kind: str, data: DataPlan, use_gpu: str) -> InputPlan:
     gpu = {"true": True, "false": False}.get(use_gpu)
-    augment_on = "auto" if gpu is None and cfg.data.augment_on == "auto" else augment_stage(cfg.data.augment_on, bool(gpu))
+    augment_on = ("auto" if gpu is None and cfg.data.augment_on == "auto"
+                  else augment_stage(cfg.data.augment_on, bool(gpu)))
     passes = sequential_passes(cfg, data.num_classes) if kind == "distill" else None
     return InputPlan(augment_on=augment_on, shuffle=cfg.data.shuffle,
                      passes=None if passes is None else tuple(int(p) for p in passes), seed=int(cfg.optim.seed))

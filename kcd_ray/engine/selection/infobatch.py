@@ -7,8 +7,9 @@ pruning stops once ``epoch > delta * epochs`` (the code's parameterisation, ``de
 first 0.875 of the epochs", i.e. the last ~0.125 train on the full set) and the weights are reset to 1; after each
 step the scores of the samples just trained on become their (unweighted, all-gathered) per-sample loss, and the
 loss is rescaled by the weights. The per-sample loss is the distiller's own (``StepOutput.per_sample``: CE, KD,
-dkd's term), so logit standardization and a learned temperature are in it. Every rank computes the kept set from identical, all-gathered scores and the same
-(seed, epoch) generator; the weights are looked up by sample id on each rank from that identical table.
+dkd's term), so logit standardization and a learned temperature are in it. Every rank computes the kept set from
+identical, all-gathered scores and the same (seed, epoch) generator; the weights are looked up by sample id on
+each rank from that identical table.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ def unixkd_sizes(u_cfg, optim_batch_size: int) -> tuple[int, int, int]:
     return cand, k, b
 
 
-def uncertainty(logits: torch.Tensor, score: str = "entropy", generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def uncertainty(logits: torch.Tensor, score: str = "entropy",
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Higher = more uncertain (the reference's strategies 3 entropy, 1 least confidence, 2 margin, 0 random)."""
     probs = F.softmax(logits.float(), dim=1)
     if score == "entropy":
