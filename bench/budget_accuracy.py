@@ -6,11 +6,12 @@
 For each data set (digits at 16x16 with a validation split; the duplicate-heavy synthetic set, 1,200 train), each
 strategy (kcd, random, infobatch, unixkd) and each budget, one run through ``fit`` (in this process on the embedded
 local Ray, ``scaling.num_workers=0``): resnet8 student, a resnet20 teacher trained here once per data set (15
-epochs; InfoBatch's saving depends on the losses a real teacher gives), KD, SGD batch 64, ``--epochs`` epochs
-(KCD condenses every epoch in 3 stages). A budget a strategy cannot reach is listed with the reason. Printed per run: the value the budget set, the planned ratio, the achieved
-ratio and achieved - budget; per strategy, the largest |achieved - budget|. kcd and random are deterministic (their
-sizes are planned exactly); InfoBatch's saving depends on how many losses fall below the mean (planned: half), and
-UNIXKD's on nothing but its ratio and the ranking forwards. Finished runs are read back on a rerun.
+epochs; InfoBatch's saving depends on the losses a real teacher gives), KD, SGD batch 64, ``--epochs`` epochs (KCD
+condenses every epoch in 3 stages). A budget a strategy cannot reach is listed with the reason. Printed per run: the
+value the budget set, the planned ratio, the achieved ratio and achieved - budget; per strategy, the largest
+|achieved - budget|. kcd and random are deterministic (their sizes are planned exactly); InfoBatch's saving depends
+on how many losses fall below the mean (planned: half), and UNIXKD's on nothing but its ratio and the ranking
+forwards. Finished runs are read back on a rerun.
 """
 
 from __future__ import annotations
