@@ -44,7 +44,7 @@ def test_pbt_trials_take_over_checkpoints_and_the_winning_schedule_is_drawn(ray_
     teacher = tmp_path / "teacher.pt"
     save_model(teacher, build_model("resnet8", 4))
     base = {"model": "resnet8",
-            "data": {"name": "synthetic", "root": str(tmp_path / "data"),
+            "data": {"name": "synthetic", "root": str(tmp_path / "data"), "val_fraction": 0.25,
                      "synthetic": {"num_train": 96, "num_test": 40, "num_classes": 4, "image_size": 8}},
             "optim": {"epochs": 3, "batch_size": 32, "lr": 0.05, "threads": 1},
             "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},

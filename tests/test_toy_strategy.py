@@ -27,7 +27,6 @@ class HighLossConfig:
     fraction: float = _f(0.5, gt=0.0, le=1.0, help="kept share: the samples whose last loss is highest")
 
 
-@STRATEGIES.register("high_loss")
 class HighLoss(SelectionStrategy):
     """Epoch 0 trains on every sample; then each epoch keeps the ``fraction`` with the highest last loss (the
     per-sample CE of their last step, all-gathered by sample id: the same kept set on every rank)."""
@@ -83,10 +82,18 @@ class HighLoss(SelectionStrategy):
 
 @pytest.fixture(scope="module", autouse=True)
 def registered_only_here():
-    """The toy strategy leaves the registry with this module: later tests' configs (and the sweep trials, in
-    processes that never imported this file) do not get a ``selection.high_loss`` section."""
+    """The toy strategy is in the registry only while this module's tests run. Registering it at import would put
+    it there for the whole session (pytest imports every test module before running any): every other test's
+    config would carry a ``selection.high_loss`` section whose class Ray's processes cannot import."""
+    import ray.cloudpickle
+
+    STRATEGIES.register("high_loss")(HighLoss)
     yield
     STRATEGIES.unregister("high_loss")
+    try:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    except ValueError:  # the two-worker test did not run
+        pass
 
 
 @pytest.fixture(scope="module")

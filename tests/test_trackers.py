@@ -184,7 +184,7 @@ def test_sweep_trial_is_tagged_and_shares_the_sweep_store(tiny, tmp_path):
 
     sw = load_sweep({"name": "sw", "base": tiny["base"], "storage_path": str(tmp_path), "search": "grid",
                      "overrides": {"optim.epochs": 1, "run.trackers": ["mlflow"]},
-                     "space": {"kcd.rho": [0.5, 0.9]}})
+                     "space": {"kcd.rho": [0.5, 0.9]}, "select_on_test": True})  # no validation split here
     payload = {"name": "sw", "kind": "distill", "base": sw.base, "runs_dir": str(sw.runs_dir)}
     for trial, variant in (("ab12_00000", "kd"), ("ab12_00001", "kcd")):
         cfg = trial_config({"kcd.rho": 0.9, "variant": variant}, payload, trial)

@@ -371,17 +371,19 @@ def test_asha_stops_a_trial_early_and_the_sweep_finishes_without_calling_it_inte
     """Tune reports a trial ASHA stopped as it reports one Ctrl-C stopped (TERMINATED, its run folder still
     "running"). The scheduler's note tells them apart: the sweep ends normally, the report says "stopped early" and
     chooses among the finished trials. One trial at a time: the second (lr 1e-6: it barely learns) meets the first's
-    validation top-1 at the rung (epoch 1 of 3) and is stopped there."""
+    validation top-1 at the rung (epoch 1 of 3) and is stopped there. The teacher is untrained, so the loss is
+    cross-entropy alone (alpha 0): the first trial learns (16 px, batch 32), the second stays at chance."""
     from kcd_ray.models import build_model, save_model
     from kcd_ray.ray_layer.tune.sweep import run_sweep
 
     teacher = tmp_path / "teacher.pt"
     save_model(teacher, build_model("resnet8", 10))
-    base = {"model": "resnet8", "data": {"name": "digits", "image_size": 8, "root": str(tmp_path / "data"),
+    base = {"model": "resnet8", "data": {"name": "digits", "image_size": 16, "root": str(tmp_path / "data"),
                                          "val_fraction": 0.2},
-            "optim": {"epochs": 3, "batch_size": 128, "eval_batch_size": 512, "lr": 0.05},
+            "optim": {"epochs": 3, "batch_size": 32, "eval_batch_size": 512, "lr": 0.05},
             "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
-            "run": {"verbose": 0}, "distill": {"teacher": str(teacher)}, "selection": {"strategy": "none"}}
+            "run": {"verbose": 0}, "distill": {"teacher": str(teacher), "alpha": 0.0, "gamma": 1.0},
+            "selection": {"strategy": "none"}}
     folder = run_sweep({"name": "asha", "storage_path": str(tmp_path / "sweeps"), "base": base,
                         "space": {"optim.lr": [0.05, 1e-6]}, "max_concurrent_trials": 1,
                         "asha": {"grace_period": 1, "reduction_factor": 2}})
