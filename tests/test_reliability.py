@@ -132,13 +132,14 @@ def test_changed_config_stops_extension_is_recorded_and_lr_follows_the_new_sched
 @pytest.mark.ray
 def test_one_worker_resume_is_exact_falls_back_from_a_damaged_checkpoint_and_leaks_nothing(tmp_path, teacher,
                                                                                           one_torch_thread):
-    """One Ray Train worker, augmentation and KCD. The interrupted run meets both kinds of stop: its worker process
-    dies after epoch 0 (a real crash; Train restarts it from the checkpoint, run.max_failures=1), then an exception
-    after epoch 1 ends the fit, and re-running the same config resumes it. It ends with the same final weights and
+    """One Ray Train worker, augmentation and KCD. The interrupted run's worker process dies after epoch 0 (a real
+    crash; Train restarts it from the checkpoint, run.max_failures=1). It ends with the same final weights and
     per-epoch metrics as the uninterrupted run (data order, augmentation, KCD ties and the torch/numpy generators
-    are restored or derived from (seed, epoch)): a resume that is not exact, either way, fails it. (One run for
-    both: each Ray Train fit costs ~20 s of start-up on 2 cores.) Then a damaged newest checkpoint: extending the
-    run falls back to the older one, on the extended schedule. No resume leaves a checkpoint copy in /tmp.
+    are restored or derived from (seed, epoch)): a resume that is not exact fails it. (A resume by re-running the
+    command is exact too: tests/test_train.py::test_resume_ends_with_the_same_kept_set and the in-process resume
+    tests; each Ray Train fit costs ~20 s of start-up on 2 cores.) Then a damaged newest checkpoint: extending the
+    run falls back to the older one, on the extended schedule, and the run resumes again after that. No resume
+    leaves a checkpoint copy in /tmp.
 
     The uninterrupted reference runs in-process (scaling.num_workers=0, no Train start-up): one worker computes
     the same thing (pipeline.py: one worker iterates the dataset unsplit; order and augmentation do not depend on
@@ -151,13 +152,9 @@ def test_one_worker_resume_is_exact_falls_back_from_a_damaged_checkpoint_and_lea
     ref = fit(load_config(overrides=base + ["optim.epochs=3", "run.name=ref", "scaling.num_workers=0"]),
               kind="distill")
     cut = load_config(overrides=base + ["optim.epochs=3", "run.name=cut", "run.max_failures=1"])
-    with pytest.raises(RuntimeError, match="injected failure after epoch 1"):
-        fit(cut, kind="distill", hooks=[("fail", {"epoch": 0, "mode": "exit"}),
-                                        ("fail", {"epoch": 1, "mode": "raise"})])
+    fit(cut, kind="distill", hooks=[("fail", {"epoch": 0, "mode": "exit"})])
     run_dir = tmp_path / "runs" / "cut"
     assert (run_dir / "injected_failure_epoch_0").exists()  # the worker process really died (and was restarted)
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2  # ... and went on to fail after epoch 1
-    fit(cut, kind="distill")
     _same_run(Path(ref["run_dir"]), run_dir)
     # damage the newest checkpoint (same size: its manifest cannot tell, only the load fails); extending the run
     # falls back to the older one and says which

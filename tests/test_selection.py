@@ -357,7 +357,8 @@ def test_infobatch_prunes_in_the_loop_and_resume_continues_exactly(tiny, tmp_pat
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("strategy", ["infobatch", "random", pytest.param("unixkd", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy", [pytest.param("infobatch", marks=pytest.mark.slow), "random",
+                                      pytest.param("unixkd", marks=pytest.mark.slow)])
 def test_each_strategy_runs_with_two_workers(ray_session, tmp_path, strategy):
     """unixkd and random one epoch, infobatch two (its first prunes nothing), on digits through fit(): the
     selection reaches the pipeline (no worker trains a sample outside it), every rank holds the same selection
@@ -367,7 +368,10 @@ def test_each_strategy_runs_with_two_workers(ray_session, tmp_path, strategy):
     store -> the split), and needs nothing from the other ranks (test_random_subset_...: rank-independent), so a
     third 2-worker run (~20 s of Train start-up on 2 cores) would check that path twice. KCD with 2 workers (the
     same hook, built through selection.strategy) is
-    tests/test_train.py::test_two_workers_kcd_mask_sharding_and_values. UNIXKD's 2-worker run (~20 s) is `slow`."""
+    tests/test_train.py::test_two_workers_kcd_mask_sharding_and_values. The 2-worker runs of InfoBatch and UNIXKD
+    (~30 s each on 2 cores) are `slow`: the default suite's 2-worker selection path (a strategy whose per-sample
+    scores are all-gathered by sample id, the kept set the same on every rank, reaching the pipeline) is
+    tests/test_toy_strategy.py's, through the same ``gather_per_sample`` InfoBatch uses."""
     from kcd_ray.ray_layer.trainer import fit
 
     teacher = tmp_path / "teacher.pt"
