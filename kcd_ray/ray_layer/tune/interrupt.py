@@ -21,11 +21,10 @@ def mark_interrupted(sw: Sweep, skip=()) -> int:
     own ``fit`` cannot say it): their status.json says ``interrupted``, or ``stopped_early`` where ASHA stopped them
     (its note in the folder: ``kcd_ray.ray_layer.tune.early_stop``). Returns how many were interrupted. ``skip``:
     run folders of trials Tune reports as failed (a process that died)."""
-    from kcd_ray.ray_layer.tune.early_stop import STOPPED_NOTE
-
     import json
 
     from kcd_ray import storage
+    from kcd_ray.report.runs import STOPPED_NOTE
 
     base = sw.runs_location
     marked = 0
