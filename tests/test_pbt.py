@@ -20,7 +20,8 @@ SPACE = {"distill.temperature.T": [2.0, 4.0, 8.0], "kcd.rho": [0.5, 0.7, 0.9]}
 
 def test_pbt_settings_are_checked_with_one_line_each():
     sw = load_sweep({"base": BASE, "space": SPACE, "pbt": True})
-    assert sw.pbt == {"interval": 2, "metric": "val_top1", "quantile": 0.25, "resample_probability": 0.25,
+    assert sw.pbt == {"interval": 2, "metric": "val_top1", "mode": "max", "quantile": 0.25,
+                      "resample_probability": 0.25,
                       "mutate": ["distill.temperature.T", "kcd.rho"]}
     cases = [({"pbt": {"intervall": 2}}, "pbt.intervall: unknown key"),
              ({"pbt": {"interval": 4}}, r"pbt.interval: expected an integer in 1..optim.epochs-1 \(3\)"),
@@ -37,6 +38,7 @@ def test_pbt_settings_are_checked_with_one_line_each():
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~35 s; the default run's Tune path: tests/test_tune.py (grid, budgets, ASHA, the cache)
 def test_pbt_trials_take_over_checkpoints_and_the_winning_schedule_is_drawn(ray_session, tmp_path):
     from kcd_ray.ray_layer.tune.sweep import run_sweep
 

@@ -7,15 +7,30 @@ from typing import Any
 from kcd_ray.errors import ConfigError
 from kcd_ray.sweeps.metrics import check_metric, default_metric, is_epoch_metric
 
-PBT_KEYS = ("interval", "metric", "quantile", "resample_probability", "mutate")
-ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "metric")
+PBT_KEYS = ("interval", "metric", "mode", "quantile", "resample_probability", "mutate")
+ASHA_KEYS = ("grace_period", "reduction_factor", "max_t", "metric", "mode")
+
+
+def metric_mode(metric: str, sweep_metric: str, sweep_mode: str) -> str:
+    """The direction a scheduler's metric improves in: the sweep's mode for the sweep's own metric, else min for a
+    loss or a compute figure and max for an accuracy."""
+    if metric == sweep_metric:
+        return sweep_mode
+    return "min" if metric.endswith("loss") or "compute" in metric or "flops" in metric else "max"
+
+
+def _with_mode(out: dict, key: str, where: str, metric: str, mode: str) -> dict:
+    out["mode"] = out.get("mode") or metric_mode(out["metric"], metric, mode)
+    if out["mode"] not in ("max", "min"):
+        raise _err(where, f"{key}.mode: {out['mode']!r} is not one of: max, min")
+    return out
 
 
 def _err(where: str, msg: str) -> ConfigError:
     return ConfigError(f"{where}: {msg}")
 
 
-def _parse_asha(asha: Any, base: dict, where: str, metric: str, select_on_test: bool) -> dict | None:
+def _parse_asha(asha: Any, base: dict, where: str, metric: str, mode: str, select_on_test: bool) -> dict | None:
     """ASHA early stopping on a per-epoch metric (the sweep's own by default)."""
     if asha in (False, None):
         return None
@@ -34,23 +49,26 @@ def _parse_asha(asha: Any, base: dict, where: str, metric: str, select_on_test: 
     if not (isinstance(out["reduction_factor"], (int, float)) and out["reduction_factor"] > 1):
         raise _err(where, f"asha.reduction_factor: expected a number > 1, got {out['reduction_factor']!r}")
     check_metric(out["metric"], "asha.metric", where, base, select_on_test, per_epoch=True)
-    return out
+    return _with_mode(out, "asha", where, metric, mode)
 
 
 def parse_schedulers(raw: dict, base: dict, dims: list, baseline: bool, where: str, metric: str,
-                     select_on_test: bool) -> tuple:
+                     select_on_test: bool, mode: str = "max") -> tuple:
     """(asha, pbt): at most one of them; PBT without the fixed KD baseline trial. Their metric defaults to the
-    sweep's (a per-epoch one: the summary's final_* become their per-epoch names)."""
+    sweep's (a per-epoch one: the summary's final_* become their per-epoch names) and their mode to the direction
+    that metric improves in (``metric_mode``)."""
     metric = {"final_val_top1": "val_top1", "final_top1": "top1"}.get(metric, metric)
-    metric = metric if is_epoch_metric(metric) else default_metric(base, select_on_test)
-    asha = _parse_asha(raw.get("asha", False), base, where, metric, select_on_test)
+    if not is_epoch_metric(metric):  # e.g. compute_ratio: the default per-epoch metric, in its own direction
+        metric = default_metric(base, select_on_test)
+        mode = metric_mode(metric, "", mode)
+    asha = _parse_asha(raw.get("asha", False), base, where, metric, mode, select_on_test)
     budget = any(d.key.startswith("selection.budget") for d in dims) or \
         (base.get("selection") or {}).get("budget") is not None
     if raw.get("pbt") not in (False, None) and budget:
         raise _err(where, "pbt and selection.budget: a budget sets its strategy's parameter once, before training, and "
                           "PBT's perturbations change a trial's config mid-run, so no trial would keep to its budget; "
                           "sweep budgets with grid, random or optuna search")
-    pbt = _parse_pbt(raw.get("pbt", False), base, dims, where, metric, select_on_test)
+    pbt = _parse_pbt(raw.get("pbt", False), base, dims, where, metric, mode, select_on_test)
     if pbt and asha:
         raise _err(where, "pbt and asha: pick one scheduler")
     if pbt and baseline:
@@ -59,7 +77,8 @@ def parse_schedulers(raw: dict, base: dict, dims: list, baseline: bool, where: s
     return asha, pbt
 
 
-def _parse_pbt(pbt: Any, base: dict, dims: list, where: str, metric: str, select_on_test: bool) -> dict | None:
+def _parse_pbt(pbt: Any, base: dict, dims: list, where: str, metric: str, mode: str,
+               select_on_test: bool) -> dict | None:
     """Population Based Training: every ``interval`` epochs the bottom ``quantile`` of trials copy a top trial's
     checkpoint (weights, optimiser and the whole KCD state) and perturb the ``mutate`` keys of the space."""
     if pbt in (False, None):
@@ -89,4 +108,4 @@ def _parse_pbt(pbt: Any, base: dict, dims: list, where: str, metric: str, select
     if kcd_on and base["kcd"]["summary"]:
         raise _err(where, "pbt: set kcd.summary=false: KCD's summary blends live in each trial's run folder and do "
                           "not travel with an exploited checkpoint")
-    return out
+    return _with_mode(out, "pbt", where, metric, mode)

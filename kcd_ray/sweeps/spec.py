@@ -15,7 +15,7 @@ objectives:                      # or two (or more): a multi-objective Optuna se
   - {metric: val_top1, mode: max}
   - {metric: compute_ratio, mode: min}
 select_on_test: false            # true: allow choosing on a test metric (the report then labels it)
-asha: false                      # true, or {grace_period, reduction_factor, max_t, metric}
+asha: false                      # true, or {grace_period, reduction_factor, max_t, metric, mode}
 pbt: false                       # true, or {interval, metric, quantile, resample_probability, mutate}: Population
                                  # Based Training over the space while the trials train (in-process trials)
 include_kd_baseline: true        # one extra plain-KD trial (kcd.enabled=false) for the report
@@ -323,7 +323,7 @@ def load_sweep(src: str | os.PathLike | dict, overrides: list[str] | None = None
     dims = _space(raw, base, search, where)
     keys = _search_keys(raw, base, kind, search, where)
     asha, pbt = parse_schedulers(raw, base, dims, keys["include_kd_baseline"], where, keys["metric"],
-                                 keys["select_on_test"])
+                                 keys["select_on_test"], keys["mode"])
     return Sweep(name=name, source=where, kind=kind, base=base, dims=dims, search=search, asha=asha, pbt=pbt,
                  storage_path=_storage(raw, base, pbt, where), description=str(raw.get("description", "")),
                  **keys, **_resource_keys(raw, where))

@@ -185,7 +185,7 @@ def _pbt(sw: Sweep):
     dims = {d.key: d for d in sw.dims}
     mutations = {k: (list(dims[k].values) if dims[k].kind in ("grid", "choice") else to_tune(dims[k]))
                  for k in p["mutate"]}
-    return PopulationBasedTraining(time_attr="epoch", metric=p["metric"], mode=sw.mode,
+    return PopulationBasedTraining(time_attr="epoch", metric=p["metric"], mode=p["mode"],
                                    perturbation_interval=p["interval"], hyperparam_mutations=mutations,
                                    quantile_fraction=p["quantile"], resample_probability=p["resample_probability"],
                                    synch=True)
@@ -319,7 +319,7 @@ def _new_tuner(sw: Sweep, trainable, max_conc: int, verbose: int, points: list |
 
         a = sw.asha
         scheduler = NotingASHA(run_folder=TrialFolder(sw.name, sw.runs_location), time_attr="epoch",
-                               metric=a["metric"], mode="max", max_t=a["max_t"], grace_period=a["grace_period"],
+                               metric=a["metric"], mode=a["mode"], max_t=a["max_t"], grace_period=a["grace_period"],
                                reduction_factor=a["reduction_factor"])
     n = _trial_count(sw, points)
     print(f"[kcd_ray] sweep {sw.name}: {n + (1 if baseline else 0)} trials ({sw.search}"
