@@ -95,14 +95,34 @@ def _count(net: torch.nn.Module, device: str, input_shape, backward: bool, train
     return float(fwd), float(bwd)
 
 
+_MEASURED: dict = {}  # architecture key -> (forward, backward): a sweep's trials and the plan re-measure nothing
+
+
+def _architecture_key(model: torch.nn.Module, input_shape, backward: bool, train: bool):
+    """What a count depends on: a zoo model's (arch, classes, kwargs), else its class and module tree (``repr``
+    names every layer and its shape). Weights and buffers never change a FLOP count."""
+    arch, classes = getattr(model, "arch", None), getattr(model, "num_classes", None)
+    kwargs = getattr(model, "model_kwargs", None)
+    what = (arch, int(classes), repr(sorted((kwargs or {}).items()))) if arch and classes else \
+        (type(model).__module__, type(model).__qualname__, repr(model))
+    return what, tuple(int(s) for s in input_shape), bool(backward), bool(train)
+
+
 def measure_flops(model: torch.nn.Module, input_shape, backward: bool, train: bool) -> tuple[float, float]:
     """(forward, backward) FLOPs per sample of ``model`` at ``input_shape`` (C, H, W): counted on a meta-device
-    copy (or, for a model that does not run on meta, a CPU copy), never on the model itself."""
-    with torch.random.fork_rng(devices=[]):
-        try:
-            return _count(_meta_copy(model), "meta", input_shape, backward, train)
-        except Exception:
-            return _count(copy.deepcopy(model).cpu(), "cpu", input_shape, backward, train)
+    copy (or, for a model that does not run on meta, a CPU copy), never on the model itself; once per architecture
+    and input size in a process (a count takes ~0.2-0.5 s on a CPU)."""
+    key = _architecture_key(model, input_shape, backward, train)
+    if key not in _MEASURED:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                counted = _count(_meta_copy(model), "meta", input_shape, backward, train)
+            except Exception:
+                counted = _count(copy.deepcopy(model).cpu(), "cpu", input_shape, backward, train)
+        if len(_MEASURED) >= 256:
+            _MEASURED.clear()
+        _MEASURED[key] = counted
+    return _MEASURED[key]
 
 
 @HOOKS.register("ledger")
