@@ -490,6 +490,9 @@ def test_two_ray_train_workers_pass_a_grade_change(ray_session, tmp_path):
 
 
 @pytest.mark.ray
+# ~22 s; the default run trains the missing group teachers (local labels) and then the student in
+# tests/test_object_storage.py::test_ed_trains_its_group_teachers_into_the_store_and_the_student_loads_them_from_it
+@pytest.mark.slow
 def test_distill_trains_the_missing_group_teachers_then_the_student(ray_session, tmp_path):
     from kcd_ray.ray_layer.trainer import fit
 

@@ -17,6 +17,9 @@ from kcd_ray.models import build_model, save_model
 pytestmark = pytest.mark.ray
 
 METHODS = [m for m in DISTILLERS.names() if m not in ("ce", "ed", "mtkd")]  # ed, mtkd: tests/test_ed.py
+# The default run: one of each kind (logits; logits + own term; a feature hint with a connector; a memory bank;
+# relations; the holistic graph). Every method runs with `pytest -m slow` (~3 s each on 2 cores).
+DEFAULT = ("kd", "dkd", "fitnet", "crd", "rkd", "hkd")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def setup(ray_session, tmp_path_factory):
     return tmp, teacher
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m if m in DEFAULT else pytest.param(m, marks=pytest.mark.slow) for m in METHODS])
 def test_method_runs_an_epoch_on_condensed_data(setup, method):
     from kcd_ray.ray_layer.trainer import fit
 

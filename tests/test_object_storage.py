@@ -157,6 +157,7 @@ def test_kcd_distill_writes_everything_to_s3_and_resumes_after_a_worker_death(s3
     assert load_model(tmp_path / "final_model.pt").arch == "resnet8"
 
 
+@pytest.mark.slow  # ~35 s; the default run's S3 path is the distill above, its Tune path tests/test_tune.py
 def test_sweep_in_s3_and_its_report(s3_run, s3, tmp_path):
     """`kcd-ray sweep` with its folder in the bucket: two in-process trials write their run folders there, Tune its
     experiment state, and the teacher-output cache is built once, beside the data set in the bucket, and read by

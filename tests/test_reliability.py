@@ -130,6 +130,10 @@ def test_changed_config_stops_extension_is_recorded_and_lr_follows_the_new_sched
 
 
 @pytest.mark.ray
+# ~80 s (three Ray Train fits). The default run keeps a Train worker's death and its resume from the checkpoint
+# (tests/test_object_storage.py::test_kcd_distill_writes_everything_to_s3_and_resumes_after_a_worker_death) and
+# exact resumes in-process (tests/test_train.py::test_resume_ends_with_the_same_kept_set and the engine's tests).
+@pytest.mark.slow
 def test_one_worker_resume_is_exact_falls_back_from_a_damaged_checkpoint_and_leaks_nothing(tmp_path, teacher,
                                                                                           one_torch_thread):
     """One Ray Train worker, augmentation and KCD. The interrupted run's worker process dies after epoch 0 (a real
@@ -181,10 +185,17 @@ def test_one_worker_resume_is_exact_falls_back_from_a_damaged_checkpoint_and_lea
     assert set(glob.glob("/tmp/checkpoint_tmp_*")) == leaks  # resumes copy no checkpoint to /tmp
 
 
+def _interruptible():
+    """A child that Ctrl-C reaches: a shell starts a background command (``pytest ... &`` in a script) with SIGINT
+    ignored, its children inherit that, and Python then installs no KeyboardInterrupt handler; a terminal's
+    foreground process has the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "kcd_ray.cli", "distill", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_interruptible, **kw)
 
 
 @pytest.mark.ray
@@ -416,6 +427,9 @@ def test_ray_start_timeout_names_the_busy_machine_and_retries_once(monkeypatch, 
 
 
 @pytest.mark.ray
+# ~25 s (three runs and a cache build); the default run checks the manifest's damage detection without a run
+# (tests/test_teacher_cache.py::test_manifest_mismatch_and_damaged_shard_are_one_line_errors)
+@pytest.mark.slow
 def test_a_damaged_teacher_cache_is_found_at_the_start_rebuilt_and_then_serves_every_row(tmp_path, tiny_teacher,
                                                                                         ray_session, capsys):
     """The repair round trip: a truncated shard and a deleted one (what the old advice said to do) are found before
@@ -524,6 +538,7 @@ def test_a_forced_change_to_a_finished_run_is_refused_and_one_that_trains_is_rec
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # ~35 s: a second `kcd-ray` process with its own Ray; Ctrl-C on `distill` is in the default run
 def test_ctrl_c_on_a_sweep_exits_130_marks_the_trial_and_writes_no_report(tmp_path, tiny_teacher):
     import yaml
 
@@ -535,7 +550,7 @@ def test_ctrl_c_on_a_sweep_exits_130_marks_the_trial_and_writes_no_report(tmp_pa
     f.write_text(yaml.safe_dump(sweep))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     p = subprocess.Popen([sys.executable, "-m", "kcd_ray.cli", "sweep", "--config", str(f)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+                         stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_interruptible)
     runs = tmp_path / "sweeps" / "cc" / "runs"
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and \

@@ -253,23 +253,8 @@ def test_mismatched_teacher_data_or_seed_is_refused_with_one_line(setup, tmp_pat
                                                               "data.synthetic.seed": 3}), d2, verbose=False)
 
 
-def test_a_sweep_builds_the_cache_once_and_its_trials_run_no_teacher(setup, tmp_path):
-    from kcd_ray.ray_layer.tune.sweep import run_sweep
-
-    base = copy.deepcopy(setup["base"])
-    base["optim"]["epochs"] = 2
-    base["distill"]["cache_dir"] = str(tmp_path / "cache")  # a cache of its own: this sweep must build it
-    base["kcd"] = {"enabled": True, "interval": 1, "stages": 2, "rho": 0.7, "summary": False}
-    folder = run_sweep({"name": "tc", "base": base, "space": {"kcd.rho": [0.5, 0.9]}, "search": "grid",
-                        "metric": "top1", "select_on_test": True,  # the set has no validation split
-                        "storage_path": str(tmp_path / "sweeps")})
-    m = read_manifest(tmp_path / "cache")
-    assert len(m["builds"]) == 1 and m["builds"][0]["teacher_forwards"] == 2 * 96
-    runs = sorted((folder / "runs").glob("*/metrics.jsonl"))
-    assert len(runs) == 2
-    for f in runs:
-        rows = [json.loads(x) for x in f.read_text().splitlines()]
-        assert [r["teacher_forward_samples"] for r in rows] == [0, 0], f
+# That a sweep builds the cache once and its trials run no teacher is checked by the default run's in-process
+# sweep (tests/test_tune.py::test_in_process_sweep_reports_every_epoch): one Tune sweep checks both.
 
 
 def test_cache_teacher_command_builds_or_reuses_and_names_what_it_cannot_serve(setup, tmp_path, capsys):

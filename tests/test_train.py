@@ -38,7 +38,7 @@ def teacher(ray_session, tmp_path_factory):
     from kcd_ray.ray_layer.trainer import fit
 
     tmp = tmp_path_factory.mktemp("teacher")
-    cfg = _cfg(tmp, image_size=16, **{"optim.epochs": 20, "optim.lr": 0.1, "run.name": "teacher", "optim.threads": 2})
+    cfg = _cfg(tmp, image_size=16, **{"optim.epochs": 10, "optim.lr": 0.1, "run.name": "teacher", "optim.threads": 2})
     summary = fit(cfg, kind="teacher")
     return summary, Path(summary["run_dir"])
 
@@ -47,7 +47,7 @@ def test_teacher_training_reaches_90_percent(teacher):
     summary, run_dir = teacher
     assert summary["final_top1"] >= 90.0, summary
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == list(range(20))
+    assert [m["epoch"] for m in metrics] == list(range(10))
     assert summary["compute_ratio"] == pytest.approx(1.0)
     from kcd_ray.models import load_model
 

@@ -69,8 +69,29 @@ def test_unknown_sweep_key_and_bad_settings(tmp_path):
         load_sweep({"base": BASE, "asha": {"metric": "final_top1"}})  # only known at the end: nothing to stop on
     with pytest.raises(ConfigError, match="mode: 'maximize'"):
         load_sweep({"base": BASE, "mode": "maximize"})
+    with pytest.raises(ConfigError, match="asha.mode: 'up' is not one of: max, min"):
+        load_sweep({"base": BASE, "asha": {"mode": "up"}})
     with pytest.raises(ConfigError, match="base: recipe .*missing.yaml does not exist"):
         load_sweep(_write(tmp_path / "c.yaml", {"base": "missing.yaml"}))
+
+
+def test_a_scheduler_stops_in_the_direction_its_metric_improves():
+    """ASHA and PBT rank trials the way their own metric improves: a loss is minimised, an accuracy maximised,
+    whatever the sweep's mode; the sweep's own metric keeps the sweep's mode."""
+    base = {**BASE, "scaling": {"num_workers": 0}}
+    assert load_sweep({"base": base, "asha": {"metric": "val_loss"}}).asha["mode"] == "min"
+    assert load_sweep({"base": base, "metric": "val_loss", "mode": "min", "asha": True}).asha == \
+        {"metric": "val_loss", "mode": "min", "grace_period": 1, "reduction_factor": 2, "max_t": 2}
+    assert load_sweep({"base": base, "metric": "val_loss", "mode": "min", "asha": {"metric": "val_top1"}}
+                      ).asha["mode"] == "max"
+    # a sweep on a figure known only at the end (planned compute, minimised) stops trials on validation top-1,
+    # maximised
+    assert load_sweep({"base": base, "metric": "planned_compute_ratio", "mode": "min", "asha": True}
+                      ).asha == {"metric": "val_top1", "mode": "max", "grace_period": 1, "reduction_factor": 2,
+                                 "max_t": 2}
+    pbt_base = {**base, "optim": {"epochs": 4}, "kcd": {"summary": False}}
+    assert load_sweep({"base": pbt_base, "metric": "val_loss", "mode": "min",
+                       "space": {"optim.lr": [0.1, 0.2]}, "pbt": True}).pbt["mode"] == "min"
 
 
 def _no_ray(monkeypatch):
@@ -279,6 +300,9 @@ def test_a_different_sweep_under_the_same_name_is_refused(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.timeout(400)
+# ~25 s: the plain-KD baseline trial and a finished sweep restored on a re-run. The default run's Tune path is
+# test_in_process_sweep_reports_every_epoch (grid, budgets, the cache, the report) and the ASHA test below.
+@pytest.mark.slow
 def test_two_trial_sweep_and_report(tmp_path, ray_session):
     from kcd_ray.models import build_model, save_model
     from kcd_ray.ray_layer.tune.sweep import run_sweep
@@ -320,7 +344,10 @@ def test_two_trial_sweep_and_report(tmp_path, ray_session):
 @pytest.mark.timeout(400)
 def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session, capsys):
     """scaling.num_workers=0: each trial runs fit() in its own process, as a run does, and reports each epoch. A
-    grid over budgets x strategies leaves out the points a strategy cannot reach (plain KD at 0.75)."""
+    grid over budgets x strategies leaves out the points a strategy cannot reach (plain KD at 0.75). The sweep
+    builds the exact teacher-output cache once, and its trials run no teacher forward (KCD without summary blends:
+    a blended image is new, so it is never in the cache)."""
+    from kcd_ray.cache.store import read_manifest
     from kcd_ray.models import build_model, save_model
     from kcd_ray.ray_layer.tune.sweep import run_sweep
 
@@ -333,7 +360,8 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session, capsys):
                                               "val_fraction": 0.2},
                  "optim": {"epochs": epochs, "batch_size": 128, "eval_batch_size": 512},
                  "scaling": {"num_workers": 0, "cpus_per_worker": 0.5, "data_cpus": 0.25},
-                 "run": {"verbose": 0}, "distill": {"teacher": str(teacher)}, "kcd": {"interval": 1, "stages": 1}},
+                 "run": {"verbose": 0}, "kcd": {"interval": 1, "stages": 1, "summary": False},
+                 "distill": {"teacher": str(teacher), "cache": "exact", "cache_dir": str(tmp_path / "cache")}},
         "space": {"selection.strategy": ["kcd", "none"], "selection.budget": [0.75, 1.0]},
         "metric": "best_top1", "select_on_test": True, "trials_at_once": 2,  # each trial half of what data leaves
         "asha": {"grace_period": epochs},  # ASHA runs on the per-epoch results, and stops nothing here
@@ -350,6 +378,8 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session, capsys):
     assert sorted(s["config"]["kcd"]["rho"] for s in summaries if s["strategy"] == "kcd")[1] == 1.0
     assert any(f.name.startswith("best_config_budget0.75") for f in folder.iterdir())
     assert all(s["epochs"] == epochs and s["config"]["optim"]["threads"] == 1 for s in summaries)
+    builds = read_manifest(tmp_path / "cache")["builds"]
+    assert len(builds) == 1 and builds[0]["teacher_forwards"] == epochs * summaries[0]["num_train"], builds
     for trial in (folder / "tune").glob("*/result.json"):
         results = [json.loads(line) for line in trial.read_text().splitlines()]
         # One result per epoch (through the engine hook), then the trial's summary.
@@ -358,7 +388,7 @@ def test_in_process_sweep_reports_every_epoch(tmp_path, ray_session, capsys):
     # The metric names load_sweep accepts are what a run's rows hold (numeric keys; loss terms by prefix).
     rows = [json.loads(line) for s in summaries
             for line in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 * epochs
+    assert len(rows) == 3 * epochs and all(r["teacher_forward_samples"] == 0 for r in rows), rows
     for row in rows:
         numeric = {k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         assert all(is_epoch_metric(k) for k in numeric), sorted(k for k in numeric if not is_epoch_metric(k))
