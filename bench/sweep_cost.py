@@ -1,7 +1,8 @@
 """What a sweep costs against one plain KD run, measured on the same machine in one run:
 
     .venv/bin/python bench/sweep_cost.py [--seeds 0 1 2] [--epochs 18] [--image-size 32] [--trials-at-once 2]
-                                         [--out runs/bench_sweep_cost]
+                                         [--out runs/bench_sweep_cost] [--eval-every 3] [--rung 0.33]
+                                         [--reduction-factor 4] [--ascending]
 
 Arms, per seed (``optim.seed``), on scikit-learn's digits at 32x32 (``--image-size``; a run long enough that a
 trial's fixed start-up is not most of it) with a validation split (1,078 train / 269 validation / 450 test), resnet20
@@ -36,24 +37,44 @@ import shutil
 import sys
 from functools import partial
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_seed_args, cached_result, fmt_mean_se, md_table, mean_se  # noqa: E402
 
 KD = {"method": "kd", "gamma": 0.1, "alpha": 0.9, "beta": 0.0, "temperature": {"schedule": "constant", "T": 4.0}}
-# Largest budget first: ASHA is asynchronous, so a trial meets its rung's cut-off among the trials that reached the
-# rung before it; the strongest trials set that bar first and the weaker ones stop there.
 BUDGETS = (0.7, 0.6, 0.5, 0.4)
-EVAL_EVERY = 3  # every arm evaluates every 3rd epoch and the last (ASHA's rung falls on an evaluated epoch)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the arms evaluate and how ASHA cuts the sweep. Defaults: every arm evaluates every 3rd epoch and the
+    last; one ASHA rung a third of the way in, on an evaluated epoch, keeping the top quarter; the largest budget
+    first (ASHA is asynchronous: a trial meets its rung's cut-off among the trials that reached the rung before
+    it, so the strongest trials set the bar). ``--eval-every 1 --rung 0.5 --reduction-factor 2 --ascending`` is
+    the first protocol measured (BENCHMARKS.md)."""
+    eval_every: int = 3
+    rung: float = 1 / 3
+    reduction_factor: float = 4
+    largest_first: bool = True
+
+    def tag(self) -> str:
+        return (f"ev{self.eval_every}_rung{self.rung:.2f}_rf{self.reduction_factor:g}"
+                f"{'' if self.largest_first else '_asc'}")
+
+    def grace(self, epochs: int) -> int:
+        # ASHA counts the reported "epoch" (from 0): the rung at epoch k*eval_every - 1 sees that epoch's evaluation
+        ev = self.eval_every
+        return max(ev, int(epochs * self.rung) // ev * ev) - 1
 TEMPERATURES = ({"schedule": "constant", "T": 4.0}, {"schedule": "cosine", "T": 8.0, "T_end": 2.0})
 
 
-def base_config(out: Path, epochs: int, seed: int, teacher: str, threads: int, px: int) -> dict:
+def base_config(out: Path, epochs: int, seed: int, teacher: str, threads: int, px: int, eval_every: int = 1) -> dict:
     return {"model": "resnet8",
             "data": {"name": "digits", "image_size": px, "val_fraction": 0.2, "root": str(out / "data")},
             "optim": {"epochs": epochs, "batch_size": 64, "lr": 0.05, "scheduler": "cosine", "seed": seed,
-                      "eval_batch_size": 512, "threads": threads, "eval_every": EVAL_EVERY},
+                      "eval_batch_size": 512, "threads": threads, "eval_every": eval_every},
             "distill": {**KD, "teacher": teacher},
             "kcd": {"interval": 2, "stages": 3},
             "scaling": {"num_workers": 0, "cpus_per_worker": float(threads), "data_cpus": 0.25},
@@ -74,11 +95,11 @@ def train_teacher(out: Path, px: int) -> str:
     return str(path)
 
 
-def arm_kd(out: Path, seed: int, epochs: int, teacher: str, px: int) -> dict:
+def arm_kd(out: Path, seed: int, epochs: int, teacher: str, px: int, proto: Protocol) -> dict:
     from kcd_ray.config import load_config
     from kcd_ray.ray_layer.trainer import fit
 
-    cfg = base_config(out, epochs, seed, teacher, os.cpu_count() or 1, px)
+    cfg = base_config(out, epochs, seed, teacher, os.cpu_count() or 1, px, proto.eval_every)
     cfg["run"]["name"] = f"kd_s{seed}_{int(time.time())}"
     cfg["selection"] = {"strategy": "none"}
     t0 = time.perf_counter()
@@ -87,26 +108,22 @@ def arm_kd(out: Path, seed: int, epochs: int, teacher: str, px: int) -> dict:
             "compute_ratio": s["compute_ratio"]}
 
 
-def arm_sweep(out: Path, seed: int, epochs: int, teacher: str, px: int, *, cached: bool, asha: bool,
-              at_once: int) -> dict:
+def arm_sweep(out: Path, seed: int, epochs: int, teacher: str, px: int, proto: Protocol, *, cached: bool,
+              asha: bool, at_once: int) -> dict:
     from kcd_ray.ray_layer.tune.sweep import run_sweep
     from kcd_ray.report import report
 
     tag = f"{'cache' if cached else 'nocache'}_{'asha' if asha else 'full'}_s{seed}_{int(time.time())}"
-    base = base_config(out, epochs, seed, teacher, 1, px)
+    base = base_config(out, epochs, seed, teacher, 1, px, proto.eval_every)
     base["selection"] = {"strategy": "kcd"}
     base["distill"]["cache"] = "exact" if cached else "off"
     base["distill"]["cache_dir"] = str(out / "caches" / tag)  # a fresh cache: its build is part of the arm
     spec = {"name": tag, "base": base, "search": "grid", "metric": "val_top1", "trials_at_once": at_once,
-            "space": {"selection.budget": list(BUDGETS), "distill.temperature": list(TEMPERATURES)},
+            "space": {"selection.budget": sorted(BUDGETS, reverse=proto.largest_first),
+                      "distill.temperature": list(TEMPERATURES)},
             "storage_path": str(out / "sweeps")}
     if asha:
-        # One rung at a third of the epochs keeping the top quarter (reduction factor 4). Validation top-1 is noisy
-        # that early (17-65% over epochs 0-8 for trials that end at 93-96%), but with the largest budgets first
-        # the bar is set by the trials most likely to win.
-        # ASHA counts the reported "epoch" (from 0): the rung at epoch 3k-1 sees that epoch's own evaluation.
-        grace = max(EVAL_EVERY, (epochs // 3) // EVAL_EVERY * EVAL_EVERY) - 1
-        spec["asha"] = {"grace_period": grace, "reduction_factor": 4}
+        spec["asha"] = {"grace_period": proto.grace(epochs), "reduction_factor": proto.reduction_factor}
     t0 = time.perf_counter()
     folder = run_sweep(spec)
     wall = time.perf_counter() - t0
@@ -179,8 +196,13 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--trials-at-once", type=int, default=2)
     ap.add_argument("--out", default="runs/bench_sweep_cost")
+    ap.add_argument("--eval-every", type=int, default=Protocol.eval_every)
+    ap.add_argument("--rung", type=float, default=Protocol.rung, help="ASHA's rung, as a fraction of the epochs")
+    ap.add_argument("--reduction-factor", type=float, default=Protocol.reduction_factor)
+    ap.add_argument("--ascending", action="store_true", help="the smallest budget first")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
+    proto = Protocol(args.eval_every, args.rung, args.reduction_factor, not args.ascending)
     import ray
 
     from kcd_ray.config import load_config
@@ -191,15 +213,17 @@ def main(argv=None) -> int:
     teacher = train_teacher(out, px)
     results = {}
     for seed in args.seeds:
-        d = out / f"s{seed}_e{args.epochs}_px{args.image_size}_t{args.trials_at_once}_ev{EVAL_EVERY}_rf4"
-        a = cached_result(d / "a_kd.json", partial(arm_kd, out, seed, args.epochs, teacher, px))
+        d = out / f"s{seed}_e{args.epochs}_px{args.image_size}_t{args.trials_at_once}_{proto.tag()}"
+        a = cached_result(d / "a_kd.json", partial(arm_kd, out, seed, args.epochs, teacher, px, proto))
         print(f"[sweep_cost] seed {seed} (a) KD: {a['wall_s']:.0f}s, test top-1 {a['test_top1']:.2f}", flush=True)
         b = cached_result(d / "b_sweep_cache_asha.json", partial(
-            arm_sweep, out, seed, args.epochs, teacher, px, cached=True, asha=True, at_once=args.trials_at_once))
+            arm_sweep, out, seed, args.epochs, teacher, px, proto, cached=True, asha=True,
+            at_once=args.trials_at_once))
         print(f"[sweep_cost] seed {seed} (b) sweep + cache + ASHA: {b['wall_s']:.0f}s, chosen {b['chosen']} test "
               f"top-1 {b['test_top1']:.2f}", flush=True)
         c = cached_result(d / "c_sweep_plain.json", partial(
-            arm_sweep, out, seed, args.epochs, teacher, px, cached=False, asha=False, at_once=args.trials_at_once))
+            arm_sweep, out, seed, args.epochs, teacher, px, proto, cached=False, asha=False,
+            at_once=args.trials_at_once))
         print(f"[sweep_cost] seed {seed} (c) sweep: {c['wall_s']:.0f}s, chosen {c['chosen']} test top-1 "
               f"{c['test_top1']:.2f}", flush=True)
         results[seed] = {"a": a, "b": b, "c": c}
@@ -209,7 +233,7 @@ def main(argv=None) -> int:
               f"{start['reuse_False']:.1f} s per trial with a new process each, {start['reuse_True']:.1f} s reusing "
               f"them ({start['reuse_False'] / start['reuse_True']:.2f}x)"]
     print("\n".join(lines), flush=True)
-    (out / "sweep_cost.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    (out / f"sweep_cost_{proto.tag()}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
     ray.shutdown()
     return 0
 
