@@ -17,9 +17,10 @@ from kcd_ray.models import build_model, save_model
 pytestmark = pytest.mark.ray
 
 METHODS = [m for m in DISTILLERS.names() if m not in ("ce", "ed", "mtkd")]  # ed, mtkd: tests/test_ed.py
-# The default run: one of each kind (logits; logits + own term; a feature hint with a connector; a memory bank;
-# relations; the holistic graph). Every method runs with `pytest -m slow` (~3 s each on 2 cores).
-DEFAULT = ("kd", "dkd", "fitnet", "crd", "rkd", "hkd")
+# The default run: one of each kind (logits; logits + own term; a feature hint with a connector; relations; the
+# holistic graph with its memory bank). Every method runs with `pytest -m slow` (~3 s each on 2 cores); CRD's
+# memory bank is also checked under DDP in tests/test_distill_zoo.py.
+DEFAULT = ("kd", "dkd", "fitnet", "rkd", "hkd")
 
 
 @pytest.fixture(scope="module")
