@@ -60,6 +60,22 @@ def test_resume_policy_allows_extension_and_refuses_other_changes():
     assert ("kcd.rho", 0.7, 0.5) in check_resume(old, changed, "force", "x")
 
 
+def test_a_budgeted_run_resumes_although_its_stored_config_holds_the_resolved_knob():
+    """config.yaml stores what selection.budget resolved (kcd.rho 0.307733); re-running the same command has the
+    unresolved default (0.7). With the same budget that is no change; a changed budget still is one."""
+    from kcd_ray.config import to_dict
+
+    stored = to_dict(load_config(overrides=["selection.strategy=kcd", "selection.budget=0.4", "kcd.rho=0.307733"]))
+    again = to_dict(load_config(overrides=["selection.strategy=kcd", "selection.budget=0.4"]))
+    keys = ("kcd.rho", "kcd.stages")
+    with pytest.raises(ResumeConflict, match=r"kcd\.rho 0\.307733 -> 0\.7"):
+        check_resume(stored, again, "auto", "x")  # without the budget's keys: what a resume met before
+    assert check_resume(stored, again, "auto", "x", budget_keys=keys) == []
+    other = to_dict(load_config(overrides=["selection.strategy=kcd", "selection.budget=0.5"]))
+    with pytest.raises(ResumeConflict, match=r"selection\.budget 0\.4 -> 0\.5"):
+        check_resume(stored, other, "auto", "x", budget_keys=keys)
+
+
 # --------------------------------------------------------------------------- runs
 
 

@@ -51,9 +51,16 @@ class ResumeConflict(ValueError):
     """A re-run's config differs from the stored one in keys that change what the run trains."""
 
 
-def check_resume(old: dict, new: dict, policy: str, where: str) -> list[tuple[str, Any, Any]]:
-    """The accepted changes; raises ``ResumeConflict`` (one line) for a change that needs ``run.resume=force``."""
+def check_resume(old: dict, new: dict, policy: str, where: str,
+                 budget_keys: tuple = ()) -> list[tuple[str, Any, Any]]:
+    """The accepted changes; raises ``ResumeConflict`` (one line) for a change that needs ``run.resume=force``.
+    ``budget_keys``: the keys ``selection.budget`` sets (``kcd.rho``, ...). The stored config holds the values the
+    budget resolved to and a re-run's config the values before it; with the same budget they are not a change
+    (the plan resolves them again, to the same values)."""
     changes = config_diff(old, new)
+    budget = flatten(old).get("selection.budget")
+    if budget is not None and budget == flatten(new).get("selection.budget"):
+        changes = [c for c in changes if c[0] not in budget_keys]
     blocked = [c for c in changes if not resumable(c[0])]
     if blocked and policy != "force":
         text = ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in blocked)

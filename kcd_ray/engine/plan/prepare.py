@@ -125,7 +125,9 @@ def plan_folder(cfg: Config, kind: str) -> FolderPlan:
     done = epochs_done(run_dir)
     if checkpoint is None or not stored.exists():
         return FolderPlan(name=name, path=str(run_dir.path), remote=run_dir.remote, start="new", epochs_done=done)
-    changes = check_resume(stored_config(stored), to_dict(cfg), cfg.run.resume, where=str(stored))
+    knobs = strategy_class(cfg, kind).budget_knobs(cfg, 1) if kind == "distill" else []
+    changes = check_resume(stored_config(stored), to_dict(cfg), cfg.run.resume, where=str(stored),
+                           budget_keys=tuple(k.key for k in knobs))
     start = checkpoint_start(run_dir, checkpoint, done)
     check_forced(name, changes, start, cfg.optim.epochs, cfg.run.sweep)
     return FolderPlan(name=name, path=str(run_dir.path), remote=run_dir.remote, start="resume", epochs_done=done,
